@@ -1,0 +1,283 @@
+"""Typed schemas for the Hydra configs, and the arithmetic derived from them.
+
+The dataclasses below are registered with Hydra's ConfigStore as `train_schema`, the first entry of
+`conf/train.yaml`'s defaults list. Every yaml of every group is merged into them, so an unknown key or a
+value of the wrong type fails at composition, naming the key. Ranges and cross-field rules (a batch that
+does not divide, a budget given twice) are checked by `validate`, before any work is done.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    n_layer: int = MISSING
+    d_model: int = MISSING
+    d_mlp: int = MISSING
+    n_head: int = MISSING
+    # Rotary embeddings on this many of each head's dims (paper §2.3: 32 of 64).
+    rotary_dim: int = MISSING
+    # None: the tokenizer's size rounded up to a multiple of 64.
+    vocab_size: Optional[int] = None
+    max_seq_len: int = 2048
+    # Attention and residual dropout (paper §2.3: 0.1); embedding dropout is not mentioned, so 0.
+    dropout: float = 0.1
+    embd_dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+    activation: str = "gelu_new"
+    init_std: float = 0.02
+    # "sdpa" dispatches to FlashAttention kernels on GPUs that have them.
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class SourceConfig:
+    name: str = MISSING
+    # stdlib | stdlib_functions | dir | jsonl | hf
+    kind: str = MISSING
+    # dir: a folder; jsonl: a file or glob; hf: a hub dataset id or a `datasets.save_to_disk` folder.
+    path: Optional[str] = None
+    # Share of tokens in the mix, relative to the other sources' weights.
+    weight: float = 1.0
+    # Field that holds the document's text (jsonl, hf), or a format string over the row's fields
+    # (e.g. "{problem}{solution}") when the text is split across several.
+    text_field: str = "text"
+    # hf only: dataset config name, data_dir and split.
+    subset: Optional[str] = None
+    data_dir: Optional[str] = None
+    split: str = "train"
+    # Keep only the first N documents (smoke runs, tests).
+    limit: Optional[int] = None
+    # A file that is not UTF-8 or a malformed JSONL line: stop (naming file and line) or skip and count it.
+    on_error: str = "stop"
+
+
+@dataclass
+class TokenizerConfig:
+    name: str = MISSING
+    # local: a byte-level BPE trained with `tokenizers` on `corpus`; hub: `hub_id` from the Hugging Face hub.
+    kind: str = MISSING
+    hub_id: Optional[str] = None
+    vocab_size: Optional[int] = None
+    corpus: Optional[SourceConfig] = None
+    eos_token: str = "<|endoftext|>"
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    seq_len: int = MISSING
+    # Documents held out for validation, chosen by a hash of their id (stable across runs and machines).
+    val_fraction: float = 0.01
+    sources: list[SourceConfig] = field(default_factory=list)
+
+
+@dataclass
+class BudgetConfig:
+    name: str = MISSING
+    # Exactly one of the two: tokens seen (→ steps = tokens / (global batch × seq len)) or steps.
+    tokens: Optional[int] = None
+    max_steps: Optional[int] = None
+
+
+@dataclass
+class OptimConfig:
+    name: str = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    warmup_steps: int = MISSING
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    # LR at the end of the linear decay, as a fraction of `lr`.
+    final_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    # None: fused AdamW where the device supports it (CUDA).
+    fused: Optional[bool] = None
+
+
+@dataclass
+class BatchConfig:
+    # Sequences per optimizer step, over all devices (paper §2.3: 1024 pretraining, 256 finetuning).
+    global_size: int = MISSING
+    # Sequences per forward pass on one device.
+    micro_size: int = MISSING
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    precision: str = "32-true"
+    strategy: Any = "auto"
+    log_every_n_steps: int = 10
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = MISSING
+    # Tokenizers and packed data, shared by runs and keyed by what they were built from.
+    data_dir: str = MISSING
+    output_dir: str = MISSING
+    run_dir: str = MISSING
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    # name -> Hydra `_target_` spec, instantiated as they are.
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    logger: dict[str, Any] = field(default_factory=dict)
+    # pretrain | finetune
+    stage: str = "pretrain"
+    # Groups runs in W&B and names the run directory.
+    experiment_name: str = "embedded"
+    run_name: str = MISSING
+    seed: int = 1234
+    # Weights to start from (finetuning): a Lightning checkpoint or an HF export directory.
+    init_from: Optional[str] = None
+    # Resume: a checkpoint path, `last` (this run dir's last.ckpt, an error if absent) or `auto` (last if any).
+    ckpt_path: Optional[str] = None
+    eval_every_steps: int = 100
+    val_batches: int = 20
+    export_hf: bool = True
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """A config value is out of range or inconsistent; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the config implies for the run, derived rather than typed by hand."""
+
+    world_size: int
+    accumulate: int
+    max_steps: int
+    tokens_per_step: int
+
+    @property
+    def tokens(self) -> int:
+        return self.max_steps * self.tokens_per_step
+
+
+def device_count(trainer: TrainerConfig | DictConfig) -> int:
+    """Devices per node; `auto` and -1 mean every visible GPU (or one CPU process)."""
+    devices = trainer.devices
+    if devices in ("auto", -1, "-1"):
+        if trainer.accelerator in ("gpu", "cuda", "auto"):
+            import torch
+
+            return max(torch.cuda.device_count(), 1)
+        return 1
+    if not isinstance(devices, (int, str)):  # a list of device ids
+        return len(devices)
+    try:
+        return int(devices)
+    except (TypeError, ValueError):
+        raise ConfigError(f"trainer.devices: expected an int, a list of ids or 'auto', got {devices!r}") from None
+
+
+def plan(cfg: DictConfig) -> Plan:
+    """Batch and budget arithmetic (paper §2.3 gives global batch and steps; the rest follows)."""
+    world = device_count(cfg.trainer) * cfg.trainer.num_nodes
+    per_pass = cfg.batch.micro_size * world
+    if cfg.batch.global_size % per_pass:
+        raise ConfigError(
+            f"batch.global_size={cfg.batch.global_size} is not a multiple of batch.micro_size × devices × nodes"
+            f" = {cfg.batch.micro_size} × {device_count(cfg.trainer)} × {cfg.trainer.num_nodes} = {per_pass}"
+        )
+    tokens_per_step = cfg.batch.global_size * cfg.data.seq_len
+    if cfg.budget.tokens is not None:
+        max_steps = cfg.budget.tokens // tokens_per_step
+        if max_steps < 1:
+            raise ConfigError(
+                f"budget.tokens={cfg.budget.tokens} is less than one step of {tokens_per_step} tokens"
+                " (batch.global_size × data.seq_len)"
+            )
+    else:
+        max_steps = cfg.budget.max_steps
+    return Plan(world, cfg.batch.global_size // per_pass, max_steps, tokens_per_step)
+
+
+def validate(cfg: DictConfig) -> Plan:
+    """Range and consistency checks that types alone cannot express. Raises ConfigError naming the key."""
+    checks = [
+        ("model.n_layer", cfg.model.n_layer > 0, "must be > 0"),
+        ("model.d_model", cfg.model.d_model > 0, "must be > 0"),
+        ("model.d_mlp", cfg.model.d_mlp > 0, "must be > 0"),
+        ("model.n_head", cfg.model.n_head > 0 and cfg.model.d_model % cfg.model.n_head == 0,
+         "must be > 0 and divide model.d_model"),
+        ("model.rotary_dim", cfg.model.n_head > 0
+         and 0 < cfg.model.rotary_dim <= cfg.model.d_model // max(cfg.model.n_head, 1),
+         "must be in (0, head dim = d_model / n_head]"),
+        ("model.vocab_size", cfg.model.vocab_size is None or cfg.model.vocab_size > 0, "must be > 0"),
+        ("model.dropout", 0.0 <= cfg.model.dropout < 1.0, "must be in [0, 1)"),
+        ("model.embd_dropout", 0.0 <= cfg.model.embd_dropout < 1.0, "must be in [0, 1)"),
+        ("data.seq_len", 0 < cfg.data.seq_len <= cfg.model.max_seq_len,
+         f"must be in (0, model.max_seq_len={cfg.model.max_seq_len}]"),
+        ("data.val_fraction", 0.0 < cfg.data.val_fraction < 1.0, "must be in (0, 1)"),
+        ("data.sources", len(cfg.data.sources) > 0, "must name at least one source"),
+        ("optim.lr", math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0, "must be a finite number > 0"),
+        ("optim.weight_decay", cfg.optim.weight_decay >= 0, "must be >= 0"),
+        ("optim.warmup_steps", cfg.optim.warmup_steps >= 0, "must be >= 0"),
+        ("optim.betas", len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
+         "must be two numbers in [0, 1)"),
+        ("optim.final_lr_ratio", 0.0 <= cfg.optim.final_lr_ratio <= 1.0, "must be in [0, 1]"),
+        ("optim.grad_clip", cfg.optim.grad_clip >= 0, "must be >= 0 (0 disables clipping)"),
+        ("batch.global_size", cfg.batch.global_size > 0, "must be > 0"),
+        ("batch.micro_size", cfg.batch.micro_size > 0, "must be > 0"),
+        ("trainer.num_nodes", cfg.trainer.num_nodes > 0, "must be > 0"),
+        ("stage", cfg.stage in ("pretrain", "finetune"), "must be 'pretrain' or 'finetune'"),
+        ("eval_every_steps", cfg.eval_every_steps > 0, "must be > 0"),
+        ("val_batches", cfg.val_batches >= 0, "must be >= 0"),
+        ("budget", (cfg.budget.tokens is None) != (cfg.budget.max_steps is None),
+         "set exactly one of budget.tokens and budget.max_steps"),
+        ("budget.tokens", cfg.budget.tokens is None or cfg.budget.tokens > 0, "must be > 0"),
+        ("budget.max_steps", cfg.budget.max_steps is None or cfg.budget.max_steps > 0, "must be > 0"),
+        ("tokenizer.kind", cfg.tokenizer.kind in ("local", "hub"), "must be 'local' or 'hub'"),
+        ("tokenizer.hub_id", cfg.tokenizer.kind != "hub" or bool(cfg.tokenizer.hub_id), "is required for kind=hub"),
+        ("tokenizer.vocab_size", cfg.tokenizer.kind != "local" or (cfg.tokenizer.vocab_size or 0) >= 256,
+         "must be >= 256 for a local byte-level BPE"),
+        ("tokenizer.corpus", cfg.tokenizer.kind != "local" or cfg.tokenizer.corpus is not None,
+         "is required for kind=local"),
+    ]
+    for i, source in enumerate(cfg.data.sources):
+        key = f"data.sources[{i}]"
+        checks += [
+            (f"{key}.weight", source.weight > 0, "must be > 0"),
+            (f"{key}.kind", source.kind in SOURCE_KINDS, f"must be one of {', '.join(SOURCE_KINDS)}"),
+            (f"{key}.path", source.kind in ("stdlib", "stdlib_functions") or bool(source.path),
+             f"is required for kind={source.kind}"),
+            (f"{key}.limit", source.limit is None or source.limit > 0, "must be > 0"),
+            (f"{key}.on_error", source.on_error in ("stop", "skip"), "must be 'stop' or 'skip'"),
+        ]
+    for key, ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+    if cfg.stage == "finetune" and not cfg.init_from:
+        raise ConfigError("init_from: finetuning needs the base weights (a checkpoint or an HF export dir)")
+    return plan(cfg)
+
+
+SOURCE_KINDS = ("stdlib", "stdlib_functions", "dir", "jsonl", "hf")

@@ -1,0 +1,53 @@
+"""HF export: a checkpoint as a folder that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer` load.
+
+    python -m phi1.export outputs/<run>/checkpoints/last.ckpt [out_dir]   # default: <run>/hf-<checkpoint name>
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def export_hf(module, tokenizer_dir: Path, out: Path) -> Path:
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    module.model.save_pretrained(tmp)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info("HF export: %s", out)
+    return out
+
+
+def export_checkpoint(ckpt: Path, out: Path | None = None) -> Path:
+    from phi1 import tokenizer as tokenizers
+    from phi1.module import LanguageModel
+
+    ckpt = Path(ckpt)
+    module = LanguageModel.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False)
+    tokenizer_dir = tokenizers.location(module.cfg)
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{ckpt}: its tokenizer is not at {tokenizer_dir} (paths.data_dir of the run)")
+    out = out or ckpt.parent.parent / f"hf-{ckpt.stem}"
+    return export_hf(module, tokenizer_dir, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ckpt", type=Path, help="a Lightning checkpoint written by train.py")
+    parser.add_argument("out", type=Path, nargs="?", help="output folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(export_checkpoint(args.ckpt, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The LightningModule for pretraining (phi-1-base) and finetuning (phi-1): next-token loss on packed windows.
+
+Both stages are the same objective (paper §2.3); they differ in data, hyperparameters and `init_from`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from phi1 import model as phi_model
+from phi1.model import padded_vocab
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def model_vocab(cfg: DictConfig) -> int:
+    """model.vocab_size, or the tokenizer's size rounded up to a multiple of 64."""
+    if cfg.model.vocab_size is not None:
+        return cfg.model.vocab_size
+    if cfg.tokenizer.vocab_size is None:
+        raise ValueError("model.vocab_size: required when tokenizer.vocab_size is not set")
+    return padded_vocab(cfg.tokenizer.vocab_size)
+
+
+def lr_lambda(warmup: int, max_steps: int, final_ratio: float):
+    """Linear warmup to the peak, then linear decay to final_ratio × peak at max_steps (paper §2.3)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        decay = max(max_steps - warmup, 1)
+        return final_ratio + (1.0 - final_ratio) * max(0.0, (max_steps - step) / decay)
+
+    return factor
+
+
+class LanguageModel(L.LightningModule):
+    def __init__(self, cfg: dict, max_steps: int, accumulate: int, eos_token_id: int | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = OmegaConf.create(cfg)
+        self.max_steps, self.accumulate = max_steps, accumulate
+        self.model = phi_model.build(self.cfg.model, model_vocab(self.cfg), eos_token_id)
+        self.params = phi_model.count_params(self.model)
+        seq_len = self.cfg.data.seq_len
+        self.flops_per_token = phi_model.flops_per_token(
+            self.params["matmul"], self.cfg.model.n_layer, self.cfg.model.d_model, seq_len
+        )
+        # Read by the Throughput callback for MFU: one micro-batch on one device.
+        self.flops_per_batch = self.flops_per_token * self.cfg.batch.micro_size * seq_len
+        self._loss_sum = torch.zeros(())
+        self._micro = 0
+        self.first_loss: float | None = None
+
+    def load_weights(self, path: str) -> None:
+        """Initialise from a Lightning checkpoint or an HF export dir (finetuning from phi-1-base)."""
+        source = Path(path).expanduser()
+        if source.is_dir():
+            from transformers import AutoModelForCausalLM
+
+            state = AutoModelForCausalLM.from_pretrained(source).state_dict()
+        elif source.is_file():
+            checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+            state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+        else:
+            raise FileNotFoundError(f"init_from: {path} is neither a checkpoint file nor an HF export directory")
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as e:
+            raise RuntimeError(f"init_from: {path} does not fit model={self.cfg.model.name}: {e}") from e
+        log.info("initialised weights from %s", path)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).logits
+
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        # Inputs are the first T tokens of the window, targets the last T. Under autocast, cross_entropy
+        # runs in fp32.
+        logits = self.model(input_ids=batch[:, :-1]).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Dropout masks as a function of (seed, rank, step, micro-batch): a resumed run draws the same masks
+        # as an uninterrupted one without storing RNG states, on any number of ranks.
+        seed = ((self.cfg.seed * 1_000_003 + self.global_step) * 4_099 + self.global_rank) * 257 + self._micro
+        torch.manual_seed(seed % (2**63))
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self._loss_sum = self._loss_sum.to(loss.device) + loss.detach()
+        self._micro += 1
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Once per optimizer step (one host sync), before the weights change and before any checkpoint of
+        # this step is written: a non-finite loss stops here and the last checkpoint stays a good one.
+        loss = (self._loss_sum / self._micro).item()
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"train/loss is {loss} at step {self.global_step}; stopping before the optimizer step. "
+                "The last checkpoint is from before it; lower optim.lr or check the data."
+            )
+        if self.first_loss is None:
+            self.first_loss = loss
+        self.log("train/loss", loss, prog_bar=True, rank_zero_only=True)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], rank_zero_only=True)
+        self._loss_sum = torch.zeros((), device=self._loss_sum.device)
+        self._micro = 0
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.log("val/loss", self._loss(batch), prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        # No weight decay on biases and layer norms (the 1-d parameters).
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        fused = o.fused if o.fused is not None else self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused,
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(o.warmup_steps, self.max_steps, o.final_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,89 @@
+"""Throughput, MFU, the progress bar and the W&B logger, under the metric names of DESIGN §6."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+from urllib.parse import urlparse
+
+from lightning.pytorch.callbacks import ThroughputMonitor, TQDMProgressBar
+from lightning.pytorch.loggers import WandbLogger
+
+log = logging.getLogger(__name__)
+
+# Lightning's Throughput keys -> ours. The device-level rates are per GPU; tokens/s is for the whole job.
+_RENAME = {
+    "device/items_per_sec": "perf/tokens_per_sec_per_device",
+    "device/mfu": "perf/mfu",
+    "device/flops_per_sec": "perf/flops_per_sec_per_device",
+    "device/samples_per_sec": "perf/sequences_per_sec_per_device",
+}
+
+
+class Throughput(ThroughputMonitor):
+    """Lightning's ThroughputMonitor counting tokens, with MFU from the module's `flops_per_batch`
+    (6·N + 12·L·d·T per token, DESIGN §7) against the detected GPU's peak."""
+
+    def __init__(self, window_size: int = 20):
+        super().__init__(batch_size_fn=lambda batch: batch.shape[0], length_fn=lambda batch: batch[:, :-1].numel(),
+                         window_size=window_size)
+        self.last: dict[str, float] = {}
+
+    def _compute(self, trainer, iter_num=None) -> None:
+        if not trainer._logger_connector.should_update_logs:
+            return
+        metrics = self._throughputs[trainer.state.stage].compute()
+        if "device/items_per_sec" not in metrics:
+            return  # the window is not full yet
+        out = {ours: metrics[theirs] for theirs, ours in _RENAME.items() if theirs in metrics}
+        out["perf/tokens_per_sec"] = metrics["device/items_per_sec"] * trainer.world_size
+        self.last = out
+        trainer._logger_connector.log_metrics(out, step=iter_num)
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, plus the job's tokens/s."""
+
+    def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        for cb in trainer.callbacks:
+            if isinstance(cb, Throughput) and "perf/tokens_per_sec" in cb.last:
+                items["tok/s"] = f"{cb.last['perf/tokens_per_sec']:,.0f}"
+        return items
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    parsed = urlparse(url)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def wandb_logger(mode: str = "auto", **kwargs: Any) -> WandbLogger:
+    """A WandbLogger that never blocks a run: `auto` logs online only with an API key and a reachable server,
+    offline otherwise (`wandb sync <run dir>/wandb/offline-run-*` uploads it later)."""
+    if mode == "auto":
+        mode = os.environ.get("WANDB_MODE", "")
+        if not mode:
+            has_key = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb()
+            base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+            mode = "online" if has_key and _reachable(base) else "offline"
+            if mode == "offline":
+                log.info("W&B: offline (%s); sync later with `wandb sync`",
+                         "server unreachable" if has_key else "no API key")
+    return WandbLogger(mode=mode, **kwargs)
+
+
+def _netrc_has_wandb() -> bool:
+    import netrc
+
+    try:
+        auth = netrc.netrc().authenticators(urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname)
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])

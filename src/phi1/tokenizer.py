@@ -1,0 +1,110 @@
+"""Tokenizers: the paper's (codegen-350M-mono, from the hub) or a byte-level BPE trained here, offline.
+
+Either way the tokenizer is saved once under `<data_dir>/tokenizers/` and loaded from there, so packed data,
+checkpoints and HF exports all point at one local copy. Its identity (`fingerprint`) is the sha256 of its
+`tokenizer.json`: packed data records it, and training refuses data packed with another tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from phi1.data import sources
+
+log = logging.getLogger(__name__)
+
+
+class TokenizerError(RuntimeError):
+    pass
+
+
+def location(cfg: DictConfig) -> Path:
+    """Where this tokenizer config lives on disk; a local BPE's folder is keyed by its corpus and settings."""
+    tok = cfg.tokenizer
+    root = Path(cfg.paths.data_dir).expanduser().resolve() / "tokenizers"
+    if tok.kind == "hub":
+        return root / tok.hub_id.replace("/", "--")
+    key = hashlib.sha256(
+        json.dumps([tok.vocab_size, tok.eos_token, sources.fingerprint(tok.corpus)]).encode()
+    ).hexdigest()[:12]
+    return root / f"{tok.name}-{key}"
+
+
+def fingerprint(directory: Path) -> str:
+    return hashlib.sha256((directory / "tokenizer.json").read_bytes()).hexdigest()[:16]
+
+
+def ensure(cfg: DictConfig) -> Path:
+    """Build (local) or fetch (hub) the tokenizer if it is not on disk yet; return its folder."""
+    directory = location(cfg)
+    if (directory / "tokenizer.json").exists():
+        return directory
+    tok = cfg.tokenizer
+    if tok.kind == "hub":
+        tokenizer = _from_hub(tok.hub_id)
+    else:
+        tokenizer = _train_bpe(tok)
+    # Written to a temporary folder and renamed, so a killed build never leaves a half tokenizer behind.
+    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(directory)
+    except OSError:  # another process finished first; theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def load(directory: Path, cfg: DictConfig) -> PreTrainedTokenizerFast:
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    if tokenizer.eos_token != cfg.tokenizer.eos_token:
+        raise TokenizerError(
+            f"{directory}: EOS token is {tokenizer.eos_token!r}, but tokenizer.eos_token={cfg.tokenizer.eos_token!r}"
+        )
+    if cfg.tokenizer.vocab_size is not None and len(tokenizer) != cfg.tokenizer.vocab_size:
+        raise TokenizerError(
+            f"{directory}: the tokenizer has {len(tokenizer)} tokens, but tokenizer.vocab_size={cfg.tokenizer.vocab_size}"
+        )
+    return tokenizer
+
+
+def _from_hub(hub_id: str) -> PreTrainedTokenizerFast:
+    try:
+        return AutoTokenizer.from_pretrained(hub_id)
+    except (OSError, ValueError) as e:
+        raise TokenizerError(
+            f"cannot fetch tokenizer {hub_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "Without network access, use tokenizer=local (a byte-level BPE trained on the local corpus)."
+        ) from e
+
+
+def _train_bpe(tok: DictConfig) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    t0 = time.perf_counter()
+    bpe = Tokenizer(models.BPE())
+    # Byte-level: every string is encodable, no unknown token (as GPT-2/codegen's tokenizer).
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=tok.vocab_size,
+        special_tokens=[tok.eos_token],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    skipped: list[str] = []
+    texts = (text for _, text in sources.documents(tok.corpus, skipped))
+    bpe.train_from_iterator(texts, trainer=trainer)
+    log.info("trained a %d-token byte-level BPE on %s in %.1f s (%d inputs skipped)",
+             bpe.get_vocab_size(), tok.corpus.name, time.perf_counter() - t0, len(skipped))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=tok.eos_token, bos_token=tok.eos_token, unk_token=tok.eos_token
+    )

@@ -1,0 +1,107 @@
+"""`train(cfg)`: validate the config, wire data, model, callbacks and loggers into a Lightning Trainer, fit,
+then write `metrics.json` and the HF export into the run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from phi1 import config as phi_config
+from phi1.data.datamodule import PackedData
+from phi1.export import export_hf
+from phi1.module import LanguageModel
+
+log = logging.getLogger(__name__)
+
+
+def _last_checkpoint(callbacks: list) -> Path:
+    for cb in callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.save_last:
+            return Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+    raise phi_config.ConfigError("ckpt_path=last: no ModelCheckpoint callback with save_last in callbacks")
+
+
+def resolve_ckpt_path(ckpt_path: str | None, callbacks: list) -> str | None:
+    """`last`: this run's last.ckpt, an error if there is none; `auto`: last.ckpt if any; else a path."""
+    if ckpt_path in (None, "auto", "last"):
+        if ckpt_path is None:
+            return None
+        last = _last_checkpoint(callbacks)
+        if last.exists():
+            return str(last)
+        if ckpt_path == "last":
+            raise FileNotFoundError(
+                f"ckpt_path=last: no checkpoint at {last}. Resume with the run_name of the run to continue"
+                " (its folder under paths.output_dir), or use ckpt_path=auto to start fresh when there is none."
+            )
+        return None
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path: {ckpt_path} does not exist")
+    return ckpt_path
+
+
+def train(cfg: DictConfig) -> dict:
+    plan = phi_config.validate(cfg)
+    t0 = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir = Path(cfg.paths.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    callbacks = [instantiate(spec) for spec in cfg.callbacks.values()]
+    loggers = [instantiate(spec) for spec in cfg.logger.values()]
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, callbacks)
+
+    data = PackedData(cfg, plan)
+    module = LanguageModel(OmegaConf.to_container(cfg, resolve=True), plan.max_steps, plan.accumulate)
+    p = module.params
+    log.info("model %s: %s parameters (%s matmul, %s embedding); %.2f GFLOP/token at seq_len %d",
+             cfg.model.name, f"{p['total']:,}", f"{p['matmul']:,}", f"{p['embedding']:,}",
+             module.flops_per_token / 1e9, cfg.data.seq_len)
+    log.info("plan: %d steps × %d sequences × %d tokens = %s tokens; %d device(s), micro-batch %d, accumulation %d",
+             plan.max_steps, cfg.batch.global_size, cfg.data.seq_len, f"{plan.tokens:,}", plan.world_size,
+             cfg.batch.micro_size, plan.accumulate)
+    if cfg.init_from and ckpt_path is None:
+        module.load_weights(cfg.init_from)
+
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        max_steps=plan.max_steps,
+        accumulate_grad_batches=plan.accumulate,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        # Lightning counts validation intervals in micro-batches.
+        val_check_interval=min(cfg.eval_every_steps, plan.max_steps) * plan.accumulate,
+        check_val_every_n_epoch=None,
+        limit_val_batches=cfg.val_batches,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # PackedData's sampler shards by rank itself
+        callbacks=callbacks,
+        logger=loggers,
+        default_root_dir=str(run_dir),
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics.update({
+        "train/loss_first": module.first_loss,
+        "steps": trainer.global_step,
+        "tokens": trainer.global_step * plan.tokens_per_step,
+        "params": p["total"],
+        "elapsed_s": round(time.perf_counter() - t0, 1),
+    })
+    for cb in callbacks:
+        metrics.update(getattr(cb, "last", {}))
+    if trainer.is_global_zero:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if cfg.export_hf:
+            export_hf(module, data.tokenizer_dir, run_dir / "hf")
+        log.info("done: %s; metrics.json, checkpoints and HF export in %s",
+                 ", ".join(f"{k}={metrics[k]:.4g}" for k in ("train/loss_first", "train/loss", "val/loss")
+                           if metrics.get(k) is not None), run_dir)
+    return metrics

@@ -1,0 +1,61 @@
+import os
+from pathlib import Path
+
+# Before anything imports transformers/datasets: a hub lookup would otherwise hang ~50 s before failing.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from phi1.config import register_configs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+register_configs()
+
+# A few hundred stdlib files and short windows: the whole pipeline in seconds.
+SMALL = [
+    "tokenizer.corpus.limit=150",
+    "data.sources.0.limit=250",
+    "data.seq_len=64",
+    "data.val_fraction=0.05",
+    "batch.global_size=8",
+    "batch.micro_size=4",
+    "budget.tokens=null",
+    "budget.max_steps=12",
+    "logger=csv",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "eval_every_steps=6",
+    "val_batches=2",
+    "callbacks.checkpoint.every_n_train_steps=4",
+]
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def make_cfg(overrides=(), run_dir=None, data_dir=None):
+    """Compose conf/train.yaml; `overrides` come last, so they win over run_dir and data_dir."""
+    paths = [f"paths.run_dir={run_dir}"] if run_dir is not None else []
+    paths += [f"paths.data_dir={data_dir}"] if data_dir is not None else []
+    overrides = paths + list(overrides)
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """Tokenizers and packed data shared by the tests (built once, then cache hits)."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def small_cfg(tmp_path, data_dir):
+    def make(*extra, run_dir=None):
+        return make_cfg([*SMALL, *extra], run_dir=run_dir or tmp_path / "run", data_dir=data_dir)
+
+    return make

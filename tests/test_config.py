@@ -1,0 +1,166 @@
+"""Every config composes; the paper's numbers are where they belong; bad configs fail before any work."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import CONF, ROOT, make_cfg, requires_cuda
+from phi1 import model as phi_model
+from phi1.config import ConfigError, plan, validate
+
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment"))
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes_and_resolves(group, option, tmp_path):
+    cfg = make_cfg([f"{group}={option}"], run_dir=tmp_path, data_dir=tmp_path)
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes_and_validates(experiment, tmp_path):
+    cfg = make_cfg([f"experiment={experiment}", "init_from=base.ckpt"], run_dir=tmp_path, data_dir=tmp_path)
+    OmegaConf.to_container(cfg, resolve=True)
+    validate(cfg)
+
+
+def test_model_configs_carry_the_paper_numbers():
+    big, small = (OmegaConf.load(CONF / "model" / f"{m}.yaml") for m in ("1.3b", "350m"))
+    assert (big.n_layer, big.d_model, big.d_mlp, big.n_head, big.d_model // big.n_head) == (24, 2048, 8192, 32, 64)
+    assert (small.n_layer, small.d_model, small.d_mlp, small.n_head) == (20, 1024, 4096, 16)
+    for m in (big, small):
+        assert (m.rotary_dim, m.vocab_size, m.dropout, m.max_seq_len) == (32, 51200, 0.1, 2048)
+
+
+@pytest.mark.parametrize("name,total", [("1.3b", 1_418_270_720), ("350m", 356_794_368)])
+def test_parameter_counts_on_meta_device(name, total, tmp_path):
+    cfg = make_cfg([f"model={name}"], run_dir=tmp_path, data_dir=tmp_path)
+    with torch.device("meta"):
+        model = phi_model.build(cfg.model, cfg.model.vocab_size)
+    counts = phi_model.count_params(model)
+    assert counts["total"] == total
+    assert model.config.rope_parameters["partial_rotary_factor"] == 0.5  # 32 of 64 dims
+    assert model.config.resid_pdrop == model.config.attention_dropout == 0.1
+    assert not model.config.tie_word_embeddings
+    if name == "1.3b":  # DESIGN §7: 7.88 + 1.21 = 9.09 GFLOP per token at T = 2048
+        assert counts["matmul"] == 1_312_817_152
+        assert phi_model.flops_per_token(counts["matmul"], 24, 2048, 2048) == pytest.approx(9.085e9, rel=1e-3)
+
+
+def test_pretraining_experiment_has_the_paper_hyperparameters(tmp_path):
+    cfg = make_cfg(["experiment=phi1_base"], run_dir=tmp_path, data_dir=tmp_path)
+    assert (cfg.batch.global_size, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.weight_decay) == (1024, 1e-3, 750, 0.1)
+    assert (cfg.model.name, cfg.tokenizer.hub_id, cfg.data.name, cfg.data.seq_len) == (
+        "phi-1", "Salesforce/codegen-350M-mono", "codetextbook", 2048)
+    p = plan(cfg)  # 8 GPUs × micro 8 × 16 = 1024; 75.5B tokens / (1024 × 2048) = 36,000 steps
+    assert (p.max_steps, p.accumulate, p.world_size) == (36_000, 16, 8)
+    assert cfg.callbacks.base_checkpoint.every_n_train_steps == 24_000
+    assert cfg.callbacks.base_checkpoint.save_top_k == -1
+    assert cfg.trainer.strategy.stage == 2 and cfg.trainer.precision == "16-mixed"
+
+
+def test_finetuning_experiment_has_the_paper_hyperparameters(tmp_path):
+    cfg = make_cfg(["experiment=phi1", "init_from=base.ckpt"], run_dir=tmp_path, data_dir=tmp_path)
+    assert (cfg.batch.global_size, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.weight_decay) == (256, 1e-4, 50, 0.01)
+    assert (cfg.stage, cfg.data.name) == ("finetune", "codeexercises")
+    assert plan(cfg).max_steps == 6_000
+    assert cfg.callbacks.checkpoint.every_n_train_steps == 1000 and cfg.callbacks.checkpoint.save_top_k == -1
+    small = make_cfg(["experiment=phi1_small", "init_from=x"], run_dir=tmp_path, data_dir=tmp_path)
+    assert (small.model.name, small.batch.global_size, plan(small).max_steps) == ("phi-1-small", 256, 6_000)
+
+
+def test_finetuning_without_base_weights_is_refused(tmp_path):
+    cfg = make_cfg(["experiment=phi1"], run_dir=tmp_path, data_dir=tmp_path)
+    with pytest.raises(Exception, match="init_from"):
+        validate(cfg)
+
+
+def test_budget_and_batch_arithmetic_is_derived(tmp_path):
+    cfg = make_cfg(["batch.global_size=64", "batch.micro_size=8", "budget.tokens=1638400"],
+                   run_dir=tmp_path, data_dir=tmp_path)
+    p = plan(cfg)  # 1,638,400 / (64 × 256) = 100 steps; 64 / (8 × 1 device) = 8 accumulation steps
+    assert (p.max_steps, p.accumulate, p.tokens) == (100, 8, 1_638_400)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("optim.lr=-0.001", "optim.lr"),
+    ("optim.weight_decay=-1", "optim.weight_decay"),
+    ("batch.global_size=30", "batch.global_size"),
+    ("budget.max_steps=5", "budget"),
+    ("data.seq_len=4096", "data.seq_len"),
+    ("model.n_head=5", "model.n_head"),
+    ("model.dropout=1.5", "model.dropout"),
+    ("stage=distill", "stage"),
+    ("data.sources.0.weight=0", "data.sources[0].weight"),
+])
+def test_out_of_range_values_name_the_key(override, key, tmp_path):
+    cfg = make_cfg([override], run_dir=tmp_path, data_dir=tmp_path)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert str(e.value).startswith(key)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.n_layers=3", "Key 'n_layers' not in 'ModelConfig'"),
+    ("model.n_layer=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+    ("optim.lr=fast", "Value 'fast' of type 'str' could not be converted to Float"),
+    ("trainer.gpus=2", "Key 'gpus' not in 'TrainerConfig'"),
+])
+def test_unknown_keys_and_wrong_types_fail_at_composition(override, message, tmp_path):
+    with pytest.raises(Exception) as e:
+        make_cfg([override], run_dir=tmp_path, data_dir=tmp_path)
+    text = str(e.value) + str(e.value.__cause__)
+    assert message in text and override.split("=")[0] in text
+
+
+def test_unknown_key_in_a_users_yaml_is_named(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mine.yaml").write_text("name: mine\nn_layer: 2\nd_model: 64\nd_mlp: 256\n"
+                                                  "n_head: 2\nrotary_dim: 16\nn_heads: 2\n")
+    with pytest.raises(Exception) as e:
+        make_cfg([f"hydra.searchpath=[file://{tmp_path}]", "model=mine"], run_dir=tmp_path, data_dir=tmp_path)
+    assert "n_heads" in str(e.value) + str(e.value.__cause__)
+
+
+def test_cli_prints_the_composed_job():
+    out = subprocess.run([sys.executable, "train.py", "model=1.3b", "data=codetextbook", "--cfg", "job"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    job = OmegaConf.create(out)
+    assert (job.model.n_layer, job.model.d_model, job.data.name, job.data.seq_len) == (24, 2048, "codetextbook", 2048)
+
+
+def test_cli_bad_value_fails_before_any_work(tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "optim.lr=-1", f"paths.output_dir={tmp_path}/out",
+                        f"paths.data_dir={tmp_path}/data", "logger=csv"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "optim.lr: must be a finite number > 0" in r.stderr
+    assert not (tmp_path / "data").exists()  # no tokenizer trained, nothing packed
+
+
+def test_deepspeed_trainer_builds_its_strategy(tmp_path):
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    for option, precision in (("deepspeed", "16-mixed"), ("deepspeed_bf16", "bf16-mixed")):
+        cfg = make_cfg([f"trainer={option}"], run_dir=tmp_path, data_dir=tmp_path)
+        strategy = instantiate(cfg.trainer.strategy)
+        assert isinstance(strategy, DeepSpeedStrategy)
+        assert strategy.config["zero_optimization"]["stage"] == 2
+        assert cfg.trainer.precision == precision
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_deepspeed_trains_for_real_on_a_gpu(small_cfg):
+    from phi1.train import train
+
+    metrics = train(small_cfg("trainer=deepspeed_bf16", "trainer.devices=1"))
+    assert metrics["train/loss"] < metrics["train/loss_first"]

@@ -1,0 +1,145 @@
+"""Packing: deterministic, mixed by weight, split stably; bad input named; the sampler resumes exactly."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import make_cfg
+from phi1 import tokenizer as tokenizers
+from phi1.data import pack
+from phi1.data.datamodule import DataMismatchError, PackedData, StepSampler
+from phi1.data.sources import SourceError
+from phi1.config import plan
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _pack(cfg):
+    return pack.pack(cfg, tokenizers.ensure(cfg))
+
+
+def test_packing_is_byte_identical_across_runs(small_cfg, tmp_path):
+    first = _pack(small_cfg())
+    again = _pack(small_cfg(f"paths.data_dir={tmp_path}/elsewhere"))
+    assert first != again
+    for name in ("train.bin", "val.bin", "manifest.json"):
+        assert (first / name).read_bytes() == (again / name).read_bytes()
+    manifest = json.loads((first / "manifest.json").read_text())
+    assert manifest["sources"][0]["train"]["documents"] + manifest["sources"][0]["val"]["documents"] == 250
+    tokens = np.fromfile(first / "train.bin", dtype=manifest["dtype"])
+    assert len(tokens) == manifest["splits"]["train"]["tokens"]
+    # documents joined with EOS (paper §2.3): one EOS per train document
+    assert (tokens == manifest["tokenizer"]["eos_token_id"]).sum() == manifest["sources"][0]["train"]["documents"]
+
+
+def test_validation_split_is_held_out_by_document(small_cfg):
+    cfg = small_cfg()
+    directory = _pack(cfg)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    val_docs = manifest["sources"][0]["val"]["documents"]
+    assert 0 < val_docs < 250 * 0.15  # ~5% of 250
+    from phi1.data.sources import documents
+    ids = [i for i, _ in documents(cfg.data.sources[0])]
+    assert sum(pack.is_val(i, cfg.data.val_fraction) for i in ids) == val_docs
+
+
+def test_sources_are_mixed_by_weight(small_cfg, tmp_path):
+    # Source a: 40 docs of "alpha"; source b: 10 docs of "omega". Weights 1:3 invert their natural 4:1 sizes.
+    a = _jsonl(tmp_path / "a.jsonl", [{"id": f"a{i}", "text": "alpha " * 50} for i in range(40)])
+    b = _jsonl(tmp_path / "b.jsonl", [{"id": f"b{i}", "text": "omega " * 50} for i in range(10)])
+    cfg = small_cfg("data.val_fraction=0.2",
+                    f"data.sources=[{{name: a, kind: jsonl, path: '{a}', weight: 1}},"
+                    f" {{name: b, kind: jsonl, path: '{b}', weight: 3}}]")
+    directory = _pack(cfg)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    tok = tokenizers.load(tokenizers.location(cfg), cfg)
+    tokens = np.fromfile(directory / "train.bin", dtype=manifest["dtype"])
+    alpha = set(tok(" alpha")["input_ids"]) | set(tok("alpha")["input_ids"])
+    omega = set(tok(" omega")["input_ids"]) | set(tok("omega")["input_ids"])
+    assert not alpha & omega
+    n_a, n_b = np.isin(tokens, list(alpha)).sum(), np.isin(tokens, list(omega)).sum()
+    assert n_b / (n_a + n_b) == pytest.approx(0.75, abs=0.01)
+    by_name = {s["name"]: s for s in manifest["sources"]}
+    assert by_name["b"]["epochs"] > 1 > by_name["a"]["epochs"]  # b repeated, a cut to its share
+
+
+def test_malformed_jsonl_line_is_named(small_cfg, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "text": "def f(): pass"}\n{"id": 2, "text": \n{"id": 3, "text": "x = 1"}\n')
+    cfg = small_cfg(f"data.sources=[{{name: bad, kind: jsonl, path: '{bad}'}}]")
+    with pytest.raises(SourceError, match=rf"{bad}:2: JSONDecodeError"):
+        _pack(cfg)
+    assert not list(pack.location(cfg, tokenizers.location(cfg)).parent.glob("*.tmp-*"))  # nothing half-written
+    skip = small_cfg(f"data.sources=[{{name: bad, kind: jsonl, path: '{bad}', on_error: skip}}]", "data.val_fraction=0.4")
+    manifest = json.loads((_pack(skip) / "manifest.json").read_text())
+    source = manifest["sources"][0]
+    assert source["skipped"] == 1 and source["train"]["documents"] + source["val"]["documents"] == 2
+
+
+def test_non_utf8_file_is_named(small_cfg, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "good.py").write_text("def f():\n    return 1\n")
+    (src / "latin.py").write_bytes(b"# ok\nname = '\xe9t\xe9'\n")
+    with pytest.raises(SourceError, match=r"latin.py:2: not UTF-8"):
+        _pack(small_cfg(f"data.sources=[{{name: src, kind: dir, path: '{src}'}}]"))
+
+
+def test_missing_and_empty_sources_are_clear_errors(small_cfg, tmp_path):
+    with pytest.raises(SourceError, match="no file matches"):
+        _pack(small_cfg(f"data.sources=[{{name: gone, kind: jsonl, path: '{tmp_path}/nope.jsonl'}}]"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="yielded no documents"):
+        _pack(small_cfg(f"data.sources=[{{name: empty, kind: dir, path: '{tmp_path}/empty'}}]"))
+
+
+def test_hub_tokenizer_offline_names_the_local_alternative(tmp_path):
+    with pytest.raises(tokenizers.TokenizerError, match="tokenizer=local"):
+        tokenizers.ensure(make_cfg(["tokenizer=codegen"], run_dir=tmp_path, data_dir=tmp_path))
+
+
+def test_data_packed_with_another_tokenizer_is_refused(small_cfg):
+    cfg = small_cfg()
+    directory = _pack(cfg)
+    manifest_path = directory / "manifest.json"
+    saved = manifest_path.read_text()
+    manifest = json.loads(saved)
+    manifest["tokenizer"]["fingerprint"] = "0" * 16
+    manifest_path.write_text(json.dumps(manifest))
+    try:
+        with pytest.raises(DataMismatchError, match="packed with tokenizer 0000"):
+            PackedData(cfg, plan(cfg)).setup("fit")
+    finally:
+        manifest_path.write_text(saved)
+
+
+def test_sampler_resumes_where_it_stopped_and_shards_ranks():
+    whole = list(StepSampler(n=50, seed=7, global_batch=8, max_steps=20, rank=0, world=1))
+    assert len(whole) == 160
+    assert sorted(whole[:50]) == list(range(50))  # a full pass visits every window once
+    assert whole[:50] != list(range(50))  # shuffled
+    resumed = StepSampler(n=50, seed=7, global_batch=8, max_steps=20, rank=0, world=1)
+    resumed.start_step = 9
+    assert list(resumed) == whole[9 * 8:]
+    ranks = [list(StepSampler(50, 7, 8, 20, rank=r, world=2)) for r in (0, 1)]
+    for step in range(20):  # the two ranks split each step's 8 samples between them
+        assert sorted(ranks[0][step * 4:(step + 1) * 4] + ranks[1][step * 4:(step + 1) * 4]) == \
+            sorted(whole[step * 8:(step + 1) * 8])
+
+
+def test_stdlib_functions_are_documented_functions():
+    from omegaconf import OmegaConf
+    from phi1.data.sources import documents
+
+    src = OmegaConf.create({"name": "f", "kind": "stdlib_functions", "path": None, "limit": 200, "on_error": "skip"})
+    docs = list(documents(src))
+    assert len(docs) == 200
+    import ast
+
+    for _, text in docs:
+        (node,) = ast.parse(text).body
+        assert isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node)
