@@ -29,7 +29,6 @@ SMALL = [
     "budget.max_steps=12",
     "logger=csv",
     "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
     "eval_every_steps=6",
     "val_batches=2",
     "callbacks.checkpoint.every_n_train_steps=4",

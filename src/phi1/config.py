@@ -119,7 +119,6 @@ class TrainerConfig:
     precision: str = "32-true"
     strategy: Any = "auto"
     log_every_n_steps: int = 10
-    enable_progress_bar: bool = True
 
 
 @dataclass

@@ -1,0 +1,182 @@
+"""Training end to end on the CPU: a falling loss, finetuning from it, HF export, exact resume after SIGKILL,
+non-finite losses, and checkpoints that survive a crash mid-save."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, SMALL
+from phi1.module import LanguageModel, NonFiniteLossError
+from phi1.train import train
+
+FAST = ["optim.warmup_steps=3", "callbacks.throughput.window_size=4"]
+
+
+def read_csv(run_dir: Path) -> list[dict]:
+    rows = []
+    for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
+        with open(path) as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+def column(rows, key):
+    return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, data_dir):
+    from conftest import make_cfg
+
+    run = tmp_path_factory.mktemp("pretrain")
+    metrics = train(make_cfg([*SMALL, *FAST, "budget.max_steps=24"], run_dir=run, data_dir=data_dir))
+    return run, metrics
+
+
+def test_pretraining_loss_falls_and_writes_its_outputs(pretrained):
+    run, metrics = pretrained
+    assert metrics["steps"] == 24 and metrics["tokens"] == 24 * 8 * 64
+    assert metrics["train/loss"] < metrics["train/loss_first"] - 1.0  # from ~ln(4096) = 8.3
+    assert metrics["val/loss"] < metrics["train/loss_first"] - 1.0
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 24
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert (run / "hf" / "config.json").exists() and (run / "hf" / "tokenizer.json").exists()
+    rows = read_csv(run)
+    for key in ("train/loss", "train/lr", "val/loss", "perf/tokens_per_sec"):
+        assert column(rows, key), f"{key} not logged"
+    lr = column(rows, "train/lr")  # linear warmup over 3 steps to 3e-3, then linear decay
+    assert max(lr.values()) == pytest.approx(3e-3) and lr[max(lr)] < 3e-4
+
+
+def test_hf_export_gives_the_checkpoints_logits(pretrained, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, _ = pretrained
+    module = LanguageModel.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu",
+                                                weights_only=False).eval()
+    tokenizer = AutoTokenizer.from_pretrained(run / "hf")
+    ids = tokenizer("def add(a, b):\n    return a + b\n", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = module(ids)
+        for folder in (run / "hf", _export(run, tmp_path)):
+            hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+            assert torch.equal(hf(input_ids=ids).logits, expected)
+
+
+def _export(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "exported"
+    subprocess.run([sys.executable, "-m", "phi1.export", str(run / "checkpoints" / "last.ckpt"), str(out)],
+                   check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return out
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "hf export"])
+def test_finetuning_starts_from_the_base_weights(pretrained, small_cfg, tmp_path, source):
+    run, base = pretrained
+    init = run / "checkpoints" / "last.ckpt" if source == "checkpoint" else run / "hf"
+    args = ["data=stdlib_exercises", "data.sources.0.limit=400", "optim=finetune", "optim.warmup_steps=2",
+            "budget.max_steps=6", *FAST[1:]]
+    scratch = train(small_cfg(*args, run_dir=tmp_path / "scratch"))
+    tuned = train(small_cfg(*args, "stage=finetune", f"init_from={init}", run_dir=tmp_path / "tuned"))
+    # From random weights the first loss is ~ln(4096) = 8.3; from the base it starts where pretraining ended.
+    assert tuned["train/loss_first"] < scratch["train/loss_first"] - 1.0
+    assert tuned["train/loss_first"] < base["train/loss_first"] - 1.0
+
+
+def _cli(run_name, out, data_dir, *extra):
+    return [sys.executable, "train.py", *SMALL, *FAST, "budget.max_steps=20", f"paths.output_dir={out}",
+            f"paths.data_dir={data_dir}", f"run_name={run_name}", "+callbacks.slow._target_=slow_steps.SlowSteps",
+            "+callbacks.slow.seconds=0.2", *extra]
+
+
+def test_resume_after_sigkill_repeats_the_uninterrupted_run_exactly(tmp_path, data_dir):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "HF_HUB_OFFLINE": "1"}
+    subprocess.run(_cli("whole", tmp_path, data_dir), cwd=ROOT, env=env, check=True, capture_output=True)
+
+    killed = subprocess.Popen(_cli("killed", tmp_path, data_dir), cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "checkpoints" / "step000008.ckpt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # ~2 steps past the checkpoint: work that the resume must redo identically
+    assert killed.poll() is None, "the run ended before it could be killed"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    last = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert 8 <= last["global_step"] < 20
+
+    subprocess.run(_cli("killed", tmp_path, data_dir, "ckpt_path=last"), cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    whole, resumed = (column(read_csv(tmp_path / name), "train/loss") for name in ("whole", "killed"))
+    after = [s for s in resumed if s > last["global_step"]]
+    assert after and len(after) == len([s for s in whole if s > last["global_step"]])
+    assert all(resumed[s] == whole[s] for s in after), "per-step losses differ after the resume"
+    final = [torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+             for name in ("whole", "killed")]
+    assert final[0]["global_step"] == final[1]["global_step"] == 20
+    for key, value in final[0]["state_dict"].items():
+        assert torch.equal(value, final[1]["state_dict"][key]), key
+
+
+def test_resuming_without_a_checkpoint_is_an_error(small_cfg):
+    with pytest.raises(FileNotFoundError, match="ckpt_path=last: no checkpoint"):
+        train(small_cfg("ckpt_path=last"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_cfg, tmp_path, monkeypatch):
+    original = LanguageModel._loss
+
+    def poisoned(self, batch):
+        loss = original(self, batch)
+        return loss * float("nan") if self.global_step >= 6 else loss
+
+    monkeypatch.setattr(LanguageModel, "_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match="train/loss is nan at step 6"):
+        train(small_cfg(*FAST, run_dir=tmp_path / "run"))
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+def test_a_crash_mid_save_leaves_the_previous_checkpoint(pretrained, monkeypatch):
+    # Lightning's TorchCheckpointIO writes every checkpoint through _atomic_save: to a temporary file that is
+    # renamed over the target only when complete. Die half-way through writing and check the old file.
+    from fsspec.implementations.local import LocalFileOpener
+    from lightning.fabric.utilities.cloud_io import _atomic_save
+
+    run, _ = pretrained
+    last = run / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    real_write = LocalFileOpener.write
+
+    def dies_half_way(self, data):
+        real_write(self, data[: len(data) // 2])
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(LocalFileOpener, "write", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        _atomic_save({"state_dict": {"w": torch.zeros(1000)}}, last)
+    monkeypatch.undo()
+    assert last.read_bytes() == before
+    assert {p.name for p in last.parent.iterdir()} == {"last.ckpt", "step000024.ckpt"}  # no partial file left
+    torch.load(last, map_location="cpu", weights_only=False)
+
+
+def test_wandb_logs_offline_without_a_key(monkeypatch, tmp_path):
+    from phi1.monitoring import wandb_logger
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    t0 = time.perf_counter()
+    logger = wandb_logger(project="phi1", save_dir=str(tmp_path))
+    assert logger._wandb_init["mode"] == "offline" and time.perf_counter() - t0 < 5
