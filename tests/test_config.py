@@ -157,6 +157,17 @@ def test_deepspeed_trainer_builds_its_strategy(tmp_path):
         assert cfg.trainer.precision == precision
 
 
+def test_train_hands_the_deepspeed_strategy_to_lightning(tmp_path):
+    # On a CPU machine Lightning itself refuses DeepSpeed; reaching that refusal shows train() built the
+    # strategy object from the config and passed it on (a raw dict would fail with a TypeError instead).
+    from phi1.train import train
+
+    cfg = make_cfg(["trainer=deepspeed", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true",
+                    "logger=csv"], run_dir=tmp_path, data_dir=tmp_path)
+    with pytest.raises(Exception, match="CUDA"):
+        train(cfg)
+
+
 @requires_cuda
 @pytest.mark.cuda
 def test_deepspeed_trains_for_real_on_a_gpu(small_cfg):

@@ -180,3 +180,19 @@ def test_wandb_logs_offline_without_a_key(monkeypatch, tmp_path):
     t0 = time.perf_counter()
     logger = wandb_logger(project="phi1", save_dir=str(tmp_path))
     assert logger._wandb_init["mode"] == "offline" and time.perf_counter() - t0 < 5
+
+
+def test_mfu_is_tokens_per_second_times_flops_per_token_over_peak(small_cfg, monkeypatch):
+    # CPUs have no listed peak, so pretend this one has 1 TFLOP/s and check the arithmetic of DESIGN §7.
+    import lightning.pytorch.callbacks.throughput_monitor as tm
+
+    monkeypatch.setattr(tm, "get_available_flops", lambda device, dtype: 1e12)
+    cfg = small_cfg(*FAST)
+    train(cfg)
+    rows = [r for r in read_csv(Path(cfg.paths.run_dir)) if r.get("perf/mfu")]
+    assert rows
+    module = LanguageModel.load_from_checkpoint(Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt",
+                                                map_location="cpu", weights_only=False)
+    for r in rows:
+        expected = float(r["perf/tokens_per_sec_per_device"]) * module.flops_per_token / 1e12
+        assert float(r["perf/mfu"]) == pytest.approx(expected, rel=1e-6)

@@ -44,7 +44,17 @@ class Throughput(ThroughputMonitor):
 
 
 class ProgressBar(TQDMProgressBar):
-    """Lightning's tqdm bar, plus the job's tokens/s."""
+    """Lightning's tqdm bar over the run's micro-batches, plus the job's tokens/s."""
+
+    @property
+    def total_train_batches(self):
+        # Lightning caps this at max_steps, which counts optimizer steps, while the bar counts micro-batches;
+        # the data module's one epoch is the whole run, so its length is the right total.
+        return self.trainer.num_training_batches
+
+    def on_train_epoch_start(self, trainer, *_):
+        super().on_train_epoch_start(trainer)
+        self.train_progress_bar.set_description("train")
 
     def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)

@@ -71,7 +71,7 @@ def train(cfg: DictConfig) -> dict:
         module.load_weights(cfg.init_from)
 
     trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        **instantiate(cfg.trainer, _convert_="all"),  # builds `strategy` when it has a _target_ (DeepSpeed)
         max_steps=plan.max_steps,
         accumulate_grad_batches=plan.accumulate,
         gradient_clip_val=cfg.optim.grad_clip or None,
