@@ -104,7 +104,8 @@ class LanguageModel(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # Once per optimizer step (one host sync), before the weights change and before any checkpoint of
         # this step is written: a non-finite loss stops here and the last checkpoint stays a good one.
-        loss = (self._loss_sum / self._micro).item()
+        # Averaged over ranks first, so that every rank sees the same loss and stops together.
+        loss = self.trainer.strategy.reduce(self._loss_sum / self._micro, reduce_op="mean").item()
         if not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"train/loss is {loss} at step {self.global_step}; stopping before the optimizer step. "
@@ -112,8 +113,8 @@ class LanguageModel(L.LightningModule):
             )
         if self.first_loss is None:
             self.first_loss = loss
-        self.log("train/loss", loss, prog_bar=True, rank_zero_only=True)
-        self.log("train/lr", optimizer.param_groups[0]["lr"], rank_zero_only=True)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
         self._loss_sum = torch.zeros((), device=self._loss_sum.device)
         self._micro = 0
 

@@ -1,0 +1,143 @@
+"""The LightningDataModule that feeds packed tokens to training, in an order that survives a resume.
+
+Training order is a pure function of (seed, global sample index): pass e over the N windows of seq_len + 1
+tokens visits them in the permutation drawn from seed and e; optimizer step s consumes global samples
+[s·B, (s+1)·B) (B = global batch), rank r the r-th contiguous slice of them. A resumed run therefore starts at
+sample (global step)·B and sees exactly the sequences an uninterrupted run would have: none repeated, none
+skipped, whatever the number of ranks. The seed, the samples consumed and the data's sha256 are saved in the
+checkpoint and checked on resume.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from phi1 import tokenizer as tokenizers
+from phi1.config import Plan
+from phi1.data import pack
+
+
+class DataMismatchError(RuntimeError):
+    pass
+
+
+class TokenWindows(Dataset):
+    """Window i = tokens[i·T : i·T + T + 1]: T inputs and their T next-token targets."""
+
+    def __init__(self, path: Path, dtype: str, seq_len: int):
+        self.tokens = np.memmap(path, dtype=dtype, mode="r")
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return max((len(self.tokens) - 1) // self.seq_len, 0)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        start = i * self.seq_len
+        return torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
+
+
+class StepSampler(Sampler[int]):
+    """Indices for optimizer steps [start_step, max_steps) on one rank (see the module docstring)."""
+
+    def __init__(self, n: int, seed: int, global_batch: int, max_steps: int, rank: int, world: int):
+        self.n, self.seed, self.global_batch, self.max_steps = n, seed, global_batch, max_steps
+        self.rank, self.per_rank = rank, global_batch // world
+        self.start_step = 0
+        self._pass, self._perm = -1, None
+
+    def __len__(self) -> int:
+        # The whole run, also when resuming: Lightning counts the batches it already did against this length.
+        return self.max_steps * self.per_rank
+
+    def index(self, sample: int) -> int:
+        epoch, pos = divmod(sample, self.n)
+        if epoch != self._pass:
+            self._pass, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return int(self._perm[pos])
+
+    def __iter__(self):
+        for step in range(self.start_step, self.max_steps):
+            first = step * self.global_batch + self.rank * self.per_rank
+            for k in range(self.per_rank):
+                yield self.index(first + k)
+
+
+class PackedData(L.LightningDataModule):
+    def __init__(self, cfg: DictConfig, plan: Plan):
+        super().__init__()
+        self.cfg, self.plan = cfg, plan
+        self.tokenizer_dir = tokenizers.location(cfg)
+        self.model_vocab = cfg.model.vocab_size
+        self._resume_state: dict | None = None
+
+    def prepare_data(self) -> None:
+        tokenizers.ensure(self.cfg)
+        pack.pack(self.cfg, self.tokenizer_dir)
+
+    def setup(self, stage: str) -> None:
+        self.tokenizer = tokenizers.load(self.tokenizer_dir, self.cfg)
+        if self.model_vocab is not None and len(self.tokenizer) > self.model_vocab:
+            raise DataMismatchError(
+                f"the tokenizer has {len(self.tokenizer)} tokens but model.vocab_size={self.model_vocab}"
+            )
+        self.dir = pack.location(self.cfg, self.tokenizer_dir)
+        self.manifest = json.loads((self.dir / "manifest.json").read_text())
+        packed_with = self.manifest["tokenizer"]["fingerprint"]
+        if packed_with != tokenizers.fingerprint(self.tokenizer_dir):
+            raise DataMismatchError(
+                f"{self.dir} was packed with tokenizer {packed_with}, not {tokenizers.fingerprint(self.tokenizer_dir)}"
+                f" ({self.tokenizer_dir}); delete the folder to repack"
+            )
+        seq_len = self.cfg.data.seq_len
+        self.train_set = TokenWindows(self.dir / "train.bin", self.manifest["dtype"], seq_len)
+        self.val_set = TokenWindows(self.dir / "val.bin", self.manifest["dtype"], seq_len)
+        for name, split in (("train", self.train_set), ("val", self.val_set)):
+            if len(split) == 0:
+                raise DataMismatchError(
+                    f"{self.dir}: the {name} split has {len(split.tokens)} tokens, less than one window of"
+                    f" data.seq_len + 1 = {seq_len + 1}"
+                )
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = StepSampler(
+            len(self.train_set), self.cfg.seed, self.cfg.batch.global_size, self.plan.max_steps,
+            self.trainer.global_rank, self.trainer.world_size,
+        )
+        consumed = self._resume_state["consumed_samples"] if self._resume_state else 0
+        sampler.start_step = consumed // self.cfg.batch.global_size
+        return self._loader(self.train_set, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, None)
+
+    def _loader(self, dataset: Dataset, sampler: Sampler | None) -> DataLoader:
+        # Reading a window from the memory map is a copy of a few KB: worker processes would cost more
+        # than they save, so the main process loads.
+        return DataLoader(
+            dataset, batch_size=self.cfg.batch.micro_size, sampler=sampler, shuffle=False, num_workers=0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def state_dict(self) -> dict:
+        return {
+            "seed": self.cfg.seed,
+            "train_sha256": self.manifest["splits"]["train"]["sha256"],
+            "global_batch": self.cfg.batch.global_size,
+            "consumed_samples": self.trainer.global_step * self.cfg.batch.global_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict() | {"consumed_samples": state["consumed_samples"]}
+        for key in ("seed", "train_sha256", "global_batch"):
+            if state[key] != mine[key]:
+                raise DataMismatchError(
+                    f"cannot resume: the checkpoint was trained with {key}={state[key]!r}, this run has {mine[key]!r}"
+                )
+        self._resume_state = state

@@ -1,0 +1,180 @@
+"""Documents from the configured sources, as (id, text) pairs in a fixed order.
+
+Kinds: `stdlib` (the running interpreter's standard library: the embedded stand-in for The Stack, DESIGN §4),
+`stdlib_functions` (its top-level functions that have a docstring: signature + docstring + body, a
+CodeExercises-like set), `dir` (a folder of .py files), `jsonl` (files of {"id", "text", ...} rows, gz
+allowed) and `hf` (a Hugging Face dataset, streamed, or a folder written by `datasets.save_to_disk`).
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import gzip
+import hashlib
+import json
+import logging
+import sys
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Folders of the standard library that hold third-party or generated code rather than the library itself.
+_NOT_STDLIB = {"site-packages", "dist-packages", "__pycache__"}
+# Test suites: kept in `stdlib` (mixed quality is the point, DESIGN §4), left out of `stdlib_functions`.
+_TEST_DIRS = {"test", "tests", "idle_test"}
+
+
+class SourceError(ValueError):
+    """A source is missing, empty or malformed; the message names the file and line."""
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _py_files(root: Path, skip_tests: bool = False) -> list[Path]:
+    if not root.is_dir():
+        raise SourceError(f"{root}: no such directory")
+    files = []
+    for path in root.rglob("*.py"):
+        parts = set(path.relative_to(root).parts[:-1])
+        if parts & _NOT_STDLIB or (skip_tests and parts & _TEST_DIRS):
+            continue
+        files.append(path)
+    return sorted(files)
+
+
+def _read_text(path: Path, on_error: str, skipped: list[str]) -> str | None:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        if on_error == "skip":
+            skipped.append(f"{path}:{line}: not UTF-8")
+            return None
+        raise SourceError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start}); set on_error=skip to skip") from e
+
+
+def _functions(path: Path, text: str) -> Iterator[tuple[str, str]]:
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node):
+            code = ast.get_source_segment(text, node)
+            if code:
+                yield node.name, code + "\n"
+
+
+def documents(source, skipped: list[str] | None = None) -> Iterator[tuple[str, str]]:
+    """Yield (id, text) for a SourceConfig. Undecodable inputs are appended to `skipped` or raise."""
+    skipped = [] if skipped is None else skipped
+    on_error = source.on_error
+    count = 0
+    for doc_id, text in _documents(source, on_error, skipped):
+        if source.limit is not None and count >= source.limit:
+            break
+        count += 1
+        yield doc_id, text
+    if count == 0:
+        raise SourceError(f"source {source.name!r} ({source.kind} {source.path or ''}) yielded no documents")
+
+
+def _documents(source, on_error: str, skipped: list[str]) -> Iterator[tuple[str, str]]:
+    kind = source.kind
+    if kind in ("stdlib", "stdlib_functions", "dir"):
+        root = stdlib_dir() if kind.startswith("stdlib") else Path(source.path).expanduser()
+        for path in _py_files(root, skip_tests=kind == "stdlib_functions"):
+            text = _read_text(path, on_error, skipped)
+            if text is None:
+                continue
+            rel = path.relative_to(root).as_posix()
+            if kind == "stdlib_functions":
+                for name, code in _functions(path, text):
+                    yield f"{source.name}:{rel}:{name}", code
+            elif text.strip():
+                yield f"{source.name}:{rel}", text
+    elif kind == "jsonl":
+        files = sorted(glob.glob(str(Path(source.path).expanduser())))
+        if not files:
+            raise SourceError(f"source {source.name!r}: no file matches {source.path}")
+        for file in files:
+            yield from _jsonl(Path(file), source, on_error, skipped)
+    elif kind == "hf":
+        for i, row in enumerate(_hf_rows(source)):
+            try:
+                text = _text(row, source.text_field)
+            except (KeyError, TypeError) as e:
+                raise SourceError(f"{source.path} row {i}: {e} (the row has {sorted(row)})") from e
+            yield f"{source.name}:{row.get('id', i)}", text
+    else:
+        raise SourceError(f"source {source.name!r}: unknown kind {kind!r}")
+
+
+def _jsonl(path: Path, source, on_error: str, skipped: list[str]) -> Iterator[tuple[str, str]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+                text = _text(row, source.text_field)
+            except (ValueError, KeyError, TypeError) as e:
+                reason = f"{path}:{line_no}: {type(e).__name__}: {e}"
+                if on_error == "skip":
+                    skipped.append(reason)
+                    continue
+                raise SourceError(reason + "; set on_error=skip to skip such lines") from e
+            yield f"{source.name}:{row.get('id', f'{path.name}:{line_no}')}", text
+
+
+def _text(row: dict, text_field: str) -> str:
+    """The row's text: one field, or a format string over several ("{problem}{solution}")."""
+    if "{" in text_field:
+        return text_field.format_map(row)
+    text = row[text_field]
+    if not isinstance(text, str):
+        raise TypeError(f"field {text_field!r} is {type(text).__name__}, not a string")
+    return text
+
+
+def _hf_rows(source):
+    import datasets
+
+    path = Path(source.path).expanduser()
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        ds = datasets.load_from_disk(str(path))
+        return ds[source.split] if isinstance(ds, datasets.DatasetDict) else ds
+    try:
+        return datasets.load_dataset(
+            source.path, name=source.subset, data_dir=source.data_dir, split=source.split, streaming=True
+        )
+    except Exception as e:  # the hub raises a dozen different types for "not reachable / not found"
+        raise SourceError(
+            f"source {source.name!r}: cannot load hub dataset {source.path!r} ({type(e).__name__}: {e}). "
+            "Offline? Use a local source (data=stdlib) or a folder saved with datasets.save_to_disk."
+        ) from e
+
+
+def fingerprint(source) -> str:
+    """Cheap identity of a source's content: file names, sizes and mtimes (or the dataset's coordinates)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({k: source.get(k) for k in sorted(source)}, sort_keys=True, default=str).encode())
+    if source.kind in ("stdlib", "stdlib_functions", "dir"):
+        root = stdlib_dir() if source.kind.startswith("stdlib") else Path(source.path).expanduser()
+        h.update(sys.version.encode() if source.kind.startswith("stdlib") else b"")
+        for path in _py_files(root, skip_tests=source.kind == "stdlib_functions"):
+            st = path.stat()
+            h.update(f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    elif source.kind in ("jsonl", "hf"):
+        for file in sorted(glob.glob(str(Path(source.path).expanduser()))):
+            for p in [Path(file), *sorted(Path(file).rglob("*"))] if Path(file).is_dir() else [Path(file)]:
+                st = p.stat()
+                h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
