@@ -196,3 +196,19 @@ def test_mfu_is_tokens_per_second_times_flops_per_token_over_peak(small_cfg, mon
     for r in rows:
         expected = float(r["perf/tokens_per_sec_per_device"]) * module.flops_per_token / 1e12
         assert float(r["perf/mfu"]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_two_ranks_see_the_same_sequences_as_one(tmp_path, data_dir):
+    # DDP over 2 CPU processes, micro-batch 2 × 2 accumulation, against 1 process with micro-batch 4: each step
+    # must consume the same 8 sequences, so without dropout the per-step losses agree to float rounding.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    common = [*SMALL, *FAST, "budget.max_steps=8", "model.dropout=0", f"paths.output_dir={tmp_path}",
+              f"paths.data_dir={data_dir}"]
+    subprocess.run([sys.executable, "train.py", *common, "run_name=one"], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    subprocess.run([sys.executable, "train.py", *common, "run_name=two", "trainer.devices=2", "trainer.strategy=ddp",
+                    "batch.micro_size=2"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    one, two = (column(read_csv(tmp_path / name), "train/loss") for name in ("one", "two"))
+    assert len(one) == len(two) == 8
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-4)
