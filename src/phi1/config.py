@@ -158,8 +158,69 @@ class TrainConfig:
     export_hf: bool = True
 
 
+@dataclass
+class BenchmarkConfig:
+    name: str = MISSING
+    # humaneval | mbpp | jsonl (any file in HumanEval's format)
+    kind: str = MISSING
+    # mbpp: a local mbpp.jsonl (else the hub); jsonl: the problem file
+    path: Optional[str] = None
+    # mbpp: the prompt, a format string over {text} and {first_test}
+    template: Optional[str] = None
+    # Completions are cut at the first of these (a completion never runs past the function).
+    stop: list[str] = field(default_factory=lambda: ["\nclass", "\ndef", "\n#", "\nif", "\nprint"])
+    # Only the first N problems (smoke runs).
+    limit: Optional[int] = None
+
+
+@dataclass
+class GenerationConfig:
+    # auto: vLLM when installed and a GPU is present, else transformers
+    backend: str = "auto"
+    # Samples per problem; temperature 0 is greedy decoding (the paper's pass@1 setting).
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 0.95
+    max_new_tokens: int = 384
+    batch_size: int = 16
+
+
+@dataclass
+class SandboxConfig:
+    # None: one per CPU core
+    workers: Optional[int] = None
+    timeout: float = 5.0
+    memory_mb: int = 4096
+    # auto: bubblewrap namespaces where the OS allows them, else process limits only (and it says so)
+    isolation: str = "auto"
+    # An interpreter the sandbox user can run; None: this one, else the system's python3.
+    python: Optional[str] = None
+
+
+@dataclass
+class EvaluateConfig:
+    benchmarks: dict[str, BenchmarkConfig] = field(default_factory=dict)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    # What to evaluate: a checkpoint, an HF export folder or a hub id; or `samples`, a JSONL of
+    # {"task_id", "completion"} to score without any model.
+    ckpt: Optional[str] = None
+    samples: Optional[str] = None
+    # Scoring executes model-written code (in the sandbox); it runs only when this is true.
+    allow_code_execution: bool = False
+    ks: list[int] = field(default_factory=lambda: [1, 10, 100])
+    solution_nll: bool = True
+    # W&B: auto (online with a key and a reachable server, else offline), online, offline or disabled
+    wandb_mode: str = "auto"
+    experiment_name: str = "eval"
+    run_name: str = MISSING
+    seed: int = 1234
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 
 
 class ConfigError(ValueError):

@@ -74,19 +74,23 @@ def _reachable(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
+def wandb_mode(mode: str = "auto") -> str:
+    """`auto`: online only with an API key and a reachable server, offline otherwise (never blocking);
+    `WANDB_MODE` in the environment wins. `wandb sync <run dir>/wandb/offline-run-*` uploads later."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb()
+    if has_key and _reachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")):
+        return "online"
+    log.info("W&B: offline (%s); sync later with `wandb sync`", "server unreachable" if has_key else "no API key")
+    return "offline"
+
+
 def wandb_logger(mode: str = "auto", **kwargs: Any) -> WandbLogger:
-    """A WandbLogger that never blocks a run: `auto` logs online only with an API key and a reachable server,
-    offline otherwise (`wandb sync <run dir>/wandb/offline-run-*` uploads it later)."""
-    if mode == "auto":
-        mode = os.environ.get("WANDB_MODE", "")
-        if not mode:
-            has_key = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb()
-            base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-            mode = "online" if has_key and _reachable(base) else "offline"
-            if mode == "offline":
-                log.info("W&B: offline (%s); sync later with `wandb sync`",
-                         "server unreachable" if has_key else "no API key")
-    return WandbLogger(mode=mode, **kwargs)
+    """A WandbLogger that never blocks a run (see `wandb_mode`)."""
+    return WandbLogger(mode=wandb_mode(mode), **kwargs)
 
 
 def _netrc_has_wandb() -> bool:

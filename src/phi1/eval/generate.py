@@ -1,0 +1,106 @@
+"""Completions from a model: a Lightning checkpoint, an HF export folder or a hub id.
+
+transformers' batched `generate` with the KV cache (greedy for pass@1, the paper's setting; sampling with
+temperature/top-p for pass@k), stopped at stop sequences and truncated there so that a completion never runs
+past the function; or vLLM when it is installed and a GPU is present.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+# The Codex paper's stop sequences for HumanEval: anything that starts a new top-level statement.
+HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+
+
+def load(ckpt: str, device: str | None = None):
+    """(model, tokenizer) in eval mode on `device` (default: CUDA when available)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    path = Path(ckpt).expanduser()
+    if path.is_file():  # a Lightning checkpoint written by train.py
+        from phi1 import tokenizer as tokenizers
+        from phi1.module import LanguageModel
+
+        module = LanguageModel.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+        model, tokenizer = module.model, AutoTokenizer.from_pretrained(str(tokenizers.location(module.cfg)))
+        model = model.to(dtype)
+    else:  # an HF folder or a hub id
+        try:
+            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(ckpt)
+        except OSError as e:
+            raise FileNotFoundError(f"ckpt={ckpt}: not a checkpoint file, an HF export folder or a reachable hub id"
+                                    f" ({e})") from e
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def truncate(completion: str, stop: list[str]) -> str:
+    cut = min((i for s in stop if (i := completion.find(s)) != -1), default=len(completion))
+    return completion[:cut]
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[str], *, n: int = 1, temperature: float = 0.0, top_p: float = 0.95,
+             max_new_tokens: int = 384, stop: list[str] = HUMANEVAL_STOP, batch_size: int = 16) -> list[list[str]]:
+    """n completions per prompt, truncated at the first stop sequence."""
+    sampling = temperature > 0
+    out: list[list[str]] = [[] for _ in prompts]
+    jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
+    # Longest prompts first: batches of similar length waste less padding.
+    jobs.sort(key=lambda job: -len(job[1]))
+    for start in tqdm(range(0, len(jobs), batch_size), desc="generate", unit="batch", dynamic_ncols=True):
+        chunk = jobs[start : start + batch_size]
+        enc = tokenizer([p for _, p in chunk], return_tensors="pt", padding=True).to(model.device)
+        generated = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=sampling,
+            temperature=temperature if sampling else None, top_p=top_p if sampling else None,
+            stop_strings=stop, tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id,
+        )
+        texts = tokenizer.batch_decode(generated[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        for (i, _), text in zip(chunk, texts):
+            out[i].append(truncate(text, stop))
+    return out
+
+
+def generate_vllm(ckpt: str, prompts: list[str], *, n: int, temperature: float, top_p: float,
+                  max_new_tokens: int, stop: list[str]) -> list[list[str]]:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=ckpt, dtype="bfloat16")
+    params = SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                            max_tokens=max_new_tokens, stop=stop)
+    return [[truncate(o.text, stop) for o in r.outputs] for r in llm.generate(prompts, params)]
+
+
+@torch.inference_mode()
+def solution_nll(model, tokenizer, problems) -> float:
+    """Mean per-token negative log-likelihood of the canonical solutions given their prompts (nats/token).
+
+    A continuous stand-in for pass@1 at scales where pass@1 is 0 (DESIGN §4): it falls as a model learns to
+    write the reference code. Tokens are counted over all problems together (a token-weighted mean).
+    """
+    total, count = 0.0, 0
+    for p in tqdm(problems, desc="solution NLL", unit="problem", dynamic_ncols=True):
+        # Prompt and solution tokenized apart and joined, so the solution's tokens are the same whatever
+        # the prompt ends with.
+        prompt = tokenizer(p.prompt, return_tensors="pt").input_ids
+        solution = tokenizer(p.canonical_solution, return_tensors="pt").input_ids
+        if solution.numel() == 0:
+            continue
+        ids = torch.cat([prompt, solution], dim=1).to(model.device)
+        logits = model(input_ids=ids).logits[0, prompt.shape[1] - 1 : -1].float()
+        total += torch.nn.functional.cross_entropy(logits, ids[0, prompt.shape[1]:], reduction="sum").item()
+        count += solution.numel()
+    return total / max(count, 1)

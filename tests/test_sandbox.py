@@ -1,0 +1,176 @@
+"""Hostile programs through the sandbox: each is failed, the host is unharmed (no file changed outside the
+sandbox, no process left behind), the next sample still runs, and every verdict comes within its time bound.
+
+Each hostile program ends with `assert True`-like code that would pass if the sandbox let the hostile part
+through (or ignored it), so a "failed" verdict is the sandbox's doing.
+"""
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from phi1.eval.sandbox import Limits, Sandbox, SandboxError
+
+TIMEOUT = 2.0
+SECRET = "sk-test-0123456789abcdef"
+
+
+def sandbox_processes() -> set[int]:
+    """Processes of the sandbox user (or, not as root, none can be told apart: empty)."""
+    if os.geteuid() != 0:
+        return set()
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
+            if uid == "65534":
+                pids.add(int(entry.name))
+    return pids
+
+
+def settles_to(count: int, within: float = 2.0) -> bool:
+    deadline = time.monotonic() + within
+    while len(sandbox_processes()) != count:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.fixture(scope="module")
+def canary(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("host")
+    folder.chmod(0o777)  # writable by anyone: only the sandbox stands between a sample and this file
+    path = folder / "canary.txt"
+    path.write_text("untouched")
+    path.chmod(0o666)
+    return path
+
+
+@pytest.fixture(scope="module")
+def listener():
+    """A server on the host's loopback: a sample in the sandbox must not reach it."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(0.2)
+    connections = []
+    stop = threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                connections.append(server.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1], connections
+    stop.set()
+    thread.join()
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    os.environ["OPENAI_API_KEY"] = os.environ["WANDB_API_KEY"] = SECRET
+    try:
+        with Sandbox(workers=2, limits=Limits(timeout=TIMEOUT, memory_bytes=1 << 30, disk_bytes=32 << 20)) as sb:
+            yield sb
+    finally:
+        del os.environ["OPENAI_API_KEY"], os.environ["WANDB_API_KEY"]
+
+
+HOSTILE = {
+    "infinite loop": "while True:\n    pass",
+    "SIGTERM and SIGALRM ignored": "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                                   "signal.signal(signal.SIGALRM, signal.SIG_IGN)\nsignal.alarm(1)\nwhile True:\n    pass",
+    "fork bomb": "import os\nwhile True:\n    os.fork()",
+    "child left running after exit": "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
+                                     "    open('{canary}', 'w').write('daemon')\nos._exit(0)",
+    "memory bomb": "x = bytearray(3 << 30)\nx[-1] = 1",
+    "100 MB of output": "import sys\nfor _ in range(100):\n    sys.stdout.write('x' * (1 << 20))",
+    "disk fill": "i = 0\nwhile True:\n    open(f'fill{{i}}', 'wb').write(b'x' * (4 << 20))\n    i += 1",
+    "write outside the sandbox": "open('{canary}', 'w').write('overwritten')",
+    "delete outside the sandbox": "import os\nos.remove('{canary}')",
+    "read OPENAI_API_KEY": "import os\nprint(os.environ.get('OPENAI_API_KEY'))\n"
+                           "assert os.environ.get('OPENAI_API_KEY') == '" + SECRET + "'",
+    "read WANDB_API_KEY from /proc": "import glob\nfound = ''.join(open(p, errors='ignore').read() "
+                                     "for p in glob.glob('/proc/*/environ') if __import__('os').access(p, 4))\n"
+                                     "print(found)\nassert '" + SECRET + "' in found",
+    "network connection": "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).close()",
+    "sys.exit(0) before the asserts": "import sys\nsys.exit(0)",
+    "os._exit(0) before the asserts": "import os\nos._exit(0)",
+    "exit() before the asserts": "exit()",
+    "raise SystemExit in a finally": "try:\n    raise SystemExit(0)\nfinally:\n    pass",
+    "kill the parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
+    "kill every process it can see": "import os, signal\nfor p in os.listdir('/proc'):\n    if p.isdigit() and "
+                                     "int(p) != os.getpid():\n        try:\n            os.kill(int(p), signal.SIGKILL)\n"
+                                     "        except OSError:\n            pass",
+    "segfault through ctypes": "import ctypes\nctypes.string_at(0)",
+    "block on input()": "input()",
+    "close the result channel": "import os\nos.closerange(3, 1024)",
+    "print a fake pass": "print('passed')\nimport os\nos._exit(0)",
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_program_fails_and_harms_nothing(name, sandbox, canary, listener):
+    port, connections = listener
+    settles_to(6)  # 2 workers × (bwrap, its init, the worker)
+    baseline = sandbox_processes()
+    program = HOSTILE[name].format(canary=canary, port=port) + "\nassert True\n"
+    t0 = time.perf_counter()
+    verdict = sandbox.run(program)
+    elapsed = time.perf_counter() - t0
+    assert verdict["status"] != "passed", verdict
+    assert elapsed < TIMEOUT + 5
+    assert SECRET not in verdict["output"]
+    assert canary.read_text() == "untouched"
+    assert not connections
+    # A sample that kills its worker gets a fresh one (new pids, same count); anything it left adds to the count.
+    # A killed worker's namespace dies with it (--die-with-parent), a few milliseconds later: allow 2 s.
+    assert settles_to(len(baseline)), "a process outlived its sample"
+    assert sandbox.run("assert sum(range(10)) == 45\n")["status"] == "passed"  # the evaluation carries on
+
+
+def test_daemon_is_gone_after_its_sample(sandbox, canary):
+    before = len(sandbox_processes())
+    sandbox.run(HOSTILE["child left running after exit"].format(canary=canary))
+    assert settles_to(before)
+    time.sleep(0.5)
+    assert canary.read_text() == "untouched"
+
+
+def test_honest_programs_pass_and_fail_as_they_should(sandbox):
+    assert sandbox.run("def f(x):\n    return x * 2\nassert f(2) == 4\n")["status"] == "passed"
+    wrong = sandbox.run("def f(x):\n    return x * 3\nassert f(2) == 4, 'f(2) != 4'\n")
+    assert wrong["status"] == "failed" and "f(2) != 4" in wrong["output"]
+    assert sandbox.run("import math, re, collections, heapq, itertools\nassert math.gcd(12, 18) == 6\n")["status"] == "passed"
+    assert sandbox.run("while True:\n    pass\n")["status"] == "timeout"
+
+
+def test_many_at_once_keep_their_own_verdicts(sandbox):
+    programs = [f"assert {i} % 3 != 0\n" for i in range(60)]
+    verdicts = sandbox.run_many(programs)
+    assert [v["status"] == "passed" for v in verdicts] == [i % 3 != 0 for i in range(60)]
+
+
+def test_unknown_isolation_is_refused():
+    with pytest.raises(SandboxError, match="isolation"):
+        Sandbox(workers=1, isolation="none")
+
+
+def test_a_limit_that_cannot_be_set_stops_before_scoring():
+    # RLIMIT_NOFILE above the hard limit cannot be set by an unprivileged process.
+    with pytest.raises(SandboxError, match="limit"):
+        Sandbox(workers=1, limits=Limits(open_files=1 << 40))
