@@ -32,6 +32,7 @@ SMALL = [
     "eval_every_steps=6",
     "val_batches=2",
     "callbacks.checkpoint.every_n_train_steps=4",
+    "evaluation.benchmarks.humaneval.limit=4",
 ]
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -44,6 +45,16 @@ def make_cfg(overrides=(), run_dir=None, data_dir=None):
     overrides = paths + list(overrides)
     with initialize_config_dir(str(CONF), version_base="1.3"):
         return compose("train", overrides=overrides)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Lightning and DeepSpeed set MASTER_ADDR, LOCAL_RANK, ... in the process that builds a Trainer; a later
+    `python train.py` started by a test would inherit them and wait for ranks that no one launches."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

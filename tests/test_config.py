@@ -11,7 +11,7 @@ from conftest import CONF, ROOT, make_cfg, requires_cuda
 from phi1 import model as phi_model
 from phi1.config import ConfigError, plan, validate
 
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment"))
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment", "benchmark"))
 
 
 def options(group):
@@ -22,6 +22,18 @@ def options(group):
 def test_every_group_option_composes_and_resolves(group, option, tmp_path):
     cfg = make_cfg([f"{group}={option}"], run_dir=tmp_path, data_dir=tmp_path)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+@pytest.mark.parametrize("benchmark", options("benchmark"))
+def test_every_benchmark_composes_in_evaluate_and_train(benchmark, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"benchmark=[{benchmark}]", f"paths.run_dir={tmp_path}"])
+    assert list(cfg.benchmarks) == [benchmark]
+    add = [] if benchmark == "humaneval" else [f"+benchmark@evaluation.benchmarks.{benchmark}={benchmark}"]
+    train = make_cfg(add, run_dir=tmp_path, data_dir=tmp_path)
+    assert benchmark in train.evaluation.benchmarks
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))

@@ -212,3 +212,44 @@ def test_two_ranks_see_the_same_sequences_as_one(tmp_path, data_dir):
     assert len(one) == len(two) == 8
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=1e-4)
+
+
+def test_training_ends_with_an_evaluation(pretrained):
+    run, metrics = pretrained
+    # No code execution asked for: the solution NLL only (4 problems in the tests), logged and in metrics.json.
+    assert 0 < metrics["eval/humaneval/solution_nll"] < 9.0 and "eval/humaneval/pass@1" not in metrics
+    assert column(read_csv(run), "eval/humaneval/solution_nll")
+    history = json.loads((run / "eval" / "history.json").read_text())
+    assert [h["step"] for h in history] == [24]
+
+
+def test_finetuning_keeps_and_exports_the_best_checkpoint(pretrained, small_cfg, tmp_path, monkeypatch):
+    # Scripted scores at steps 4, 8, 12: the best is step 8, and the HF export must hold step 8's weights.
+    import phi1.evaluate
+
+    scores = iter([0.1, 0.3, 0.2])
+    seen = {}
+    real = phi1.evaluate.evaluate_model
+
+    def scripted(model, *args, **kwargs):
+        metrics, tables = real(model, *args, **kwargs)
+        metrics["eval/humaneval/pass@1"] = next(scores)
+        seen[metrics["eval/humaneval/pass@1"]] = {k: v.clone() for k, v in model.state_dict().items()}
+        return metrics, tables
+
+    monkeypatch.setattr(phi1.evaluate, "evaluate_model", scripted)
+    run, _ = pretrained
+    metrics = train(small_cfg(*FAST, "stage=finetune", f"init_from={run / 'checkpoints' / 'last.ckpt'}",
+                              "optim=finetune", "budget.max_steps=12", "evaluation.every_n_steps=4",
+                              "evaluation.allow_code_execution=true", "evaluation.keep_best=eval/humaneval/pass@1",
+                              "evaluation.generation.max_new_tokens=8", run_dir=tmp_path / "ft"))
+    assert metrics["eval/best"] == {"step": 8, "eval/humaneval/pass@1": 0.3}
+    best = torch.load(tmp_path / "ft" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert best["global_step"] == 8
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "ft" / "hf").state_dict()
+    assert all(torch.equal(exported[k], seen[0.3][k]) for k in exported)
+    assert not all(torch.equal(exported[k], seen[0.2][k]) for k in exported)  # not the last evaluated weights
+    rows = (tmp_path / "ft" / "eval" / "step000008" / "humaneval" / "samples.jsonl").read_text().splitlines()
+    assert len(rows) == 4 and all("passed" in json.loads(r) for r in rows)  # the code did run, in the sandbox

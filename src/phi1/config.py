@@ -131,34 +131,6 @@ class PathsConfig:
 
 
 @dataclass
-class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    budget: BudgetConfig = field(default_factory=BudgetConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    batch: BatchConfig = field(default_factory=BatchConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    # name -> Hydra `_target_` spec, instantiated as they are.
-    callbacks: dict[str, Any] = field(default_factory=dict)
-    logger: dict[str, Any] = field(default_factory=dict)
-    # pretrain | finetune
-    stage: str = "pretrain"
-    # Groups runs in W&B and names the run directory.
-    experiment_name: str = "embedded"
-    run_name: str = MISSING
-    seed: int = 1234
-    # Weights to start from (finetuning): a Lightning checkpoint or an HF export directory.
-    init_from: Optional[str] = None
-    # Resume: a checkpoint path, `last` (this run dir's last.ckpt, an error if absent) or `auto` (last if any).
-    ckpt_path: Optional[str] = None
-    eval_every_steps: int = 100
-    val_batches: int = 20
-    export_hf: bool = True
-
-
-@dataclass
 class BenchmarkConfig:
     name: str = MISSING
     # humaneval | mbpp | jsonl (any file in HumanEval's format)
@@ -216,6 +188,54 @@ class EvaluateConfig:
     experiment_name: str = "eval"
     run_name: str = MISSING
     seed: int = 1234
+
+
+@dataclass
+class TrainEvalConfig:
+    """Evaluation inside train.py: after training, and every `every_n_steps` (finetuning: each checkpoint)."""
+
+    enabled: bool = True
+    benchmarks: dict[str, BenchmarkConfig] = field(default_factory=dict)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    # pass@k executes model-written code (in the sandbox) and runs only when true; else the solution NLL only.
+    allow_code_execution: bool = False
+    every_n_steps: Optional[int] = None
+    # Keep the checkpoint that maximises this metric as checkpoints/best.ckpt (and export it), e.g.
+    # eval/humaneval/pass@1 (paper §2.3: the best finetuning checkpoint is kept).
+    keep_best: Optional[str] = None
+    ks: list[int] = field(default_factory=lambda: [1])
+    solution_nll: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    # name -> Hydra `_target_` spec, instantiated as they are.
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    logger: dict[str, Any] = field(default_factory=dict)
+    # pretrain | finetune
+    stage: str = "pretrain"
+    # Groups runs in W&B and names the run directory.
+    experiment_name: str = "embedded"
+    run_name: str = MISSING
+    seed: int = 1234
+    # Weights to start from (finetuning): a Lightning checkpoint or an HF export directory.
+    init_from: Optional[str] = None
+    # Resume: a checkpoint path, `last` (this run dir's last.ckpt, an error if absent) or `auto` (last if any).
+    ckpt_path: Optional[str] = None
+    evaluation: TrainEvalConfig = field(default_factory=TrainEvalConfig)
+    eval_every_steps: int = 100
+    val_batches: int = 20
+    export_hf: bool = True
+
 
 
 def register_configs() -> None:
@@ -310,6 +330,10 @@ def validate(cfg: DictConfig) -> Plan:
         ("trainer.num_nodes", cfg.trainer.num_nodes > 0, "must be > 0"),
         ("stage", cfg.stage in ("pretrain", "finetune"), "must be 'pretrain' or 'finetune'"),
         ("eval_every_steps", cfg.eval_every_steps > 0, "must be > 0"),
+        ("evaluation.every_n_steps", (cfg.evaluation.every_n_steps or 1) > 0, "must be > 0"),
+        ("evaluation.keep_best", not cfg.evaluation.keep_best or (
+            "/pass@" in cfg.evaluation.keep_best and cfg.evaluation.allow_code_execution),
+         "must be a pass@k metric (higher is better), which needs evaluation.allow_code_execution=true"),
         ("val_batches", cfg.val_batches >= 0, "must be >= 0"),
         ("budget", (cfg.budget.tokens is None) != (cfg.budget.max_steps is None),
          "set exactly one of budget.tokens and budget.max_steps"),

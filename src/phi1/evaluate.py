@@ -65,32 +65,72 @@ def score(sandbox: Sandbox, problems: list[bench.Problem], completions: dict[str
     return rows, dict(verdicts)
 
 
-def _completions(cfg: DictConfig, spec, problems, model_and_tokenizer) -> dict[str, list[str]]:
-    from phi1.eval import generate
-
-    g = cfg.generation
-    prompts = [p.prompt for p in problems]
-    kwargs = dict(n=g.n, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
-                  stop=list(spec.stop))
-    if _backend(cfg) == "vllm":
-        outs = generate.generate_vllm(cfg.ckpt, prompts, **kwargs)
-    else:
-        model, tokenizer = model_and_tokenizer
-        outs = generate.generate(model, tokenizer, prompts, batch_size=g.batch_size, **kwargs)
-    return {p.task_id: o for p, o in zip(problems, outs)}
-
-
-def _backend(cfg: DictConfig) -> str:
-    backend = cfg.generation.backend
-    if backend == "auto":
+def _backend(name: str) -> str:
+    if name == "auto":
         import importlib.util
 
         import torch
 
         return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "transformers"
-    if backend not in ("transformers", "vllm"):
-        raise EvaluationError(f"generation.backend={backend!r}: expected auto, transformers or vllm")
-    return backend
+    if name not in ("transformers", "vllm"):
+        raise EvaluationError(f"generation.backend={name!r}: expected auto, transformers or vllm")
+    return name
+
+
+def make_sandbox(s) -> Sandbox:
+    sandbox = Sandbox(workers=s.workers, limits=Limits(timeout=s.timeout, memory_bytes=s.memory_mb << 20),
+                      isolation=s.isolation, python=s.python)
+    log.info("sandbox: %s", sandbox.description)
+    return sandbox
+
+
+def run_benchmark(name: str, problems, completions, sandbox: Sandbox | None, ks, out_dir: Path,
+                  model_and_tokenizer=None, solution_nll: bool = True) -> tuple[dict, list]:
+    """Score `completions` (task_id -> list) in the sandbox (skipped when None) and compute the solution NLL
+    with the model (when given); write <out_dir>/<name>/samples.jsonl; return (metrics, rows)."""
+    t0 = time.perf_counter()
+    metrics, rows = {}, []
+    if sandbox is not None:
+        rows, verdicts = score(sandbox, problems, completions)
+        for k, value in pass_at_k(verdicts, list(ks)).items():
+            metrics[f"eval/{name}/pass@{k}"] = value
+        metrics[f"eval/{name}/samples"] = len(rows)
+        (out_dir / name).mkdir(parents=True, exist_ok=True)
+        with open(out_dir / name / "samples.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    if model_and_tokenizer is not None and solution_nll and all(p.canonical_solution for p in problems):
+        from phi1.eval import generate
+
+        metrics[f"eval/{name}/solution_nll"] = generate.solution_nll(*model_and_tokenizer, problems)
+    metrics[f"eval/{name}/problems"] = len(problems)
+    log.info("%s: %s in %.1f s", name, ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()),
+             time.perf_counter() - t0)
+    return metrics, rows
+
+
+def evaluate_model(model, tokenizer, benchmarks, generation, sandbox: Sandbox | None, ks, out_dir: Path,
+                   solution_nll: bool = True, ckpt: str | None = None) -> tuple[dict, dict]:
+    """Every benchmark for one model: generate (unless there is no sandbox to run the code), score, NLL."""
+    from phi1.eval import generate
+
+    metrics, tables = {}, {}
+    for name, spec in benchmarks.items():
+        problems = bench.load(spec)[: spec.limit]
+        completions = {}
+        if sandbox is not None:
+            g = generation
+            prompts = [p.prompt for p in problems]
+            kwargs = dict(n=g.n, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
+                          stop=list(spec.stop))
+            if ckpt is not None and _backend(g.backend) == "vllm":  # in training there is no path to hand vLLM
+                outs = generate.generate_vllm(ckpt, prompts, **kwargs)
+            else:
+                outs = generate.generate(model, tokenizer, prompts, batch_size=g.batch_size, **kwargs)
+            completions = {p.task_id: o for p, o in zip(problems, outs)}
+        m, tables[name] = run_benchmark(name, problems, completions, sandbox, ks, out_dir,
+                                        (model, tokenizer) if model is not None else None, solution_nll)
+        metrics.update(m)
+    return metrics, tables
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -106,47 +146,28 @@ def evaluate(cfg: DictConfig) -> dict:
     log.warning("allow_code_execution=true: running model-written code in the sandbox")
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    s = cfg.sandbox
     # Started before any model is loaded: a sandbox that cannot be set up stops the run before the work.
-    sandbox = Sandbox(workers=s.workers, limits=Limits(timeout=s.timeout, memory_bytes=s.memory_mb << 20),
-                      isolation=s.isolation, python=s.python)
-    log.info("sandbox: %s", sandbox.description)
-    metrics: dict[str, float] = {}
-    tables = {}
+    sandbox = make_sandbox(cfg.sandbox)
     try:
-        model_and_tokenizer = None
-        if cfg.ckpt and (_backend(cfg) == "transformers" or cfg.solution_nll):
-            from phi1.eval import generate
-
-            model_and_tokenizer = generate.load(cfg.ckpt)
-        for name, spec in cfg.benchmarks.items():
-            t0 = time.perf_counter()
+        if cfg.samples:
+            ((name, spec),) = cfg.benchmarks.items()
             problems = bench.load(spec)[: spec.limit]
-            if cfg.samples:
-                completions = read_samples(cfg.samples, problems)
-                missing = [p.task_id for p in problems if p.task_id not in completions]
-                if missing:
-                    log.warning("%s: %d of %d problems have no sample (e.g. %s); scored over the rest",
-                                cfg.samples, len(missing), len(problems), missing[0])
-                problems = [p for p in problems if p.task_id in completions]
-            else:
-                completions = _completions(cfg, spec, problems, model_and_tokenizer)
-            rows, verdicts = score(sandbox, problems, completions)
-            for k, value in pass_at_k(verdicts, list(cfg.ks)).items():
-                metrics[f"eval/{name}/pass@{k}"] = value
-            if model_and_tokenizer and cfg.solution_nll and all(p.canonical_solution for p in problems):
+            completions = read_samples(cfg.samples, problems)
+            missing = [p.task_id for p in problems if p.task_id not in completions]
+            if missing:
+                log.warning("%s: %d of %d problems have no sample (e.g. %s); scored over the rest",
+                            cfg.samples, len(missing), len(problems), missing[0])
+            problems = [p for p in problems if p.task_id in completions]
+            metrics, rows = run_benchmark(name, problems, completions, sandbox, cfg.ks, run_dir)
+            tables = {name: rows}
+        else:
+            model = tokenizer = None
+            if _backend(cfg.generation.backend) == "transformers" or cfg.solution_nll:
                 from phi1.eval import generate
 
-                metrics[f"eval/{name}/solution_nll"] = generate.solution_nll(*model_and_tokenizer, problems)
-            metrics[f"eval/{name}/problems"] = len(problems)
-            metrics[f"eval/{name}/samples"] = len(rows)
-            out = run_dir / name
-            out.mkdir(exist_ok=True)
-            with open(out / "samples.jsonl", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-            tables[name] = rows
-            log.info("%s: %s in %.1f s", name, ", ".join(f"{k.split('/')[-1]}={v:.4g}"
-                     for k, v in metrics.items() if k.startswith(f"eval/{name}/")), time.perf_counter() - t0)
+                model, tokenizer = generate.load(cfg.ckpt)
+            metrics, tables = evaluate_model(model, tokenizer, cfg.benchmarks, cfg.generation, sandbox, cfg.ks,
+                                             run_dir, cfg.solution_nll, cfg.ckpt)
     finally:
         sandbox.close()
     metrics["sandbox"] = sandbox.description

@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from phi1 import config as phi_config
 from phi1.data.datamodule import PackedData
+from phi1.eval.callback import Evaluation
 from phi1.export import export_hf
 from phi1.module import LanguageModel
 
@@ -55,6 +57,9 @@ def train(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     callbacks = [instantiate(spec) for spec in cfg.callbacks.values()]
+    evaluation = Evaluation(cfg.evaluation, run_dir) if cfg.evaluation.enabled else None
+    if evaluation:
+        callbacks.append(evaluation)
     loggers = [instantiate(spec) for spec in cfg.logger.values()]
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, callbacks)
 
@@ -97,6 +102,13 @@ def train(cfg: DictConfig) -> dict:
     })
     for cb in callbacks:
         metrics.update(getattr(cb, "last", {}))
+    if evaluation and evaluation.history:
+        metrics.update({k: v for k, v in evaluation.history[-1].items() if k != "step"})
+    if evaluation and evaluation.best:
+        # The paper keeps the best finetuning checkpoint: export that one, not the last.
+        metrics["eval/best"] = evaluation.best
+        best = torch.load(evaluation.best_path, map_location="cpu", weights_only=False)["state_dict"]
+        module.load_state_dict(best)
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         if cfg.export_hf:

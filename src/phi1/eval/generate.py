@@ -40,9 +40,6 @@ def load(ckpt: str, device: str | None = None):
         except OSError as e:
             raise FileNotFoundError(f"ckpt={ckpt}: not a checkpoint file, an HF export folder or a reachable hub id"
                                     f" ({e})") from e
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
 
 
@@ -55,6 +52,10 @@ def truncate(completion: str, stop: list[str]) -> str:
 def generate(model, tokenizer, prompts: list[str], *, n: int = 1, temperature: float = 0.0, top_p: float = 0.95,
              max_new_tokens: int = 384, stop: list[str] = HUMANEVAL_STOP, batch_size: int = 16) -> list[list[str]]:
     """n completions per prompt, truncated at the first stop sequence."""
+    # Batches are padded on the left, so that every row's completion starts right after its prompt.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     sampling = temperature > 0
     out: list[list[str]] = [[] for _ in prompts]
     jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
@@ -76,8 +77,14 @@ def generate(model, tokenizer, prompts: list[str], *, n: int = 1, temperature: f
 
 def generate_vllm(ckpt: str, prompts: list[str], *, n: int, temperature: float, top_p: float,
                   max_new_tokens: int, stop: list[str]) -> list[list[str]]:
+    import tempfile
+
     from vllm import LLM, SamplingParams
 
+    if Path(ckpt).is_file():  # vLLM reads HF folders: export the Lightning checkpoint first
+        from phi1.export import export_checkpoint
+
+        ckpt = str(export_checkpoint(Path(ckpt), Path(tempfile.mkdtemp()) / "hf"))
     llm = LLM(model=ckpt, dtype="bfloat16")
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                             max_tokens=max_new_tokens, stop=stop)

@@ -1,0 +1,90 @@
+"""Evaluation inside training: after the last step, and every N steps (finetuning: at each checkpoint, the best
+one kept, as the paper's protocol, §2.3).
+
+Without `allow_code_execution` only the solution NLL is computed (no code runs); with it, completions are
+generated from the model being trained and executed in the sandbox, which is started at fit start so that a
+sandbox that cannot run stops the job before training, not after it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+
+log = logging.getLogger(__name__)
+
+
+class Evaluation(Callback):
+    def __init__(self, cfg, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.sandbox = None
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        self._last_step = -1
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "best.ckpt"
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and self.cfg.allow_code_execution:
+            from phi1.evaluate import make_sandbox
+
+            log.warning("evaluation.allow_code_execution=true: running model-written code in the sandbox")
+            self.sandbox = make_sandbox(self.cfg.sandbox)
+        elif trainer.is_global_zero:
+            log.info("evaluation: solution NLL only (pass@k needs evaluation.allow_code_execution=true)")
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        every = self.cfg.every_n_steps
+        if every and trainer.global_step % every == 0 and not trainer.fit_loop._should_accumulate():
+            self._evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._evaluate(trainer, pl_module)
+        if self.sandbox is not None:
+            self.sandbox.close()
+
+    def _evaluate(self, trainer, pl_module) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return
+        self._last_step = step
+        metrics = None
+        if trainer.is_global_zero:
+            from phi1.evaluate import evaluate_model
+
+            model = pl_module.model
+            training = model.training
+            model.eval()
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                metrics, tables = evaluate_model(
+                    model, trainer.datamodule.tokenizer, self.cfg.benchmarks, self.cfg.generation, self.sandbox,
+                    self.cfg.ks, self.run_dir / "eval" / f"step{step:06d}", self.cfg.solution_nll,
+                )
+            model.train(training)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+                if isinstance(logger, WandbLogger):
+                    for name, rows in tables.items():
+                        columns = ["task_id", "completion", "passed", "result"]
+                        logger.log_table(f"eval/{name}/samples_table", columns=columns,
+                                         data=[[r[c] for c in columns] for r in rows], step=step)
+            self.history.append({"step": step, **metrics})
+            (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "eval" / "history.json").write_text(json.dumps(self.history, indent=2) + "\n")
+        # Every rank takes part in saving (DeepSpeed's save is collective), so rank 0's verdict is broadcast.
+        key = self.cfg.keep_best
+        better = metrics is not None and key in metrics and (self.best is None or metrics[key] > self.best[key])
+        if key and trainer.strategy.broadcast(better):
+            trainer.save_checkpoint(self.best_path)
+            self.best = {"step": step, key: metrics[key]} if metrics else {"step": step}
+            if trainer.is_global_zero:
+                log.info("best so far by %s: step %d (%s)", key, step, metrics[key])
+        trainer.strategy.barrier()

