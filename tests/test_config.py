@@ -11,7 +11,9 @@ from conftest import CONF, ROOT, make_cfg, requires_cuda
 from phi1 import model as phi_model
 from phi1.config import ConfigError, plan, validate
 
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment", "benchmark"))
+# Groups of train.yaml; benchmark belongs to evaluate.yaml, llm and stage to prepare.yaml (tested below).
+GROUPS = sorted(p.name for p in CONF.iterdir()
+                if p.is_dir() and p.name not in ("hydra", "experiment", "benchmark", "llm", "stage"))
 
 
 def options(group):
@@ -34,6 +36,18 @@ def test_every_benchmark_composes_in_evaluate_and_train(benchmark, tmp_path):
     add = [] if benchmark == "humaneval" else [f"+benchmark@evaluation.benchmarks.{benchmark}={benchmark}"]
     train = make_cfg(add, run_dir=tmp_path, data_dir=tmp_path)
     assert benchmark in train.evaluation.benchmarks
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in ("llm", "stage") for o in options(g)
+                                          if not o.endswith("_schema")])
+def test_every_prepare_option_composes(group, option, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    extra = ["llm.model=some-model"] if option == "openai_compatible" else []
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("prepare", overrides=[f"{group}={option}", f"paths.data_dir={tmp_path}",
+                                            f"paths.run_dir={tmp_path}", *extra])
+    OmegaConf.to_container(cfg, resolve=True)
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
@@ -81,7 +95,7 @@ def test_pretraining_experiment_has_the_paper_hyperparameters(tmp_path):
 def test_finetuning_experiment_has_the_paper_hyperparameters(tmp_path):
     cfg = make_cfg(["experiment=phi1", "init_from=base.ckpt"], run_dir=tmp_path, data_dir=tmp_path)
     assert (cfg.batch.global_size, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.weight_decay) == (256, 1e-4, 50, 0.01)
-    assert (cfg.stage, cfg.data.name) == ("finetune", "codeexercises")
+    assert (cfg.phase, cfg.data.name) == ("finetune", "codeexercises")
     assert plan(cfg).max_steps == 6_000
     assert cfg.callbacks.checkpoint.every_n_train_steps == 1000 and cfg.callbacks.checkpoint.save_top_k == -1
     small = make_cfg(["experiment=phi1_small", "init_from=x"], run_dir=tmp_path, data_dir=tmp_path)
@@ -109,7 +123,7 @@ def test_budget_and_batch_arithmetic_is_derived(tmp_path):
     ("data.seq_len=4096", "data.seq_len"),
     ("model.n_head=5", "model.n_head"),
     ("model.dropout=1.5", "model.dropout"),
-    ("stage=distill", "stage"),
+    ("phase=distill", "phase"),
     ("data.sources.0.weight=0", "data.sources[0].weight"),
 ])
 def test_out_of_range_values_name_the_key(override, key, tmp_path):

@@ -7,13 +7,14 @@ through (or ignored it), so a "failed" verdict is the sandbox's doing.
 
 import os
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from phi1.eval.sandbox import Limits, Sandbox, SandboxError
+from phi1.eval.sandbox import Limits, LimitError, Sandbox, SandboxError
 
 TIMEOUT = 2.0
 SECRET = "sk-test-0123456789abcdef"
@@ -165,6 +166,18 @@ def test_many_at_once_keep_their_own_verdicts(sandbox):
     assert [v["status"] == "passed" for v in verdicts] == [i % 3 != 0 for i in range(60)]
 
 
+def test_bubblewrap_is_used_wherever_it_runs(sandbox):
+    # If bwrap itself runs here, a fallback to process isolation is a bug (a binary the sandbox user cannot
+    # reach, say), not the OS's doing: fail loudly rather than evaluate with less isolation than promised.
+    from phi1.eval.sandbox import _bwrap
+
+    probe = subprocess.run([_bwrap(), "--unshare-net", "--unshare-pid", "--ro-bind", "/", "/", "true"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"bubblewrap cannot create namespaces here: {probe.stderr.decode()[:200]}")
+    assert sandbox.isolation == "bwrap", sandbox.description
+
+
 def test_unknown_isolation_is_refused():
     with pytest.raises(SandboxError, match="isolation"):
         Sandbox(workers=1, isolation="none")
@@ -172,5 +185,19 @@ def test_unknown_isolation_is_refused():
 
 def test_a_limit_that_cannot_be_set_stops_before_scoring():
     # RLIMIT_NOFILE above the hard limit cannot be set by an unprivileged process.
-    with pytest.raises(SandboxError, match="limit"):
+    with pytest.raises(LimitError, match="limit"):  # not a quiet fall-back to weaker isolation
         Sandbox(workers=1, limits=Limits(open_files=1 << 40))
+
+
+def test_process_isolation_fallback_still_judges_and_limits(tmp_path):
+    # Where namespaces are forbidden: no network or file-system isolation, but limits, timeouts, the result
+    # channel and per-worker temp folders still hold, and the run says what is in force.
+    with Sandbox(workers=1, limits=Limits(timeout=TIMEOUT, memory_bytes=1 << 30), isolation="process") as sb:
+        assert "NO network or file-system isolation" in sb.description
+        assert sb.run("assert 2 + 2 == 4\n")["status"] == "passed"
+        for name in ("infinite loop", "fork bomb", "memory bomb", "sys.exit(0) before the asserts",
+                     "os._exit(0) before the asserts", "segfault through ctypes", "block on input()"):
+            assert sb.run(HOSTILE[name] + "\nassert True\n")["status"] != "passed", name
+        assert sb.run("open('x.txt', 'w').write('scratch')\nassert open('x.txt').read() == 'scratch'\n")["status"] \
+            == "passed"
+        assert sb.run("import os\nassert not os.path.exists('x.txt')\n")["status"] == "passed"  # cleaned between samples

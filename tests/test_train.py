@@ -85,7 +85,7 @@ def test_finetuning_starts_from_the_base_weights(pretrained, small_cfg, tmp_path
     args = ["data=stdlib_exercises", "data.sources.0.limit=400", "optim=finetune", "optim.warmup_steps=2",
             "budget.max_steps=6", *FAST[1:]]
     scratch = train(small_cfg(*args, run_dir=tmp_path / "scratch"))
-    tuned = train(small_cfg(*args, "stage=finetune", f"init_from={init}", run_dir=tmp_path / "tuned"))
+    tuned = train(small_cfg(*args, "phase=finetune", f"init_from={init}", run_dir=tmp_path / "tuned"))
     # From random weights the first loss is ~ln(4096) = 8.3; from the base it starts where pretraining ended.
     assert tuned["train/loss_first"] < scratch["train/loss_first"] - 1.0
     assert tuned["train/loss_first"] < base["train/loss_first"] - 1.0
@@ -239,7 +239,7 @@ def test_finetuning_keeps_and_exports_the_best_checkpoint(pretrained, small_cfg,
 
     monkeypatch.setattr(phi1.evaluate, "evaluate_model", scripted)
     run, _ = pretrained
-    metrics = train(small_cfg(*FAST, "stage=finetune", f"init_from={run / 'checkpoints' / 'last.ckpt'}",
+    metrics = train(small_cfg(*FAST, "phase=finetune", f"init_from={run / 'checkpoints' / 'last.ckpt'}",
                               "optim=finetune", "budget.max_steps=12", "evaluation.every_n_steps=4",
                               "evaluation.allow_code_execution=true", "evaluation.keep_best=eval/humaneval/pass@1",
                               "evaluation.generation.max_new_tokens=8", run_dir=tmp_path / "ft"))

@@ -222,7 +222,7 @@ class TrainConfig:
     callbacks: dict[str, Any] = field(default_factory=dict)
     logger: dict[str, Any] = field(default_factory=dict)
     # pretrain | finetune
-    stage: str = "pretrain"
+    phase: str = "pretrain"
     # Groups runs in W&B and names the run directory.
     experiment_name: str = "embedded"
     run_name: str = MISSING
@@ -238,9 +238,59 @@ class TrainConfig:
 
 
 
+@dataclass
+class LLMConfig:
+    name: str = MISSING
+    # openai: any OpenAI-compatible API through phi1.llm; heuristic: offline rules (no model)
+    kind: str = MISSING
+    model: Optional[str] = None
+    # None: OpenAI; else e.g. http://localhost:8000/v1 (vLLM, TGI) or an Azure OpenAI v1 endpoint
+    base_url: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8
+    max_retries: int = 6
+    timeout: float = 120.0
+    temperature: float = 0.0
+    max_tokens: int = 512
+    # Dollars per million tokens (input, output), to count spending and enforce the budget.
+    price_input: float = 0.0
+    price_output: float = 0.0
+    budget_usd: Optional[float] = None
+    budget_tokens: Optional[int] = None
+
+
+@dataclass
+class AnnotateConfig:
+    name: str = "annotate"
+    source: SourceConfig = field(default_factory=SourceConfig)
+    # Documents to annotate (paper §2.1: ~100K of The Stack + StackOverflow).
+    n: int = 2000
+    seed: int = 0
+    # score >= threshold is "high" educational value, the classifier's positive class.
+    label_threshold: int = 6
+    prompt_version: str = "v1"
+    # Characters of each document shown to the judge.
+    max_chars: int = 12000
+    # For the dry run's price: answers are priced at this many tokens (None: at max_tokens, the worst case).
+    expected_output_tokens: Optional[int] = 120
+    dry_run: bool = False
+    output: str = MISSING
+
+
+@dataclass
+class PrepareConfig:
+    stage: Any = MISSING
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    run_name: str = MISSING
+
+
 def register_configs() -> None:
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="prepare_schema", node=PrepareConfig)
+    cs.store(group="stage", name="annotate_schema", node=AnnotateConfig)
 
 
 class ConfigError(ValueError):
@@ -328,7 +378,7 @@ def validate(cfg: DictConfig) -> Plan:
         ("batch.global_size", cfg.batch.global_size > 0, "must be > 0"),
         ("batch.micro_size", cfg.batch.micro_size > 0, "must be > 0"),
         ("trainer.num_nodes", cfg.trainer.num_nodes > 0, "must be > 0"),
-        ("stage", cfg.stage in ("pretrain", "finetune"), "must be 'pretrain' or 'finetune'"),
+        ("phase", cfg.phase in ("pretrain", "finetune"), "must be 'pretrain' or 'finetune'"),
         ("eval_every_steps", cfg.eval_every_steps > 0, "must be > 0"),
         ("evaluation.every_n_steps", (cfg.evaluation.every_n_steps or 1) > 0, "must be > 0"),
         ("evaluation.keep_best", not cfg.evaluation.keep_best or (
@@ -359,7 +409,7 @@ def validate(cfg: DictConfig) -> Plan:
     for key, ok, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message}")
-    if cfg.stage == "finetune" and not cfg.init_from:
+    if cfg.phase == "finetune" and not cfg.init_from:
         raise ConfigError("init_from: finetuning needs the base weights (a checkpoint or an HF export dir)")
     return plan(cfg)
 

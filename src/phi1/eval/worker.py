@@ -123,9 +123,12 @@ def _run(job, base, keep):
     except OSError:
         output = ""
     shutil.rmtree(workdir, ignore_errors=True)
-    for leftover in os.listdir(base):  # whatever else the sample wrote to the shared tmpfs
+    for leftover in os.listdir(base):  # whatever else the sample wrote to this worker's own temp folder
         path = os.path.join(base, leftover)
-        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+        try:
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+        except OSError:
+            pass
     return {"id": job["id"], "status": status, "output": output}
 
 

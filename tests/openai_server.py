@@ -1,0 +1,116 @@
+"""An OpenAI-compatible chat-completions server on loopback that injects the faults the real API shows.
+
+A request's faults are written into its last message, so a test says exactly what happens to which request:
+  [429:N]        the first N attempts get 429 with Retry-After: 1
+  [quota]        429 insufficient_quota (every attempt)
+  [auth]         401
+  [500:N]        the first N attempts get 500
+  [timeout:N]    the first N attempts hang for 3 s (longer than the client's timeout in the tests)
+  [empty]        an empty answer
+  [malformed]    an answer without the expected grade
+  [slow]         the answer comes after 0.2 s
+Otherwise the answer is `reply(messages)`. Usage counts 1 token per 4 characters. Every request that
+reaches the server is recorded in `requests` (the body and the fault outcome), so tests count them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def default_reply(messages: list[dict]) -> str:
+    return "A short evaluation. Educational value: 7/10. Label: high"
+
+
+class FakeOpenAI:
+    def __init__(self, reply=default_reply):
+        self.reply = reply
+        self.requests: list[dict] = []
+        self.attempts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status, headers, payload, delay = server._respond(body)
+                if delay:
+                    time.sleep(delay)
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    for k, v in {**headers, "Content-Type": "application/json",
+                                 "Content-Length": str(len(data))}.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self) -> FakeOpenAI:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def count(self, outcome: str | None = None) -> int:
+        return sum(1 for r in self.requests if outcome is None or r["outcome"] == outcome)
+
+    def _respond(self, body: dict):
+        content = body["messages"][-1]["content"]
+        key = json.dumps(body["messages"], sort_keys=True)
+        with self._lock:
+            self.attempts[key] += 1
+            attempt = self.attempts[key]
+
+        def fault(name: str) -> bool:
+            m = re.search(rf"\[{name}(?::(\d+))?\]", content)
+            return bool(m) and (m.group(1) is None or attempt <= int(m.group(1)))
+
+        def error(status, code, message, headers=None, delay=0.0):
+            return status, headers or {}, {"error": {"message": message, "type": code, "code": code}}, delay
+
+        if fault("quota"):
+            outcome = error(429, "insufficient_quota", "You exceeded your current quota")
+        elif fault("auth"):
+            outcome = error(401, "invalid_api_key", "Incorrect API key provided")
+        elif fault("429"):
+            outcome = error(429, "rate_limit_exceeded", "Rate limit reached", {"Retry-After": "1"})
+        elif fault("500"):
+            outcome = error(500, "server_error", "The server had an error")
+        elif fault("timeout"):
+            outcome = (200, {}, self._completion(body, "late"), 3.0)
+        else:
+            text = "" if fault("empty") else "I cannot grade this." if fault("malformed") else self.reply(body["messages"])
+            outcome = (200, {}, self._completion(body, text), 0.2 if fault("slow") else 0.0)
+        with self._lock:
+            self.requests.append({"body": body, "outcome": "timeout" if fault("timeout") else str(outcome[0])})
+        return outcome
+
+    @staticmethod
+    def _completion(body: dict, text: str) -> dict:
+        prompt_tokens = sum(len(m["content"]) for m in body["messages"]) // 4 + 1
+        completion_tokens = len(text) // 4 + 1
+        return {
+            "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }

@@ -1,0 +1,106 @@
+"""The annotate stage (paper §2.1): heuristic rules, the LLM judge against a loopback server, resume."""
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF
+from openai_server import FakeOpenAI
+from phi1.llm import ParseError
+from phi1.quality.judges import HeuristicJudge, parse_grade
+from phi1.stages import run
+
+ALGORITHM = '''
+def binary_search(items, target):
+    """Return the index of target in the sorted list items, or -1.
+
+    Halves the search interval at each step: O(log n) comparisons.
+    """
+    lo, hi = 0, len(items) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2  # middle of the interval
+        if items[mid] == target:
+            return mid
+        if items[mid] < target:
+            lo = mid + 1
+        else:
+            hi = mid - 1
+    return -1
+'''
+
+CONFIGURATION = "\n".join(f"SETTING_{i} = {i}" for i in range(30)) + "\nfrom .base import *\n"
+
+
+def prepare_cfg(tmp_path, *overrides):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("prepare", overrides=[f"paths.data_dir={tmp_path}", f"paths.run_dir={tmp_path}/run",
+                                             *overrides])
+
+
+def test_heuristic_rules_prefer_a_documented_algorithm_to_configuration():
+    judge = HeuristicJudge()
+    good, config, broken = judge.judge(ALGORITHM), judge.judge(CONFIGURATION), judge.judge("def f(:\n")
+    assert good.score >= 8 and config.score <= 2 and broken.score == 0
+    assert "relative" in config.rationale and broken.rationale == "does not parse"
+
+
+@pytest.mark.parametrize("answer,score", [
+    ("Clear code.\nEducational value: 8/10", 8),
+    ("Nice. **Educational value:** 7 / 10", 7),
+    ("educational value = 3/10 at first... on reflection\nEducational value: 5/10", 5),
+])
+def test_grades_are_parsed_robustly(answer, score):
+    assert parse_grade(answer).score == score
+
+
+@pytest.mark.parametrize("answer", ["", "I would rate it highly.", "Educational value: 11/10", "Value: 7/10"])
+def test_ungradable_answers_are_refused_not_guessed(answer):
+    with pytest.raises(ParseError):
+        parse_grade(answer)
+
+
+def test_heuristic_annotation_of_the_stdlib_is_seeded_and_resumable(tmp_path):
+    cfg = prepare_cfg(tmp_path, "stage.n=40", "stage.seed=3")
+    summary = run(cfg)
+    out = tmp_path / "annotations" / "stdlib-heuristic.jsonl"
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 40 == summary["annotated"]
+    assert set(rows[0]) == {"id", "label", "score", "rationale", "judge", "prompt_version"}
+    assert all(r["label"] == ("high" if r["score"] >= 6 else "low") for r in rows)
+    assert summary["labels"].get("high", 0) > 0 and summary["labels"].get("low", 0) > 0
+    again = run(cfg)  # same seed: same sample, already annotated: nothing new
+    assert again["new"] == 0 and len(out.read_text().splitlines()) == 40
+    other = run(prepare_cfg(tmp_path / "b", "stage.n=40", "stage.seed=4"))
+    other_ids = {json.loads(line)["id"] for line in open(other["output"])}
+    assert other_ids != {r["id"] for r in rows}
+
+
+def test_llm_judge_asks_the_papers_question_and_pays_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+
+    def reply(messages):
+        code = messages[-1]["content"]
+        return "Self-contained and documented.\nEducational value: 8/10" if "def " in code else "[malformed]"
+
+    src = tmp_path / "code.jsonl"
+    docs = [{"id": f"good{i}", "text": ALGORITHM.replace("binary_search", f"search{i}")} for i in range(6)]
+    docs += [{"id": "odd", "text": "x = 1"}]
+    src.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    with FakeOpenAI(reply) as server:
+        cfg = prepare_cfg(tmp_path, "llm=gpt4", f"llm.base_url={server.base_url}", "stage.n=7",
+                          f"stage.source={{name: code, kind: jsonl, path: '{src}'}}", "llm.max_retries=1")
+        estimate = run(prepare_cfg(tmp_path, "llm=gpt4", f"llm.base_url={server.base_url}", "stage.n=7",
+                                   f"stage.source={{name: code, kind: jsonl, path: '{src}'}}", "stage.dry_run=true"))
+        assert server.count() == 0 and estimate["dry_run"]["requests"] == 7 and estimate["dry_run"]["dollars"] > 0
+        summary = run(cfg)
+        prompt = server.requests[0]["body"]["messages"][-1]["content"]
+        assert "educational value for a student whose goal is to learn basic coding concepts" in prompt
+        assert "def search" in prompt and server.requests[0]["body"]["model"] == "gpt-4-0613"
+        assert summary["annotated"] == 6 and summary["labels"] == {"high": 6}  # 8 >= 6
+        quarantine = [json.loads(line) for line in (tmp_path / "annotations" / "quarantine.jsonl").open()]
+        assert [q["id"] for q in quarantine] == ["code:odd"] and "unparseable" in quarantine[0]["reason"]
+        sent = server.count()
+        assert run(cfg)["new"] == 0 and server.count() == sent  # rerun: the cache answers, nothing is paid
+    row = json.loads((tmp_path / "annotations" / "code-gpt4.jsonl").read_text().splitlines()[0])
+    assert row["judge"] == "gpt-4-0613" and row["prompt_version"] == "v1" and row["score"] == 8

@@ -1,0 +1,157 @@
+"""The LLM client against a loopback OpenAI-compatible server that injects the real API's faults; requests
+are counted at the server."""
+
+import json
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from openai_server import FakeOpenAI
+from phi1.llm import LLM, AuthError, BudgetExceeded, ParseError, QuotaExceeded
+
+
+def grade(text: str) -> int:
+    m = re.search(r"(\d+)/10", text)
+    if not m:
+        raise ParseError("no 'N/10' grade")
+    return int(m.group(1))
+
+
+def ask(prompt: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}]
+
+
+@pytest.fixture
+def server():
+    with FakeOpenAI() as s:
+        yield s
+
+
+@pytest.fixture
+def make_llm(server, tmp_path):
+    def make(**kw):
+        defaults = dict(model="gpt-test", base_url=server.base_url, concurrency=4, max_retries=3, timeout=1.0,
+                        max_backoff=0.2, cache_path=str(tmp_path / "cache.sqlite"),
+                        quarantine_path=str(tmp_path / "quarantine.jsonl"), price_input=10.0, price_output=30.0)
+        return LLM(**{**defaults, **kw})
+
+    return make
+
+
+def test_answers_are_parsed_and_cached_across_runs(make_llm, server):
+    items = [(f"doc{i}", ask(f"snippet {i}")) for i in range(10)]
+    first = make_llm().map(items, grade)
+    assert first == {f"doc{i}": 7 for i in range(10)} and server.count() == 10
+    again = make_llm()  # a new process would open the same cache file
+    assert again.map(items, grade) == first
+    assert server.count() == 10 and again.stats.cached == 10  # nothing paid twice
+    make_llm(params={"temperature": 0.7, "max_tokens": 512}).map(items[:2], grade)
+    assert server.count() == 12  # other sampling parameters: another cache key
+
+
+def test_prompt_version_is_part_of_the_cache_key(make_llm, server):
+    llm = make_llm()
+    llm.map([("a", ask("x"))], grade, prompt_version="v1")
+    llm.map([("a", ask("x"))], grade, prompt_version="v2")
+    assert server.count() == 2
+
+
+def test_rate_limits_honour_retry_after_and_are_counted(make_llm, server):
+    llm = make_llm()
+    t0 = time.perf_counter()
+    assert llm.map([("a", ask("snippet [429:2]"))], grade) == {"a": 7}
+    assert time.perf_counter() - t0 >= 2.0  # two waits of Retry-After: 1 s, not the 0.2 s backoff
+    assert server.count("429") == 2 and server.count("200") == 1
+    assert llm.stats.retries == 2 and llm.stats.requests == 3  # the SDK's own retries are off: no stacking
+
+
+def test_server_errors_and_timeouts_are_retried_a_bounded_number_of_times(make_llm, server):
+    llm = make_llm()
+    assert llm.map([("a", ask("[500:2]")), ("b", ask("[timeout:1]"))], grade) == {"a": 7, "b": 7}
+    assert server.count("500") == 2 and server.count("timeout") == 1
+    hopeless = make_llm(max_retries=2)
+    assert hopeless.map([("c", ask("[500:99]"))], grade) == {}
+    assert server.count("500") == 2 + 3  # 1 try + 2 retries, then it gives up
+    quarantine = [json.loads(line) for line in open(hopeless.quarantine_path)]
+    assert quarantine[-1]["id"] == "c" and "no answer after 3 attempts" in quarantine[-1]["reason"]
+
+
+def test_insufficient_quota_stops_at_once(make_llm, server):
+    items = [("q", ask("[quota]"))] + [(f"d{i}", ask(f"doc {i}")) for i in range(20)]
+    with pytest.raises(QuotaExceeded, match="insufficient quota"):
+        make_llm(concurrency=1).map(items, grade)
+    assert server.count("429") == 1  # never retried
+    assert server.count() < len(items)  # and the rest was not sent
+
+
+def test_authentication_errors_stop_at_once(make_llm, server):
+    with pytest.raises(AuthError):
+        make_llm().map([("a", ask("[auth]"))], grade)
+    assert server.count() == 1
+
+
+def test_empty_and_malformed_answers_are_quarantined_with_the_reason(make_llm, server):
+    llm = make_llm()
+    out = llm.map([("ok", ask("fine")), ("e", ask("[empty]")), ("m", ask("[malformed]"))], grade)
+    assert out == {"ok": 7}
+    rows = {r["id"]: r for r in map(json.loads, open(llm.quarantine_path))}
+    assert set(rows) == {"e", "m"} and rows["m"]["answer"] == "I cannot grade this."
+    assert all("unparseable" in r["reason"] for r in rows.values())
+
+
+def test_budget_stops_before_it_is_exceeded(make_llm, server):
+    # Each request is reserved at its worst case (prompt + max_tokens=100) × $10/$30 per M tokens ≈ $0.0031.
+    llm = make_llm(budget_usd=0.01, params={"temperature": 0.0, "max_tokens": 100}, concurrency=1)
+    items = [(f"d{i}", ask(f"document number {i}")) for i in range(20)]
+    with pytest.raises(BudgetExceeded):
+        llm.map(items, grade)
+    assert llm.stats.dollars <= 0.01
+    assert 0 < server.count() < 20
+    tokens = make_llm(budget_tokens=300, params={"temperature": 0.0, "max_tokens": 100}, concurrency=1,
+                      cache_path=llm.cache_path + ".2")
+    with pytest.raises(BudgetExceeded, match="token budget"):
+        tokens.map(items, grade)
+    assert tokens.stats.prompt_tokens + tokens.stats.completion_tokens <= 300
+
+
+def test_a_killed_run_resumed_sends_only_the_missing_requests(make_llm, server, tmp_path):
+    items = [(f"d{i}", ask(f"document {i} [slow]")) for i in range(20)]
+    script = (
+        "import re, sys\n"
+        "from phi1.llm import LLM\n"
+        f"llm = LLM(model='gpt-test', base_url='{server.base_url}', concurrency=2, cache_path='{tmp_path}/cache.sqlite',"
+        f" quarantine_path='{tmp_path}/q.jsonl')\n"
+        f"llm.map({items!r}, lambda t: t)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while server.count() < 8 and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    sent_before = server.count()
+    cached = sqlite3.connect(tmp_path / "cache.sqlite").execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+    assert 0 < cached < 20
+    resumed = make_llm(concurrency=2, params={"temperature": 0.0, "max_tokens": 512})
+    assert len(resumed.map(items, grade)) == 20
+    assert server.count() - sent_before == 20 - cached  # only what the killed run never got back
+    assert resumed.stats.cached == cached
+
+
+def test_dry_run_prices_without_sending(make_llm, server):
+    llm = make_llm(params={"temperature": 0.0, "max_tokens": 100})
+    est = llm.estimate([ask("x" * 400)] * 10, output_tokens=50)
+    assert est["prompt_tokens"] == 10 * 101 and est["completion_tokens"] == 500
+    assert est["dollars"] == pytest.approx((1010 * 10 + 500 * 30) / 1e6, abs=1e-4)
+    assert server.count() == 0
+
+
+def test_no_api_key_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    llm = LLM(model="gpt-4", cache_path=str(tmp_path / "c.sqlite"), quarantine_path=str(tmp_path / "q.jsonl"))
+    with pytest.raises(AuthError, match="OPENAI_API_KEY"):
+        llm.map([("a", ask("x"))], grade)
