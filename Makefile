@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install demo test clean
+.PHONY: install demo test filter clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/python train.py
+
+# The quality filter (paper §2.1) on the standard library, offline: heuristic labels, MiniLM embeddings,
+# random forest, filtered documents in data/filtered/ (~2 minutes on 2 cores).
+filter: install
+	$(BIN)/python prepare.py stage=annotate
+	$(BIN)/python prepare.py stage=embed
+	$(BIN)/python prepare.py stage=classify
+	$(BIN)/python prepare.py stage=filter
 
 test: install
 	$(BIN)/python -m pytest -q

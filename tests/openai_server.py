@@ -32,6 +32,7 @@ class FakeOpenAI:
         self.reply = reply
         self.requests: list[dict] = []
         self.attempts: Counter[str] = Counter()
+        self.in_flight = self.max_in_flight = 0
         self._lock = threading.Lock()
         server = self
 
@@ -41,9 +42,14 @@ class FakeOpenAI:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server._lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 status, headers, payload, delay = server._respond(body)
                 if delay:
                     time.sleep(delay)
+                with server._lock:
+                    server.in_flight -= 1
                 data = json.dumps(payload).encode()
                 try:
                     self.send_response(status)

@@ -54,6 +54,11 @@ def test_answers_are_parsed_and_cached_across_runs(make_llm, server):
     assert server.count() == 12  # other sampling parameters: another cache key
 
 
+def test_requests_in_flight_are_bounded(make_llm, server):
+    make_llm(concurrency=3).map([(f"d{i}", ask(f"doc {i} [slow]")) for i in range(12)], grade)
+    assert server.max_in_flight == 3  # as many as allowed, never more
+
+
 def test_prompt_version_is_part_of_the_cache_key(make_llm, server):
     llm = make_llm()
     llm.map([("a", ask("x"))], grade, prompt_version="v1")

@@ -278,6 +278,44 @@ class AnnotateConfig:
 
 
 @dataclass
+class EmbedConfig:
+    name: str = "embed"
+    source: SourceConfig = field(default_factory=SourceConfig)
+    # A hub id, a folder, or pkg:<package>/<path>. The paper's: codegen-350M-mono.
+    model: str = "Salesforce/codegen-350M-mono"
+    batch_size: int = 16
+    # Tokens of each document the model reads (the rest is cut).
+    max_tokens: int = 512
+    output: str = MISSING
+
+
+@dataclass
+class ClassifyConfig:
+    name: str = "classify"
+    annotations: str = MISSING
+    embeddings: str = MISSING
+    test_fraction: float = 0.2
+    n_estimators: int = 300
+    min_samples_leaf: int = 1
+    seed: int = 0
+    output: str = MISSING
+
+
+@dataclass
+class FilterConfig:
+    name: str = "filter"
+    source: SourceConfig = field(default_factory=SourceConfig)
+    embeddings: str = MISSING
+    classifier: str = MISSING
+    # Keep documents scoring at least `threshold`, or else the top `top_fraction` of the corpus.
+    threshold: Optional[float] = 0.5
+    top_fraction: Optional[float] = None
+    shard: int = 0
+    num_shards: int = 1
+    output: str = MISSING
+
+
+@dataclass
 class PrepareConfig:
     stage: Any = MISSING
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -291,6 +329,9 @@ def register_configs() -> None:
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(group="stage", name="annotate_schema", node=AnnotateConfig)
+    cs.store(group="stage", name="embed_schema", node=EmbedConfig)
+    cs.store(group="stage", name="classify_schema", node=ClassifyConfig)
+    cs.store(group="stage", name="filter_schema", node=FilterConfig)
 
 
 class ConfigError(ValueError):

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
+
 from omegaconf import DictConfig
+
+STAGES = {
+    "annotate": "phi1.quality.annotate",
+    "embed": "phi1.quality.embed",
+    "classify": "phi1.quality.classify",
+    "filter": "phi1.quality.filter",
+}
 
 
 def run(cfg: DictConfig):
     name = cfg.stage.name
-    if name == "annotate":
-        from phi1.quality.annotate import run as stage
-    else:
-        raise ValueError(f"stage={name}: unknown stage (known: annotate)")
-    return stage(cfg)
+    if name not in STAGES:
+        raise ValueError(f"stage={name}: unknown stage (known: {', '.join(STAGES)})")
+    return importlib.import_module(STAGES[name]).run(cfg)

