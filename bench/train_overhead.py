@@ -27,7 +27,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from phi1.config import plan as make_plan, register_configs  # noqa: E402
+from phi1.config import plan as make_plan  # noqa: E402
+from phi1.config import register_configs
 from phi1.data.datamodule import PackedData, StepSampler  # noqa: E402
 from phi1.module import LanguageModel, lr_lambda  # noqa: E402
 from phi1.train import train  # noqa: E402

@@ -158,7 +158,7 @@ def test_generation_end_to_end_greedy_and_sampled(tmp_path, tiny_model_dir):
     assert greedy["eval/humaneval/pass@1"] == 0.0
     # An untrained 512-token model: its solution NLL is near ln(512) = 6.2 nats per token.
     assert 4.0 < greedy["eval/humaneval/solution_nll"] < 9.0
-    again = evaluate(eval_cfg(tmp_path / "g2", f"ckpt={tiny_model_dir}", "benchmarks.humaneval.limit=4",
+    evaluate(eval_cfg(tmp_path / "g2", f"ckpt={tiny_model_dir}", "benchmarks.humaneval.limit=4",
                               "generation.max_new_tokens=24", "solution_nll=false"))
     assert [json.loads(line)["completion"] for line in (tmp_path / "g2" / "humaneval" / "samples.jsonl").open()] == \
         [r["completion"] for r in rows]  # greedy is deterministic, whatever the batch size
