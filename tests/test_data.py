@@ -143,3 +143,25 @@ def test_stdlib_functions_are_documented_functions():
     for _, text in docs:
         (node,) = ast.parse(text).body
         assert isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node)
+
+
+def test_stdlib_exercises_are_docstring_completion_problems(tmp_path):
+    import ast
+
+    from conftest import CONF
+    from hydra import compose, initialize_config_dir
+
+    from phi1.stages import run
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("prepare", overrides=["stage=stdlib_exercises", f"paths.data_dir={tmp_path}",
+                                            f"paths.run_dir={tmp_path}/run"])
+    summary = run(cfg)
+    rows = [json.loads(line) for line in open(summary["output"])]
+    assert len(rows) == summary["exercises"] > 1500  # 1,902 from CPython 3.11.7's standard library
+    assert len({r["task_id"] for r in rows}) == len(rows)
+    for r in rows:
+        (node,) = ast.parse(r["prompt"] + r["canonical_solution"]).body  # prompt + solution: one function
+        assert node.name == r["entry_point"] and ast.get_docstring(node)
+        stub = ast.parse(r["prompt"] + "    ...\n").body[0]  # the prompt is the signature and docstring only
+        assert len(stub.body) == 2 and r["text"] == r["prompt"] + r["canonical_solution"]

@@ -316,6 +316,12 @@ class FilterConfig:
 
 
 @dataclass
+class StdlibExercisesConfig:
+    name: str = "stdlib_exercises"
+    output: str = MISSING
+
+
+@dataclass
 class PrepareConfig:
     stage: Any = MISSING
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -332,6 +338,7 @@ def register_configs() -> None:
     cs.store(group="stage", name="embed_schema", node=EmbedConfig)
     cs.store(group="stage", name="classify_schema", node=ClassifyConfig)
     cs.store(group="stage", name="filter_schema", node=FilterConfig)
+    cs.store(group="stage", name="stdlib_exercises_schema", node=StdlibExercisesConfig)
 
 
 class ConfigError(ValueError):

@@ -11,6 +11,7 @@ STAGES = {
     "embed": "phi1.quality.embed",
     "classify": "phi1.quality.classify",
     "filter": "phi1.quality.filter",
+    "stdlib_exercises": "phi1.synthetic.stdlib_exercises",
 }
 
 

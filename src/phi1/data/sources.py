@@ -1,8 +1,8 @@
 """Documents from the configured sources, as (id, text) pairs in a fixed order.
 
 Kinds: `stdlib` (the running interpreter's standard library: the embedded stand-in for The Stack, DESIGN §4),
-`stdlib_functions` (its top-level functions that have a docstring: signature + docstring + body, a
-CodeExercises-like set), `dir` (a folder of .py files), `jsonl` (files of {"id", "text", ...} rows, gz
+`stdlib_functions` (its top-level functions that have a docstring and a body: signature + docstring +
+body, a CodeExercises-like set; `exercises` splits them into prompt and solution), `dir` (a folder of .py files), `jsonl` (files of {"id", "text", ...} rows, gz
 allowed) and `hf` (a Hugging Face dataset, streamed, or a folder written by `datasets.save_to_disk`).
 """
 
@@ -59,16 +59,26 @@ def _read_text(path: Path, on_error: str, skipped: list[str]) -> str | None:
         raise SourceError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start}); set on_error=skip to skip") from e
 
 
-def _functions(path: Path, text: str) -> Iterator[tuple[str, str]]:
+def exercises(text: str) -> Iterator[tuple[str, str, str]]:
+    """(name, prompt, solution) for each top-level function of a module that has a docstring and a body:
+    prompt = decorators, signature and docstring; solution = the rest of the body (CodeExercises' shape,
+    paper §2.2). Modules that do not parse yield nothing."""
     try:
         tree = ast.parse(text)
-    except SyntaxError:
+    except (SyntaxError, ValueError):
         return
+    lines = text.splitlines(keepends=True)
     for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node):
-            code = ast.get_source_segment(text, node)
-            if code:
-                yield node.name, code + "\n"
+        if not (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node)):
+            continue
+        if len(node.body) < 2:  # a docstring and nothing else: no solution to learn
+            continue
+        first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        docstring_end = node.body[0].end_lineno
+        prompt = "".join(lines[first - 1 : docstring_end])
+        solution = "".join(lines[docstring_end : node.end_lineno])
+        if node.col_offset == 0 and prompt.strip() and solution.strip():
+            yield node.name, prompt, solution if solution.endswith("\n") else solution + "\n"
 
 
 def documents(source, skipped: list[str] | None = None) -> Iterator[tuple[str, str]]:
@@ -95,8 +105,8 @@ def _documents(source, on_error: str, skipped: list[str]) -> Iterator[tuple[str,
                 continue
             rel = path.relative_to(root).as_posix()
             if kind == "stdlib_functions":
-                for name, code in _functions(path, text):
-                    yield f"{source.name}:{rel}:{name}", code
+                for name, prompt, solution in exercises(text):
+                    yield f"{source.name}:{rel}:{name}", prompt + solution
             elif text.strip():
                 yield f"{source.name}:{rel}", text
     elif kind == "jsonl":
