@@ -69,6 +69,7 @@ def test_hf_export_gives_the_checkpoints_logits(pretrained, tmp_path):
         for folder in (run / "hf", _export(run, tmp_path)):
             hf = AutoModelForCausalLM.from_pretrained(folder).eval()
             assert torch.equal(hf(input_ids=ids).logits, expected)
+            assert hf.generation_config.eos_token_id == tokenizer.eos_token_id  # generation stops at <|endoftext|>
 
 
 def _export(run: Path, tmp_path: Path) -> Path:

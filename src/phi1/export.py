@@ -15,12 +15,17 @@ log = logging.getLogger(__name__)
 
 def export_hf(module, tokenizer_dir: Path, out: Path) -> Path:
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    module.model.save_pretrained(tmp)
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(tmp)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    # The model is built before the tokenizer exists; its EOS is known now, and generation should stop there.
+    model = module.model
+    for config in (model.config, model.generation_config):
+        config.eos_token_id = config.bos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     log.info("HF export: %s", out)
