@@ -176,6 +176,14 @@ def evaluate(cfg: DictConfig) -> dict:
     return metrics
 
 
+SAMPLE_COLUMNS = ["task_id", "completion", "passed", "result"]
+
+
+def samples_table(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """(columns, data) of a W&B table of scored samples."""
+    return SAMPLE_COLUMNS, [[r[c] for c in SAMPLE_COLUMNS] for r in rows]
+
+
 def _log_wandb(cfg: DictConfig, metrics: dict, tables: dict) -> None:
     from phi1.monitoring import wandb_mode
 
@@ -188,6 +196,5 @@ def _log_wandb(cfg: DictConfig, metrics: dict, tables: dict) -> None:
                     dir=cfg.paths.run_dir, config={"ckpt": cfg.ckpt, "samples": cfg.samples}) as run:
         run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         for name, rows in tables.items():
-            columns = ["task_id", "completion", "passed", "result"]
-            run.log({f"eval/{name}/samples_table": wandb.Table(columns=columns,
-                                                               data=[[r[c] for c in columns] for r in rows])})
+            columns, data = samples_table(rows)
+            run.log({f"eval/{name}/samples_table": wandb.Table(columns=columns, data=data)})

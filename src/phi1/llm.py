@@ -100,6 +100,15 @@ class LLM:
         self._reserved_tokens = 0
         self._reserved_dollars = 0.0
 
+    @classmethod
+    def from_config(cls, c, cache_path, quarantine_path) -> LLM:
+        """From an `llm` config group entry (conf/llm/*.yaml); every stage that calls a model builds it here."""
+        return cls(model=c.model, base_url=c.base_url, api_key_env=c.api_key_env, concurrency=c.concurrency,
+                   max_retries=c.max_retries, timeout=c.timeout,
+                   params={"temperature": c.temperature, "max_tokens": c.max_tokens},
+                   price_input=c.price_input, price_output=c.price_output, budget_usd=c.budget_usd,
+                   budget_tokens=c.budget_tokens, cache_path=str(cache_path), quarantine_path=str(quarantine_path))
+
     # -- pricing and budget ------------------------------------------------------------------------------
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:

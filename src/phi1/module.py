@@ -45,12 +45,13 @@ def lr_lambda(warmup: int, max_steps: int, final_ratio: float):
 
 
 class LanguageModel(L.LightningModule):
-    def __init__(self, cfg: dict, max_steps: int, accumulate: int, eos_token_id: int | None = None):
+    def __init__(self, cfg: dict, max_steps: int, accumulate: int):
         super().__init__()
         self.save_hyperparameters()
         self.cfg = OmegaConf.create(cfg)
         self.max_steps, self.accumulate = max_steps, accumulate
-        self.model = phi_model.build(self.cfg.model, model_vocab(self.cfg), eos_token_id)
+        # EOS is set when exporting (phi1.export): the tokenizer does not exist yet when the model is built.
+        self.model = phi_model.build(self.cfg.model, model_vocab(self.cfg))
         self.params = phi_model.count_params(self.model)
         seq_len = self.cfg.data.seq_len
         self.flops_per_token = phi_model.flops_per_token(

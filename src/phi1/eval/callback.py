@@ -58,7 +58,7 @@ class Evaluation(Callback):
         self._last_step = step
         metrics = None
         if trainer.is_global_zero:
-            from phi1.evaluate import evaluate_model
+            from phi1.evaluate import evaluate_model, samples_table
 
             model = pl_module.model
             training = model.training
@@ -73,9 +73,8 @@ class Evaluation(Callback):
                 logger.log_metrics(metrics, step=step)
                 if isinstance(logger, WandbLogger):
                     for name, rows in tables.items():
-                        columns = ["task_id", "completion", "passed", "result"]
-                        logger.log_table(f"eval/{name}/samples_table", columns=columns,
-                                         data=[[r[c] for c in columns] for r in rows], step=step)
+                        columns, data = samples_table(rows)
+                        logger.log_table(f"eval/{name}/samples_table", columns=columns, data=data, step=step)
             self.history.append({"step": step, **metrics})
             (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "eval" / "history.json").write_text(json.dumps(self.history, indent=2) + "\n")

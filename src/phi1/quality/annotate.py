@@ -33,16 +33,6 @@ def sample(source, n: int, seed: int) -> list[tuple[str, str]]:
     return [(doc_id, text) for _, doc_id, text in sorted(reservoir)]
 
 
-def make_llm(cfg: DictConfig, work_dir: Path) -> LLM:
-    c = cfg.llm
-    return LLM(model=c.model, base_url=c.base_url, api_key_env=c.api_key_env, concurrency=c.concurrency,
-               max_retries=c.max_retries, timeout=c.timeout,
-               params={"temperature": c.temperature, "max_tokens": c.max_tokens},
-               price_input=c.price_input, price_output=c.price_output, budget_usd=c.budget_usd,
-               budget_tokens=c.budget_tokens, cache_path=str(Path(cfg.paths.data_dir) / "llm_cache.sqlite"),
-               quarantine_path=str(work_dir / "quarantine.jsonl"))
-
-
 def run(cfg: DictConfig) -> dict:
     stage = cfg.stage
     out = Path(stage.output)
@@ -59,7 +49,8 @@ def run(cfg: DictConfig) -> dict:
         judge = HeuristicJudge()
         llm = None
     else:
-        llm = make_llm(cfg, out.parent)
+        llm = LLM.from_config(cfg.llm, cache_path=Path(cfg.paths.data_dir) / "llm_cache.sqlite",
+                              quarantine_path=out.parent / "quarantine.jsonl")
         judge = LLMJudge(llm, stage.prompt_version, stage.max_chars)
         estimate = llm.estimate([judge.messages(t) for _, t in todo], stage.expected_output_tokens,
                                 stage.prompt_version)
