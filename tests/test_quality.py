@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import CONF
+from phi1.config import SourceConfig
 from phi1.data.sources import documents
 from phi1.quality.embed import embed_texts, load_encoder
 from phi1.stages import run
@@ -98,15 +99,14 @@ def test_filter_keeps_the_educational_documents_and_shards_partition_them(tmp_pa
     kept = {json.loads(line)["id"] for line in open(whole["output"])}
     high = {f"docs:doc{i}" for i in np.flatnonzero(labels)}
     assert len(kept & high) / len(high) > 0.9 and len(kept - high) / max(len(kept), 1) < 0.1
-    shards = [run(cfg(tmp_path, *common, f"stage.output={tmp_path}/sharded", f"stage.shard={i}", "stage.num_shards=3"))
+    shards = [run(cfg(tmp_path, *common, f"stage.output={tmp_path}/sharded", f"shard={i}", "num_shards=3"))
               for i in range(3)]
     parts = [{json.loads(line)["id"] for line in open(s["output"])} for s in shards]
     assert set().union(*parts) == kept and sum(map(len, parts)) == len(kept)
     top = run(cfg(tmp_path, *common, f"stage.output={tmp_path}/top", "stage.threshold=null", "stage.top_fraction=0.25"))
     assert top["kept_share"] == pytest.approx(0.25, abs=0.02)
     # The output is a source the data configs read.
-    source = OmegaConf.create({"name": "filtered", "kind": "jsonl", "path": f"{tmp_path}/one/*.jsonl", "limit": None,
-                               "on_error": "stop", "text_field": "text"})
+    source = OmegaConf.structured(SourceConfig(name="filtered", kind="jsonl", path=f"{tmp_path}/one/*.jsonl"))
     assert {i.split(":", 1)[1] for i, _ in documents(source)} == kept
 
 

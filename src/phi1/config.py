@@ -41,15 +41,24 @@ class ModelConfig:
 @dataclass
 class SourceConfig:
     name: str = MISSING
-    # stdlib | stdlib_functions | dir | jsonl | hf
+    # stdlib | stdlib_functions | dir | jsonl | parquet | hf
     kind: str = MISSING
-    # dir: a folder; jsonl: a file or glob; hf: a hub dataset id or a `datasets.save_to_disk` folder.
+    # dir: a folder; jsonl, parquet: a file or glob; hf: a hub dataset id or a `datasets.save_to_disk` folder.
     path: Optional[str] = None
     # Share of tokens in the mix, relative to the other sources' weights.
     weight: float = 1.0
     # Field that holds the document's text (jsonl, hf), or a format string over the row's fields
     # (e.g. "{problem}{solution}") when the text is split across several.
     text_field: str = "text"
+    # Field that names a row (its id; stable ids keep the validation split stable). Rows without it get
+    # file:line (jsonl, parquet) or their row number (hf).
+    id_field: str = "id"
+    # Keep a row only if row[field] is one of the values (for a list field: shares one), for each field:
+    # e.g. {lang: [Python], max_stars_repo_licenses: [mit, apache-2.0]} on The Stack.
+    where: dict[str, list[str]] = field(default_factory=dict)
+    # Length bounds on the text, in characters.
+    min_chars: Optional[int] = None
+    max_chars: Optional[int] = None
     # hf only: dataset config name, data_dir and split.
     subset: Optional[str] = None
     data_dir: Optional[str] = None
@@ -72,12 +81,25 @@ class TokenizerConfig:
 
 
 @dataclass
+class DedupConfig:
+    # Drop a document whose text is byte-identical to one seen before (in any source, any split).
+    exact: bool = True
+    # Drop a document whose estimated Jaccard similarity to one kept before is at least `threshold`, over
+    # sets of `ngram`-token shingles (MinHash LSH with `num_perm` permutations, datasketch).
+    near: bool = False
+    threshold: float = 0.8
+    num_perm: int = 128
+    ngram: int = 5
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
     seq_len: int = MISSING
     # Documents held out for validation, chosen by a hash of their id (stable across runs and machines).
     val_fraction: float = 0.01
     sources: list[SourceConfig] = field(default_factory=list)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
 
 
 @dataclass
@@ -310,8 +332,6 @@ class FilterConfig:
     # Keep documents scoring at least `threshold`, or else the top `top_fraction` of the corpus.
     threshold: Optional[float] = 0.5
     top_fraction: Optional[float] = None
-    shard: int = 0
-    num_shards: int = 1
     output: str = MISSING
 
 
@@ -322,10 +342,24 @@ class StdlibExercisesConfig:
 
 
 @dataclass
+class PackConfig:
+    name: str = "pack"
+    # Delete the per-shard files once the merged pack is written (they hold as many tokens again).
+    keep_shards: bool = False
+
+
+@dataclass
 class PrepareConfig:
     stage: Any = MISSING
     llm: LLMConfig = field(default_factory=LLMConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    # What stage=pack packs, and with which tokenizer (the same groups as train.py's).
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # Sharded stages (pack, filter): this process does shard `shard` of `num_shards`, or every shard when
+    # null (pack: finished shards are skipped, then all are merged).
+    shard: Optional[int] = None
+    num_shards: int = 1
     run_name: str = MISSING
 
 
@@ -339,6 +373,7 @@ def register_configs() -> None:
     cs.store(group="stage", name="classify_schema", node=ClassifyConfig)
     cs.store(group="stage", name="filter_schema", node=FilterConfig)
     cs.store(group="stage", name="stdlib_exercises_schema", node=StdlibExercisesConfig)
+    cs.store(group="stage", name="pack_schema", node=PackConfig)
 
 
 class ConfigError(ValueError):
@@ -415,7 +450,6 @@ def validate(cfg: DictConfig) -> Plan:
         ("data.seq_len", 0 < cfg.data.seq_len <= cfg.model.max_seq_len,
          f"must be in (0, model.max_seq_len={cfg.model.max_seq_len}]"),
         ("data.val_fraction", 0.0 < cfg.data.val_fraction < 1.0, "must be in (0, 1)"),
-        ("data.sources", len(cfg.data.sources) > 0, "must name at least one source"),
         ("optim.lr", math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0, "must be a finite number > 0"),
         ("optim.weight_decay", cfg.optim.weight_decay >= 0, "must be >= 0"),
         ("optim.warmup_steps", cfg.optim.warmup_steps >= 0, "must be >= 0"),
@@ -437,6 +471,27 @@ def validate(cfg: DictConfig) -> Plan:
          "set exactly one of budget.tokens and budget.max_steps"),
         ("budget.tokens", cfg.budget.tokens is None or cfg.budget.tokens > 0, "must be > 0"),
         ("budget.max_steps", cfg.budget.max_steps is None or cfg.budget.max_steps > 0, "must be > 0"),
+    ] + data_checks(cfg)
+    for key, ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+    if cfg.phase == "finetune" and not cfg.init_from:
+        raise ConfigError("init_from: finetuning needs the base weights (a checkpoint or an HF export dir)")
+    return plan(cfg)
+
+
+SOURCE_KINDS = ("stdlib", "stdlib_functions", "dir", "jsonl", "parquet", "hf")
+
+
+def data_checks(cfg: DictConfig) -> list[tuple[str, bool, str]]:
+    """(key, ok, message) for the tokenizer and data blocks: shared by train.py and prepare.py stage=pack."""
+    dedup = cfg.data.dedup
+    checks = [
+        ("data.sources", len(cfg.data.sources) > 0, "must name at least one source"),
+        ("data.val_fraction", 0 <= cfg.data.val_fraction < 1, "must be in [0, 1)"),
+        ("data.dedup.threshold", 0 < dedup.threshold <= 1, "must be in (0, 1]"),
+        ("data.dedup.num_perm", dedup.num_perm >= 16, "must be >= 16"),
+        ("data.dedup.ngram", dedup.ngram >= 1, "must be >= 1"),
         ("tokenizer.kind", cfg.tokenizer.kind in ("local", "hub"), "must be 'local' or 'hub'"),
         ("tokenizer.hub_id", cfg.tokenizer.kind != "hub" or bool(cfg.tokenizer.hub_id), "is required for kind=hub"),
         ("tokenizer.vocab_size", cfg.tokenizer.kind != "local" or (cfg.tokenizer.vocab_size or 0) >= 256,
@@ -453,13 +508,13 @@ def validate(cfg: DictConfig) -> Plan:
              f"is required for kind={source.kind}"),
             (f"{key}.limit", source.limit is None or source.limit > 0, "must be > 0"),
             (f"{key}.on_error", source.on_error in ("stop", "skip"), "must be 'stop' or 'skip'"),
+            (f"{key}.max_chars", source.max_chars is None or source.max_chars >= (source.min_chars or 0),
+             "must be >= min_chars"),
         ]
+    return checks
+
+
+def check(checks: list[tuple[str, bool, str]]) -> None:
     for key, ok, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message}")
-    if cfg.phase == "finetune" and not cfg.init_from:
-        raise ConfigError("init_from: finetuning needs the base weights (a checkpoint or an HF export dir)")
-    return plan(cfg)
-
-
-SOURCE_KINDS = ("stdlib", "stdlib_functions", "dir", "jsonl", "hf")

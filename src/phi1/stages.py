@@ -7,6 +7,7 @@ import importlib
 from omegaconf import DictConfig
 
 STAGES = {
+    "pack": "phi1.data.pack",
     "annotate": "phi1.quality.annotate",
     "embed": "phi1.quality.embed",
     "classify": "phi1.quality.classify",

@@ -2,8 +2,16 @@
 
 Kinds: `stdlib` (the running interpreter's standard library: the embedded stand-in for The Stack, DESIGN §4),
 `stdlib_functions` (its top-level functions that have a docstring and a body: signature + docstring +
-body, a CodeExercises-like set; `exercises` splits them into prompt and solution), `dir` (a folder of .py files), `jsonl` (files of {"id", "text", ...} rows, gz
-allowed) and `hf` (a Hugging Face dataset, streamed, or a folder written by `datasets.save_to_disk`).
+body, a CodeExercises-like set; `exercises` splits them into prompt and solution), `dir` (a folder of .py
+files), `jsonl` (files of {"id", "text", ...} rows, gz allowed), `parquet` (local Parquet files) and `hf` (a
+Hugging Face dataset, streamed, or a folder written by `datasets.save_to_disk`).
+
+Rows can be filtered before they count: `where` keeps rows whose field holds one of the listed values (or, for
+a list field such as The Stack's licences, shares one), `min_chars`/`max_chars` bound the text's length.
+
+Sharding (`shard`, `num_shards`): a source is a sequence of units (files; a saved dataset's rows; a streamed
+dataset's files) and shard k of n takes the k-th contiguous slice of them, so concatenating shards 0..n-1
+gives back the unsharded order. A streamed dataset with fewer files than shards falls back to row k, k+n, ...
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ import json
 import logging
 import sys
 import sysconfig
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -81,47 +90,82 @@ def exercises(text: str) -> Iterator[tuple[str, str, str]]:
             yield node.name, prompt, solution if solution.endswith("\n") else solution + "\n"
 
 
-def documents(source, skipped: list[str] | None = None) -> Iterator[tuple[str, str]]:
-    """Yield (id, text) for a SourceConfig. Undecodable inputs are appended to `skipped` or raise."""
+def documents(
+    source, skipped: list[str] | None = None, shard: int = 0, num_shards: int = 1, filtered: Counter | None = None
+) -> Iterator[tuple[str, str]]:
+    """Yield (id, text) for a SourceConfig (shard k of n of it). Undecodable or malformed inputs are appended
+    to `skipped` (on_error=skip) or raise; rows the filters drop are counted by reason in `filtered`."""
     skipped = [] if skipped is None else skipped
-    on_error = source.on_error
+    filtered = Counter() if filtered is None else filtered
     count = 0
-    for doc_id, text in _documents(source, on_error, skipped):
+    for doc_id, text, row in _documents(source, source.on_error, skipped, shard, num_shards):
         if source.limit is not None and count >= source.limit:
             break
+        reason = _filtered_out(source, text, row)
+        if reason:
+            filtered[reason] += 1
+            continue
         count += 1
         yield doc_id, text
-    if count == 0:
-        raise SourceError(f"source {source.name!r} ({source.kind} {source.path or ''}) yielded no documents")
+    if count == 0 and num_shards == 1:
+        raise SourceError(
+            f"source {source.name!r} ({source.kind} {source.path or ''}) yielded no documents"
+            + (f" ({dict(filtered)} filtered out)" if filtered else "")
+        )
 
 
-def _documents(source, on_error: str, skipped: list[str]) -> Iterator[tuple[str, str]]:
+def _filtered_out(source, text: str, row: dict | None) -> str | None:
+    if source.min_chars is not None and len(text) < source.min_chars:
+        return "min_chars"
+    if source.max_chars is not None and len(text) > source.max_chars:
+        return "max_chars"
+    for key, allowed in (source.where or {}).items():
+        if row is None:
+            raise SourceError(f"source {source.name!r}: `where` needs rows with fields; {source.kind} has none")
+        value = row.get(key)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not set(map(str, values)) & set(map(str, allowed)):
+            return f"where.{key}"
+    return None
+
+
+def _slice(units: Sequence, shard: int, num_shards: int) -> Sequence:
+    """Shard k of n: the k-th contiguous slice, so shards 0..n-1 concatenated give back the whole."""
+    return units[shard * len(units) // num_shards : (shard + 1) * len(units) // num_shards]
+
+
+def _documents(source, on_error: str, skipped: list[str], shard: int, num_shards: int):
     kind = source.kind
     if kind in ("stdlib", "stdlib_functions", "dir"):
         root = stdlib_dir() if kind.startswith("stdlib") else Path(source.path).expanduser()
-        for path in _py_files(root, skip_tests=kind == "stdlib_functions"):
+        for path in _slice(_py_files(root, skip_tests=kind == "stdlib_functions"), shard, num_shards):
             text = _read_text(path, on_error, skipped)
             if text is None:
                 continue
             rel = path.relative_to(root).as_posix()
             if kind == "stdlib_functions":
                 for name, prompt, solution in exercises(text):
-                    yield f"{source.name}:{rel}:{name}", prompt + solution
+                    yield f"{source.name}:{rel}:{name}", prompt + solution, None
             elif text.strip():
-                yield f"{source.name}:{rel}", text
-    elif kind == "jsonl":
+                yield f"{source.name}:{rel}", text, None
+    elif kind in ("jsonl", "parquet"):
         files = sorted(glob.glob(str(Path(source.path).expanduser())))
         if not files:
             raise SourceError(f"source {source.name!r}: no file matches {source.path}")
-        for file in files:
-            yield from _jsonl(Path(file), source, on_error, skipped)
+        read = _jsonl if kind == "jsonl" else _parquet
+        for file in _slice(files, shard, num_shards):
+            yield from read(Path(file), source, on_error, skipped)
     elif kind == "hf":
-        for i, row in enumerate(_hf_rows(source)):
+        for i, row in _hf_rows(source, shard, num_shards):
             try:
                 text = _text(row, source.text_field)
-            except (KeyError, TypeError) as e:
-                raise SourceError(f"{source.path} row {i}: {e} (the row has {sorted(row)})") from e
-            yield f"{source.name}:{row.get('id', i)}", text
+            except (KeyError, TypeError, IndexError) as e:
+                reason = f"{source.path} row {i}: {type(e).__name__}: {e} (the row has {sorted(row)})"
+                if on_error == "skip":
+                    skipped.append(reason)
+                    continue
+                raise SourceError(reason + "; set on_error=skip to skip such rows") from e
+            yield f"{source.name}:{row.get(source.id_field, i)}", text, row
     else:
         raise SourceError(f"source {source.name!r}: unknown kind {kind!r}")
 
@@ -141,7 +185,31 @@ def _jsonl(path: Path, source, on_error: str, skipped: list[str]) -> Iterator[tu
                     skipped.append(reason)
                     continue
                 raise SourceError(reason + "; set on_error=skip to skip such lines") from e
-            yield f"{source.name}:{row.get('id', f'{path.name}:{line_no}')}", text
+            yield f"{source.name}:{row.get(source.id_field, f'{path.name}:{line_no}')}", text, row
+
+
+def _parquet(path: Path, source, on_error: str, skipped: list[str]) -> Iterator[tuple[str, str, dict]]:
+    import pyarrow.parquet as pq
+
+    import pyarrow as pa
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+    except (OSError, pa.ArrowException) as e:  # not a Parquet file, truncated, ...
+        raise SourceError(f"{path}: cannot read as Parquet ({e})") from e
+    row_no = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            row_no += 1
+            try:
+                text = _text(row, source.text_field)
+            except (KeyError, TypeError, IndexError) as e:
+                reason = f"{path} row {row_no}: {type(e).__name__}: {e}"
+                if on_error == "skip":
+                    skipped.append(reason)
+                    continue
+                raise SourceError(reason + "; set on_error=skip to skip such rows") from e
+            yield f"{source.name}:{row.get(source.id_field, f'{path.name}:{row_no}')}", text, row
 
 
 def _text(row: dict, text_field: str) -> str:
@@ -154,15 +222,18 @@ def _text(row: dict, text_field: str) -> str:
     return text
 
 
-def _hf_rows(source):
+def _hf_rows(source, shard: int, num_shards: int) -> Iterator[tuple[int, dict]]:
     import datasets
 
     path = Path(source.path).expanduser()
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         ds = datasets.load_from_disk(str(path))
-        return ds[source.split] if isinstance(ds, datasets.DatasetDict) else ds
+        ds = ds[source.split] if isinstance(ds, datasets.DatasetDict) else ds
+        first = shard * len(ds) // num_shards
+        yield from enumerate(ds.shard(num_shards, shard, contiguous=True), first)
+        return
     try:
-        return datasets.load_dataset(
+        ds = datasets.load_dataset(
             source.path, name=source.subset, data_dir=source.data_dir, split=source.split, streaming=True
         )
     except Exception as e:  # the hub raises a dozen different types for "not reachable / not found"
@@ -170,6 +241,14 @@ def _hf_rows(source):
             f"source {source.name!r}: cannot load hub dataset {source.path!r} ({type(e).__name__}: {e}). "
             "Offline? Use a local source (data=stdlib) or a folder saved with datasets.save_to_disk."
         ) from e
+    if num_shards == 1:
+        yield from enumerate(ds)
+    elif ds.num_shards >= num_shards:  # whole files per shard: each shard reads only its own
+        yield from ((f"{shard}-{i}", row) for i, row in enumerate(ds.shard(num_shards, shard, contiguous=True)))
+    else:
+        log.warning("source %s has %d file(s) for %d shards: each shard reads every row and keeps 1 in %d",
+                    source.name, ds.num_shards, num_shards, num_shards)
+        yield from ((i, row) for i, row in enumerate(ds) if i % num_shards == shard)
 
 
 def fingerprint(source) -> str:
@@ -182,7 +261,7 @@ def fingerprint(source) -> str:
         for path in _py_files(root, skip_tests=source.kind == "stdlib_functions"):
             st = path.stat()
             h.update(f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    elif source.kind in ("jsonl", "hf"):
+    elif source.kind in ("jsonl", "parquet", "hf"):
         for file in sorted(glob.glob(str(Path(source.path).expanduser()))):
             for p in [Path(file), *sorted(Path(file).rglob("*"))] if Path(file).is_dir() else [Path(file)]:
                 st = p.stat()

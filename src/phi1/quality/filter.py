@@ -1,8 +1,9 @@
 """The filter stage (paper §2.1): the classifier scores every document of the corpus; those above a
 threshold (or the top fraction) are kept, written as documents JSONL ({"id", "text", "source", "meta":
 {"score"}}, DESIGN §5) that data configs read as a source (CodeTextbook's filtered half), with a histogram of
-the scores. `stage.shard=i stage.num_shards=n` filters the documents whose index is i mod n, for clusters;
-each shard writes its own file, and the files together are the source (`filtered/*.jsonl`)."""
+the scores. `shard=i num_shards=n` filters the documents whose index is i mod n, for clusters (without
+`shard`, every shard here); each shard writes its own file, and the files together are the source
+(`filtered/*.jsonl`)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> dict:
     stage = cfg.stage
-    if not 0 <= stage.shard < stage.num_shards:
-        raise ValueError(f"stage.shard={stage.shard}: must be in [0, stage.num_shards={stage.num_shards})")
+    if cfg.shard is not None and not 0 <= cfg.shard < cfg.num_shards:
+        raise ValueError(f"shard={cfg.shard}: must be in [0, num_shards={cfg.num_shards})")
     if (stage.threshold is None) == (stage.top_fraction is None):
         raise ValueError("set exactly one of stage.threshold and stage.top_fraction")
     ids, embeddings = load_embeddings(stage.embeddings)
@@ -42,25 +43,31 @@ def run(cfg: DictConfig) -> dict:
         cut = float(scores[order[-1]]) if len(order) else 1.0
     out = Path(stage.output)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"filtered-{stage.shard:05d}-of-{stage.num_shards:05d}.jsonl"
-    kept = 0
+    _histogram(scores, cut, keep.mean(), out / "scores.png")
     position = {doc_id: i for i, doc_id in enumerate(ids)}
+    shards = [cfg.shard] if cfg.shard is not None else range(cfg.num_shards)
+    summaries = [_write_shard(stage, k, cfg.num_shards, position, scores, keep, cut, out) for k in shards]
+    return summaries[0] if len(summaries) == 1 else {"shards": summaries}
+
+
+def _write_shard(stage, shard: int, num_shards: int, position: dict, scores, keep, cut: float, out: Path) -> dict:
+    name = f"filtered-{shard:05d}-of-{num_shards:05d}.jsonl"
+    kept = 0
     with open(out / f"{name}.tmp", "w") as f:
         for doc_id, text in sources.documents(stage.source):
             i = position.get(doc_id)
             if i is None:
                 raise ValueError(f"{doc_id}: not in {stage.embeddings}; embed the same source first")
-            if i % stage.num_shards != stage.shard or not keep[i]:
+            if i % num_shards != shard or not keep[i]:
                 continue
             f.write(json.dumps({"id": doc_id, "text": text, "source": stage.source.name,
                                 "meta": {"score": round(float(scores[i]), 4)}}) + "\n")
             kept += 1
     (out / f"{name}.tmp").rename(out / name)  # complete or absent: a killed shard is simply redone
-    in_shard = sum(1 for i in range(len(ids)) if i % stage.num_shards == stage.shard)
+    in_shard = sum(1 for i in range(len(position)) if i % num_shards == shard)
     summary = {"documents": in_shard, "kept": kept, "kept_share": kept / max(in_shard, 1), "cut": cut,
                "output": str(out / name)}
     (out / f"{name}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _histogram(scores, cut, keep.mean(), out / "scores.png")
     log.info("filter: %s", summary)
     return summary
 

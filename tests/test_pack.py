@@ -1,0 +1,249 @@
+"""Packing at scale: shards, merge, dedup, resume after a kill, filters, and hub-style sources read offline."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from phi1 import tokenizer as tokenizers
+from phi1.data import pack
+from phi1.data.sources import SourceError, documents, stdlib_dir
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _pack(cfg, num_shards=1):
+    return pack.pack(cfg, tokenizers.ensure(cfg), num_shards)
+
+
+def _function(rng: random.Random, i: int) -> str:
+    """A distinct small Python function: different names, constants and operations."""
+    ops = ["+", "-", "*", "//", "%"]
+    lines = [f"def compute_{i}_{rng.randrange(10**6)}(values, limit={rng.randrange(100)}):",
+             f'    """Fold the values with {rng.choice(ops)} and stop at the limit (case {i})."""',
+             "    total = 0"]
+    for k in range(rng.randrange(4, 9)):
+        lines.append(f"    total = (total {rng.choice(ops)} values[{k}]) if len(values) > {k} else total + {rng.randrange(1000)}")
+    lines += ["    return min(total, limit)", ""]
+    return "\n".join(lines)
+
+
+def test_output_does_not_depend_on_the_number_of_shards(small_cfg, tmp_path):
+    rng = random.Random(3)
+    src = tmp_path / "src"
+    copied = _function(random.Random(99), 0)
+    for i in range(90):  # 90 files in 9 folders; files 0, 10, ..., 80 are one text
+        (src / f"pkg{i % 9}").mkdir(parents=True, exist_ok=True)
+        (src / f"pkg{i % 9}" / f"m{i}.py").write_text(_function(rng, i) if i % 10 else copied)
+    source = f"data.sources=[{{name: src, kind: dir, path: '{src}'}}]"
+    one = _pack(small_cfg("data.dedup.near=true", "data.val_fraction=0.1", source))
+    saved = {name: (one / name).read_bytes() for name in ("train.bin", "val.bin", "manifest.json")}
+    for name in saved:
+        (one / name).unlink()
+    one.rmdir()
+    three = _pack(small_cfg("data.dedup.near=true", "data.val_fraction=0.1", source), num_shards=3)
+    assert three == one
+    for name, data in saved.items():
+        assert (three / name).read_bytes() == data, name
+    assert not pack.shards_dir(three, 3).exists()  # shard files removed after the merge
+    assert json.loads(saved["manifest.json"])["sources"][0]["duplicates"] == {"exact_within": 8}
+
+
+def test_limit_means_the_first_documents_of_the_whole_source_when_sharded(small_cfg):
+    one = _pack(small_cfg("data.sources.0.limit=100"))
+    saved = {name: (one / name).read_bytes() for name in ("train.bin", "val.bin")}
+    for p in one.iterdir():
+        p.unlink()
+    one.rmdir()
+    four = _pack(small_cfg("data.sources.0.limit=100"), num_shards=4)
+    assert {name: (four / name).read_bytes() for name in saved} == saved
+
+
+def _modules(n: int) -> list[str]:
+    """n distinct real modules: the standard library's top-level files of 2-20 KB."""
+    texts = []
+    for path in sorted(stdlib_dir().glob("*.py")):
+        if 2_000 < path.stat().st_size < 20_000:
+            texts.append(path.read_text(encoding="utf-8"))
+    return texts[:n]
+
+
+def _edit(text: str, k: int) -> str:
+    """A near copy: one line in ~every 25 changed or dropped, a header comment added."""
+    lines = text.splitlines(keepends=True)
+    edited = [line for i, line in enumerate(lines) if i % 25 != k % 25]
+    return f"# vendored copy {k}\n" + "".join(edited)
+
+
+def test_planted_exact_and_near_duplicates_are_caught_within_and_across_sources(small_cfg, tmp_path):
+    texts = _modules(60)
+    a_texts, b_texts = texts[:40], texts[40:]
+    # a: 40 originals, then 5 exact copies of a[0..4] and 5 near copies of a[5..9].
+    a_rows = [{"id": f"a{i}", "text": t}
+              for i, t in enumerate(a_texts + a_texts[:5] + [_edit(t, k) for k, t in enumerate(a_texts[5:10])])]
+    # b: 20 originals, plus 3 exact copies of a[10..12] and 2 near copies of a[13..14]: duplicates across.
+    b_rows = [{"id": f"b{i}", "text": t}
+              for i, t in enumerate(b_texts + a_texts[10:13] + [_edit(t, 7) for t in a_texts[13:15]])]
+    a, b = _jsonl(tmp_path / "a.jsonl", a_rows), _jsonl(tmp_path / "b.jsonl", b_rows)
+    cfg = small_cfg("data.val_fraction=0.1", "data.dedup.near=true",
+                    f"data.sources=[{{name: a, kind: jsonl, path: '{a}'}}, {{name: b, kind: jsonl, path: '{b}'}}]")
+    manifest = json.loads((_pack(cfg) / "manifest.json").read_text())
+    by_name = {s["name"]: s for s in manifest["sources"]}
+    assert by_name["a"]["duplicates"] == {"exact_within": 5, "near_within": 5}
+    assert by_name["b"]["duplicates"] == {"exact_across": 3, "near_across": 2}
+    for name, originals in (("a", 40), ("b", 20)):
+        s = by_name[name]
+        assert s["train"]["documents"] + s["val"]["documents"] == originals
+    # exact only: the near copies survive
+    exact = small_cfg("data.val_fraction=0.1", "data.dedup.near=false",
+                      f"data.sources=[{{name: a, kind: jsonl, path: '{a}'}}, {{name: b, kind: jsonl, path: '{b}'}}]")
+    manifest = json.loads((_pack(exact) / "manifest.json").read_text())
+    assert [s["duplicates"] for s in manifest["sources"]] == [{"exact_within": 5}, {"exact_across": 3}]
+
+
+def test_a_killed_pack_resumes_without_redoing_finished_shards(tmp_path):
+    """SIGKILL a 4-shard pack once its first shard is done; the rerun keeps that shard's files untouched and
+    writes exactly what an uninterrupted pack writes."""
+    env = {**os.environ, "PHI1_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, str(ROOT / "prepare.py"), "stage=pack", "data.sources.0.limit=600", "num_shards=4",
+            "tokenizer.corpus.limit=150", f"hydra.run.dir={tmp_path}/run"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    packed = tmp_path / "data" / "packed"
+    deadline = time.time() + 120
+    while not list(packed.glob("*.shards-4/shard-00000/stats.json")):
+        assert proc.poll() is None and time.time() < deadline, "the pack ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (first,) = packed.glob("*.shards-4/shard-00000")
+    assert not list(packed.glob("*/manifest.json"))  # no merged pack yet
+    before = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
+    subprocess.run(args, cwd=ROOT, env=env, check=True, capture_output=True)
+    (merged,) = [p for p in packed.iterdir() if (p / "manifest.json").exists()]
+    # The shard folder is deleted after the merge; its files' mtimes were recorded before; the rerun's log
+    # says it reused it. Repack from scratch elsewhere and compare bytes.
+    clean_env = {**env, "PHI1_DATA_DIR": str(tmp_path / "clean")}
+    subprocess.run(args[:-1] + [f"hydra.run.dir={tmp_path}/run2"], cwd=ROOT, env=clean_env, check=True,
+                   capture_output=True)
+    (clean,) = [p for p in (tmp_path / "clean" / "packed").iterdir() if (p / "manifest.json").exists()]
+    for name in ("train.bin", "val.bin", "manifest.json"):
+        assert (merged / name).read_bytes() == (clean / name).read_bytes(), name
+    assert before  # the first shard had written its files before the kill
+
+
+def test_finished_shards_are_reused(small_cfg, monkeypatch):
+    cfg = small_cfg("data.sources.0.limit=120")
+    tokenizer_dir = tokenizers.ensure(cfg)
+    done = [pack.pack_shard(cfg, tokenizer_dir, k, 3) for k in (0, 1)]  # a run killed during shard 2
+    stamps = [{p.name: p.stat().st_mtime_ns for p in d.iterdir()} for d in done]
+    encoded = []
+    real = pack._encode_source
+    monkeypatch.setattr(pack, "_encode_source", lambda *a: encoded.append(a[6]) or real(*a))
+    pack.pack(cfg, tokenizer_dir, 3, keep_shards=True)
+    assert encoded == [2]  # only the unfinished shard was tokenized
+    assert [{p.name: p.stat().st_mtime_ns for p in d.iterdir()} for d in done] == stamps
+
+
+def test_merge_names_missing_shards(small_cfg):
+    cfg = small_cfg("data.sources.0.limit=60")
+    tokenizer_dir = tokenizers.ensure(cfg)
+    pack.pack_shard(cfg, tokenizer_dir, 1, 2)
+    with pytest.raises(FileNotFoundError, match=r"shard\(s\) \[0\] of 2 are not packed yet"):
+        pack.merge(cfg, tokenizer_dir, 2)
+
+
+def test_filters_and_parquet_and_a_saved_hf_dataset(small_cfg, tmp_path):
+    import datasets
+
+    rng = random.Random(1)
+    rows = [{"hexsha": f"h{i}", "content": _function(rng, i), "lang": "Python" if i % 3 else "Shell",
+             "licenses": ["mit"] if i % 2 else ["gpl-3.0", "other"]} for i in range(60)]
+    rows.append({"hexsha": "huge", "content": "x = 1\n" * 5000, "lang": "Python", "licenses": ["mit"]})
+    ds = datasets.Dataset.from_list(rows)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    ds.to_parquet(str(tmp_path / "rows.parquet"))
+    common = ("text_field: content, id_field: hexsha, where: {lang: [Python], licenses: [mit, apache-2.0]},"
+              " max_chars: 10000")
+    wanted = sum(1 for i in range(60) if i % 3 and i % 2)  # Python and MIT; `huge` is over max_chars
+    for kind, path in (("hf", tmp_path / "saved"), ("parquet", tmp_path / "rows.parquet")):
+        src = small_cfg(f"data.sources=[{{name: s, kind: {kind}, path: '{path}', {common}}}]").data.sources[0]
+        from collections import Counter
+
+        filtered = Counter()
+        docs = list(documents(src, filtered=filtered))
+        assert len(docs) == wanted and filtered == {"where.lang": 20, "where.licenses": 20, "max_chars": 1}, kind
+        assert docs[0][0] == "s:h1"
+        # shards of a saved dataset are contiguous row ranges that add up to the whole, in order
+        if kind == "hf":
+            parts = [d for k in range(3) for d in documents(src, shard=k, num_shards=3)]
+            assert parts == docs
+
+
+def test_hub_code_path_streams_a_local_dataset_folder(small_cfg, tmp_path):
+    """`kind: hf` with a folder runs `datasets.load_dataset(..., streaming=True)`: the call that reads The Stack
+    from the hub, here on local JSONL files in the hub's layout (data/python/*.jsonl)."""
+    rng = random.Random(2)
+    folder = tmp_path / "the-stack-local" / "data" / "python"
+    folder.mkdir(parents=True)
+    for f in range(4):
+        _jsonl(folder / f"train-{f:05d}.jsonl",
+               [{"hexsha": f"{f}-{i}", "content": _function(rng, f * 100 + i), "lang": "Python"} for i in range(10)])
+    cfg = small_cfg("data.val_fraction=0.1",
+                    f"data.sources=[{{name: stack, kind: hf, path: '{tmp_path / 'the-stack-local'}',"
+                    " data_dir: data/python, text_field: content, id_field: hexsha}]")
+    whole = list(documents(cfg.data.sources[0]))
+    assert len(whole) == 40 and whole[0][0] == "stack:0-0"
+    # 4 files, 2 shards: each shard streams its own 2 files; together they are the whole, in order
+    assert [d for k in range(2) for d in documents(cfg.data.sources[0], shard=k, num_shards=2)] == whole
+    # 4 files, 3 shards: rows are dealt round-robin; every row lands in exactly one shard
+    dealt = [d for k in range(3) for d in documents(cfg.data.sources[0], shard=k, num_shards=3)]
+    assert sorted(dealt) == sorted(whole)
+    manifest = json.loads((_pack(cfg, num_shards=2) / "manifest.json").read_text())
+    assert manifest["sources"][0]["read"]["documents"] == 40
+
+
+def test_empty_sources_and_bad_parquet_are_clear_errors(small_cfg, tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_text("not parquet")
+    with pytest.raises(SourceError, match=rf"{bad}: cannot read as Parquet"):
+        _pack(small_cfg(f"data.sources=[{{name: p, kind: parquet, path: '{bad}'}}]"))
+    rows = _jsonl(tmp_path / "short.jsonl", [{"id": i, "text": "x"} for i in range(5)])
+    with pytest.raises(SourceError, match=r"yielded no documents \(\{'min_chars': 5\} filtered out\)"):
+        _pack(small_cfg(f"data.sources=[{{name: s, kind: jsonl, path: '{rows}', min_chars: 10}}]"))
+
+
+def test_training_refuses_a_pack_with_a_larger_vocabulary_than_the_model(small_cfg):
+    from phi1.config import plan
+    from phi1.data.datamodule import DataMismatchError, PackedData
+
+    cfg = small_cfg("model.vocab_size=1000")  # the local BPE has 4,096 tokens
+    with pytest.raises(DataMismatchError, match="4096 tokens but model.vocab_size=1000"):
+        PackedData(cfg, plan(cfg)).setup("fit")
+
+
+def test_mix_repeats_sources_in_passes_recorded_as_epochs(small_cfg, tmp_path):
+    a = _jsonl(tmp_path / "a.jsonl", [{"id": f"a{i}", "text": "alpha " * (20 + i)} for i in range(30)])
+    b = _jsonl(tmp_path / "b.jsonl", [{"id": f"b{i}", "text": "alpha " * (20 + i)} for i in range(6)])
+    cfg = small_cfg("data.val_fraction=0", "data.dedup.exact=false", "data.dedup.near=false",
+                    f"data.sources=[{{name: a, kind: jsonl, path: '{a}', weight: 1}},"
+                    f" {{name: b, kind: jsonl, path: '{b}', weight: 1}}]")
+    directory = _pack(cfg)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    a_info, b_info = manifest["sources"]
+    total = a_info["train"]["tokens"] + b_info["train"]["tokens"]
+    assert a_info["train_tokens_in_mix"] == b_info["train_tokens_in_mix"] == total // 2
+    assert b_info["epochs"] == pytest.approx(total / 2 / b_info["train"]["tokens"]) and b_info["epochs"] > 2
+    tokens = np.fromfile(directory / "train.bin", dtype=manifest["dtype"])
+    b_part = tokens[a_info["train_tokens_in_mix"]:]
+    one_pass = b_info["train"]["tokens"]
+    assert (b_part[one_pass : 2 * one_pass] == b_part[:one_pass]).all()  # whole passes, in the same order
