@@ -336,6 +336,43 @@ class FilterConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """What the textbooks and exercises stages share (paper §2.2)."""
+    name: str = MISSING
+    # Documents 0..n-1 of the set drawn with `seed` (raising n extends it; what was generated is cached).
+    n: int = 100
+    seed: int = 0
+    # Versions of the prompt (prompts/<stage>.<v>.txt) and of the constraint lists (lists/<name>.<v>.txt).
+    prompt_version: str = "v1"
+    lists_version: str = "v1"
+    # Gates: length of the kept text in characters; exact and near-duplicate removal.
+    min_chars: int = 200
+    max_chars: int = 20000
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    # Dry run: price the n requests (and `target_tokens` of output, e.g. the paper's sizes) and stop.
+    dry_run: bool = False
+    expected_output_tokens: int = 800
+    target_tokens: Optional[int] = None
+    output: str = MISSING
+
+
+@dataclass
+class TextbooksConfig(SyntheticConfig):
+    name: str = "textbooks"
+    concepts_per_prompt: int = 3
+
+
+@dataclass
+class ExercisesConfig(SyntheticConfig):
+    name: str = "exercises"
+    # Run the doctest examples of each exercise in the sandbox and drop those that fail.
+    execute: bool = True
+    # Drop exercises without doctest examples (else they are kept, marked examples: none).
+    require_examples: bool = False
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+
+
+@dataclass
 class StdlibExercisesConfig:
     name: str = "stdlib_exercises"
     output: str = MISSING
@@ -374,6 +411,8 @@ def register_configs() -> None:
     cs.store(group="stage", name="filter_schema", node=FilterConfig)
     cs.store(group="stage", name="stdlib_exercises_schema", node=StdlibExercisesConfig)
     cs.store(group="stage", name="pack_schema", node=PackConfig)
+    cs.store(group="stage", name="textbooks_schema", node=TextbooksConfig)
+    cs.store(group="stage", name="exercises_schema", node=ExercisesConfig)
 
 
 class ConfigError(ValueError):

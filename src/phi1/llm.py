@@ -152,6 +152,10 @@ class LLM:
         row = self._db.execute("SELECT response FROM responses WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else None
 
+    def cached_response(self, messages: list[dict], prompt_version: str = "") -> dict | None:
+        """{"text", "prompt_tokens", "completion_tokens"} of an answer already received, else None."""
+        return self._cached(self.key(messages, prompt_version))
+
     def _store(self, key: str, response: dict) -> None:
         self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(response)))
         self._db.commit()  # at once: a run killed a moment later has still paid for this one only once

@@ -13,6 +13,8 @@ STAGES = {
     "classify": "phi1.quality.classify",
     "filter": "phi1.quality.filter",
     "stdlib_exercises": "phi1.synthetic.stdlib_exercises",
+    "textbooks": "phi1.synthetic.textbooks",
+    "exercises": "phi1.synthetic.exercises",
 }
 
 

@@ -11,6 +11,7 @@ checkpoint and checked on resume.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -22,6 +23,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from phi1 import tokenizer as tokenizers
 from phi1.config import Plan
 from phi1.data import pack
+
+
+log = logging.getLogger(__name__)
 
 
 class DataMismatchError(RuntimeError):
@@ -104,6 +108,10 @@ class PackedData(L.LightningDataModule):
                     f"{self.dir}: the {name} split has {len(split.tokens)} tokens, less than one window of"
                     f" data.seq_len + 1 = {seq_len + 1}"
                 )
+        self.epochs = self.plan.max_steps * self.cfg.batch.global_size / len(self.train_set)
+        log.info("data: %s windows of %d tokens in %s; the budget reads %.2f passes over them%s",
+                 f"{len(self.train_set):,}", seq_len, self.dir.name, self.epochs,
+                 " (repeated: every window once per pass, each pass in a new order)" if self.epochs > 1 else "")
 
     def train_dataloader(self) -> DataLoader:
         sampler = StepSampler(

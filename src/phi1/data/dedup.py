@@ -12,7 +12,6 @@ source or `across` (of an earlier source in data.sources order).
 from __future__ import annotations
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
 
 _MULT = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant (2^64 / golden ratio): mixes the ids of a shingle
 _SEED = 1
@@ -22,6 +21,9 @@ class Signer:
     """MinHash signature (num_perm uint32) of a token array's shingles."""
 
     def __init__(self, cfg):
+        from datasketch import MinHash  # imported here: it pulls in scipy (~0.4 s), and exact dedup needs neither
+
+        self._minhash = MinHash
         self.num_perm, self.ngram = cfg.num_perm, cfg.ngram
         self._perm = MinHash(num_perm=self.num_perm, seed=_SEED).permutations  # drawn once, reused per document
 
@@ -32,7 +34,7 @@ class Signer:
         for k in range(n):  # h = Σ ids[i+k]·M^(n-1-k) mod 2^64, for every window i at once
             h = h * _MULT + ids[k : len(ids) - n + 1 + k]
         shingles = np.unique(h >> np.uint64(32))
-        m = MinHash(num_perm=self.num_perm, seed=_SEED, hashfunc=int, permutations=self._perm, scheme="affine32")
+        m = self._minhash(num_perm=self.num_perm, seed=_SEED, hashfunc=int, permutations=self._perm, scheme="affine32")
         m.update_batch(shingles.tolist())
         return m.hashvalues.astype(np.uint32)
 
@@ -45,7 +47,11 @@ class Index:
         self.near = cfg.near
         self.num_perm = cfg.num_perm
         self._hashes: dict[bytes, str] = {}
-        self._lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm) if cfg.near else None
+        if cfg.near:
+            from datasketch import MinHash, MinHashLSH
+
+            self._minhash = MinHash
+            self._lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
         self._owner: list[str] = []  # source of the n-th document in the LSH index
 
     def add(self, content_hash: bytes, signature: np.ndarray | None, source: str) -> str | None:
@@ -56,7 +62,7 @@ class Index:
                 return "exact_within" if first == source else "exact_across"
             self._hashes[content_hash] = source
         if self.near:
-            m = MinHash(num_perm=self.num_perm, hashvalues=signature.astype(np.uint64), scheme="affine32")
+            m = self._minhash(num_perm=self.num_perm, hashvalues=signature.astype(np.uint64), scheme="affine32")
             matches = self._lsh.query(m)
             if matches:
                 first = self._owner[min(matches)]

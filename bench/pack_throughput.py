@@ -1,0 +1,193 @@
+"""Packing speed and memory: `prepare.py stage=pack` against the tokenizer's own ceiling and a datasets.map
+baseline, and its peak RSS at 1x and 10x the corpus (issue: data at paper scale).
+
+    python bench/pack_throughput.py                 # ~100 MB of Python, 51,200-token BPE; ~10 min on 2 cores
+    python bench/pack_throughput.py --mb 20 --copies 3   # quicker
+
+Corpus: the Python files of this interpreter's standard library and site-packages (real code), copied into
+copy0/ until `--mb` MB; copy1..copy9/ are the same files with a first line `# copy k`, so exact dedup keeps them
+and the 10x corpus is 10x the tokens. Measured:
+  ceiling    `tokenizers` encode_batch_fast on the texts already in memory (no reading, no writing)
+  pack       `python prepare.py stage=pack` on copy0/, wall clock of the whole process (start-up included),
+             and the tokens/s it reports for the packing itself
+  baseline   datasets: Dataset.from_dict(texts) -> .map(tokenize, batched, num_proc=2) -> concatenate and
+             chunk into 2048-token blocks (the recipe of transformers' run_clm.py)
+  RSS        peak resident memory (ru_maxrss) of the pack process at 1x (copy0/) and 10x (all copies)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_corpus(work: Path, mb: float, copies: int) -> tuple[Path, int]:
+    roots = [Path(sysconfig.get_paths()["stdlib"]), Path(sysconfig.get_paths()["purelib"])]
+    first = work / "corpus" / "copy0"
+    if not first.exists():
+        size = 0
+        for root in roots:
+            for path in sorted(root.rglob("*.py")):
+                if size >= mb * 1e6:
+                    break
+                try:
+                    data = path.read_bytes()
+                    data.decode("utf-8")
+                except (OSError, UnicodeDecodeError):
+                    continue
+                dst = first / root.name / path.relative_to(root)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(data)
+                size += len(data)
+    files = sorted(p for p in first.rglob("*.py"))
+    for k in range(1, copies):
+        folder = work / "corpus" / f"copy{k}"
+        if folder.exists():
+            continue
+        for path in files:
+            dst = folder / path.relative_to(first)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(f"# copy {k}\n".encode() + path.read_bytes())
+    return first, sum(p.stat().st_size for p in files)
+
+
+def overrides(work: Path, corpus: Path, name: str) -> list[str]:
+    return [
+        "stage=pack", f"paths.data_dir={work}/data", f"hydra.run.dir={work}/runs/{name}",
+        f"data.name={name}", "data.val_fraction=0.001", "data.dedup.exact=true", "data.dedup.near=false",
+        f"data.sources=[{{name: code, kind: dir, path: '{corpus}', on_error: skip}}]",
+        "tokenizer.name=bench-bpe51k", "tokenizer.vocab_size=51200", "tokenizer.corpus.kind=dir",
+        f"tokenizer.corpus.path={work}/corpus/copy0", "tokenizer.corpus.limit=null",
+    ]
+
+
+# Runs the command and prints its peak RSS. A small parent of its own, because a child forked from this
+# (large) process would count this process's pages in its ru_maxrss until it execs.
+MAXRSS = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+          "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+
+
+def run_pack(work: Path, corpus: Path, name: str) -> dict:
+    """prepare.py stage=pack in a child process: wall time, peak RSS, the tokens/s it logged."""
+    shutil.rmtree(work / "data" / "packed", ignore_errors=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-c", MAXRSS, sys.executable, str(ROOT / "prepare.py"), *overrides(work, corpus, name)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.perf_counter() - t0
+    out = proc.stdout
+    if proc.returncode != 0:
+        sys.exit(f"prepare.py stage=pack failed:\n{out[-3000:]}")
+    (manifest_path,) = (work / "data" / "packed").glob(f"{name}-*/manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    rates = re.findall(r"([\d,]+) tokens/s", out)
+    return {
+        "wall_s": wall, "peak_rss_mb": int(re.findall(r"MAXRSS_KB (\d+)", out)[-1]) / 1024,
+        "tokens": sum(manifest["splits"][s]["tokens"] for s in ("train", "val")),
+        "reported_tokens_per_s": int(rates[-1].replace(",", "")) if rates else None,
+    }
+
+
+def texts_of(corpus: Path) -> list[str]:
+    return [p.read_text(encoding="utf-8") for p in sorted(corpus.rglob("*.py"))]
+
+
+def ceiling(tokenizer, texts: list[str]) -> tuple[float, int]:
+    backend = tokenizer.backend_tokenizer
+    t0 = time.perf_counter()
+    n = 0
+    for i in range(0, len(texts), 512):
+        n += sum(len(e.ids) for e in backend.encode_batch_fast(texts[i : i + 512], False))
+    return time.perf_counter() - t0, n
+
+
+def datasets_baseline(tokenizer, texts: list[str], cache: Path, block: int = 2048) -> tuple[float, int]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch):
+        return {"input_ids": [ids + [eos] for ids in tokenizer(batch["text"])["input_ids"]]}
+
+    def group(batch):  # transformers' run_clm.py: concatenate, drop the remainder, cut into blocks
+        flat = [t for ids in batch["input_ids"] for t in ids]
+        n = len(flat) // block * block
+        return {"input_ids": [flat[i : i + block] for i in range(0, n, block)]}
+
+    t0 = time.perf_counter()
+    ds = datasets.Dataset.from_dict({"text": texts})
+    ds = ds.map(tokenize, batched=True, num_proc=2, remove_columns=["text"], cache_file_name=str(cache / "tok.arrow"))
+    ds = ds.map(group, batched=True, batch_size=1000, num_proc=2, cache_file_name=str(cache / "grouped.arrow"))
+    elapsed = time.perf_counter() - t0
+    return elapsed, len(ds) * block
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mb", type=float, default=100.0, help="size of the 1x corpus in MB")
+    parser.add_argument("--copies", type=int, default=10, help="the large corpus is this many times the 1x one")
+    parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temp dir, removed)")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = args.work or Path(tempfile.mkdtemp(prefix="phi1-pack-bench-"))
+    try:
+        corpus, size = build_corpus(work, args.mb, args.copies)
+        print(f"corpus: {size / 1e6:.1f} MB of Python in {corpus} (x{args.copies} for the memory test)")
+
+        from hydra import compose, initialize_config_dir
+
+        from phi1 import tokenizer as tokenizers
+        from phi1.config import register_configs
+
+        register_configs()
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("prepare", overrides=[o for o in overrides(work, corpus, "bench1x")
+                                                if not o.startswith("hydra.")])
+        t0 = time.perf_counter()
+        tokenizer = tokenizers.load(tokenizers.ensure(cfg), cfg)
+        print(f"tokenizer: {len(tokenizer):,}-token byte-level BPE ({time.perf_counter() - t0:.1f} s to train or load)")
+
+        texts = texts_of(corpus)
+        ceil_s, ceil_tokens = ceiling(tokenizer, texts)
+        ceil_rate = ceil_tokens / ceil_s
+        print(f"ceiling   encode_batch_fast, in memory: {ceil_tokens:,} tokens in {ceil_s:.1f} s = {ceil_rate:,.0f} tokens/s")
+
+        one = run_pack(work, corpus, "bench1x")
+        pack_rate = one["tokens"] / one["wall_s"]
+        print(f"pack      prepare.py stage=pack, whole process: {one['tokens']:,} tokens in {one['wall_s']:.1f} s = "
+              f"{pack_rate:,.0f} tokens/s (packing alone reports {one['reported_tokens_per_s']:,} tokens/s); "
+              f"peak RSS {one['peak_rss_mb']:.0f} MB")
+
+        with tempfile.TemporaryDirectory(dir=work) as cache:
+            base_s, base_tokens = datasets_baseline(tokenizer, texts, Path(cache))
+        base_rate = ceil_tokens / base_s
+        print(f"baseline  datasets.map(num_proc=2) + group into 2048: {base_s:.1f} s = {base_rate:,.0f} tokens/s")
+        del texts
+
+        big = run_pack(work, work / "corpus", "bench10x")
+        print(f"pack x{args.copies}  {big['tokens']:,} tokens in {big['wall_s']:.1f} s = "
+              f"{big['tokens'] / big['wall_s']:,.0f} tokens/s; peak RSS {big['peak_rss_mb']:.0f} MB")
+
+        print()
+        print(f"pack / ceiling          {pack_rate / ceil_rate:.2f}   (goal >= 0.90)")
+        print(f"pack / datasets.map     {pack_rate / base_rate:.2f}   (goal >= 2)")
+        print(f"RSS x{args.copies} / RSS x1        {big['peak_rss_mb'] / one['peak_rss_mb']:.2f}   (goal <= 1.2)")
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

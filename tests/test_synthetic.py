@@ -1,0 +1,241 @@
+"""Synthetic textbooks and exercises (paper §2.2) against the loopback OpenAI-compatible server: constraints
+as drawn, gates and dedup on planted bad answers, doctest execution, resume after a kill, budget, dry run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF, ROOT
+from openai_server import FakeOpenAI
+from phi1.eval.benchmarks import read_jsonl
+from phi1.llm import BudgetExceeded
+from phi1.stages import run
+from phi1.synthetic import exercises, textbooks
+from phi1.synthetic.generate import load_list
+
+
+def prepare_cfg(tmp_path, server, *overrides):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("prepare", overrides=[
+            f"paths.data_dir={tmp_path}", f"paths.run_dir={tmp_path}/run", "llm=openai_compatible",
+            f"llm.base_url={server.base_url}", "llm.model=test-model", "llm.concurrency=4", *overrides])
+
+
+def passage(topic: str, n: int = 0) -> str:
+    """A well-formed textbook passage about `topic`, distinct per (topic, n): its notes are seeded word salad,
+    so that no two passages are near-duplicates by accident."""
+    import random
+
+    rng = random.Random(f"{topic}:{n}")
+    vocabulary = load_list("concepts", "v1") + load_list("verbs", "v1")
+    notes = " ".join(rng.choice(vocabulary) for _ in range(160))
+    return (f"## {topic.capitalize()}\n\nIn this section we study {topic}.\n\n"
+            f"```python\ndef demo_{n}(values):\n    total = {n}\n    for value in values:\n"
+            f"        total += value\n    return total\n```\n\nNotes: {notes}.\n")
+
+
+def test_constraints_are_drawn_from_the_shipped_lists_seeded_and_stable():
+    from omegaconf import OmegaConf
+
+    from phi1.config import TextbooksConfig
+
+    stage = OmegaConf.structured(TextbooksConfig(n=400, output="x"))
+    topics = load_list("topics", "v1")
+    assert len(topics) >= 200
+    drawn = textbooks.items(stage)
+    assert drawn == textbooks.items(stage)  # seeded
+    assert [c for _, c, _ in drawn] != [c for _, c, _ in textbooks.items(OmegaConf.merge(stage, {"seed": 1}))]
+    assert textbooks.items(OmegaConf.merge(stage, {"n": 50})) == drawn[:50]  # raising n extends the set
+    assert len({c["topic"] for _, c, _ in drawn}) > 150  # 400 draws over 216 topics
+    assert len({c["audience"] for _, c, _ in drawn}) == len(load_list("audiences", "v1"))
+    for _, c, messages in drawn[:20]:
+        prompt = messages[0]["content"]
+        assert c["topic"] in prompt and c["audience"] in prompt and c["style"] in prompt
+        assert len(set(c["concepts"])) == 3 and all(w in prompt for w in c["concepts"])
+
+
+def test_textbooks_gates_and_dedup_on_planted_answers_and_resume_from_cache(tmp_path):
+    from omegaconf import OmegaConf
+
+    from phi1.config import TextbooksConfig
+
+    drawn = textbooks.items(OmegaConf.structured(TextbooksConfig(n=14, output="x")))
+    prompts = [m[0]["content"] for _, _, m in drawn]
+    topics = [c["topic"] for _, c, _ in drawn]
+    planted = {
+        0: "I'm sorry, but I can't help with writing that section.",
+        1: "Loops repeat code.",  # too short
+        2: passage(topics[2], 2).replace("    total = 2\n", "    total = (2\n"),  # code that does not parse
+        3: "Sure! Here is the section you asked for.\n\n" + passage(topics[3], 3),
+        5: passage(topics[4], 4),  # an exact copy of answer 4
+        6: passage(topics[4], 4).replace("Notes:", "Remember these notes:"),  # a near copy of answer 4
+    }
+    answers = {p: planted.get(i, passage(topics[i], i)) for i, p in enumerate(prompts)}
+    with FakeOpenAI(reply=lambda messages: answers[messages[-1]["content"]]) as server:
+        cfg = prepare_cfg(tmp_path, server, "stage=textbooks", "stage.n=14")
+        report = run(cfg)
+        assert server.count() == 14
+        assert report["removed"] == {"refusal": 1, "too_short": 1, "code_does_not_parse": 1, "boilerplate": 1,
+                                     "exact_duplicate": 1, "near_duplicate": 1}, json.dumps(report["removed"])
+        assert report["kept"] == 8 and report["usage"]["completion_tokens"] > 0
+        out = tmp_path / "synthetic" / "textbooks"
+        rows = [json.loads(line) for line in open(out / "textbooks-s0.jsonl")]
+        rejected = [json.loads(line) for line in open(out / "textbooks-s0.rejected.jsonl")]
+        assert len(rows) == 8 and len(rejected) == 6  # nothing generated is lost
+        by_id = {i: c for i, c, _ in drawn}
+        for row in rows:  # the constraints stored are the ones the server was asked with
+            assert row["meta"]["constraints"] == by_id[row["id"]]
+            assert row["meta"]["constraints"]["topic"] in answers_prompt(server, row["meta"]["constraints"])
+        first = (out / "textbooks-s0.jsonl").read_bytes()
+        again = run(cfg)  # a rerun asks nothing new and writes the same bytes
+        assert server.count() == 14 and again["paid_this_run"]["requests"] == 0
+        assert (out / "textbooks-s0.jsonl").read_bytes() == first
+    # the output is a source of data=codetextbook
+    from phi1.config import SourceConfig
+    from phi1.data.sources import documents
+
+    source = OmegaConf.structured(SourceConfig(name="t", kind="jsonl", path=str(out / "textbooks-s0.jsonl")))
+    assert [doc_id for doc_id, _ in documents(source)] == [f"t:{row['id']}" for row in rows]
+
+
+def answers_prompt(server, constraints) -> str:
+    """The prompt the server received for these constraints."""
+    for r in server.requests:
+        content = r["body"]["messages"][-1]["content"]
+        if constraints["topic"] in content and constraints["audience"] in content:
+            return content
+    raise AssertionError("no request with these constraints reached the server")
+
+
+EXERCISE = '''Here it is:
+```python
+from typing import List
+
+
+def {name}(values: List[int]) -> int:
+    """Return the sum of the numbers in values divisible by {k}; a {concept} of zero numbers sums to 0.
+
+    >>> {name}({example})
+    {result}
+    >>> {name}([])
+    0
+    """
+    return sum(v for v in values if v % {k} == 0){bug}
+```'''
+
+
+def exercise_answers(drawn):
+    out = {}
+    for i, (_, c, messages) in enumerate(drawn):
+        name, k = f"{c['verb']}_multiples_{i}", i + 2
+        example = [i * 7 + j for j in range(6)]
+        fields = dict(name=name, k=k, concept=c["concept"], example=example,
+                      result=sum(v for v in example if v % k == 0), bug="")
+        if i == 0:
+            fields["bug"] = " + 1"  # the examples fail
+        elif i == 4:
+            fields["bug"] = f"\n\n\nprint({name}([2]))"  # code outside the function
+        text = EXERCISE.format(**fields)
+        if i == 1:
+            text = text.replace(">>> ", "").replace(f"    {fields['result']}\n", "")  # no examples
+        elif i == 2:
+            text = text.replace(name, f"xx_{name}")  # not the name asked for
+        elif i == 3:
+            text = text.replace("-> int:", "-> int")  # does not parse
+        elif i == 5:
+            text = "As an AI language model, I cannot write exercises."
+        elif i == 6:
+            text = text.replace("    return sum(", "    while True:  # never returns\n        pass\n    return sum(")
+        out[messages[0]["content"]] = text
+    return out
+
+
+def test_exercises_are_parsed_executed_in_the_sandbox_and_humaneval_shaped(tmp_path):
+    from omegaconf import OmegaConf
+
+    from phi1.config import ExercisesConfig
+
+    drawn = exercises.items(OmegaConf.structured(ExercisesConfig(n=12, output="x")))
+    answers = exercise_answers(drawn)
+    with FakeOpenAI(reply=lambda messages: answers[messages[-1]["content"]]) as server:
+        report = run(prepare_cfg(tmp_path, server, "stage=exercises", "stage.n=12", "stage.sandbox.timeout=2"))
+    assert report["removed"] == {"examples_fail": 2, "name_not_as_asked": 1, "code_does_not_parse": 1,
+                                 "code_outside_the_function": 1, "refusal": 1}
+    assert report["examples"] == {"executed": 7, "passed": 5, "kept_without_examples": 1}
+    assert report["kept"] == 6
+    path = tmp_path / "synthetic" / "exercises" / "exercises-s0.jsonl"
+    rows = [json.loads(line) for line in open(path)]
+    import ast
+
+    for row in rows:
+        ast.parse(row["prompt"] + row["canonical_solution"])
+        assert row["prompt"].startswith("from typing import List") and row["text"] == row["prompt"] + row["canonical_solution"]
+    # HumanEval-shaped: loads as a jsonl benchmark, and its check fails a wrong completion
+    problems = {p.task_id: p for p in read_jsonl(path)}
+    with_examples = next(r for r in rows if r["test"])
+    problem = problems[with_examples["task_id"]]
+    from phi1.eval.sandbox import Sandbox
+
+    with Sandbox(workers=1) as sandbox:
+        assert sandbox.run(problem.program(with_examples["canonical_solution"]))["status"] == "passed"
+        assert sandbox.run(problem.program("    return -1\n"))["status"] == "failed"
+
+
+def test_a_killed_generation_resumes_without_paying_twice(tmp_path):
+    def slow(messages):
+        time.sleep(0.1)
+        return passage(messages[-1]["content"].split("Topic: ")[1].split("\n")[0])
+
+    with FakeOpenAI(reply=slow) as server:
+        args = [sys.executable, str(ROOT / "prepare.py"), "stage=textbooks", "stage.n=40", "llm=openai_compatible",
+                f"llm.base_url={server.base_url}", "llm.model=test-model", "llm.concurrency=2",
+                f"paths.data_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while server.count() < 10:
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        paid_before_kill = server.count()
+        assert paid_before_kill < 40
+        subprocess.run(args, cwd=ROOT, env=env, check=True, capture_output=True)
+        # every request reached the server once; the few in flight at the kill at most twice
+        assert server.count() <= 40 + 2
+        assert len({json.dumps(r["body"]["messages"]) for r in server.requests}) == 40
+    report = json.loads((tmp_path / "synthetic" / "textbooks" / "textbooks-s0.report.json").read_text())
+    assert report["answered"] == 40 and report["paid_this_run"]["requests"] <= 40 - paid_before_kill + 2
+
+
+def test_budget_stops_generation_and_dry_run_prices_the_papers_size(tmp_path):
+    with FakeOpenAI(reply=lambda m: passage("loops")) as server:
+        prices = ["llm.price_input=1000", "llm.price_output=1000"]  # $1e-3 a token: a request costs ~$1
+        with pytest.raises(BudgetExceeded):
+            run(prepare_cfg(tmp_path, server, "stage=textbooks", "stage.n=30", "llm.budget_usd=5", *prices))
+        # what the server billed (its usage: 1 token per 4 characters) stays within the budget
+        answer_tokens = len(passage("loops")) // 4 + 1
+        billed = sum((sum(len(m["content"]) for m in r["body"]["messages"]) // 4 + 1 + answer_tokens) * 1e-3
+                     for r in server.requests)
+        assert 0 < server.count() < 30 and billed <= 5
+        estimate = run(prepare_cfg(tmp_path, server, "stage=textbooks", "stage.n=30", "stage.dry_run=true",
+                                   "stage.target_tokens=1000000000", "llm.price_input=0.5", "llm.price_output=1.5"))
+        sent = server.count()
+    assert estimate["dry_run"]["requests"] == 30 and estimate["dry_run"]["cached"] == sent
+    target = estimate["target"]
+    assert target["requests"] == -(-10**9 // 900) and target["completion_tokens"] == target["requests"] * 900
+    # 1B output tokens at $1.5/M is $1,500, plus the prompts at $0.5/M
+    assert target["dollars"] == pytest.approx(1500 + target["prompt_tokens"] * 0.5 / 1e6, rel=1e-3)
+
+
+def test_heuristic_llm_cannot_write_textbooks(tmp_path):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("prepare", overrides=[f"paths.data_dir={tmp_path}", "stage=textbooks"])
+    with pytest.raises(ValueError, match="needs a model: llm=gpt35"):
+        run(cfg)
