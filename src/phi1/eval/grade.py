@@ -1,0 +1,49 @@
+"""LLM grading of completions (paper §4, Table 2): for the unconventional problems the paper asks GPT-4 for a
+short verbal evaluation of each solution, then a grade from 0 to 10, because pass/fail tests miss partial
+credit. The rubric is a versioned template (prompts/unconventional_grade.<v>.txt); the grade is the answer's
+last "Grade: N/10" line, and an answer without one is reported as ungradable (quarantined), never guessed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from phi1.llm import LLM, ParseError
+
+PROMPTS = Path(__file__).parent / "prompts"
+_GRADE = re.compile(r"grade\s*[:=]?\s*\**\s*(\d{1,2})(?:\.\d+)?\s*(?:/|out of)\s*10", re.IGNORECASE)
+
+
+def parse_grade(answer: str) -> dict:
+    """{"grade", "evaluation"} from the last 'Grade: N/10' of an answer."""
+    grades = _GRADE.findall(answer or "")
+    if not grades:
+        raise ParseError("no 'Grade: N/10' line")
+    grade = int(grades[-1])
+    if not 0 <= grade <= 10:
+        raise ParseError(f"grade {grade} is outside 0-10")
+    evaluation = answer[: [m.start() for m in _GRADE.finditer(answer)][-1]].strip()
+    return {"grade": grade, "evaluation": evaluation[:2000]}
+
+
+def template(version: str) -> str:
+    path = PROMPTS / f"unconventional_grade.{version}.txt"
+    if not path.exists():
+        raise FileNotFoundError(f"grading prompt version {version!r}: no {path}")
+    return path.read_text()
+
+
+def grade(llm: LLM, problems, completions: dict[str, list[str]], version: str = "v1") -> dict:
+    """Grade the first completion of each problem. Returns {"grades": {task_id: {...}}, "mean": mean grade
+    over the graded ones (0-10), "graded": n, "ungradable": [task ids]}."""
+    text = template(version)
+    items = []
+    for p in problems:
+        if completions.get(p.task_id):
+            content = text.replace("{problem}", p.prompt.rstrip()).replace("{solution}", completions[p.task_id][0])
+            items.append((p.task_id, [{"role": "user", "content": content}]))
+    grades = llm.map(items, parse_grade, prompt_version=f"unconventional_grade.{version}", desc="grade")
+    ungradable = [task_id for task_id, _ in items if task_id not in grades]
+    mean = sum(g["grade"] for g in grades.values()) / len(grades) if grades else None
+    return {"grades": grades, "mean": mean, "graded": len(grades), "ungradable": ungradable}

@@ -1,0 +1,181 @@
+"""Contamination study (paper §5) and the unconventional problems with their LLM grader (paper §4)."""
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF
+from openai_server import FakeOpenAI
+from phi1.contamination import measures
+from phi1.eval import benchmarks
+from phi1.eval.grade import grade, parse_grade
+from phi1.llm import LLM, ParseError
+from phi1.stages import run
+
+RENAMED_0 = '''from typing import List
+
+
+def close_pair_exists(values: List[float], limit: float) -> bool:
+    """Tell whether some two of the values are nearer to each other than the limit."""
+    for a, first in enumerate(values):
+        for b, second in enumerate(values):
+            if a != b:
+                gap = abs(first - second)
+                if gap < limit:
+                    return True
+
+    return False
+'''
+
+UNRELATED = '''def parse_header(line):
+    """Split an HTTP header line into its name and value."""
+    name, _, value = line.partition(":")
+    return name.strip().lower(), value.strip()
+'''
+
+
+def _humaneval():
+    return {p.task_id: p for p in benchmarks.humaneval()}
+
+
+def test_ast_match_rate_sees_through_renaming_and_not_through_unrelated_code():
+    he = _humaneval()["HumanEval/0"]
+    original = measures.ast_labels(he.prompt + he.canonical_solution)
+    assert measures.match_rate(original, measures.ast_labels(RENAMED_0)) == 1.0  # names, docstring differ
+    edited = RENAMED_0.replace("                    return True", "                    print(gap)\n"
+                                                                   "                    return True")
+    assert 0.85 < measures.match_rate(original, measures.ast_labels(edited)) < 1.0
+    assert measures.match_rate(original, measures.ast_labels(UNRELATED)) < 0.4
+    assert measures.ast_labels("def f(:\n") is None
+
+
+def test_docstring_13_grams():
+    he = _humaneval()["HumanEval/0"]
+    words = measures.docstring_words(he.prompt)
+    assert len(words) > 13
+    copied = f'def g(x):\n    """{" ".join(words[:14])} and more"""\n    return x\n'
+    shared = measures.ngrams(measures.docstring_words(copied), 13) & measures.ngrams(words, 13)
+    assert len(shared) == 2  # 14 copied words hold two 13-grams
+    assert not measures.ngrams(measures.docstring_words(UNRELATED), 13) & measures.ngrams(words, 13)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """An exercise set: 300 stdlib functions plus planted copies of HumanEval problems."""
+    from omegaconf import OmegaConf
+
+    from phi1.config import SourceConfig
+    from phi1.data.sources import documents
+
+    tmp = tmp_path_factory.mktemp("decontaminate")
+    he = _humaneval()
+    rows = [{"id": doc_id.split(":", 1)[1], "text": text} for doc_id, text in documents(
+        OmegaConf.structured(SourceConfig(name="s", kind="stdlib_functions", limit=300, on_error="skip")))]
+    words = measures.docstring_words(he["HumanEval/4"].prompt)
+    rows += [
+        {"id": "copy-0", "text": he["HumanEval/0"].prompt + he["HumanEval/0"].canonical_solution},  # verbatim
+        {"id": "renamed-0", "text": RENAMED_0},  # same code, other names and docstring
+        {"id": "doc-4", "text": f'def spread(xs):\n    """{" ".join(words)}"""\n    return max(xs) - min(xs)\n'},
+    ]
+    path = tmp / "exercises.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("prepare", overrides=[
+            f"paths.data_dir={tmp}", "stage=decontaminate", "stage.train.name=exercises", "stage.train.kind=jsonl",
+            f"stage.train.path={path}", "stage.workers=2", "stage.embed.batch_size=32"])
+    summary = run(cfg)
+    out = tmp / "decontaminate" / "humaneval-exercises"
+    neighbours = {r["task_id"]: r for r in map(json.loads, open(out / "neighbours.jsonl"))}
+    return summary, neighbours, out, len(rows)
+
+
+def test_planted_copies_are_found_by_each_measure(planted):
+    summary, neighbours, out, n = planted
+    assert summary["train_items"] == n and summary["problems"] == 164
+    zero = neighbours["HumanEval/0"]
+    assert {a["id"] for a in zero["ast"] if a["tau"] == 1.0} == {"exercises:copy-0", "exercises:renamed-0"}
+    assert zero["embedding"][0]["id"] == "exercises:copy-0" and zero["embedding"][0]["l2"] < 0.01
+    assert zero["ngram13"][0]["id"] == "exercises:copy-0"  # the verbatim docstring; the renamed one has another
+    assert "exercises:renamed-0" not in {m["id"] for m in zero["ngram13"]}
+    assert neighbours["HumanEval/4"]["ngram13"][0]["id"] == "exercises:doc-4"
+    # unrelated stdlib code is no near-copy of any problem
+    others = [a for r in neighbours.values() for a in r["ast"] if not a["id"].split(":")[1][0:4] in ("copy", "rena")]
+    assert all(a["tau"] < 0.95 for a in others)
+    assert "HumanEval/0" in (out / "similar-tau0.95.txt").read_text().split()
+    assert (out / "report.md").read_text().count("τ = 1.000") >= 1
+
+
+def test_pruning_counts_and_subsets(planted):
+    summary, neighbours, out, n = planted
+    previous = 0
+    for tau in ("0.95", "0.90", "0.85", "0.80"):
+        stats = summary["per_tau"][tau]
+        pruned = (out / f"pruned-tau{tau}.jsonl").read_text().splitlines()
+        assert len(pruned) == stats["kept"] == n - stats["removed"]
+        assert stats["removed"] >= max(previous, 2)  # lower τ removes at least as much; both copies of /0 go
+        previous = stats["removed"]
+        similar = (out / f"similar-tau{tau}.txt").read_text().split()
+        nonsimilar = (out / f"nonsimilar-tau{tau}.txt").read_text().split()
+        assert len(similar) + len(nonsimilar) == 164 and not set(similar) & set(nonsimilar)
+    ids = {json.loads(line)["id"] for line in open(out / "pruned-tau0.95.jsonl")}
+    assert "exercises:copy-0" not in ids and "exercises:renamed-0" not in ids
+    # evaluate.py scores a subset through benchmark.task_ids
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.create({"name": "humaneval", "kind": "humaneval", "task_ids": str(out / "similar-tau0.95.txt")})
+    assert [p.task_id for p in benchmarks.load(spec)] == (out / "similar-tau0.95.txt").read_text().split()
+    table = (out / "table3.md").read_text()
+    assert "71 / 81.7 / 74.6 / 57.7" not in table or "0.95" in table
+    assert "(71)" in table and "(42,500)" in table  # the paper's numbers beside ours
+
+
+def test_the_50_unconventional_problems_pass_with_their_solutions_and_fail_without():
+    from phi1.eval.sandbox import Sandbox
+
+    problems = benchmarks.load(__import__("omegaconf").OmegaConf.create({"name": "u", "kind": "unconventional"}))
+    assert len(problems) == 50 and len({p.entry_point for p in problems}) == 50
+    human = {p.prompt for p in benchmarks.humaneval()}
+    assert not any(p.prompt in human for p in problems)
+    with Sandbox(workers=2) as sandbox:
+        right = sandbox.run_many([p.program(p.canonical_solution) for p in problems])
+        wrong = sandbox.run_many([p.program("    return None\n") for p in problems])
+    assert [v["status"] for v in right] == ["passed"] * 50, [p.task_id for p, v in zip(problems, right)
+                                                             if v["status"] != "passed"]
+    assert all(v["status"] == "failed" for v in wrong)
+
+
+@pytest.mark.parametrize("answer,grade_", [
+    ("Correct and clear.\nGrade: 9/10", 9),
+    ("It misses the edge case. **Grade:** 6 / 10", 6),
+    ("Grade: 3/10 at first glance; looking again\nGrade: 5 out of 10", 5),
+])
+def test_grades_are_parsed_robustly(answer, grade_):
+    assert parse_grade(answer)["grade"] == grade_
+
+
+@pytest.mark.parametrize("answer", ["", "Looks fine to me.", "Grade: 12/10", "Score: 7/10"])
+def test_ungradable_answers_are_refused(answer):
+    with pytest.raises(ParseError):
+        parse_grade(answer)
+
+
+def test_llm_grader_against_the_loopback_server_reports_ungradable_answers(tmp_path):
+    problems = benchmarks.load(__import__("omegaconf").OmegaConf.create({"name": "u", "kind": "unconventional"}))[:6]
+
+    def reply(messages):
+        content = messages[-1]["content"]
+        if "shout_every_third" in content:
+            return "I would rather not say."  # ungradable
+        return "The solution follows the rules and handles the empty case.\nGrade: 8/10"
+
+    completions = {p.task_id: [p.canonical_solution] for p in problems}
+    with FakeOpenAI(reply=reply) as server:
+        llm = LLM(model="grader", base_url=server.base_url, cache_path=str(tmp_path / "cache.sqlite"),
+                  quarantine_path=str(tmp_path / "quarantine.jsonl"))
+        result = grade(llm, problems, completions)
+        prompt = server.requests[0]["body"]["messages"][0]["content"]
+    assert result["graded"] == 5 and result["mean"] == 8.0
+    assert result["ungradable"] == ["Unconventional/0"]
+    assert "Grade: N/10" in prompt and "verbal evaluation" in prompt
+    assert json.loads((tmp_path / "quarantine.jsonl").read_text().splitlines()[0])["id"] == "Unconventional/0"
