@@ -35,6 +35,7 @@ import shutil
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
 
@@ -128,20 +129,32 @@ def pack_shard(cfg: DictConfig, tokenizer_dir: Path, shard: int, num_shards: int
         return out
     tokenizer = tokenizer or tokenizers.load_fast(tokenizer_dir, cfg)
     dtype = _dtype(tokenizer)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with _build_dir(out) as tmp:
         stats = [
             _encode_source(source, j, tokenizer, cfg.data, dtype, tmp, shard, num_shards)
             for j, source in enumerate(cfg.data.sources)
         ]
         (tmp / "stats.json").write_text(json.dumps({"shard": shard, "num_shards": num_shards, "sources": stats}))
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written survives a failure
-        raise
     return out
+
+
+@contextmanager
+def _build_dir(final: Path):
+    """A folder written under a temporary name and renamed into place when complete: a killed or failed build
+    leaves nothing half-written, and when two processes build the same folder the first one's stays (the
+    contents are identical)."""
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        tmp.rename(final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _release_freed_memory() -> None:
@@ -254,18 +267,8 @@ def merge(cfg: DictConfig, tokenizer_dir: Path, num_shards: int, directory: Path
         )
     tokenizer = tokenizer or tokenizers.load_fast(tokenizer_dir, cfg)
     dtype = _dtype(tokenizer)
-    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with _build_dir(directory) as tmp:
         manifest = _merge_into(tmp, cfg, tokenizer, tokenizer_dir, dtype, shard_dirs)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        tmp.rename(directory)
-    except OSError:  # another process merged the same data first; theirs is byte-identical
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 

@@ -168,11 +168,9 @@ def _documents(source, on_error: str, skipped: list[str], shard: int, num_shards
             try:
                 text = _text(row, source.text_field)
             except (KeyError, TypeError, IndexError) as e:
-                reason = f"{source.path} row {i}: {type(e).__name__}: {e} (the row has {sorted(row)})"
-                if on_error == "skip":
-                    skipped.append(reason)
-                    continue
-                raise SourceError(reason + "; set on_error=skip to skip such rows") from e
+                _bad_input(f"{source.path} row {i}: {type(e).__name__}: {e} (the row has {sorted(row)})", on_error,
+                           skipped, e)
+                continue
             yield f"{source.name}:{row.get(source.id_field, i)}", text, row
     else:
         raise SourceError(f"source {source.name!r}: unknown kind {kind!r}")
@@ -188,11 +186,8 @@ def _jsonl(path: Path, source, on_error: str, skipped: list[str]) -> Iterator[tu
                 row = json.loads(raw)
                 text = _text(row, source.text_field)
             except (ValueError, KeyError, TypeError) as e:
-                reason = f"{path}:{line_no}: {type(e).__name__}: {e}"
-                if on_error == "skip":
-                    skipped.append(reason)
-                    continue
-                raise SourceError(reason + "; set on_error=skip to skip such lines") from e
+                _bad_input(f"{path}:{line_no}: {type(e).__name__}: {e}", on_error, skipped, e)
+                continue
             yield f"{source.name}:{row.get(source.id_field, f'{path.name}:{line_no}')}", text, row
 
 
@@ -212,12 +207,16 @@ def _parquet(path: Path, source, on_error: str, skipped: list[str]) -> Iterator[
             try:
                 text = _text(row, source.text_field)
             except (KeyError, TypeError, IndexError) as e:
-                reason = f"{path} row {row_no}: {type(e).__name__}: {e}"
-                if on_error == "skip":
-                    skipped.append(reason)
-                    continue
-                raise SourceError(reason + "; set on_error=skip to skip such rows") from e
+                _bad_input(f"{path} row {row_no}: {type(e).__name__}: {e}", on_error, skipped, e)
+                continue
             yield f"{source.name}:{row.get(source.id_field, f'{path.name}:{row_no}')}", text, row
+
+
+def _bad_input(reason: str, on_error: str, skipped: list[str], cause: Exception) -> None:
+    """A malformed line or row: counted when on_error=skip, else the end of the run, naming it."""
+    if on_error != "skip":
+        raise SourceError(reason + "; set on_error=skip to skip such inputs") from cause
+    skipped.append(reason)
 
 
 def _text(row: dict, text_field: str) -> str:
