@@ -179,3 +179,27 @@ def test_llm_grader_against_the_loopback_server_reports_ungradable_answers(tmp_p
     assert result["ungradable"] == ["Unconventional/0"]
     assert "Grade: N/10" in prompt and "verbal evaluation" in prompt
     assert json.loads((tmp_path / "quarantine.jsonl").read_text().splitlines()[0])["id"] == "Unconventional/0"
+
+
+def test_evaluate_scores_and_grades_the_unconventional_benchmark(tmp_path):
+    """evaluate.py benchmark=unconventional samples=... llm=<server>: pass@1 by execution and the LLM grade."""
+    from omegaconf import OmegaConf
+
+    from phi1.evaluate import evaluate
+
+    problems = benchmarks.load(OmegaConf.create({"name": "u", "kind": "unconventional"}))
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"task_id": p.task_id, "completion": p.canonical_solution if i % 2 else
+                                           "    return None\n"}) + "\n" for i, p in enumerate(problems)))
+    with FakeOpenAI(reply=lambda m: "Right idea.\nGrade: 7/10" if "return None" not in m[-1]["content"]
+                    else "It returns nothing.\nGrade: 0/10") as server:
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = compose("evaluate", overrides=[
+                f"paths.run_dir={tmp_path}/run", f"paths.data_dir={tmp_path}", "wandb_mode=disabled",
+                "allow_code_execution=true", "benchmark=unconventional", f"samples={samples}",
+                "llm=openai_compatible", f"llm.base_url={server.base_url}", "llm.model=grader"])
+        metrics = evaluate(cfg)
+    assert metrics["eval/unconventional/pass@1"] == 0.5
+    assert metrics["eval/unconventional/score"] == 3.5 and metrics["eval/unconventional/graded"] == 50
+    grades = [json.loads(line) for line in open(tmp_path / "run" / "unconventional" / "grades.jsonl")]
+    assert len(grades) == 50 and {g["grade"] for g in grades} == {0, 7}
