@@ -59,6 +59,18 @@ class ParseError(ValueError):
     """Raised by a stage's parser when an answer does not have the expected form."""
 
 
+def last_grade(pattern, answer: str, expected: str) -> tuple[int, str]:
+    """(N, the text before it) for the last match of `pattern` (one group: an N/10 grade) in a judge's answer.
+    An answer without one, or with N outside 0-10, raises ParseError naming `expected`: never guessed."""
+    matches = list(pattern.finditer(answer or ""))
+    if not matches:
+        raise ParseError(f"no '{expected}' line")
+    grade = int(matches[-1].group(1))
+    if not 0 <= grade <= 10:
+        raise ParseError(f"grade {grade} is outside 0-10")
+    return grade, answer[: matches[-1].start()].strip()[:2000]
+
+
 @dataclass
 class Stats:
     requests: int = 0  # sent to the server, retries included

@@ -25,6 +25,7 @@ Outputs in `stage.output/`:
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 import json
 import logging
 import os
@@ -69,7 +70,11 @@ def _init_worker(problem_labels: list, problem_grams: list, cfg: dict) -> None:
     for j, labels in enumerate(problem_labels):
         if labels:
             lsh.insert(j, _minhash(signer, labels), check_duplication=False)
-    _W.update(signer=signer, lsh=lsh, labels=problem_labels, grams=problem_grams, cfg=cfg)
+    grams: dict[int, list[int]] = {}  # docstring 13-gram -> the problems whose docstring has it
+    for j, problem in enumerate(problem_grams):
+        for gram in problem:
+            grams.setdefault(gram, []).append(j)
+    _W.update(signer=signer, lsh=lsh, labels=problem_labels, grams=grams, cfg=cfg)
 
 
 def _minhash(signer, labels):
@@ -89,9 +94,9 @@ def _score_chunk(texts: list[str]) -> list[tuple[list[tuple[int, float]], list[t
         if labels:
             for j in _W["lsh"].query(_minhash(_W["signer"], labels)):
                 taus.append((j, measures.match_rate(labels, _W["labels"][j])))
-        grams = measures.ngrams(measures.docstring_words(text), n)
-        shared = [(j, len(grams & g)) for j, g in enumerate(_W["grams"]) if g and grams and not grams.isdisjoint(g)]
-        out.append((taus, shared))
+        shared = Counter(j for gram in measures.ngrams(measures.docstring_words(text), n)
+                         for j in _W["grams"].get(gram, ()))
+        out.append((taus, sorted(shared.items())))
     return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from phi1.llm import LLM, ParseError
+from phi1.llm import LLM, last_grade
 
 PROMPTS = Path(__file__).parent / "prompts"
 _GRADE = re.compile(r"grade\s*[:=]?\s*\**\s*(\d{1,2})(?:\.\d+)?\s*(?:/|out of)\s*10", re.IGNORECASE)
@@ -17,14 +17,8 @@ _GRADE = re.compile(r"grade\s*[:=]?\s*\**\s*(\d{1,2})(?:\.\d+)?\s*(?:/|out of)\s
 
 def parse_grade(answer: str) -> dict:
     """{"grade", "evaluation"} from the last 'Grade: N/10' of an answer."""
-    grades = _GRADE.findall(answer or "")
-    if not grades:
-        raise ParseError("no 'Grade: N/10' line")
-    grade = int(grades[-1])
-    if not 0 <= grade <= 10:
-        raise ParseError(f"grade {grade} is outside 0-10")
-    evaluation = answer[: [m.start() for m in _GRADE.finditer(answer)][-1]].strip()
-    return {"grade": grade, "evaluation": evaluation[:2000]}
+    grade, evaluation = last_grade(_GRADE, answer, "Grade: N/10")
+    return {"grade": grade, "evaluation": evaluation}
 
 
 def template(version: str) -> str:

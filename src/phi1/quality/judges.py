@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from phi1.llm import LLM, ParseError
+from phi1.llm import LLM, last_grade
 
 PROMPTS = Path(__file__).parent / "prompts"
 _GRADE = re.compile(r"educational value\s*[:=]?\s*\**\s*(\d{1,2})(?:\.\d+)?\s*/\s*10", re.IGNORECASE)
@@ -38,14 +38,7 @@ def label(score: int, threshold: int) -> str:
 
 def parse_grade(answer: str) -> Judgement:
     """The last 'Educational value: N/10' of an answer; anything else is unparseable (never guessed)."""
-    grades = _GRADE.findall(answer or "")
-    if not grades:
-        raise ParseError("no 'Educational value: N/10' line")
-    score = int(grades[-1])
-    if not 0 <= score <= 10:
-        raise ParseError(f"grade {score} is outside 0-10")
-    rationale = _GRADE.split(answer)[0].strip() if answer else ""
-    return Judgement(score, rationale[:2000])
+    return Judgement(*last_grade(_GRADE, answer, "Educational value: N/10"))
 
 
 class HeuristicJudge:

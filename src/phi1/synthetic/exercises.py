@@ -102,7 +102,7 @@ def run(cfg: DictConfig) -> dict:
                        test=DOCTEST_CHECK if has_examples(parsed["prompt"]) else "", source="exercises")
         else:
             row["unparsed"] = parsed
-        candidates.append((item_id, row))
+        candidates.append(row)
 
     duplicates = gates.Duplicates(stage.dedup)
     checks = [

@@ -113,11 +113,11 @@ def write(out: Path, name: str, kept: list[dict], rejected: list[dict], report: 
     return report
 
 
-def apply_gates(candidates: list[tuple[str, dict]], gates) -> tuple[list[dict], list[dict], Counter]:
+def apply_gates(candidates: list[dict], gates) -> tuple[list[dict], list[dict], Counter]:
     """Run each candidate row through `gates` (functions row -> reason or None) in order; the first failing
     gate's reason rejects it. Returns (kept, rejected, counts of reasons)."""
     kept, rejected, reasons = [], [], Counter()
-    for _, row in candidates:
+    for row in candidates:
         for gate in gates:
             reason = gate(row)
             if reason:

@@ -58,9 +58,9 @@ def run(cfg: DictConfig) -> dict:
         lambda row: duplicates.check(row["text"]),
     ]
     candidates = [
-        (item_id, {"id": item_id, "text": answers[item_id].strip() + "\n", "source": "textbooks",
-                   "meta": {"constraints": constraints, "model": llm.model, "prompt_version": stage.prompt_version,
-                            "lists_version": stage.lists_version}})
+        {"id": item_id, "text": answers[item_id].strip() + "\n", "source": "textbooks",
+         "meta": {"constraints": constraints, "model": llm.model, "prompt_version": stage.prompt_version,
+                  "lists_version": stage.lists_version}}
         for item_id, constraints, _ in todo if item_id in answers
     ]
     kept, rejected, reasons = apply_gates(candidates, checks)
