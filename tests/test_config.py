@@ -13,7 +13,7 @@ from phi1.config import ConfigError, plan, validate
 
 # Groups of train.yaml; benchmark belongs to evaluate.yaml, llm and stage to prepare.yaml (tested below).
 GROUPS = sorted(p.name for p in CONF.iterdir()
-                if p.is_dir() and p.name not in ("hydra", "experiment", "benchmark", "llm", "stage"))
+                if p.is_dir() and p.name not in ("hydra", "experiment", "benchmark", "llm", "stage", "sweep"))
 
 
 def options(group):
@@ -103,7 +103,7 @@ def test_finetuning_experiment_has_the_paper_hyperparameters(tmp_path):
 
 
 def test_finetuning_without_base_weights_is_refused(tmp_path):
-    cfg = make_cfg(["experiment=phi1"], run_dir=tmp_path, data_dir=tmp_path)
+    cfg = make_cfg(["experiment=phi1", "init_from=null"], run_dir=tmp_path, data_dir=tmp_path)
     with pytest.raises(Exception, match="init_from"):
         validate(cfg)
 

@@ -9,11 +9,12 @@ does not divide, a budget given twice) are checked by `validate`, before any wor
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 @dataclass
@@ -278,8 +279,13 @@ class TrainConfig:
     experiment_name: str = "embedded"
     run_name: str = MISSING
     seed: int = 1234
-    # Weights to start from (finetuning): a Lightning checkpoint or an HF export directory.
+    # Weights to start from (finetuning): a Lightning checkpoint, an HF export directory, run:<name>[/<file>]
+    # (another run's export or checkpoint) or wandb:<artifact> (see phi1/runs.py).
     init_from: Optional[str] = None
+    # Minutes to wait for the run that init_from names to finish (sweep cells run in parallel); 0: fail at once.
+    init_wait_min: float = 0
+    # The contamination study's AST match-rate threshold of experiment=pruning (paper §5.2, Table 3).
+    tau: Optional[float] = None
     # Resume: a checkpoint path, `last` (this run dir's last.ckpt, an error if absent) or `auto` (last if any).
     ckpt_path: Optional[str] = None
     evaluation: TrainEvalConfig = field(default_factory=TrainEvalConfig)
@@ -441,11 +447,30 @@ class PrepareConfig:
     run_name: str = MISSING
 
 
+@dataclass
+class ReportConfig:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    # Run directories to read (each with config.yaml and metrics.json), and where the report goes.
+    runs_dir: str = MISSING
+    out: str = MISSING
+    # <entity>/<project>: also read the finished runs logged to W&B (needs the network and an API key).
+    wandb: Optional[str] = None
+    # The contamination stage's output for Table 3 (similar-tau*.txt, nonsimilar-tau*.txt).
+    decontaminate_dir: str = MISSING
+    run_name: str = "report"
+
+
 def register_configs() -> None:
+    # pruned-tau0.90.jsonl: τ as the contamination stage names its files, whatever form the override took.
+    OmegaConf.register_new_resolver("phi1.tau", lambda tau: f"{float(tau):.2f}", replace=True)
+    # A run name from any value (run:phi1_base/base-step024000.ckpt -> run-phi1_base-base-step024000.ckpt).
+    OmegaConf.register_new_resolver("phi1.slug", lambda v: re.sub(r"[^A-Za-z0-9._-]+", "-", str(v)).strip("-"),
+                                    replace=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="prepare_schema", node=PrepareConfig)
+    cs.store(name="report_schema", node=ReportConfig)
     cs.store(group="stage", name="annotate_schema", node=AnnotateConfig)
     cs.store(group="stage", name="embed_schema", node=EmbedConfig)
     cs.store(group="stage", name="classify_schema", node=ClassifyConfig)

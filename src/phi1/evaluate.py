@@ -10,9 +10,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from phi1 import runs
 from phi1.eval import benchmarks as bench
 from phi1.eval.sandbox import Limits, Sandbox
 
@@ -146,6 +147,9 @@ def evaluate(cfg: DictConfig) -> dict:
     log.warning("allow_code_execution=true: running model-written code in the sandbox")
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # What report.py reads to place this run: the config with every interpolation resolved.
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    ckpt = runs.resolve(cfg.ckpt, cfg.paths.output_dir, cfg.paths.data_dir, what="ckpt")
     # Started before any model is loaded: a sandbox that cannot be set up stops the run before the work.
     sandbox = make_sandbox(cfg.sandbox)
     try:
@@ -165,9 +169,9 @@ def evaluate(cfg: DictConfig) -> dict:
             if _backend(cfg.generation.backend) == "transformers" or cfg.solution_nll:
                 from phi1.eval import generate
 
-                model, tokenizer = generate.load(cfg.ckpt)
+                model, tokenizer = generate.load(ckpt)
             metrics, tables = evaluate_model(model, tokenizer, cfg.benchmarks, cfg.generation, sandbox, cfg.ks,
-                                             run_dir, cfg.solution_nll, cfg.ckpt)
+                                             run_dir, cfg.solution_nll, ckpt)
         metrics.update(_grade(cfg, tables, run_dir))
     finally:
         sandbox.close()
@@ -224,8 +228,10 @@ def _log_wandb(cfg: DictConfig, metrics: dict, tables: dict) -> None:
         return
     import wandb
 
+    # The whole resolved config, as train runs log it: report.py places a W&B run as it places a run dir.
     with wandb.init(project="phi1", name=cfg.run_name, group=cfg.experiment_name, job_type="eval", mode=mode,
-                    dir=cfg.paths.run_dir, config={"ckpt": cfg.ckpt, "samples": cfg.samples}) as run:
+                    tags=["eval", *cfg.benchmarks], dir=cfg.paths.run_dir,
+                    config={"cfg": OmegaConf.to_container(cfg, resolve=True)}) as run:
         run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         for name, rows in tables.items():
             columns, data = samples_table(rows)

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from phi1 import config as phi_config
+from phi1 import runs
 from phi1.data.datamodule import PackedData
 from phi1.eval.callback import Evaluation
 from phi1.export import export_hf
@@ -55,6 +56,8 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # What report.py reads to place this run in a figure: the config with every interpolation resolved.
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
     callbacks = [instantiate(spec) for spec in cfg.callbacks.values()]
     evaluation = Evaluation(cfg.evaluation, run_dir) if cfg.evaluation.enabled else None
@@ -72,8 +75,9 @@ def train(cfg: DictConfig) -> dict:
     log.info("plan: %d steps × %d sequences × %d tokens = %s tokens; %d device(s), micro-batch %d, accumulation %d",
              plan.max_steps, cfg.batch.global_size, cfg.data.seq_len, f"{plan.tokens:,}", plan.world_size,
              cfg.batch.micro_size, plan.accumulate)
-    if cfg.init_from and ckpt_path is None:
-        module.load_weights(cfg.init_from)
+    if cfg.init_from and ckpt_path is None:  # a resumed run has its weights in the checkpoint
+        module.load_weights(runs.resolve(cfg.init_from, cfg.paths.output_dir, cfg.paths.data_dir,
+                                         cfg.init_wait_min))
 
     trainer = L.Trainer(
         **instantiate(cfg.trainer, _convert_="all"),  # builds `strategy` when it has a _target_ (DeepSpeed)
@@ -111,9 +115,10 @@ def train(cfg: DictConfig) -> dict:
         best = torch.load(evaluation.best_path, map_location="cpu", weights_only=False)["state_dict"]
         module.load_state_dict(best)
     if trainer.is_global_zero:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         if cfg.export_hf:
             export_hf(module, data.tokenizer_dir, run_dir / "hf")
+        # Written last: its presence says the run finished (runs that depend on this one wait for it).
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         log.info("done: %s; metrics.json, checkpoints and HF export in %s",
                  ", ".join(f"{k}={metrics[k]:.4g}" for k in ("train/loss_first", "train/loss", "val/loss")
                            if metrics.get(k) is not None), run_dir)

@@ -232,7 +232,7 @@ def _write_pruned(source, best: np.ndarray, taus: list[float], out: Path) -> Non
         (out / f".pruned-tau{tau:.2f}.jsonl.tmp").rename(out / f"pruned-tau{tau:.2f}.jsonl")
 
 
-def _pass_rates(samples_path: str) -> dict[str, float]:
+def pass_rates(samples_path: str) -> dict[str, float]:
     """task_id -> fraction of samples passed, from an evaluation run's samples.jsonl."""
     totals: dict[str, list[int]] = {}
     with open(samples_path) as f:
@@ -244,7 +244,7 @@ def _pass_rates(samples_path: str) -> dict[str, float]:
 
 
 def _table3(out: Path, taus, per_tau, similar_by_tau, problems, stage, n_train: int) -> dict:
-    runs = {name: _pass_rates(path) for name, path in (stage.samples or {}).items()}
+    runs = {name: pass_rates(path) for name, path in (stage.samples or {}).items()}
     table = {}
     lines = ["# Contamination: HumanEval pass@1 on similar / non-similar problems (paper Table 3 layout)", "",
              f"Training set: {stage.train.name} ({n_train:,} items); benchmark: {stage.benchmark.name}. "

@@ -1,0 +1,335 @@
+"""`report(cfg)`: the paper's figures and tables from our runs, the paper's numbers beside ours.
+
+Reads every run directory under `runs_dir` (its resolved `config.yaml` and `metrics.json`, written by
+train.py and evaluate.py) and, with `wandb=<entity>/<project>`, the runs logged to W&B. Writes into `out`:
+  fig2_1.{png,md}     Figure 2.1: HumanEval per (model, tokens) group, one bar per training data
+                      (runs of experiment scaling; the mini reproduction's runs as mini_fig2_1.*)
+  emergence.{png,md}  phi-1-small / phi-1-base / phi-1 on HumanEval, MBPP, unconventional (experiment emergence)
+  table2.md           Table 2: unconventional-problem score and HumanEval, the paper's other models beside
+  table3.{png,md}     Table 3: pass@1 on similar / non-similar HumanEval problems per τ (experiment pruning)
+  report.json         every number above with the runs it came from
+Each table names the run behind each number; a section without runs says which command makes them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from phi1.contamination.decontaminate import PAPER_TABLE3, pass_rates  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+# DESIGN §3. Figure 2.1's bars are numbers only in the figure's image, except the two the text gives:
+# phi-1-base (1.3B on CodeTextbook, 51B tokens) 29% and phi-1 (the same finetuned on CodeExercises) 50.6%,
+# drawn in the 1.3B group of the longer budget (the figure's "1.3B, 51-76B tokens" group).
+PAPER_FIG21 = {("phi-1", "76b", "codetextbook"): 29.0, ("phi-1", "76b", "codeexercises"): 50.6}
+# (HumanEval, MBPP, unconventional score on 0-100) per model, paper §1, §3, Table 2.
+PAPER_EMERGENCE = {"phi-1-small": (45.0, None, 45.0), "phi-1-base": (29.0, None, 37.0), "phi-1": (50.6, 55.5, 52.0)}
+# Table 2: model -> (GPT-4 score on the 50 unconventional problems, HumanEval), both in %.
+PAPER_TABLE2 = {"CodeGen-Mono-350M": (19, 13), "CodeGen-Mono-16.1B": (38, 29), "Replit": (37, 22),
+                "StarCoder": (51, 34), "phi-1-base": (37, 29), "phi-1-small": (45, 45), "phi-1": (52, 51)}
+
+# Bars of a scaling figure, in the paper's order, by the data a run trained on last.
+ARMS = {
+    "scaling": {"stack": "The Stack+", "codetextbook": "CodeTextbook", "codeexercises": "CodeTextbook → CodeExercises"},
+    "mini": {"stdlib": "stdlib (unfiltered)", "stdlib_filtered": "filtered stdlib",
+             "stdlib_exercises": "filtered → stdlib exercises"},
+}
+# The evaluated run an emergence run points at (ckpt=run:<name>...) -> the paper's model name.
+EMERGENCE_MODELS = {"phi1_small": "phi-1-small", "phi1_base": "phi-1-base", "phi1": "phi-1"}
+COLORS = ["#f28e2b", "#8cd17d", "#2e7d32"]  # the paper's orange, light green, dark green
+
+
+@dataclass
+class Run:
+    name: str
+    config: dict
+    metrics: dict
+    where: str  # a run directory, or wandb:<entity>/<project>/<id>
+    dir: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    def get(self, dotted: str, default=None):
+        node = self.config
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+
+def local_runs(runs_dir: Path) -> list[Run]:
+    """Every finished run under runs_dir: a folder with config.yaml and metrics.json."""
+    runs = []
+    for metrics_path in sorted(Path(runs_dir).glob("*/metrics.json")):
+        d = metrics_path.parent
+        if not (d / "config.yaml").exists():
+            continue
+        config = OmegaConf.to_container(OmegaConf.load(d / "config.yaml"))
+        runs.append(Run(config.get("run_name", d.name), config, json.loads(metrics_path.read_text()), str(d), d))
+    return runs
+
+
+def wandb_runs(path: str) -> list[Run]:
+    """Finished runs of a W&B project (train.py and evaluate.py log the resolved config under `cfg`)."""
+    import wandb
+
+    runs = []
+    for r in wandb.Api().runs(path, filters={"state": "finished"}):
+        config = r.config.get("cfg", r.config)
+        metrics = {k: v for k, v in r.summary.items() if isinstance(v, (int, float))}
+        runs.append(Run(config.get("run_name", r.name), config, metrics, f"wandb:{path}/{r.id}"))
+    return runs
+
+
+def _pct(v):
+    return None if v is None else 100.0 * v
+
+
+def _fmt(v, digits=1):
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _samples(run: Run, bench: str) -> Path | None:
+    """The HumanEval samples of a train run's evaluation: of its best checkpoint when one was kept, else the
+    last; an evaluate.py run keeps them in <run>/<bench>/."""
+    if run.dir is None:
+        return None
+    if (run.dir / bench / "samples.jsonl").exists():
+        return run.dir / bench / "samples.jsonl"
+    best = run.metrics.get("eval/best")
+    if isinstance(best, dict) and "step" in best:
+        path = run.dir / "eval" / f"step{int(best['step']):06d}" / bench / "samples.jsonl"
+        if path.exists():
+            return path
+    steps = sorted((run.dir / "eval").glob(f"step*/{bench}/samples.jsonl"))
+    return steps[-1] if steps else None
+
+
+# ------------------------------------------------------------------------------------------------ Figure 2.1
+
+def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
+    arms = ARMS[experiment]
+    cells = {}
+    for r in runs:
+        if r.get("experiment_name") == experiment and r.get("data.name") in arms:
+            cells[(r.get("model.name"), r.get("budget.name"), r.get("data.name"))] = r  # the last one of a cell wins
+    prefix = "" if experiment == "scaling" else f"{experiment}_"
+    if not cells:
+        log.info("Figure 2.1 (%s): no runs; make them with `python train.py +sweep=%s`", experiment, experiment)
+        return None
+    groups = sorted({(m, b) for m, b, _ in cells}, key=lambda g: (_group_size(cells, g), g[1]))
+    rows, table = [], {}
+    for m, b in groups:
+        for arm, label in arms.items():
+            r = cells.get((m, b, arm))
+            pass1 = _pct(r.metrics.get("eval/humaneval/pass@1")) if r else None
+            nll = r.metrics.get("eval/humaneval/solution_nll") if r else None
+            paper = PAPER_FIG21.get((m, b, arm)) if experiment == "scaling" else None
+            rows.append(f"| {m} | {b} | {label} | {_fmt(pass1)} | {_fmt(nll, 3)} | {_fmt(paper)} | "
+                        f"{r.name if r else '–'} |")
+            table[f"{m}/{b}/{arm}"] = {"pass@1": pass1, "solution_nll": nll, "paper_pass@1": paper,
+                                       "run": r.where if r else None}
+    title = "Figure 2.1: HumanEval by model, tokens seen and training data" + (
+        "" if experiment == "scaling" else f" ({experiment} reproduction)")
+    md = [f"# {title}", "",
+          "pass@1 in %, greedy; solution NLL = mean per-token negative log-likelihood of the canonical solutions "
+          "(lower is better). Paper: the values its text gives (DESIGN §3).", "",
+          "| model | tokens | data | pass@1 | solution NLL | paper pass@1 | run |", "|---|---|---|---|---|---|---|",
+          *rows]
+    (out / f"{prefix}fig2_1.md").write_text("\n".join(md) + "\n")
+    labels = [_group_label(cells, g) for g in groups]
+    _bars(out / f"{prefix}fig2_1.png", title, groups, labels, arms, table, show_nll=experiment != "scaling")
+    return table
+
+
+def _human(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def _group_label(cells, group) -> str:
+    """'tiny (1.85M params)\n246K tokens': the model and its pretraining tokens, read from the runs."""
+    rs = [r for (m, b, _), r in cells.items() if (m, b) == group]
+    params = max((r.metrics.get("params", 0) for r in rs), default=0)
+    tokens = max((r.metrics.get("tokens", 0) for r in rs if r.get("phase") != "finetune"), default=0)
+    return (f"{group[0]}" + (f" ({_human(params)} params)" if params else "") + "\n"
+            + (f"{_human(tokens)} tokens" if tokens else f"{group[1]} tokens"))
+
+
+def _group_size(cells, group) -> float:
+    """Sort key of a (model, budget) group: the model's parameters (from a run's metrics), small first."""
+    return min((r.metrics.get("params", 0) for (m, b, _), r in cells.items() if (m, b) == group), default=0)
+
+
+def _bars(path: Path, title: str, groups, labels, arms: dict, table: dict, show_nll: bool) -> None:
+    panels = [("pass@1", "HumanEval pass@1 (%)")] + ([("solution_nll", "HumanEval solution NLL (lower is better)")]
+                                                     if show_nll else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4.2), squeeze=False)
+    width = 0.8 / len(arms)
+    for ax, (key, ylabel) in zip(axes[0], panels):
+        for i, (arm, label) in enumerate(arms.items()):
+            xs = [g + (i - (len(arms) - 1) / 2) * width for g in range(len(groups))]
+            vals = [table[f"{m}/{b}/{arm}"][key] for m, b in groups]
+            bars = ax.bar(xs, [v or 0 for v in vals], width, label=label, color=COLORS[i % 3])
+            for bar, v in zip(bars, vals):
+                if v is not None:
+                    ax.annotate(f"{v:.1f}" if key == "pass@1" else f"{v:.2f}", (bar.get_x() + width / 2, v),
+                                ha="center", va="bottom", fontsize=8)
+            if key == "pass@1":
+                paper = [table[f"{m}/{b}/{arm}"]["paper_pass@1"] for m, b in groups]
+                if any(p is not None for p in paper):
+                    ax.scatter([x for x, p in zip(xs, paper) if p is not None], [p for p in paper if p is not None],
+                               marker="_", s=400, color="black", zorder=3, label="paper" if i == len(arms) - 1 else None)
+        ax.set_xticks(range(len(groups)), labels)
+        ax.set_ylabel(ylabel)
+        if key == "pass@1":  # all zeros at the mini scale: keep the axis readable
+            top = max((max(v["pass@1"] or 0, v["paper_pass@1"] or 0) for v in table.values()), default=0)
+            ax.set_ylim(0, max(5.0, 1.15 * top))
+        if key == "solution_nll":
+            lo = min((v[key] for v in table.values() if v[key] is not None), default=0)
+            ax.set_ylim(bottom=max(0.0, lo - 0.5))
+    axes[0][0].legend(fontsize=8, loc="upper left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------- emergence and Table 2
+
+def _emergence_model(run: Run) -> str:
+    ckpt = str(run.get("ckpt") or "")
+    name = ckpt.removeprefix("run:").split("/")[0] if ckpt.startswith("run:") else ckpt
+    return EMERGENCE_MODELS.get(name, name)
+
+
+def emergence(runs: list[Run], out: Path) -> dict | None:
+    evals = {_emergence_model(r): r for r in runs if r.get("experiment_name") == "emergence"}
+    if not evals:
+        log.info("emergence / Table 2: no runs; make them with `python evaluate.py +sweep=emergence`")
+        return None
+    order = [m for m in PAPER_EMERGENCE if m in evals] + sorted(set(evals) - set(PAPER_EMERGENCE))
+    table = {}
+    for m in order:
+        r = evals[m]
+        score = r.metrics.get("eval/unconventional/score")
+        table[m] = {"humaneval": _pct(r.metrics.get("eval/humaneval/pass@1")),
+                    "mbpp": _pct(r.metrics.get("eval/mbpp/pass@1")),
+                    "unconventional_pass@1": _pct(r.metrics.get("eval/unconventional/pass@1")),
+                    "unconventional_score": None if score is None else 10.0 * score,  # 0-10 -> the paper's 0-100
+                    "paper": PAPER_EMERGENCE.get(m), "run": r.where}
+    md = ["# Emergence: phi-1-small, phi-1-base, phi-1 (paper §3-4)", "",
+          "pass@1 in %, greedy; unconventional score = mean GPT grade × 10 (the paper's scale). Paper in brackets.", "",
+          "| model | HumanEval | MBPP | unconventional pass@1 | unconventional score | run |", "|---|---|---|---|---|---|"]
+    for m, v in table.items():
+        p = v["paper"] or (None, None, None)
+        md.append(f"| {m} | {_fmt(v['humaneval'])} ({_fmt(p[0])}) | {_fmt(v['mbpp'])} ({_fmt(p[1])}) | "
+                  f"{_fmt(v['unconventional_pass@1'])} | {_fmt(v['unconventional_score'])} ({_fmt(p[2])}) | "
+                  f"{evals[m].name} |")
+    (out / "emergence.md").write_text("\n".join(md) + "\n")
+
+    t2 = ["# Table 2: understanding of 50 unconventional problems (GPT-4 score) and HumanEval, in %", "",
+          "| model | score | HumanEval | source |", "|---|---|---|---|"]
+    t2 += [f"| {m} | {s} | {h} | paper |" for m, (s, h) in PAPER_TABLE2.items()]
+    t2 += [f"| {m} (ours) | {_fmt(v['unconventional_score'])} | {_fmt(v['humaneval'])} | {evals[m].name} |"
+           for m, v in table.items()]
+    (out / "table2.md").write_text("\n".join(t2) + "\n")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    benches = [("humaneval", "HumanEval", 0), ("mbpp", "MBPP", 1), ("unconventional_score", "unconventional score", 2)]
+    width = 0.8 / (2 * len(order))
+    for i, m in enumerate(order):
+        for j, (key, _, pi) in enumerate(benches):
+            ours, paper = table[m][key], (table[m]["paper"] or (None,) * 3)[pi]
+            x = j + (2 * i - len(order) + 0.5) * width
+            ax.bar(x, ours or 0, width, color=COLORS[i % 3], label=m if j == 0 else None)
+            if paper is not None:
+                ax.bar(x + width, paper, width, color="none", edgecolor=COLORS[i % 3], hatch="//",
+                       label=f"{m} (paper)" if j == 0 else None)
+    ax.set_xticks(range(len(benches)), [b[1] for b in benches])
+    ax.set_ylabel("%")
+    ax.legend(fontsize=8)
+    ax.set_title("Emergence: ours (solid) and the paper's (hatched)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "emergence.png", dpi=120)
+    plt.close(fig)
+    return table
+
+
+# ------------------------------------------------------------------------------------------------ Table 3
+
+def table3(runs: list[Run], decontaminate_dir: Path, out: Path) -> dict | None:
+    pruned = {round(float(r.get("tau")), 2): r for r in runs
+              if r.get("experiment_name") == "pruning" and r.get("tau") is not None}
+    if not pruned:
+        log.info("Table 3: no runs; make them with `python train.py +sweep=pruning`")
+        return None
+    full = next((r for r in reversed(runs) if r.get("experiment_name") == "phi1"), None)
+    full_rates = pass_rates(str(p)) if full and (p := _samples(full, "humaneval")) else {}
+    table, lines = {}, ["# Table 3: HumanEval pass@1 (%) on problems similar / not similar to CodeExercises", "",
+                        "Ours: phi-1 and phi-1 retrained on CodeExercises pruned at τ; paper in brackets "
+                        "(StarCoder-Prompted from the paper only).", "",
+                        "| τ | problems | count | phi-1 | retrained on pruned | StarCoder-Prompted (paper) | runs |",
+                        "|---|---|---|---|---|---|---|"]
+    for tau in sorted(pruned, reverse=True):
+        r = pruned[tau]
+        path = _samples(r, "humaneval")
+        rates = pass_rates(str(path)) if path else {}
+        sim_file = Path(decontaminate_dir) / f"similar-tau{tau:.2f}.txt"
+        non_file = Path(decontaminate_dir) / f"nonsimilar-tau{tau:.2f}.txt"
+        if not sim_file.exists():
+            log.warning("Table 3: %s is missing (run prepare.py stage=decontaminate); τ=%.2f skipped", sim_file, tau)
+            continue
+        paper = PAPER_TABLE3.get(tau)
+        table[f"{tau:.2f}"] = {}
+        for i, (part, f) in enumerate((("similar", sim_file), ("non-similar", non_file))):
+            ids = [t for t in f.read_text().split() if t]
+            ours = [(100 * sum(rs.get(t, 0.0) for t in ids) / len(ids)) if ids and rs else None
+                    for rs in (full_rates, rates)]
+            p = paper[i] if paper else (None,) * 4
+            table[f"{tau:.2f}"][part] = {"count": len(ids), "phi-1": ours[0], "retrained": ours[1],
+                                         "paper": p, "runs": [full.where if full else None, r.where]}
+            lines.append(f"| {tau:.2f} | {part} | {len(ids)} ({_fmt(p[0], 0)}) | {_fmt(ours[0])} ({_fmt(p[1])}) | "
+                         f"{_fmt(ours[1])} ({_fmt(p[2])}) | {_fmt(p[3])} | {full.name if full else '–'}, {r.name} |")
+        table[f"{tau:.2f}"]["retrained_total"] = _pct(r.metrics.get("eval/humaneval/pass@1"))
+    (out / "table3.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    taus = list(table)
+    for i, (part, key) in enumerate([(p, k) for p in ("similar", "non-similar") for k in ("phi-1", "retrained")]):
+        xs = [t + (i - 1.5) * 0.2 for t in range(len(taus))]
+        ax.bar(xs, [table[t][part][key] or 0 for t in taus], 0.2, label=f"{key}, {part}",
+               color=COLORS[1 + (key == "retrained")], hatch="//" if part == "non-similar" else None)
+    ax.set_xticks(range(len(taus)), [f"τ = {t}" for t in taus])
+    ax.set_ylabel("HumanEval pass@1 (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "table3.png", dpi=120)
+    plt.close(fig)
+    return table
+
+
+def report(cfg: DictConfig) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = local_runs(Path(cfg.runs_dir))
+    if cfg.wandb:
+        runs += wandb_runs(cfg.wandb)
+    log.info("%d finished runs (%s%s)", len(runs), cfg.runs_dir, f", wandb:{cfg.wandb}" if cfg.wandb else "")
+    result = {"fig2_1": scaling(runs, "scaling", out), "mini_fig2_1": scaling(runs, "mini", out),
+              "emergence": emergence(runs, out), "table3": table3(runs, Path(cfg.decontaminate_dir), out)}
+    (out / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    made = sorted(p.name for p in out.iterdir() if p.suffix in (".png", ".md"))
+    log.info("report in %s: %s", out, ", ".join(made) or "nothing (no finished runs of a known experiment)")
+    return result

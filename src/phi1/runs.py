@@ -1,0 +1,92 @@
+"""Runs that depend on runs: a finetune starts from the weights of the pretraining run of its sweep cell.
+
+`init_from` (train.py) and `ckpt` (evaluate.py) take, besides a path or a hub id:
+  run:<name>          the HF export of the finished run `<paths.output_dir>/<name>` (its `hf/`);
+  run:<name>/<file>   a checkpoint of that run, `<name>/checkpoints/<file>` (e.g. phi-1-base, the 24,000-step
+                      checkpoint of phi1_base: `run:phi1_base/base-step024000.ckpt`);
+  wandb:<entity>/<project>/<artifact>:<alias>   a model artifact that a run logged to W&B
+                      (`logger.wandb.log_model=true`), downloaded under `<paths.data_dir>/artifacts/`.
+
+A run counts as finished once its `metrics.json` exists (train.py writes it last, after the HF export);
+Lightning writes a checkpoint through a temporary file, so one that exists is whole. In a sweep the cells
+of one grid run in parallel: with `init_wait_min` > 0 a finetune waits for its base instead of failing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _run_target(ref: str, output_dir: Path) -> tuple[str, Path, Path]:
+    """`run:` reference -> (run name, the file or folder it names, the marker that says it is ready)."""
+    name, _, file = ref.removeprefix("run:").partition("/")
+    if not name:
+        raise ValueError(f"{ref!r}: expected run:<name> or run:<name>/<checkpoint file>")
+    run_dir = output_dir / name
+    if file:
+        target = run_dir / "checkpoints" / file
+        return name, target, target
+    return name, run_dir / "hf", run_dir / "metrics.json"
+
+
+def resolve(ref: str | None, output_dir: str | Path, data_dir: str | Path, wait_min: float = 0,
+            poll_s: float = 30.0, what: str = "init_from") -> str | None:
+    """The local path that `ref` names (see the module doc); any other value is returned as it is."""
+    if not ref or not isinstance(ref, str):
+        return ref
+    if ref.startswith("wandb:"):
+        return _download_artifact(ref.removeprefix("wandb:"), Path(data_dir) / "artifacts")
+    if not ref.startswith("run:"):
+        return ref
+    name, target, ready = _run_target(ref, Path(output_dir))
+    deadline = time.monotonic() + 60 * wait_min
+    announced = False
+    while not ready.exists():
+        if time.monotonic() >= deadline:
+            raise FileNotFoundError(
+                f"{what}={ref}: {ready} does not exist: run {name!r} has not finished (or not reached that"
+                f" checkpoint) under {output_dir}. Run it first (its experiment config names the command),"
+                " or set init_wait_min to wait for it (sweeps do)."
+            )
+        if not announced:
+            log.info("%s=%s: waiting up to %.0f min for %s", what, ref, wait_min, ready)
+            announced = True
+        time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
+    if not target.exists():
+        raise FileNotFoundError(f"{what}={ref}: the run finished but {target} does not exist (export_hf=false?)")
+    if (target / "checkpoint").is_dir():
+        target = _consolidate_deepspeed(target)
+    log.info("%s=%s -> %s", what, ref, target)
+    return str(target)
+
+
+def _consolidate_deepspeed(folder: Path) -> Path:
+    """Lightning's DeepSpeed strategy saves a checkpoint as a folder of ZeRO shards; the code that loads weights
+    reads one file, so the shards are gathered once into `<folder>.fp32` (Lightning's own converter)."""
+    out = folder.with_name(folder.name + ".fp32")
+    if not out.exists():
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        tmp = out.with_name(out.name + ".tmp")
+        convert_zero_checkpoint_to_fp32_state_dict(str(folder), str(tmp))
+        tmp.rename(out)
+    return out
+
+
+def _download_artifact(path: str, root: Path) -> str:
+    """A W&B model artifact -> the checkpoint file (or HF folder) inside it, downloaded once."""
+    import wandb
+
+    artifact = wandb.Api().artifact(path, type="model")
+    local = Path(artifact.download(root=str(root / artifact.name.replace(":", "-"))))
+    ckpts = sorted(local.glob("*.ckpt"))
+    if len(ckpts) == 1:
+        return str(ckpts[0])
+    if (local / "config.json").exists():
+        return str(local)
+    raise FileNotFoundError(f"wandb:{path}: expected one .ckpt file or an HF folder in the artifact, found "
+                            f"{sorted(p.name for p in local.iterdir())}")

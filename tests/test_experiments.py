@@ -1,0 +1,331 @@
+"""Sweeps, chaining, the Slurm allocation, dashboards and report.py (issue: experiments)."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import CONF, ROOT, make_cfg
+from phi1 import runs
+from phi1.config import plan, validate
+
+SPECS = sorted((ROOT / "sweeps").glob("*.yaml"))
+
+
+def grid(params: dict) -> list[list[str]]:
+    """The cells of a W&B grid, as `${args_no_hyphens}` passes them (W&B's order: a product of the values)."""
+    names = list(params)
+    values = [p["values"] if "values" in p else [p["value"]] for p in params.values()]
+    return [[f"{n}={v}" for n, v in zip(names, cell)] for cell in itertools.product(*values)]
+
+
+def hydra_grid(sweep: str) -> list[list[str]]:
+    params = OmegaConf.load(CONF / "sweep" / f"{sweep}.yaml").hydra.sweeper.params
+    names = list(params)
+    values = [str(params[n]).split(",") for n in names]
+    return [[f"{n}={v}" for n, v in zip(names, cell)] for cell in itertools.product(*values)]
+
+
+def compose_cell(spec: dict, sweep: str, cell: list[str], tmp_path):
+    primary = spec["program"].removesuffix(".py")
+    overrides = [f"+sweep={sweep}", f"paths.run_dir={tmp_path}", f"paths.data_dir={tmp_path}", *cell]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose(primary, overrides=overrides)
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_sweep_spec_parses_and_matches_its_hydra_multirun(path):
+    spec = yaml.safe_load(path.read_text())
+    assert spec["method"] == "grid" and (ROOT / spec["program"]).exists()
+    # The agent runs one cell: the shared settings, single-run mode, then the cell's overrides.
+    assert spec["command"][3:] == [f"+sweep={path.stem}", "hydra.mode=RUN", "${args_no_hyphens}"]
+    def normal(cell):  # 0.90 in one file and 0.9 in the other are the same override
+        return tuple(sorted((k, yaml.safe_load(v)) for k, _, v in (o.partition("=") for o in cell)))
+
+    ours = {normal(c) for c in grid(spec["parameters"])}
+    theirs = {normal(c) for c in hydra_grid(path.stem)}
+    assert ours == theirs, "the W&B grid and the Hydra multirun grid must be the same cells"
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_every_grid_point_composes_and_its_chain_is_consistent(path, tmp_path):
+    spec = yaml.safe_load(path.read_text())
+    names = []
+    for cell in grid(spec["parameters"]):
+        cfg = compose_cell(spec, path.stem, cell, tmp_path)
+        if spec["program"] == "train.py":
+            validate(cfg)
+            OmegaConf.to_container(cfg, resolve=True)
+            if cfg.phase == "finetune" and cfg.init_from.startswith("run:"):
+                base = cfg.init_from.removeprefix("run:").split("/")[0]
+                # The base is a cell started earlier in the grid, or a paper experiment's run.
+                assert base in names or base in ("phi1_base", "phi1_small_base"), (cell, base)
+        else:
+            assert cfg.ckpt.startswith("run:")
+            assert cfg.run_name.startswith(cfg.experiment_name)
+        names.append(cfg.run_name)
+    assert len(set(names)) == len(names), f"two cells share a run dir: {names}"
+    expected = {"scaling": 12, "emergence": 3, "pruning": 4, "mini": 6}[path.stem]
+    assert len(names) == expected
+
+
+def test_scaling_cells_cover_figure_2_1(tmp_path):
+    spec = yaml.safe_load((ROOT / "sweeps" / "scaling.yaml").read_text())
+    cells = {}
+    for cell in grid(spec["parameters"]):
+        cfg = compose_cell(spec, "scaling", cell, tmp_path)
+        cells[(cfg.model.name, cfg.budget.name, cfg.data.name)] = (cfg, plan(cfg))
+    assert {k[:2] for k in cells} == {(m, b) for m in ("phi-1-small", "phi-1") for b in ("26b", "76b")}
+    cfg, p = cells[("phi-1", "26b", "codetextbook")]
+    assert (p.max_steps, cfg.optim.lr, cfg.phase) == (12_397, 1e-3, "pretrain")  # 26e9 / (1024 × 2048)
+    cfg, p = cells[("phi-1-small", "76b", "codeexercises")]
+    assert (p.max_steps, cfg.optim.lr, cfg.batch.global_size) == (6_000, 1e-4, 256)
+    assert cfg.init_from == "run:scaling-phi-1-small-76b-codetextbook"
+    assert cfg.logger.wandb.group == "scaling"
+    assert OmegaConf.to_container(cfg.logger.wandb.tags, resolve=True) == ["phi-1-small", "codeexercises", "76b",
+                                                                              "finetune"]
+
+
+def test_emergence_names_the_runs_of_the_paper_experiments(tmp_path):
+    spec = yaml.safe_load((ROOT / "sweeps" / "emergence.yaml").read_text())
+    run_names = {make_cfg([f"experiment={e}"], run_dir=tmp_path, data_dir=tmp_path).run_name
+                 for e in ("phi1_small", "phi1_base", "phi1")}
+    refs = {v.removeprefix("run:").split("/")[0] for v in spec["parameters"]["ckpt"]["values"]}
+    assert refs == run_names
+    cfg = compose_cell(spec, "emergence", ["ckpt=run:phi1_base/base-step024000.ckpt"], tmp_path)
+    assert list(cfg.benchmarks) == ["humaneval", "mbpp", "unconventional"] and cfg.llm.name == "gpt4"
+    assert cfg.run_name == "emergence-run-phi1_base-base-step024000.ckpt"
+
+
+def test_pruning_cells_read_the_pruned_set_of_their_tau(tmp_path):
+    for tau in ("0.9", "0.80"):
+        cfg = make_cfg(["experiment=pruning", f"tau={tau}"], run_dir=tmp_path, data_dir=tmp_path)
+        suffix = f"{float(tau):.2f}"
+        assert cfg.data.sources[0].path.endswith(f"humaneval-exercises/pruned-tau{suffix}.jsonl")
+        assert cfg.run_name == f"pruning-phi-1-tau{suffix}"
+
+
+def test_slurm_allocation_flows_into_the_batch_arithmetic(tmp_path, monkeypatch):
+    # phi-1-base on one node: 1024 = 8 GPUs × micro 8 × 16 accumulation steps.
+    p = plan(make_cfg(["experiment=phi1_base"], run_dir=tmp_path, data_dir=tmp_path))
+    assert (p.world_size, p.accumulate) == (8, 16)
+    # The same config in a Slurm job of 4 nodes × 8 tasks (hydra/launcher=slurm_gpu hydra.launcher.nodes=4).
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "4")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")
+    cfg = make_cfg(["experiment=phi1_base"], run_dir=tmp_path, data_dir=tmp_path)
+    p = plan(cfg)
+    assert (p.world_size, p.accumulate, p.max_steps) == (32, 4, 36_000)
+    assert cfg.trainer.num_nodes == 4
+    launcher = OmegaConf.load(CONF / "hydra" / "launcher" / "slurm_gpu.yaml")
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 8
+
+
+def test_run_reference_waits_for_its_base_then_resolves(tmp_path):
+    out = tmp_path / "outputs"
+    (out / "base" / "hf").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="run 'base' has not finished"):
+        runs.resolve("run:base", out, tmp_path)
+    # The base finishes (train.py writes metrics.json last) while the finetune waits for it.
+    timer = threading.Timer(1.0, lambda: (out / "base" / "metrics.json").write_text("{}"))
+    timer.start()
+    t0 = time.monotonic()
+    assert runs.resolve("run:base", out, tmp_path, wait_min=1, poll_s=0.2) == str(out / "base" / "hf")
+    assert 0.9 < time.monotonic() - t0 < 10
+    ckpt = out / "base" / "checkpoints" / "base-step000010.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"x")
+    assert runs.resolve("run:base/base-step000010.ckpt", out, tmp_path) == str(ckpt)
+    assert runs.resolve("/some/path.ckpt", out, tmp_path) == "/some/path.ckpt"
+
+
+def test_dashboards_build_one_view_per_figure():
+    from phi1.dashboards import views
+
+    built = views("someone", "phi1")
+    assert [v.name for v in built] == ["Figure 2.1: scaling", "Mini reproduction", "Emergence and Table 2",
+                                       "Table 3: pruning"]
+    for view, group in zip(built, ("scaling", "mini", "emergence", "pruning")):
+        model = json.dumps(view._to_model().model_dump(by_alias=True))  # what save() would upload
+        assert f'"name": "group"}}, "op": "=", "value": "{group}"' in model
+        metrics = {m for s in view.sections for p in s.panels for m in (getattr(p, "metrics", None) or
+                                                                          getattr(p, "y", None) or [])}
+        assert metrics <= {"eval/humaneval/pass@1", "eval/humaneval/solution_nll", "eval/mbpp/pass@1",
+                           "eval/unconventional/score", "eval/unconventional/pass@1", "train/loss", "val/loss",
+                           "train/lr", "perf/tokens_per_sec", "perf/mfu"}  # DESIGN §6 names only
+    out = subprocess.run([sys.executable, "-m", "phi1.dashboards", "--entity", "x", "--dry-run"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.count("panels") == 4
+
+
+# --------------------------------------------------------------------------------------------- report.py
+
+def _fake_run(out, name, config: dict, metrics: dict, samples: dict | None = None, step: int = 30):
+    d = out / name
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump({"run_name": name, **config}))
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    if samples is not None:
+        s = d / "eval" / f"step{step:06d}" / "humaneval"
+        s.mkdir(parents=True)
+        s.joinpath("samples.jsonl").write_text("".join(json.dumps({"task_id": t, "passed": p}) + "\n"
+                                                       for t, p in samples.items()))
+    return d
+
+
+def _report(tmp_path, *extra):
+    env = {**os.environ, "PHI1_ROOT": str(tmp_path), "PHI1_DATA_DIR": str(tmp_path / "data")}
+    subprocess.run([sys.executable, "report.py", *extra], cwd=ROOT, env=env, check=True, capture_output=True)
+    return tmp_path / "outputs" / "report"
+
+
+def test_report_draws_every_figure_and_table_from_run_dirs(tmp_path):
+    out = tmp_path / "outputs"
+    for model, params in (("phi-1-small", 3.5e8), ("phi-1", 1.4e9)):
+        for data, phase, p1 in (("stack", "pretrain", 0.1), ("codetextbook", "pretrain", 0.2),
+                                ("codeexercises", "finetune", 0.4)):
+            _fake_run(out, f"scaling-{model}-76b-{data}",
+                      {"experiment_name": "scaling", "model": {"name": model}, "budget": {"name": "76b"},
+                       "data": {"name": data}, "phase": phase},
+                      {"eval/humaneval/pass@1": p1 + (0.05 if model == "phi-1" else 0), "params": params,
+                       "eval/humaneval/solution_nll": 1.0 - p1})
+    for ref, he, score in (("run:phi1_small", 0.3, 4.0), ("run:phi1_base/base-step024000.ckpt", 0.2, 3.1),
+                           ("run:phi1", 0.5, 5.5)):
+        _fake_run(out, f"emergence-{ref.replace(':', '-').replace('/', '-')}",
+                  {"experiment_name": "emergence", "ckpt": ref},
+                  {"eval/humaneval/pass@1": he, "eval/mbpp/pass@1": he + 0.05, "eval/unconventional/score": score})
+    # Table 3: 10 problems, 4 similar at τ = 0.90; phi-1 passes 3 of the similar and 1 other, the retrained run
+    # 1 similar and 2 others.
+    ids = [f"HumanEval/{i}" for i in range(10)]
+    deco = tmp_path / "data" / "decontaminate" / "humaneval-exercises"
+    deco.mkdir(parents=True)
+    (deco / "similar-tau0.90.txt").write_text("\n".join(ids[:4]) + "\n")
+    (deco / "nonsimilar-tau0.90.txt").write_text("\n".join(ids[4:]) + "\n")
+    phi1 = {t: t in ids[:3] + ids[4:5] for t in ids}
+    pruned = {t: t in ids[:1] + ids[4:6] for t in ids}
+    _fake_run(out, "phi1", {"experiment_name": "phi1"}, {"eval/humaneval/pass@1": 0.4, "eval/best":
+                                                        {"step": 20, "eval/humaneval/pass@1": 0.4}}, phi1, step=20)
+    _fake_run(out, "pruning-phi-1-tau0.90", {"experiment_name": "pruning", "tau": 0.9},
+              {"eval/humaneval/pass@1": 0.3}, pruned)
+    (out / "unfinished").mkdir()  # no metrics.json: not a run yet, skipped
+
+    report = _report(tmp_path)
+    for name in ("fig2_1.png", "fig2_1.md", "emergence.png", "emergence.md", "table2.md", "table3.md",
+                 "table3.png", "report.json"):
+        assert (report / name).stat().st_size > 0, name
+    result = json.loads((report / "report.json").read_text())
+    cell = result["fig2_1"]["phi-1/76b/codeexercises"]
+    assert cell["pass@1"] == pytest.approx(45.0) and cell["paper_pass@1"] == 50.6
+    assert cell["run"].endswith("scaling-phi-1-76b-codeexercises")
+    assert result["emergence"]["phi-1-base"]["unconventional_score"] == pytest.approx(31.0)
+    assert result["emergence"]["phi-1"]["paper"] == [50.6, 55.5, 52.0]
+    t3 = result["table3"]["0.90"]
+    assert (t3["similar"]["count"], t3["similar"]["phi-1"], t3["similar"]["retrained"]) == (4, 75.0, 25.0)
+    assert t3["non-similar"]["phi-1"] == pytest.approx(100 / 6) and t3["non-similar"]["retrained"] == pytest.approx(200 / 6)
+    fig = (report / "fig2_1.md").read_text()
+    assert "| phi-1 | 76b | CodeTextbook → CodeExercises | 45.0 | 0.600 | 50.6 | scaling-phi-1-76b-codeexercises |" in fig
+    assert "| phi-1 | 76b | CodeTextbook | 25.0 |" in fig  # 0.2 + 0.05
+    assert "phi-1-small (ours) | 40.0 | 30.0 |" in (report / "table2.md").read_text()
+    assert "| 0.90 | similar | 4 (93) | 75.0 (63.4) | 25.0 (51.6) | 48.4 | phi1, pruning-phi-1-tau0.90 |" in \
+        (report / "table3.md").read_text()
+
+
+def test_report_without_runs_says_how_to_make_them(tmp_path):
+    (tmp_path / "outputs").mkdir()
+    env = {**os.environ, "PHI1_ROOT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "report.py"], cwd=ROOT, env=env, check=True, capture_output=True,
+                          text=True)
+    log = proc.stdout + proc.stderr
+    assert "python train.py +sweep=scaling" in log and "python evaluate.py +sweep=emergence" in log
+
+
+@pytest.mark.slow
+def test_two_cell_multirun_chains_the_finetune_and_report_draws_it(tmp_path):
+    """The mini sweep's chain at small size: pretrain on a filtered set, then finetune from that run's HF
+    export (found by name), each evaluated on HumanEval; report.py draws the two bars."""
+    import sysconfig
+
+    data_dir = tmp_path / "data"
+    filtered = data_dir / "filtered"
+    filtered.mkdir(parents=True)
+    stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:120]
+    filtered.joinpath("part-00000.jsonl").write_text("".join(
+        json.dumps({"id": p.name, "text": p.read_text(errors="replace")}) + "\n" for p in stdlib))
+    env = {**os.environ, "PHI1_ROOT": str(tmp_path), "PHI1_DATA_DIR": str(data_dir)}
+    # budget.max_steps overrides both cells' budgets (the finetune's own is max_steps already).
+    small = ["tokenizer.corpus.limit=150", "data.seq_len=64", "batch.global_size=8", "batch.micro_size=8",
+             "budget.tokens=null", "budget.max_steps=30",
+             "logger=csv", "val_batches=2", "evaluation.benchmarks.humaneval.limit=6",
+             "evaluation.generation.max_new_tokens=24", "data.sources.0.limit=300"]
+    proc = subprocess.run([sys.executable, "train.py", "-m", "experiment=mini_filtered,mini_exercises",
+                           "model=tiny", *small], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base, tuned = (tmp_path / "outputs" / f"mini-tiny-{d}" for d in ("stdlib_filtered", "stdlib_exercises"))
+    mb, mt = (json.loads((d / "metrics.json").read_text()) for d in (base, tuned))
+    # The finetune started from the base's weights: its first loss is far below a random model's ln(4096) = 8.3.
+    assert mb["train/loss_first"] > 8.0 and mt["train/loss_first"] < mb["train/loss_first"] - 1.0
+    assert OmegaConf.load(tuned / "config.yaml").init_from == "run:mini-tiny-stdlib_filtered"
+    assert "eval/humaneval/pass@1" in mt and "eval/humaneval/solution_nll" in mt
+
+    report = _report(tmp_path, f"paths.data_dir={data_dir}")
+    result = json.loads((report / "report.json").read_text())["mini_fig2_1"]
+    assert result["tiny/mini/stdlib_exercises"]["solution_nll"] == pytest.approx(mt["eval/humaneval/solution_nll"])
+    assert result["tiny/mini/stdlib_filtered"]["run"] == str(base)
+    assert result["tiny/mini/stdlib"]["run"] is None  # not in this two-cell run: an empty bar, named "–"
+    assert (report / "mini_fig2_1.png").stat().st_size > 10_000
+
+
+def test_data_configs_read_the_kept_rows_not_the_stages_by_products(tmp_path):
+    """The filter writes a .summary.json beside its rows; the synthetic stages a .rejected.jsonl, a report and a
+    quarantine: none of them may end up in the training mix."""
+    import glob
+
+    files = ["filtered/filtered-00000-of-00002.jsonl", "filtered/filtered-00000-of-00002.jsonl.summary.json",
+             "synthetic/textbooks/textbooks-s0.jsonl", "synthetic/textbooks/textbooks-s12.jsonl",
+             "synthetic/textbooks/textbooks-s0.rejected.jsonl", "synthetic/textbooks/quarantine.jsonl",
+             "synthetic/textbooks/textbooks-s0.report.json", "synthetic/exercises/exercises-s3.jsonl",
+             "synthetic/exercises/exercises-s3.rejected.jsonl", "synthetic/exercises/quarantine.jsonl"]
+    for f in files:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("")
+    read = set()
+    for data in ("codetextbook", "codeexercises", "stdlib_filtered"):
+        cfg = make_cfg([f"data={data}"], run_dir=tmp_path, data_dir=tmp_path)
+        for source in cfg.data.sources:
+            read |= {str(Path(p).relative_to(tmp_path)) for p in glob.glob(source.path)}
+    assert read == {"filtered/filtered-00000-of-00002.jsonl", "synthetic/textbooks/textbooks-s0.jsonl",
+                    "synthetic/textbooks/textbooks-s12.jsonl", "synthetic/exercises/exercises-s3.jsonl"}
+
+
+def test_report_places_wandb_runs_like_run_dirs(monkeypatch):
+    """W&B keeps a train run's resolved config under `cfg` (the LightningModule's hyperparameters) and an
+    evaluate.py run's likewise; report.py reads them into the same records as run dirs."""
+    import types
+
+    import wandb
+
+    from phi1 import report
+
+    seen = {}
+
+    class Api:
+        def runs(self, path, filters):
+            seen.update(path=path, filters=filters)
+            cfg = {"run_name": "scaling-phi-1-26b-stack", "experiment_name": "scaling", "model": {"name": "phi-1"},
+                   "budget": {"name": "26b"}, "data": {"name": "stack"}}
+            return [types.SimpleNamespace(id="abc123", name="x", config={"cfg": cfg, "max_steps": 5},
+                                          summary={"eval/humaneval/pass@1": 0.125, "_wandb": {"runtime": 3}})]
+
+    monkeypatch.setattr(wandb, "Api", Api)
+    (run,) = report.wandb_runs("me/phi1")
+    assert seen == {"path": "me/phi1", "filters": {"state": "finished"}}
+    assert (run.name, run.get("data.name"), run.metrics, run.where) == (
+        "scaling-phi-1-26b-stack", "stack", {"eval/humaneval/pass@1": 0.125}, "wandb:me/phi1/abc123")
