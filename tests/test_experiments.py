@@ -257,14 +257,14 @@ def test_two_cell_multirun_chains_the_finetune_and_report_draws_it(tmp_path):
     filtered = data_dir / "filtered"
     filtered.mkdir(parents=True)
     stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:120]
-    filtered.joinpath("part-00000.jsonl").write_text("".join(
+    filtered.joinpath("filtered-00000-of-00001.jsonl").write_text("".join(
         json.dumps({"id": p.name, "text": p.read_text(errors="replace")}) + "\n" for p in stdlib))
     env = {**os.environ, "PHI1_ROOT": str(tmp_path), "PHI1_DATA_DIR": str(data_dir)}
     # budget.max_steps overrides both cells' budgets (the finetune's own is max_steps already).
     small = ["tokenizer.corpus.limit=150", "data.seq_len=64", "batch.global_size=8", "batch.micro_size=8",
              "budget.tokens=null", "budget.max_steps=30",
              "logger=csv", "val_batches=2", "evaluation.benchmarks.humaneval.limit=6",
-             "evaluation.generation.max_new_tokens=24", "data.sources.0.limit=300"]
+             "evaluation.generation.max_new_tokens=24", "data.sources.0.limit=300", "data.val_fraction=0.05"]
     proc = subprocess.run([sys.executable, "train.py", "-m", "experiment=mini_filtered,mini_exercises",
                            "model=tiny", *small], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
