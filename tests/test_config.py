@@ -22,7 +22,8 @@ def options(group):
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes_and_resolves(group, option, tmp_path):
-    cfg = make_cfg([f"{group}={option}"], run_dir=tmp_path, data_dir=tmp_path)
+    extra = ["tau=0.9"] if option == "codeexercises_pruned" else []  # its path names the pruning threshold
+    cfg = make_cfg([f"{group}={option}", *extra], run_dir=tmp_path, data_dir=tmp_path)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 
 

@@ -114,6 +114,12 @@ def test_pruning_cells_read_the_pruned_set_of_their_tau(tmp_path):
         assert cfg.run_name == f"pruning-phi-1-tau{suffix}"
 
 
+def test_pruned_data_without_tau_names_the_key(tmp_path):
+    cfg = make_cfg(["data=codeexercises_pruned"], run_dir=tmp_path, data_dir=tmp_path)
+    with pytest.raises(Exception, match="tau: not set"):
+        OmegaConf.to_container(cfg, resolve=True)
+
+
 def test_slurm_allocation_flows_into_the_batch_arithmetic(tmp_path, monkeypatch):
     # phi-1-base on one node: 1024 = 8 GPUs × micro 8 × 16 accumulation steps.
     p = plan(make_cfg(["experiment=phi1_base"], run_dir=tmp_path, data_dir=tmp_path))

@@ -460,9 +460,16 @@ class ReportConfig:
     run_name: str = "report"
 
 
+def _tau(tau) -> str:
+    if tau is None:
+        raise ConfigError("tau: not set; data=codeexercises_pruned reads the set pruned at τ: give tau=0.95 (or"
+                          " 0.90, 0.85, 0.80), as experiment=pruning does")
+    return f"{float(tau):.2f}"
+
+
 def register_configs() -> None:
     # pruned-tau0.90.jsonl: τ as the contamination stage names its files, whatever form the override took.
-    OmegaConf.register_new_resolver("phi1.tau", lambda tau: f"{float(tau):.2f}", replace=True)
+    OmegaConf.register_new_resolver("phi1.tau", _tau, replace=True)
     # A run name from any value (run:phi1_base/base-step024000.ckpt -> run-phi1_base-base-step024000.ckpt).
     OmegaConf.register_new_resolver("phi1.slug", lambda v: re.sub(r"[^A-Za-z0-9._-]+", "-", str(v)).strip("-"),
                                     replace=True)
