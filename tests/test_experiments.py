@@ -224,7 +224,7 @@ def test_report_draws_every_figure_and_table_from_run_dirs(tmp_path):
     (out / "unfinished").mkdir()  # no metrics.json: not a run yet, skipped
 
     report = _report(tmp_path)
-    for name in ("fig2_1.png", "fig2_1.md", "emergence.png", "emergence.md", "table2.md", "table3.md",
+    for name in ("fig2_1.png", "fig2_1.md", "emergence.png", "emergence.md", "table2.md", "table2.png", "table3.md",
                  "table3.png", "report.json"):
         assert (report / name).stat().st_size > 0, name
     result = json.loads((report / "report.json").read_text())

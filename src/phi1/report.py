@@ -5,7 +5,7 @@ train.py and evaluate.py) and, with `wandb=<entity>/<project>`, the runs logged 
   fig2_1.{png,md}     Figure 2.1: HumanEval per (model, tokens) group, one bar per training data
                       (runs of experiment scaling; the mini reproduction's runs as mini_fig2_1.*)
   emergence.{png,md}  phi-1-small / phi-1-base / phi-1 on HumanEval, MBPP, unconventional (experiment emergence)
-  table2.md           Table 2: unconventional-problem score and HumanEval, the paper's other models beside
+  table2.{png,md}     Table 2: unconventional-problem score and HumanEval, the paper's other models beside
   table3.{png,md}     Table 3: pass@1 on similar / non-similar HumanEval problems per τ (experiment pruning)
   report.json         every number above with the runs it came from
 Each table names the run behind each number; a section without runs says which command makes them.
@@ -246,6 +246,7 @@ def emergence(runs: list[Run], out: Path) -> dict | None:
     t2 += [f"| {m} (ours) | {_fmt(v['unconventional_score'])} | {_fmt(v['humaneval'])} | {evals[m].name} |"
            for m, v in table.items()]
     (out / "table2.md").write_text("\n".join(t2) + "\n")
+    _table2_png(out / "table2.png", table)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     benches = [("humaneval", "HumanEval", 0), ("mbpp", "MBPP", 1), ("unconventional_score", "unconventional score", 2)]
@@ -260,12 +261,35 @@ def emergence(runs: list[Run], out: Path) -> dict | None:
                        label=f"{m} (paper)" if j == 0 else None)
     ax.set_xticks(range(len(benches)), [b[1] for b in benches])
     ax.set_ylabel("%")
-    ax.legend(fontsize=8)
+    top = max((v or 0 for m in order for v in (*[table[m][k] for k, _, _ in benches], *(table[m]["paper"] or ()))),
+              default=0)
+    ax.set_ylim(0, max(5.0, 1.45 * top))  # room for the legend above the bars
+    ax.legend(fontsize=7, ncol=3, loc="upper center")
     ax.set_title("Emergence: ours (solid) and the paper's (hatched)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "emergence.png", dpi=120)
     plt.close(fig)
     return table
+
+
+def _table2_png(path: Path, table: dict) -> None:
+    """Table 2 as a chart: score and HumanEval per model, the paper's models hatched, ours solid."""
+    rows = [(f"{m} (paper)", s, h, True) for m, (s, h) in PAPER_TABLE2.items()]
+    rows += [(f"{m} (ours)", v["unconventional_score"], v["humaneval"], False) for m, v in table.items()]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    ys = range(len(rows))
+    for offset, idx, label, color in ((-0.2, 1, "unconventional score", COLORS[2]), (0.2, 2, "HumanEval", COLORS[0])):
+        for y, row in zip(ys, rows):
+            ax.barh(y + offset, row[idx] or 0, 0.4, color=color, hatch="//" if row[3] else None,
+                    label=label if y == 0 else None, alpha=0.6 if row[3] else 1.0)
+    ax.set_yticks(list(ys), [r[0] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("%")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Table 2: unconventional problems (GPT-4 score) and HumanEval", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------ Table 3
@@ -313,6 +337,7 @@ def table3(runs: list[Run], decontaminate_dir: Path, out: Path) -> dict | None:
                color=COLORS[1 + (key == "retrained")], hatch="//" if part == "non-similar" else None)
     ax.set_xticks(range(len(taus)), [f"τ = {t}" for t in taus])
     ax.set_ylabel("HumanEval pass@1 (%)")
+    ax.set_title("Table 3: problems similar / not similar to the finetuning set (paper: table3.md)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "table3.png", dpi=120)
