@@ -26,7 +26,7 @@ def _training_section(name: str = "Training") -> ws.Section:
 
 
 def _group(name: str) -> ws.RunsetSettings:
-    return ws.RunsetSettings(filters=[ws.Metric("Group") == name], groupby=[], pinned_columns=[])
+    return ws.RunsetSettings(filters=[ws.Metric("Group") == name])
 
 
 def views(entity: str, project: str) -> list[ws.Workspace]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -56,7 +56,6 @@ class Run:
     metrics: dict
     where: str  # a run directory, or wandb:<entity>/<project>/<id>
     dir: Path | None = None
-    extra: dict = field(default_factory=dict)
 
     def get(self, dotted: str, default=None):
         node = self.config
