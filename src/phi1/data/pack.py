@@ -33,7 +33,7 @@ import logging
 import os
 import shutil
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from itertools import chain
@@ -49,10 +49,17 @@ from phi1.data import dedup, sources
 log = logging.getLogger(__name__)
 
 FORMAT = 2
-# One `encode_batch_fast` call: up to 1024 documents or 4 MB of text, whichever comes first. Enough for the
-# tokenizer's threads to share the work evenly; bounded in bytes because an encoding costs ~70 bytes of memory
-# per token (ids, masks, token strings) and two batches are alive at once (one encoding, one being written).
-BATCH_DOCS, BATCH_BYTES = 1024, 1 << 20
+# One `encode_batch_fast` call: up to 1024 documents or 4 MB of text, whichever comes first. Bounded in bytes
+# because an encoding costs ~70 bytes of memory per token (ids, masks, token strings): 4 MB of Python is ~1M
+# tokens, ~70 MB encoded, and up to three batches are alive at once (IN_FLIGHT encoding, one being written).
+BATCH_DOCS, BATCH_BYTES = 1024, 4 << 20
+# Batches handed to the tokenizer at once. With one, a batch's last long document keeps one of its threads busy
+# while the other idles; with two, the idle thread starts on the next batch (measured on 2 cores, 100 MB of
+# Python: 19.1 s -> 17.6 s per pack with the larger batches, BENCHMARKS.md).
+IN_FLIGHT = 2
+# Freed heap pages go back to the OS after this much text (see _release_freed_memory). After every batch it cost
+# ~1 s of main-thread time and ~1.3 s of page faults per 100 MB; every 16 MB keeps peak RSS within 5% of that.
+TRIM_BYTES = 16 << 20
 COPY_TOKENS = 4 << 20  # tokens per read when merging (with their masks, ~20 MB): memory flat in corpus size
 RECORD = np.dtype([("tokens", "<u8"), ("val", "u1"), ("hash", "V16")])
 
@@ -200,6 +207,8 @@ def _encode_source(source, j: int, tokenizer, data: DictConfig, dtype, out: Path
     skipped: list[str] = []
     filtered: Counter = Counter()
     counts = {"documents": 0, "tokens": 0}
+    untrimmed = 0  # bytes of text encoded since the last _release_freed_memory
+    val_fraction = data.val_fraction  # read once: a DictConfig lookup per document costs ~30 µs
     bar = tqdm(desc=f"pack {source.name}" + (f" [{shard}/{num_shards}]" if num_shards > 1 else ""),
                unit=" docs", dynamic_ncols=True, mininterval=1.0)
     t0 = time.perf_counter()
@@ -207,14 +216,15 @@ def _encode_source(source, j: int, tokenizer, data: DictConfig, dtype, out: Path
     sig_f = open(out / f"s{j}.minhash", "wb") if signer else None
 
     def emit(batch, encodings):
-        # Runs while the tokenizer's threads encode the next batch (it releases the GIL), so this Python work
+        # Runs while the tokenizer's threads encode the next batches (it releases the GIL), so this Python work
         # and the reading of the next batch overlap with encoding instead of adding to it.
+        nonlocal untrimmed
         lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
         flat = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=dtype, count=int(lengths.sum()))
         stream = np.insert(flat, np.cumsum(lengths), eos)  # each document followed by EOS
         records = np.empty(len(batch), dtype=RECORD)
         records["tokens"] = lengths + 1
-        records["val"] = [is_val(doc_id, data.val_fraction) for doc_id, _ in batch]
+        records["val"] = [is_val(doc_id, val_fraction) for doc_id, _ in batch]
         records["hash"] = [hashlib.blake2b(text.encode(), digest_size=16).digest() for _, text in batch]
         tokens_f.write(stream.tobytes())
         docs_f.write(records.tobytes())
@@ -223,21 +233,25 @@ def _encode_source(source, j: int, tokenizer, data: DictConfig, dtype, out: Path
             sig_f.write(np.stack([signer.signature(flat[a : a + n]) for a, n in zip(starts, lengths)]).tobytes())
         counts["documents"] += len(batch)
         counts["tokens"] += len(stream)
-        _release_freed_memory()
+        untrimmed += sum(len(text) for _, text in batch)
+        if untrimmed >= TRIM_BYTES:
+            _release_freed_memory()
+            untrimmed = 0
         bar.update(len(batch))
         bar.set_postfix_str(f"{counts['tokens'] / max(time.perf_counter() - t0, 1e-9):,.0f} tokens/s")
 
     try:
         docs = sources.documents(source, skipped, shard, num_shards, filtered)
-        with ThreadPoolExecutor(1) as pool:
-            pending = None
+        with ThreadPoolExecutor(IN_FLIGHT) as pool:
+            pending: deque = deque()  # (batch, future of its encodings), oldest first: written in input order
             for batch in _batches(docs):
-                future = pool.submit(backend.encode_batch_fast, [text for _, text in batch], False)
-                if pending:
-                    emit(pending[0], pending[1].result())
-                pending = (batch, future)
-            if pending:
-                emit(pending[0], pending[1].result())
+                pending.append((batch, pool.submit(backend.encode_batch_fast, [text for _, text in batch], False)))
+                if len(pending) == IN_FLIGHT:
+                    batch, future = pending.popleft()
+                    emit(batch, future.result())
+            while pending:
+                batch, future = pending.popleft()
+                emit(batch, future.result())
     finally:
         bar.close()
         for f in (tokens_f, docs_f, sig_f):

@@ -23,12 +23,12 @@ log = logging.getLogger(__name__)
 def build() -> list[dict]:
     root = sources.stdlib_dir()
     rows = []
-    for path in sources._py_files(root, skip_tests=True):
+    for rel in sources._py_files(root, skip_tests=True):
         try:
-            text = path.read_text(encoding="utf-8")
+            text = (root / rel).read_text(encoding="utf-8")
         except UnicodeDecodeError:
             continue
-        module = path.relative_to(root).with_suffix("").as_posix()
+        module = rel.removesuffix(".py")
         for name, prompt, solution in sources.exercises(text):
             rows.append({"task_id": f"stdlib/{module}/{name}", "prompt": prompt, "canonical_solution": solution,
                          "entry_point": name, "text": prompt + solution, "source": "stdlib_exercises",
