@@ -51,11 +51,11 @@ log = logging.getLogger(__name__)
 FORMAT = 2
 # One `encode_batch_fast` call: up to 1024 documents or 4 MB of text, whichever comes first. Bounded in bytes
 # because an encoding costs ~70 bytes of memory per token (ids, masks, token strings): 4 MB of Python is ~1M
-# tokens, ~70 MB encoded, and up to three batches are alive at once (IN_FLIGHT encoding, one being written).
+# tokens, ~70 MB encoded, and IN_FLIGHT batches are alive at once (encoding, or the oldest being written).
 BATCH_DOCS, BATCH_BYTES = 1024, 4 << 20
 # Batches handed to the tokenizer at once. With one, a batch's last long document keeps one of its threads busy
-# while the other idles; with two, the idle thread starts on the next batch (measured on 2 cores, 100 MB of
-# Python: 19.1 s -> 17.6 s per pack with the larger batches, BENCHMARKS.md).
+# while the other idles; with two, the idle thread starts on the next batch (2 cores, 100 MB of Python, three
+# interleaved runs: 16.8 s -> 15.2 s on average; three in flight gained nothing more; BENCHMARKS.md).
 IN_FLIGHT = 2
 # Freed heap pages go back to the OS after this much text (see _release_freed_memory). After every batch it cost
 # ~1 s of main-thread time and ~1.3 s of page faults per 100 MB; every 16 MB keeps peak RSS within 5% of that.
