@@ -135,6 +135,18 @@ class BatchConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Switches for the GPU throughput of training (the others: model.attn_implementation, optim.fused)."""
+
+    # torch.compile the model's forward for training and validation. Generation stays eager: its sequence
+    # length changes every token, and each new shape would be a recompilation.
+    compile: bool = False
+    # liger-kernel's fused linear cross-entropy: the LM head and the loss in chunks, so the logits of a
+    # micro-batch (tokens × 51,200 × 4 bytes in fp32: 1.7 GB for 4 × 2048 tokens) never exist at once. CUDA only.
+    fused_cross_entropy: bool = False
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = "cpu"
     devices: Any = 1
@@ -269,6 +281,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     # name -> Hydra `_target_` spec, instantiated as they are.
     callbacks: dict[str, Any] = field(default_factory=dict)
@@ -573,6 +586,8 @@ def validate(cfg: DictConfig) -> Plan:
         ("batch.global_size", cfg.batch.global_size > 0, "must be > 0"),
         ("batch.micro_size", cfg.batch.micro_size > 0, "must be > 0"),
         ("trainer.num_nodes", cfg.trainer.num_nodes > 0, "must be > 0"),
+        ("speed.fused_cross_entropy", not cfg.speed.fused_cross_entropy or cfg.trainer.accelerator in ("gpu", "cuda"),
+         f"needs a CUDA GPU (liger-kernel's Triton kernels); trainer.accelerator is {cfg.trainer.accelerator!r}"),
         ("phase", cfg.phase in ("pretrain", "finetune"), "must be 'pretrain' or 'finetune'"),
         ("eval_every_steps", cfg.eval_every_steps > 0, "must be > 0"),
         ("evaluation.every_n_steps", (cfg.evaluation.every_n_steps or 1) > 0, "must be > 0"),

@@ -44,6 +44,14 @@ def lr_lambda(warmup: int, max_steps: int, final_ratio: float):
     return factor
 
 
+def _liger_cross_entropy():
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError as e:
+        raise ImportError("speed.fused_cross_entropy=true needs liger-kernel: pip install 'phi1[gpu]'") from e
+    return LigerFusedLinearCrossEntropyLoss()
+
+
 class LanguageModel(L.LightningModule):
     def __init__(self, cfg: dict, max_steps: int, accumulate: int):
         super().__init__()
@@ -62,6 +70,14 @@ class LanguageModel(L.LightningModule):
         self._loss_sum = torch.zeros(())
         self._micro = 0
         self.first_loss: float | None = None
+        speed = self.cfg.get("speed") or {}
+        # Compiled bound methods, not compiled modules: the parameters and state_dict keys stay those of
+        # self.model (checkpoints and HF exports are unchanged), and generation calls the eager model.
+        self._logits = self.model.forward
+        self._hidden = self.model.model.forward
+        if speed.get("compile"):
+            self._logits, self._hidden = torch.compile(self._logits), torch.compile(self._hidden)
+        self._fused_ce = _liger_cross_entropy() if speed.get("fused_cross_entropy") else None
 
     def load_weights(self, path: str) -> None:
         """Initialise from a Lightning checkpoint or an HF export dir (finetuning from phi-1-base)."""
@@ -87,8 +103,12 @@ class LanguageModel(L.LightningModule):
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
         # Inputs are the first T tokens of the window, targets the last T. Under autocast, cross_entropy
         # runs in fp32.
-        logits = self.model(input_ids=batch[:, :-1]).logits
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        inputs, targets = batch[:, :-1], batch[:, 1:].flatten()
+        if self._fused_ce is not None:  # the LM head inside the loss, chunk by chunk
+            hidden = self._hidden(input_ids=inputs).last_hidden_state.flatten(0, 1)
+            head = self.model.lm_head
+            return self._fused_ce(head.weight, hidden, targets, head.bias)
+        return torch.nn.functional.cross_entropy(self._logits(input_ids=inputs).logits.flatten(0, 1), targets)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Dropout masks as a function of (seed, rank, step, micro-batch): a resumed run draws the same masks

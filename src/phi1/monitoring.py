@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch.callbacks import ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.profilers import Profiler
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +24,71 @@ _RENAME = {
 }
 
 
+# Dense bf16/fp16 tensor-core peaks (DESIGN §7) where Lightning's table has none or a sparse one: the H200 is
+# the H100 SXM's compute with more memory (989 TFLOP/s dense; Lightning lists 2.0e15, the 2:4-sparse figure, and
+# only under names torch does not report).
+DENSE_PEAK_FLOPS = {"h200 nvl": 835e12, "h200": 989e12}
+
+
+def peak_flops(device, precision: str) -> float | None:
+    """The accelerator's dense peak for this precision, or None (CPUs; precisions without a listed peak)."""
+    import torch
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    if device.type != "cuda":
+        return None
+    half = "bf16" in precision or precision.startswith("16")
+    name = torch.cuda.get_device_name(device).lower()
+    for chip, flops in DENSE_PEAK_FLOPS.items():
+        if chip in name and half:
+            return flops
+    dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if half else torch.float32
+    return get_available_flops(device, dtype)
+
+
+class DataWait(Profiler):
+    """A Lightning profiler that times one thing: the training loop waiting for its next batch
+    (`[_TrainingEpochLoop].train_dataloader_next`). Throughput turns it into perf/data_wait, the share of
+    wall time spent there: near 0 when loading keeps ahead of the accelerator."""
+
+    ACTION = "train_dataloader_next"
+
+    def __init__(self):
+        super().__init__()
+        self.waited = 0.0
+        self._started: float | None = None
+
+    def start(self, action_name: str) -> None:
+        if action_name.endswith(self.ACTION):
+            self._started = time.perf_counter()
+
+    def stop(self, action_name: str) -> None:
+        if action_name.endswith(self.ACTION) and self._started is not None:
+            self.waited += time.perf_counter() - self._started
+            self._started = None
+
+    def summary(self) -> str:
+        return f"waited {self.waited:.1f} s for training batches"
+
+
 class Throughput(ThroughputMonitor):
     """Lightning's ThroughputMonitor counting tokens, with MFU from the module's `flops_per_batch`
-    (6·N + 12·L·d·T per token, DESIGN §7) against the detected GPU's peak."""
+    (6·N + 12·L·d·T per token, DESIGN §7) against the detected GPU's peak; plus perf/data_wait when the
+    trainer's profiler is DataWait."""
 
     def __init__(self, window_size: int = 20):
         super().__init__(batch_size_fn=lambda batch: batch.shape[0], length_fn=lambda batch: batch[:, :-1].numel(),
                          window_size=window_size)
         self.last: dict[str, float] = {}
+        self._waited_at: tuple[float, float] | None = None  # (wall clock, DataWait.waited) at the last log
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        peak = peak_flops(trainer.strategy.root_device, str(trainer.precision))
+        if peak is not None and peak != self.available_flops:
+            self.available_flops = peak
+            for throughput in self._throughputs.values():
+                throughput.available_flops = peak
 
     def _compute(self, trainer, iter_num=None) -> None:
         if not trainer._logger_connector.should_update_logs:
@@ -39,6 +98,11 @@ class Throughput(ThroughputMonitor):
             return  # the window is not full yet
         out = {ours: metrics[theirs] for theirs, ours in _RENAME.items() if theirs in metrics}
         out["perf/tokens_per_sec"] = metrics["device/items_per_sec"] * trainer.world_size
+        if isinstance(trainer.profiler, DataWait):
+            now, waited = time.perf_counter(), trainer.profiler.waited
+            if self._waited_at is not None and now > self._waited_at[0]:
+                out["perf/data_wait"] = (waited - self._waited_at[1]) / (now - self._waited_at[0])
+            self._waited_at = (now, waited)
         self.last = out
         trainer._logger_connector.log_metrics(out, step=iter_num)
 

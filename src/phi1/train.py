@@ -20,6 +20,7 @@ from phi1.data.datamodule import PackedData
 from phi1.eval.callback import Evaluation
 from phi1.export import export_hf
 from phi1.module import LanguageModel
+from phi1.monitoring import DataWait
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def resolve_ckpt_path(ckpt_path: str | None, callbacks: list) -> str | None:
                 " (its folder under paths.output_dir), or use ckpt_path=auto to start fresh when there is none."
             )
         return None
-    if not Path(ckpt_path).is_file():
+    if not Path(ckpt_path).exists():  # a file, or a folder under DeepSpeed (one shard per rank)
         raise FileNotFoundError(f"ckpt_path: {ckpt_path} does not exist")
     return ckpt_path
 
@@ -92,6 +93,7 @@ def train(cfg: DictConfig) -> dict:
         use_distributed_sampler=False,  # PackedData's sampler shards by rank itself
         callbacks=callbacks,
         logger=loggers,
+        profiler=DataWait(),  # perf/data_wait: the share of time spent waiting for batches
         default_root_dir=str(run_dir),
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)

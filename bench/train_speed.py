@@ -1,0 +1,256 @@
+"""Training speed: train.py's Lightning loop against a plain PyTorch loop on the same model, data and kernels,
+tokens/s and MFU (DESIGN §7) for each speed switch, DeepSpeed ZeRO 1/2 against none, and peak GPU memory.
+
+    python bench/train_speed.py                                   # CPU: tiny model, stdlib, fp32 (the overhead)
+    python bench/train_speed.py --gpu                             # one GPU: model=350m and 1.3b, seq 2048, bf16
+    python bench/train_speed.py --gpu --models 350m --variants base,compile --steps 12
+    python bench/train_speed.py --steps 60 model=tiny data.seq_len=128   # extra args are Hydra overrides
+
+Variants (--gpu; each is train.py's config plus these overrides, and the plain loop runs the same ones):
+  base        SDPA attention, fused AdamW, no compile, PyTorch cross-entropy (the defaults on a GPU)
+  eager_attn  model.attn_implementation=eager           (what SDPA's flash/cuDNN kernels save)
+  unfused     optim.fused=false                          (what fused AdamW saves)
+  compile     speed.compile=true
+  fused_ce    speed.fused_cross_entropy=true             (liger-kernel; skipped when it is not installed)
+  best        compile + fused_ce
+  zero1/zero2 trainer=deepspeed_bf16 with ZeRO stage 1/2 on one GPU (train.py only)
+Steps: the first --warmup optimizer steps (compilation, allocator warm-up) are left out of the timing. Each
+optimizer step is --accumulate micro-batches of --micro sequences (0: the largest that fits, found by doubling
+from 1 without activation checkpointing). Validation, checkpoints, evaluation and the HF export are off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from phi1.config import plan as make_plan  # noqa: E402
+from phi1.config import register_configs  # noqa: E402
+from phi1.data.datamodule import PackedData, StepSampler  # noqa: E402
+from phi1.module import LanguageModel, lr_lambda  # noqa: E402
+from phi1.monitoring import peak_flops  # noqa: E402
+from phi1.train import train  # noqa: E402
+
+VARIANTS = {
+    "base": [],
+    "eager_attn": ["model.attn_implementation=eager"],
+    "unfused": ["optim.fused=false"],
+    "compile": ["speed.compile=true"],
+    "fused_ce": ["speed.fused_cross_entropy=true"],
+    "best": ["speed.compile=true", "speed.fused_cross_entropy=true"],
+    "zero1": ["trainer=deepspeed_bf16", "trainer.devices=1", "trainer.strategy.stage=1"],
+    "zero2": ["trainer=deepspeed_bf16", "trainer.devices=1", "trainer.strategy.stage=2"],
+}
+
+
+class StepTimes(Callback):
+    """Wall time at the end of every optimizer step (after a device sync, so that it is the GPU's time)."""
+
+    times: list[float] = []
+
+    def on_train_batch_end(self, trainer, *args):
+        if len(StepTimes.times) < trainer.global_step:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            StepTimes.times.append(time.perf_counter())
+
+
+def steps_per_sec(times: list[float], warmup: int) -> float:
+    return (len(times) - 1 - warmup) / (times[-1] - times[warmup])
+
+
+def harness(cfg, warmup: int) -> float:
+    StepTimes.times = []
+    train(cfg)
+    return steps_per_sec(StepTimes.times, warmup)
+
+
+def plain(cfg, warmup: int) -> float:
+    """The same steps without Lightning: the module's loss (so the same kernels), autocast as the trainer's
+    precision asks, AdamW (fused as configured), clipping, the LR schedule."""
+    p = make_plan(cfg)
+    data = PackedData(cfg, p)
+    data.prepare_data()
+    data.setup("fit")
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
+    module = LanguageModel(OmegaConf.to_container(cfg, resolve=True), p.max_steps, p.accumulate).to(device).train()
+    o = cfg.optim
+    decay = [w for w in module.parameters() if w.ndim >= 2]
+    no_decay = [w for w in module.parameters() if w.ndim < 2]
+    fused = o.fused if o.fused is not None else device.type == "cuda"
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_steps, p.max_steps, o.final_lr_ratio))
+    sampler = StepSampler(len(data.train_set), cfg.seed, cfg.batch.global_size, p.max_steps, 0, 1)
+    batches = iter(torch.utils.data.DataLoader(data.train_set, batch_size=cfg.batch.micro_size, sampler=sampler,
+                                               pin_memory=device.type == "cuda"))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled="bf16" in str(cfg.trainer.precision))
+    times = []
+    for _ in range(p.max_steps):
+        for _ in range(p.accumulate):
+            batch = next(batches).to(device, non_blocking=True)
+            with autocast:
+                loss = module._loss(batch)
+            (loss / p.accumulate).backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), o.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # the harness syncs once per step too (its non-finite loss check)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
+    del module, optimizer
+    return steps_per_sec(times, warmup)
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def fits(base: list[str], micro: int, warmup: int) -> bool:
+    """Does a micro-batch of `micro` sequences train (two optimizer steps) without running out of memory?"""
+    cfg = compose_cfg(base + [f"batch.micro_size={micro}", f"batch.global_size={micro}", "budget.max_steps=2"])
+    try:
+        plain(cfg, 0)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        free()
+
+
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def environment() -> dict:
+    import deepspeed
+    import lightning
+    import transformers
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+           "transformers": transformers.__version__, "deepspeed": deepspeed.__version__}
+    if torch.cuda.is_available():
+        env |= {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
+        try:
+            import subprocess
+
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True).stdout.strip()
+        except OSError:
+            pass
+    return env
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true", help="one GPU, bf16, seq 2048, the paper's models")
+    parser.add_argument("--models", default="350m,1.3b", help="with --gpu: model configs to measure")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="with --gpu: see above")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per measurement")
+    parser.add_argument("--warmup", type=int, default=None, help="steps left out of the timing")
+    parser.add_argument("--rounds", type=int, default=None, help="plain/harness alternations per variant")
+    parser.add_argument("--micro", type=int, default=0, help="with --gpu: micro-batch (0: the largest that fits)")
+    parser.add_argument("--accumulate", type=int, default=4, help="with --gpu: micro-batches per optimizer step")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args, overrides = parser.parse_known_args()
+    register_configs()
+    common = ["budget.tokens=null", "logger=csv", "val_batches=0", "evaluation.enabled=false", "export_hf=false",
+              "+callbacks.timer._target_=__main__.StepTimes", f"paths.run_dir={ROOT}/outputs/bench_train_speed"]
+    env = environment()
+    print(json.dumps(env))
+    results = []
+    if not args.gpu:  # the CPU measurement of the loop's overhead (BENCHMARKS.md)
+        steps, warmup, rounds = args.steps or 40, args.warmup or 5, args.rounds or 3
+        cfg = compose_cfg(common + [f"budget.max_steps={steps}", f"callbacks.checkpoint.every_n_train_steps={steps * 10}",
+                                    *overrides])
+        results.append(measure(cfg, "cpu", "base", warmup, rounds, harness_only=False))
+    else:
+        steps, warmup, rounds = args.steps or 14, args.warmup or 4, args.rounds or 1
+        for model in args.models.split(","):
+            # The paper's tokenizer size (51,200) from a local BPE: hub-free, same embedding and LM-head cost.
+            base = common + [f"model={model}", "trainer=gpu", "data.seq_len=2048", "tokenizer.vocab_size=51200",
+                             "tokenizer.name=bench-bpe51k", f"budget.max_steps={steps}",
+                             f"callbacks.checkpoint.every_n_train_steps={steps * 10}", *overrides]
+            micro = args.micro
+            if not micro:
+                micro = 1
+                while fits(base, micro * 2, warmup):
+                    micro *= 2
+                print(f"model={model}: largest micro-batch that fits: {micro}", flush=True)
+            sized = base + [f"batch.micro_size={micro}", f"batch.global_size={micro * args.accumulate}"]
+            for variant in args.variants.split(","):
+                if "fused_ce" in variant or variant == "best":
+                    try:
+                        import liger_kernel  # noqa: F401
+                    except ImportError:
+                        print(f"{variant}: skipped (liger-kernel is not installed)", flush=True)
+                        continue
+                cfg = compose_cfg(sized + VARIANTS[variant])
+                results.append(measure(cfg, model, variant, warmup, rounds, harness_only=variant.startswith("zero")))
+    print(f"\nenvironment: {env}")
+    print("| model | variant | micro × accum | train.py tok/s | MFU | plain tok/s | train.py / plain | peak memory |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "–"
+        plain_rate = f"{r['plain_tokens_per_s']:,.0f}" if r["plain_tokens_per_s"] else "–"
+        ratio = f"{r['ratio']:.3f}" if r["ratio"] else "–"
+        memory = f"{r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] is not None else "–"
+        print(f"| {r['model']} | {r['variant']} | {r['micro']} × {r['accumulate']} | {r['tokens_per_s']:,.0f} | {mfu} "
+              f"| {plain_rate} | {ratio} | {memory} |")
+    if args.json:
+        args.json.write_text(json.dumps({"environment": env, "results": results}, indent=2))
+
+
+def measure(cfg, model: str, variant: str, warmup: int, rounds: int, harness_only: bool) -> dict:
+    tokens = cfg.batch.global_size * cfg.data.seq_len
+    runs: dict[str, list[float]] = {"plain": [], "harness": []}
+    memory = None
+    for r in range(rounds):
+        for name, fn in (("plain", plain), ("harness", harness)):
+            if name == "plain" and harness_only:
+                continue
+            free()
+            runs[name].append(fn(cfg, warmup) * tokens)
+            if name == "harness" and torch.cuda.is_available():
+                memory = torch.cuda.max_memory_allocated() / 2**30
+            print(f"{model} {variant} round {r + 1}: {name:8s} {runs[name][-1]:,.0f} tokens/s", file=sys.stderr,
+                  flush=True)
+    rate = statistics.median(runs["harness"])
+    plain_rate = statistics.median(runs["plain"]) if runs["plain"] else None
+    with torch.device("meta"):  # for its FLOPs per token only
+        flops_per_token = LanguageModel(OmegaConf.to_container(cfg, resolve=True), 1, 1).flops_per_token
+    device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
+    peak = peak_flops(device, str(cfg.trainer.precision))
+    return {"model": model, "variant": variant, "micro": cfg.batch.micro_size,
+            "accumulate": cfg.batch.global_size // cfg.batch.micro_size, "seq_len": cfg.data.seq_len,
+            "tokens_per_s": rate, "plain_tokens_per_s": plain_rate, "ratio": rate / plain_rate if plain_rate else None,
+            "flops_per_token": flops_per_token, "peak_flops": peak,
+            "mfu": rate * flops_per_token / peak if peak else None, "peak_memory_gb": memory,
+            "runs": runs}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""On a CUDA GPU (skipped elsewhere): bf16 and DeepSpeed ZeRO-2 runs agree with the CPU fp32 run on the tiny
+model, a DeepSpeed checkpoint resumes into the uninterrupted run, and the fused cross-entropy is the loss."""
+
+import pytest
+import torch
+
+from conftest import requires_cuda
+from phi1.module import LanguageModel
+from phi1.train import train
+
+pytestmark = [requires_cuda, pytest.mark.cuda]
+
+# No dropout (the CPU and CUDA generators differ), no evaluation: only the optimization is compared.
+SAME = ["model.dropout=0", "optim.warmup_steps=3", "budget.max_steps=8", "evaluation.enabled=false",
+        "callbacks.checkpoint.every_n_train_steps=4", "callbacks.checkpoint.save_top_k=-1"]
+
+
+def test_gpu_and_deepspeed_losses_match_the_cpu_fp32_run(small_cfg, tmp_path):
+    cpu = train(small_cfg(*SAME, run_dir=tmp_path / "cpu"))
+    gpu = train(small_cfg(*SAME, "trainer=gpu", run_dir=tmp_path / "gpu"))
+    zero2 = train(small_cfg(*SAME, "trainer=deepspeed_bf16", "trainer.devices=1", "trainer.num_nodes=1",
+                            run_dir=tmp_path / "zero2"))
+    for run in (gpu, zero2):  # bf16 matmuls: ~3 significant digits per step, compounding over 8 steps
+        assert run["train/loss_first"] == pytest.approx(cpu["train/loss_first"], rel=1e-2)
+        assert run["train/loss"] == pytest.approx(cpu["train/loss"], rel=3e-2)
+        assert run["train/loss"] < run["train/loss_first"] - 0.1
+
+
+def test_deepspeed_resumes_from_its_checkpoint_into_the_uninterrupted_run(small_cfg, tmp_path):
+    deepspeed = ["trainer=deepspeed_bf16", "trainer.devices=1", "trainer.num_nodes=1"]
+    whole = train(small_cfg(*SAME, *deepspeed, run_dir=tmp_path / "whole"))
+    halfway = tmp_path / "whole" / "checkpoints" / "step000004.ckpt"
+    assert halfway.is_dir()  # DeepSpeed writes a folder of shards
+    resumed = train(small_cfg(*SAME, *deepspeed, f"ckpt_path={halfway}", run_dir=tmp_path / "resumed"))
+    assert resumed["steps"] == whole["steps"] == 8
+    assert resumed["train/loss"] == pytest.approx(whole["train/loss"], rel=1e-3)
+
+
+def test_fused_cross_entropy_is_the_pytorch_loss(small_cfg):
+    pytest.importorskip("liger_kernel")
+    from omegaconf import OmegaConf
+
+    plain_cfg = OmegaConf.to_container(small_cfg("trainer=gpu"), resolve=True)
+    fused_cfg = OmegaConf.to_container(small_cfg("trainer=gpu", "speed.fused_cross_entropy=true"), resolve=True)
+    torch.manual_seed(0)
+    plain = LanguageModel(plain_cfg, 10, 1).cuda().eval()
+    fused = LanguageModel(fused_cfg, 10, 1).cuda().eval()
+    fused.load_state_dict(plain.state_dict())
+    batch = torch.randint(0, plain.model.config.vocab_size, (4, 65), device="cuda")
+    losses = [m._loss(batch) for m in (plain, fused)]
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-4)
+    grads = []
+    for m, loss in zip((plain, fused), losses):
+        loss.backward()
+        grads.append(m.model.lm_head.weight.grad)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6)
