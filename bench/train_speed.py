@@ -186,7 +186,7 @@ def main() -> None:
         steps, warmup, rounds = args.steps or 40, args.warmup or 5, args.rounds or 3
         cfg = compose_cfg(common + [f"budget.max_steps={steps}", f"callbacks.checkpoint.every_n_train_steps={steps * 10}",
                                     *overrides])
-        results.append(measure(cfg, "cpu", "base", warmup, rounds, harness_only=False))
+        results.append(measure(cfg, cfg.model.name, "cpu", warmup, rounds, harness_only=False))
     else:
         steps, warmup, rounds = args.steps or 14, args.warmup or 4, args.rounds or 1
         for model in args.models.split(","):
