@@ -146,9 +146,10 @@ def datasets_baseline(tokenizer_dir: Path, corpus: Path, num_proc: int | None, b
 
 
 def measure(kind: str, tokenizer_dir: Path, corpus: Path) -> dict:
-    """Run `kind` (ceiling, baseline1 or baseline2: num_proc=None or 2) in a fresh process: each measurement starts from the same state (datasets
-    sets TOKENIZERS_PARALLELISM=false in the process environment for its workers and leaves it there, which
-    made every later in-process ceiling single-threaded), with the texts read before the clock starts."""
+    """Run `kind` (ceiling; baseline1 / baseline2: datasets.map with num_proc=None / 2) in a fresh process, so
+    that each measurement starts from the same state (datasets sets TOKENIZERS_PARALLELISM=false in the process
+    environment for its workers and leaves it there, which made every later in-process ceiling
+    single-threaded); the texts are read before the clock starts."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("TOKENIZERS_PARALLELISM", None)
     proc = subprocess.run([sys.executable, __file__, "--child", kind, str(tokenizer_dir), str(corpus)],

@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,7 +44,7 @@ from phi1.config import plan as make_plan  # noqa: E402
 from phi1.config import register_configs  # noqa: E402
 from phi1.data.datamodule import PackedData, StepSampler  # noqa: E402
 from phi1.module import LanguageModel, lr_lambda  # noqa: E402
-from phi1.monitoring import peak_flops  # noqa: E402
+from phi1.monitoring import dense_peak_flops  # noqa: E402
 from phi1.train import train  # noqa: E402
 
 VARIANTS = {
@@ -126,7 +127,7 @@ def compose_cfg(overrides: list[str]):
         return compose("train", overrides=overrides)
 
 
-def fits(base: list[str], micro: int, warmup: int) -> bool:
+def fits(base: list[str], micro: int) -> bool:
     """Does a micro-batch of `micro` sequences train (two optimizer steps) without running out of memory?"""
     cfg = compose_cfg(base + [f"batch.micro_size={micro}", f"batch.global_size={micro}", "budget.max_steps=2"])
     try:
@@ -155,8 +156,6 @@ def environment() -> dict:
     if torch.cuda.is_available():
         env |= {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
         try:
-            import subprocess
-
             env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                            capture_output=True, text=True).stdout.strip()
         except OSError:
@@ -197,7 +196,7 @@ def main() -> None:
             micro = args.micro
             if not micro:
                 micro = 1
-                while fits(base, micro * 2, warmup):
+                while fits(base, micro * 2):
                     micro *= 2
                 print(f"model={model}: largest micro-batch that fits: {micro}", flush=True)
             sized = base + [f"batch.micro_size={micro}", f"batch.global_size={micro * args.accumulate}"]
@@ -243,7 +242,13 @@ def measure(cfg, model: str, variant: str, warmup: int, rounds: int, harness_onl
     with torch.device("meta"):  # for its FLOPs per token only
         flops_per_token = LanguageModel(OmegaConf.to_container(cfg, resolve=True), 1, 1).flops_per_token
     device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
-    peak = peak_flops(device, str(cfg.trainer.precision))
+    peak = None
+    if device.type == "cuda":  # the peak Throughput uses for perf/mfu
+        from lightning.fabric.utilities.throughput import get_available_flops
+
+        precision = str(cfg.trainer.precision)
+        dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if precision.startswith("16") else torch.float32
+        peak = dense_peak_flops(device, precision) or get_available_flops(device, dtype)
     return {"model": model, "variant": variant, "micro": cfg.batch.micro_size,
             "accumulate": cfg.batch.global_size // cfg.batch.micro_size, "seq_len": cfg.data.seq_len,
             "tokens_per_s": rate, "plain_tokens_per_s": plain_rate, "ratio": rate / plain_rate if plain_rate else None,

@@ -292,3 +292,16 @@ def test_fused_cross_entropy_needs_a_gpu(small_cfg):
 
     with pytest.raises(ConfigError, match="speed.fused_cross_entropy: needs a CUDA GPU"):
         train(small_cfg("speed.fused_cross_entropy=true"))
+
+
+def test_mfu_peak_of_an_h200_is_the_dense_bf16_figure(monkeypatch):
+    # Lightning knows the H200 only as "h200 sxm1"/"nvl1" (torch reports "NVIDIA H200") and with the sparse
+    # 2.0e15; elsewhere its own figure stands (None here).
+    from phi1.monitoring import dense_peak_flops
+
+    cuda = torch.device("cuda", 0)
+    for name, precision, expected in [("NVIDIA H200", "bf16-mixed", 989e12), ("NVIDIA H200 NVL", "16-mixed", 835e12),
+                                      ("NVIDIA H200", "32-true", None), ("NVIDIA H100 80GB HBM3", "bf16-mixed", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert dense_peak_flops(cuda, precision) == expected, (name, precision)
+    assert dense_peak_flops(torch.device("cpu"), "bf16-mixed") is None

@@ -30,20 +30,14 @@ _RENAME = {
 DENSE_PEAK_FLOPS = {"h200 nvl": 835e12, "h200": 989e12}
 
 
-def peak_flops(device, precision: str) -> float | None:
-    """The accelerator's dense peak for this precision, or None (CPUs; precisions without a listed peak)."""
+def dense_peak_flops(device, precision: str) -> float | None:
+    """This table's peak for a CUDA device in bf16/fp16, or None: then Lightning's `get_available_flops` holds."""
     import torch
-    from lightning.fabric.utilities.throughput import get_available_flops
 
-    if device.type != "cuda":
+    if device.type != "cuda" or not ("bf16" in precision or precision.startswith("16")):
         return None
-    half = "bf16" in precision or precision.startswith("16")
     name = torch.cuda.get_device_name(device).lower()
-    for chip, flops in DENSE_PEAK_FLOPS.items():
-        if chip in name and half:
-            return flops
-    dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if half else torch.float32
-    return get_available_flops(device, dtype)
+    return next((flops for chip, flops in DENSE_PEAK_FLOPS.items() if chip in name), None)
 
 
 class DataWait(Profiler):
@@ -84,8 +78,8 @@ class Throughput(ThroughputMonitor):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        peak = peak_flops(trainer.strategy.root_device, str(trainer.precision))
-        if peak is not None and peak != self.available_flops:
+        peak = dense_peak_flops(trainer.strategy.root_device, str(trainer.precision))
+        if peak is not None:  # else Lightning's own figure, set by super().setup
             self.available_flops = peak
             for throughput in self._throughputs.values():
                 throughput.available_flops = peak

@@ -57,7 +57,7 @@ BATCH_DOCS, BATCH_BYTES = 1024, 4 << 20
 # while the other idles; with two, the idle thread starts on the next batch (2 cores, 100 MB of Python, three
 # interleaved runs: 16.8 s -> 15.2 s on average; three in flight gained nothing more; BENCHMARKS.md).
 IN_FLIGHT = 2
-# Freed heap pages go back to the OS after this much text (see _release_freed_memory). After every batch it cost
+# Freed heap pages go back to the OS after this many characters of text (see _release_freed_memory). After every batch it cost
 # ~1 s of main-thread time and ~1.3 s of page faults per 100 MB; every 16 MB keeps peak RSS within 5% of that.
 TRIM_BYTES = 16 << 20
 COPY_TOKENS = 4 << 20  # tokens per read when merging (with their masks, ~20 MB): memory flat in corpus size
@@ -207,7 +207,7 @@ def _encode_source(source, j: int, tokenizer, data: DictConfig, dtype, out: Path
     skipped: list[str] = []
     filtered: Counter = Counter()
     counts = {"documents": 0, "tokens": 0}
-    untrimmed = 0  # bytes of text encoded since the last _release_freed_memory
+    untrimmed = 0  # characters of text encoded since the last _release_freed_memory
     val_fraction = data.val_fraction  # read once: a DictConfig lookup per document costs ~30 µs
     bar = tqdm(desc=f"pack {source.name}" + (f" [{shard}/{num_shards}]" if num_shards > 1 else ""),
                unit=" docs", dynamic_ncols=True, mininterval=1.0)
