@@ -294,6 +294,17 @@ def test_fused_cross_entropy_needs_a_gpu(small_cfg):
         train(small_cfg("speed.fused_cross_entropy=true"))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+@pytest.mark.parametrize("trainer", ["gpu", "deepspeed_bf16"])
+def test_a_gpu_trainer_without_a_gpu_stops_before_any_work(small_cfg, trainer, tmp_path):
+    from phi1.config import ConfigError
+
+    cfg = small_cfg(f"trainer={trainer}")
+    with pytest.raises(ConfigError, match=r"trainer.accelerator=(gpu|cuda): no CUDA GPU is visible.*trainer=cpu"):
+        train(cfg)
+    assert not (Path(cfg.paths.run_dir) / "config.yaml").exists()
+
+
 def test_mfu_peak_of_an_h200_is_the_dense_bf16_figure(monkeypatch):
     # Lightning knows the H200 only as "h200 sxm1"/"nvl1" (torch reports "NVIDIA H200") and with the sparse
     # 2.0e15; elsewhere its own figure stands (None here).
