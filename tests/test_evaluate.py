@@ -192,6 +192,15 @@ def test_stop_strings_end_rows_early_and_their_matcher_is_built_once(tiny_model_
     assert stopped == [[truncate(f[0], stop)] for f in free]
     assert len(stopped[0][0]) < len(text)
 
+
+@pytest.mark.skipif(torch.cuda.is_available() and __import__("importlib").util.find_spec("vllm") is not None,
+                    reason="vLLM can run here")
+def test_asking_for_vllm_where_it_cannot_run_names_the_key(tmp_path, tiny_model_dir):
+    with pytest.raises(EvaluationError, match="generation.backend=vllm: needs the vllm package and a CUDA GPU"):
+        evaluate(eval_cfg(tmp_path, f"ckpt={tiny_model_dir}", "generation.backend=vllm",
+                          "benchmarks.humaneval.limit=2"))
+    assert not (tmp_path / "humaneval").exists()
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is None, reason="vLLM is not installed")

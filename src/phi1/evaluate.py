@@ -67,14 +67,19 @@ def score(sandbox: Sandbox, problems: list[bench.Problem], completions: dict[str
 
 
 def _backend(name: str) -> str:
+    import importlib.util
+
+    import torch
+
+    vllm_ready = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
     if name == "auto":
-        import importlib.util
-
-        import torch
-
-        return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "transformers"
+        return "vllm" if vllm_ready else "transformers"
     if name not in ("transformers", "vllm"):
         raise EvaluationError(f"generation.backend={name!r}: expected auto, transformers or vllm")
+    if name == "vllm" and not vllm_ready:
+        raise EvaluationError("generation.backend=vllm: needs the vllm package and a CUDA GPU ("
+                              + ("no GPU is visible" if importlib.util.find_spec("vllm") else "vllm is not installed")
+                              + "); generation.backend=transformers runs anywhere")
     return name
 
 
