@@ -4,8 +4,9 @@
 #   bash bench/gpu_suite.sh tests          # pytest -m cuda: GPU/ZeRO-2 losses vs CPU, DeepSpeed resume, fused CE
 #   bash bench/gpu_suite.sh eval           # bench/eval_speed.py: random 1.3B, greedy HumanEval, batch 16 and 64
 #   bash bench/gpu_suite.sh train 1.3b base,compile,fused_ce,best [micro]   # bench/train_speed.py --gpu
-# Needs .whl/ (bench/device_wheels.sh) carried with the tree: carry=[".whl"]. Logs and JSON go to $OUT (the
-# tool's folder that comes back), else to outputs/gpu_suite/.
+# Needs .whl/ (bench/device_wheels.sh) carried with the tree: carry=[".whl"]. Full logs and JSON go to $OUT
+# (the folder that comes back from that machine), else to outputs/gpu_suite/; the terminal gets them without
+# progress bars. Budget for a 30-minute lease: check+tests+eval in one call, each model's train in another.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-outputs/gpu_suite}"
@@ -40,12 +41,12 @@ tests)
     ;;
 eval)
     "$py" bench/eval_speed.py model=1.3b --batch-sizes 16,64 --json "$out/eval_speed.json" 2>&1 \
-        | grep -v "it/s]" | tee "$out/eval_speed.txt"
+        | tee "$out/eval_speed.log" | grep -v "it/s]"
     ;;
 train)
     model="${2:?model}" variants="${3:-base}" micro="${4:-0}"
     "$py" bench/train_speed.py --gpu --models "$model" --variants "$variants" --micro "$micro" \
-        --json "$out/train_speed_${model}.json" 2>&1 | grep -v "it/s]" | tee "$out/train_speed_${model}.txt"
+        --json "$out/train_speed_${model}.json" 2>&1 | tee "$out/train_speed_${model}.log" | grep -v "it/s]"
     ;;
 *)
     echo "unknown part: $part (check, tests, eval, train)" >&2
