@@ -296,7 +296,7 @@ def test_fused_cross_entropy_needs_a_gpu(small_cfg):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 @pytest.mark.parametrize("trainer", ["gpu", "deepspeed_bf16"])
-def test_a_gpu_trainer_without_a_gpu_stops_before_any_work(small_cfg, trainer, tmp_path):
+def test_a_gpu_trainer_without_a_gpu_stops_before_any_work(small_cfg, trainer):
     from phi1.config import ConfigError
 
     cfg = small_cfg(f"trainer={trainer}")
