@@ -201,6 +201,21 @@ def test_mfu_is_tokens_per_second_times_flops_per_token_over_peak(small_cfg, mon
         assert float(r["perf/mfu"]) == pytest.approx(expected, rel=1e-6)
 
 
+def test_throughput_reads_its_clock_once_per_optimizer_step(small_cfg, monkeypatch):
+    # Lightning's monitor syncs the GPU after every micro-batch; ours once per optimizer step (here 2
+    # micro-batches each) and once per validation batch, and still counts every micro-batch's tokens.
+    from phi1.monitoring import Throughput
+
+    syncs = []
+    monkeypatch.setattr(Throughput, "_sync", staticmethod(lambda trainer: syncs.append(trainer.state.stage.value)))
+    cfg = small_cfg(*FAST, "budget.max_steps=12", "eval_every_steps=6", "val_batches=2")
+    metrics = train(cfg)
+    assert cfg.batch.global_size // cfg.batch.micro_size == 2
+    assert syncs.count("train") == 12 and syncs.count("validate") == 2 * 2
+    rows = [r for r in read_csv(Path(cfg.paths.run_dir)) if r.get("perf/tokens_per_sec")]
+    assert rows and metrics["perf/tokens_per_sec"] > 0
+
+
 def test_two_ranks_see_the_same_sequences_as_one(tmp_path, data_dir):
     # DDP over 2 CPU processes, micro-batch 2 × 2 accumulation, against 1 process with micro-batch 4: each step
     # must consume the same 8 sequences, so without dropout the per-step losses agree to float rounding.
