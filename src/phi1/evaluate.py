@@ -71,15 +71,15 @@ def _backend(name: str) -> str:
 
     import torch
 
-    vllm_ready = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+    has_vllm, has_gpu = importlib.util.find_spec("vllm") is not None, torch.cuda.is_available()
     if name == "auto":
-        return "vllm" if vllm_ready else "transformers"
+        return "vllm" if has_vllm and has_gpu else "transformers"
     if name not in ("transformers", "vllm"):
         raise EvaluationError(f"generation.backend={name!r}: expected auto, transformers or vllm")
-    if name == "vllm" and not vllm_ready:
-        raise EvaluationError("generation.backend=vllm: needs the vllm package and a CUDA GPU ("
-                              + ("no GPU is visible" if importlib.util.find_spec("vllm") else "vllm is not installed")
-                              + "); generation.backend=transformers runs anywhere")
+    if name == "vllm" and not (has_vllm and has_gpu):
+        why = "vllm is not installed" if not has_vllm else "no GPU is visible"
+        raise EvaluationError(f"generation.backend=vllm: needs the vllm package and a CUDA GPU ({why});"
+                              " generation.backend=transformers runs anywhere")
     return name
 
 
