@@ -94,9 +94,12 @@ def test_llm_judge_asks_the_papers_question_and_pays_once(tmp_path, monkeypatch)
                                    f"stage.source={{name: code, kind: jsonl, path: '{src}'}}", "stage.dry_run=true"))
         assert server.count() == 0 and estimate["dry_run"]["requests"] == 7 and estimate["dry_run"]["dollars"] > 0
         summary = run(cfg)
-        prompt = server.requests[0]["body"]["messages"][-1]["content"]
-        assert "educational value for a student whose goal is to learn basic coding concepts" in prompt
-        assert "def search" in prompt and server.requests[0]["body"]["model"] == "gpt-4-0613"
+        # Requests go out concurrently, so the server sees them in any order: look at all of them.
+        prompts = [r["body"]["messages"][-1]["content"] for r in server.requests]
+        assert all("educational value for a student whose goal is to learn basic coding concepts" in p
+                   for p in prompts)
+        assert sorted(p.count("def search") for p in prompts) == [0] + [1] * 6
+        assert {r["body"]["model"] for r in server.requests} == {"gpt-4-0613"}
         assert summary["annotated"] == 6 and summary["labels"] == {"high": 6}  # 8 >= 6
         quarantine = [json.loads(line) for line in (tmp_path / "annotations" / "quarantine.jsonl").open()]
         assert [q["id"] for q in quarantine] == ["code:odd"] and "unparseable" in quarantine[0]["reason"]
