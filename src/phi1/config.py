@@ -68,6 +68,9 @@ class SourceConfig:
     limit: Optional[int] = None
     # A file that is not UTF-8 or a malformed JSONL line: stop (naming file and line) or skip and count it.
     on_error: str = "stop"
+    # The command that writes this source's files (ours: filter, textbooks, exercises), named in the error
+    # when they are missing. Not part of the pack's identity.
+    made_by: Optional[str] = None
 
 
 @dataclass

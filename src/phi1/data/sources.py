@@ -162,7 +162,8 @@ def _documents(source, on_error: str, skipped: list[str], shard: int, num_shards
     elif kind in ("jsonl", "parquet"):
         files = sorted(glob.glob(str(Path(source.path).expanduser())))
         if not files:
-            raise SourceError(f"source {source.name!r}: no file matches {source.path}")
+            made_by = f"; it is written by: {source.made_by}" if getattr(source, "made_by", None) else ""
+            raise SourceError(f"source {source.name!r}: no file matches {source.path}{made_by}")
         read = _jsonl if kind == "jsonl" else _parquet
         for file in _slice(files, shard, num_shards):
             yield from read(Path(file), source, on_error, skipped)
@@ -264,7 +265,8 @@ def _hf_rows(source, shard: int, num_shards: int) -> Iterator[tuple[int, dict]]:
 def fingerprint(source) -> str:
     """Cheap identity of a source's content: file names, sizes and mtimes (or the dataset's coordinates)."""
     h = hashlib.sha256()
-    h.update(json.dumps({k: source.get(k) for k in sorted(source)}, sort_keys=True, default=str).encode())
+    spec = {k: source.get(k) for k in sorted(source) if k != "made_by"}  # a hint, not content
+    h.update(json.dumps(spec, sort_keys=True, default=str).encode())
     if source.kind in ("stdlib", "stdlib_functions", "dir"):
         root = stdlib_dir() if source.kind.startswith("stdlib") else Path(source.path).expanduser()
         h.update(sys.version.encode() if source.kind.startswith("stdlib") else b"")
