@@ -67,8 +67,7 @@ RECORD = np.dtype([("tokens", "<u8"), ("val", "u1"), ("hash", "V16")])
 def location(cfg: DictConfig, tokenizer_dir: Path) -> Path:
     spec = OmegaConf.to_container(cfg.data, resolve=True)
     spec.pop("seq_len")  # windows are cut at read time
-    for source in spec["sources"]:
-        source.pop("made_by", None)  # a hint for error messages, not content
+    spec["sources"] = [sources.spec(source) for source in spec["sources"]]
     key = json.dumps(
         [FORMAT, spec, tokenizers.fingerprint(tokenizer_dir), [sources.fingerprint(s) for s in cfg.data.sources]],
         sort_keys=True,

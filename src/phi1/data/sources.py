@@ -262,11 +262,15 @@ def _hf_rows(source, shard: int, num_shards: int) -> Iterator[tuple[int, dict]]:
         yield from ((i, row) for i, row in enumerate(ds) if i % num_shards == shard)
 
 
+def spec(source) -> dict:
+    """The source's settings that decide its documents: all but `made_by`, a hint for error messages."""
+    return {k: source.get(k) for k in sorted(source) if k != "made_by"}
+
+
 def fingerprint(source) -> str:
     """Cheap identity of a source's content: file names, sizes and mtimes (or the dataset's coordinates)."""
     h = hashlib.sha256()
-    spec = {k: source.get(k) for k in sorted(source) if k != "made_by"}  # a hint, not content
-    h.update(json.dumps(spec, sort_keys=True, default=str).encode())
+    h.update(json.dumps(spec(source), sort_keys=True, default=str).encode())
     if source.kind in ("stdlib", "stdlib_functions", "dir"):
         root = stdlib_dir() if source.kind.startswith("stdlib") else Path(source.path).expanduser()
         h.update(sys.version.encode() if source.kind.startswith("stdlib") else b"")
