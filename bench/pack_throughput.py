@@ -20,7 +20,8 @@ and the 10x corpus is 10x the tokens. Measured:
              use both cores) and with num_proc=2 (two processes; datasets turns the tokenizer's threads off in
              them). Timed two ways: the two maps alone (texts in memory: no start-up, reading or writing; the
              strictest comparison) and end to end, the process's wall clock, as pack is timed
-  RSS        peak resident memory (ru_maxrss) of the pack process at 1x (copy0/) and 10x (all copies)
+  RSS        peak resident memory of the pack process and its worker processes together (sampled every
+             20 ms) at 1x (copy0/) and 10x (all copies)
 """
 
 from __future__ import annotations
@@ -81,17 +82,42 @@ def overrides(work: Path, corpus: Path, name: str) -> list[str]:
     ]
 
 
-# Runs the command and prints its peak RSS. A small parent of its own, because a child forked from this
-# (large) process would count this process's pages in its ru_maxrss until it execs.
-MAXRSS = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-          "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+def tree_rss(argv: list[str]) -> None:
+    """Run argv and print its peak resident memory, that of the process and its workers together: their RSS
+    summed every 20 ms (pack encodes in worker processes; ru_maxrss would give only the largest one). Runs in
+    a small parent process of its own (`--rss`), because a child forked from the benchmark's (large) process
+    would count that process's pages until it execs."""
+    proc = subprocess.Popen(argv)
+    page = os.sysconf("SC_PAGE_SIZE")
+    peak = 0
+    while proc.poll() is None:
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                except OSError:
+                    continue
+                children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+        tree, total = [proc.pid], 0
+        while tree:
+            pid = tree.pop()
+            tree += children.get(pid, [])
+            try:
+                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+            except OSError:
+                pass
+        peak = max(peak, total)
+        time.sleep(0.02)
+    print("MAXRSS_KB", peak // 1024)
+    sys.exit(proc.returncode)
 
 
 def run_pack(work: Path, corpus: Path, name: str) -> dict:
     """prepare.py stage=pack in a child process: wall time, peak RSS, the tokens/s it logged."""
     shutil.rmtree(work / "data" / "packed", ignore_errors=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [sys.executable, "-c", MAXRSS, sys.executable, str(ROOT / "prepare.py"), *overrides(work, corpus, name)]
+    command = [sys.executable, __file__, "--rss", sys.executable, str(ROOT / "prepare.py"), *overrides(work, corpus, name)]
     t0 = time.perf_counter()
     proc = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wall = time.perf_counter() - t0
@@ -169,6 +195,8 @@ def measure(kind: str, tokenizer_dir: Path, corpus: Path) -> dict:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--rss"]:
+        return tree_rss(sys.argv[2:])
     if sys.argv[1:2] == ["--child"]:  # one measurement in its own process (see measure)
         kind, tokenizer_dir, corpus = sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
         result = (ceiling(tokenizer_dir, corpus) if kind == "ceiling" else

@@ -1,8 +1,11 @@
 """Packing at scale: shards, merge, dedup, resume after a kill, filters, and hub-style sources read offline."""
 
+import functools
 import json
+import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +17,7 @@ import pytest
 from conftest import ROOT
 from phi1 import tokenizer as tokenizers
 from phi1.data import pack
+from phi1.data.encoder import Encoder
 from phi1.data.sources import SourceError, documents, stdlib_dir
 
 
@@ -75,10 +79,85 @@ def test_output_does_not_depend_on_batching(small_cfg, tmp_path, monkeypatch):
     default.rmdir()
     monkeypatch.setattr(pack, "BATCH_DOCS", 3)
     monkeypatch.setattr(pack, "BATCH_BYTES", 4_000)
-    monkeypatch.setattr(pack, "IN_FLIGHT", 3)
+    monkeypatch.setattr(pack, "MAX_WORKERS", 1)
     monkeypatch.setattr(pack, "TRIM_BYTES", 1)
     small = _pack(cfg)
     assert {p.name: p.read_bytes() for p in small.iterdir()} == saved
+    # and `tokenizers` alone, three batches on its threads at once, instead of the piece cache's workers
+    for p in small.iterdir():
+        p.unlink()
+    small.rmdir()
+    monkeypatch.setattr(pack, "Encoder", functools.partial(Encoder, fast=False))
+    monkeypatch.setattr(pack, "IN_FLIGHT", 3)
+    alone = _pack(cfg)
+    assert {p.name: p.read_bytes() for p in alone.iterdir()} == saved
+
+
+def _stdlib_texts(n: int) -> list[str]:
+    """n files of the standard library, a third of them with non-ASCII text (names, docs, test strings)."""
+    unicode, ascii_ = [], []
+    for path in sorted(stdlib_dir().rglob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):  # the test suite's deliberately broken files
+            continue
+        (ascii_ if text.isascii() else unicode).append(text)
+        if len(unicode) >= n // 3 and len(ascii_) >= n:
+            break
+    return unicode[: n // 3] + ascii_[: n - n // 3]
+
+
+def _same_ids(encoder: Encoder, backend, texts: list[str]) -> None:
+    flat, lengths = encoder.encode(texts)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    for k, encoding in enumerate(backend.encode_batch_fast(texts, add_special_tokens=False)):
+        assert flat[offsets[k] : offsets[k + 1]].tolist() == encoding.ids, texts[k][:200]
+
+
+def test_the_piece_cache_gives_the_tokenizers_ids(small_cfg, monkeypatch):
+    """On 240 standard-library files (80 with non-ASCII text), with the local BPE and with codegen's added
+    tokens (runs of 2-31 spaces and 2-9 tabs), a cache emptied every 500 pieces, and an EOS in the text."""
+    from tokenizers import AddedToken, Tokenizer
+
+    from phi1.data import encoder as encoder_module
+
+    backend = Tokenizer.from_file(str(tokenizers.ensure(small_cfg()) / "tokenizer.json"))
+    texts = _stdlib_texts(240)
+    assert sum(not t.isascii() for t in texts) == 80
+    texts.append("x = 1<|endoftext|>y = 'é'<|endoftext|>\n")
+    encoder = Encoder(backend, np.uint16)
+    assert encoder.fast  # else this compares `tokenizers` with itself
+    for k in range(0, len(texts), 60):
+        _same_ids(encoder, backend, texts[k : k + 60])
+    assert len(encoder.cache) > 5000
+    monkeypatch.setattr(encoder_module, "MAX_PIECES", 500)
+    _same_ids(encoder, backend, texts[:40])
+    codegen_like = Tokenizer.from_file(str(tokenizers.ensure(small_cfg()) / "tokenizer.json"))
+    codegen_like.add_tokens([AddedToken(" " * n) for n in range(31, 1, -1)] + [AddedToken("\t" * n) for n in range(9, 1, -1)])
+    encoder = Encoder(codegen_like, np.uint16)
+    assert encoder.fast
+    _same_ids(encoder, codegen_like, texts)
+
+
+def test_tokenizers_the_piece_cache_cannot_take_are_encoded_by_tokenizers_alone(small_cfg, monkeypatch, caplog):
+    from tokenizers import Tokenizer, normalizers
+
+    from phi1.data import encoder as encoder_module
+
+    caplog.set_level(logging.INFO, logger="phi1.data.encoder")
+    path = str(tokenizers.ensure(small_cfg()) / "tokenizer.json")
+    texts = _stdlib_texts(30)
+    lowercased = Tokenizer.from_file(path)
+    lowercased.normalizer = normalizers.Lowercase()
+    encoder = Encoder(lowercased, np.uint16)
+    assert not encoder.fast and "it has a normalizer" in caplog.text
+    _same_ids(encoder, lowercased, texts)
+    # The self-check: a pattern that forgets the contractions ('s, 't, ...) is caught on creation.
+    monkeypatch.setattr(encoder_module, "ASCII_PIECES", re.compile(encoder_module.ASCII_PIECES.pattern.split("|", 7)[7]))
+    plain = Tokenizer.from_file(path)
+    encoder = Encoder(plain, np.uint16)
+    assert not encoder.fast and "its ids differ from the tokenizer's on" in caplog.text
+    _same_ids(encoder, plain, texts)
 
 
 def test_limit_means_the_first_documents_of_the_whole_source_when_sharded(small_cfg):
@@ -169,7 +248,7 @@ def test_finished_shards_are_reused(small_cfg, monkeypatch):
     stamps = [{p.name: p.stat().st_mtime_ns for p in d.iterdir()} for d in done]
     encoded = []
     real = pack._encode_source
-    monkeypatch.setattr(pack, "_encode_source", lambda *a: encoded.append(a[6]) or real(*a))
+    monkeypatch.setattr(pack, "_encode_source", lambda *a: encoded.append(a[7]) or real(*a))
     pack.pack(cfg, tokenizer_dir, 3, keep_shards=True)
     assert encoded == [2]  # only the unfinished shard was tokenized
     assert [{p.name: p.stat().st_mtime_ns for p in d.iterdir()} for d in done] == stamps

@@ -30,13 +30,13 @@ import ctypes
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import time
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -45,18 +45,24 @@ from tqdm.auto import tqdm
 
 from phi1 import tokenizer as tokenizers
 from phi1.data import dedup, sources
+from phi1.data.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
 FORMAT = 2
-# One `encode_batch_fast` call: up to 1024 documents or 4 MB of text, whichever comes first. Bounded in bytes
-# because an encoding costs ~70 bytes of memory per token (ids, masks, token strings): 4 MB of Python is ~1M
-# tokens, ~70 MB encoded, and IN_FLIGHT batches are alive at once (encoding, or the oldest being written).
+# One batch of encoding: up to 1024 documents or 4 MB of text, whichever comes first. Bounded in bytes because
+# text in flight costs memory: with `tokenizers` alone an encoding costs ~70 bytes per token (ids, masks, token
+# strings), 4 MB of Python is ~1M tokens, ~70 MB encoded; the piece cache's lists of pieces cost about as much.
 BATCH_DOCS, BATCH_BYTES = 1024, 4 << 20
-# Batches handed to the tokenizer at once. With one, a batch's last long document keeps one of its threads busy
-# while the other idles; with two, the idle thread starts on the next batch (2 cores, 100 MB of Python, three
-# interleaved runs: 16.8 s -> 15.2 s on average; three in flight gained nothing more; BENCHMARKS.md).
+# Batches handed to `tokenizers` at once when it encodes alone (a tokenizer the piece cache cannot take). With
+# one, a batch's last long document keeps one of its threads busy while the other idles; with two, the idle
+# thread starts on the next batch (2 cores, 100 MB of Python, three interleaved runs: 16.8 s -> 15.2 s on
+# average; three in flight gained nothing more; BENCHMARKS.md).
 IN_FLIGHT = 2
+# Worker processes for the piece cache (encoder.py), which is Python and so one core per process. The main
+# process reads, hashes and writes ~4x faster than a worker encodes (100 MB of Python: ~2.5 s against ~10 s),
+# so more than four workers would wait on it; each holds a cache of up to ~150 MB.
+MAX_WORKERS = 4
 # Freed heap pages go back to the OS after this many characters of text (see _release_freed_memory). After every batch it cost
 # ~1 s of main-thread time and ~1.3 s of page faults per 100 MB; every 16 MB keeps peak RSS within 5% of that.
 TRIM_BYTES = 16 << 20
@@ -111,8 +117,9 @@ def pack(cfg: DictConfig, tokenizer_dir: Path, num_shards: int = 1, keep_shards:
     if (directory / "manifest.json").exists():
         return directory
     tokenizer = tokenizers.load_fast(tokenizer_dir, cfg)
-    for k in range(num_shards):
-        pack_shard(cfg, tokenizer_dir, k, num_shards, directory, tokenizer)
+    with _encoding(tokenizer_dir, tokenizer) as encode:
+        for k in range(num_shards):
+            pack_shard(cfg, tokenizer_dir, k, num_shards, directory, tokenizer, encode)
     manifest = merge(cfg, tokenizer_dir, num_shards, directory, tokenizer)
     if not keep_shards:
         shutil.rmtree(shards_dir(directory, num_shards), ignore_errors=True)
@@ -125,7 +132,7 @@ def pack(cfg: DictConfig, tokenizer_dir: Path, num_shards: int = 1, keep_shards:
 
 
 def pack_shard(cfg: DictConfig, tokenizer_dir: Path, shard: int, num_shards: int, directory: Path | None = None,
-               tokenizer=None) -> Path:
+               tokenizer=None, encode=None) -> Path:
     """Tokenize shard `shard` of `num_shards` of every source into its own folder; skip it if already done."""
     directory = directory or location(cfg, tokenizer_dir)
     out = shards_dir(directory, num_shards) / f"shard-{shard:05d}"
@@ -136,14 +143,54 @@ def pack_shard(cfg: DictConfig, tokenizer_dir: Path, shard: int, num_shards: int
         log.info("shard %d of %d already packed: %s", shard, num_shards, out)
         return out
     tokenizer = tokenizer or tokenizers.load_fast(tokenizer_dir, cfg)
+    if encode is None:
+        with _encoding(tokenizer_dir, tokenizer) as encode:
+            return pack_shard(cfg, tokenizer_dir, shard, num_shards, directory, tokenizer, encode)
     dtype = _dtype(tokenizer)
     with _build_dir(out) as tmp:
         stats = [
-            _encode_source(source, j, tokenizer, cfg.data, dtype, tmp, shard, num_shards)
+            _encode_source(source, j, encode, tokenizer[1], cfg.data, dtype, tmp, shard, num_shards)
             for j, source in enumerate(cfg.data.sources)
         ]
         (tmp / "stats.json").write_text(json.dumps({"shard": shard, "num_shards": num_shards, "sources": stats}))
     return out
+
+
+@contextmanager
+def _encoding(tokenizer_dir: Path, tokenizer):
+    """A function `encode(texts)` -> future of (ids, ids per text), and how many batches to keep in flight.
+
+    With the piece cache (encoder.py), one worker process per core, up to MAX_WORKERS, each with its own cache;
+    started with `spawn`, not `fork`: a fork would inherit this process's threads (the tokenizer's among
+    them). Otherwise `tokenizers` alone, on its own threads, IN_FLIGHT batches at once."""
+    dtype = _dtype(tokenizer)
+    encoder = Encoder(tokenizer[0], dtype)  # decides, and checks itself against the tokenizer
+    if not encoder.fast:
+        with ThreadPoolExecutor(IN_FLIGHT) as pool:
+            yield lambda texts: pool.submit(encoder.encode, texts), IN_FLIGHT
+        return
+    workers = max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                         else os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                             initargs=(str(tokenizer_dir / "tokenizer.json"), dtype.str)) as pool:
+        # One batch more than workers: a worker that finishes finds the next batch waiting while this process
+        # writes the oldest.
+        yield lambda texts: pool.submit(_encode_in_worker, texts), workers + 1
+
+
+_worker_encoder: Encoder | None = None
+
+
+def _start_worker(tokenizer_json: str, dtype: str) -> None:
+    from tokenizers import Tokenizer
+
+    global _worker_encoder
+    # check=False: the parent has just checked this tokenizer with this library.
+    _worker_encoder = Encoder(Tokenizer.from_file(tokenizer_json), np.dtype(dtype), check=False)
+
+
+def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return _worker_encoder.encode(texts)
 
 
 @contextmanager
@@ -201,9 +248,10 @@ def _batches(docs):
         yield batch
 
 
-def _encode_source(source, j: int, tokenizer, data: DictConfig, dtype, out: Path, shard: int, num_shards: int) -> dict:
+def _encode_source(source, j: int, encode, eos: int, data: DictConfig, dtype, out: Path, shard: int,
+                   num_shards: int) -> dict:
     """Write source j's share of this shard: s<j>.tokens, s<j>.docs (RECORD rows) and s<j>.minhash."""
-    backend, eos = tokenizer
+    submit, in_flight = encode
     signer = dedup.Signer(data.dedup) if data.dedup.near else None
     skipped: list[str] = []
     filtered: Counter = Counter()
@@ -216,12 +264,11 @@ def _encode_source(source, j: int, tokenizer, data: DictConfig, dtype, out: Path
     tokens_f, docs_f = open(out / f"s{j}.tokens", "wb"), open(out / f"s{j}.docs", "wb")
     sig_f = open(out / f"s{j}.minhash", "wb") if signer else None
 
-    def emit(batch, encodings):
-        # Runs while the tokenizer's threads encode the next batches (it releases the GIL), so this Python work
-        # and the reading of the next batch overlap with encoding instead of adding to it.
+    def emit(batch, encoded):
+        # Runs while the workers (or the tokenizer's threads, which release the GIL) encode the next batches,
+        # so this work and the reading of the next batch overlap with encoding instead of adding to it.
         nonlocal untrimmed
-        lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
-        flat = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=dtype, count=int(lengths.sum()))
+        flat, lengths = encoded
         stream = np.insert(flat, np.cumsum(lengths), eos)  # each document followed by EOS
         records = np.empty(len(batch), dtype=RECORD)
         records["tokens"] = lengths + 1
@@ -243,16 +290,15 @@ def _encode_source(source, j: int, tokenizer, data: DictConfig, dtype, out: Path
 
     try:
         docs = sources.documents(source, skipped, shard, num_shards, filtered)
-        with ThreadPoolExecutor(IN_FLIGHT) as pool:
-            pending: deque = deque()  # (batch, future of its encodings), oldest first: written in input order
-            for batch in _batches(docs):
-                pending.append((batch, pool.submit(backend.encode_batch_fast, [text for _, text in batch], False)))
-                if len(pending) == IN_FLIGHT:
-                    batch, future = pending.popleft()
-                    emit(batch, future.result())
-            while pending:
+        pending: deque = deque()  # (batch, future of its ids), oldest first: written in input order
+        for batch in _batches(docs):
+            pending.append((batch, submit([text for _, text in batch])))
+            if len(pending) == in_flight:
                 batch, future = pending.popleft()
                 emit(batch, future.result())
+        while pending:
+            batch, future = pending.popleft()
+            emit(batch, future.result())
     finally:
         bar.close()
         for f in (tokens_f, docs_f, sig_f):
