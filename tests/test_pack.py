@@ -116,7 +116,8 @@ def _same_ids(encoder: Encoder, backend, texts: list[str]) -> None:
 
 def test_the_piece_cache_gives_the_tokenizers_ids(small_cfg, monkeypatch):
     """On 240 standard-library files (80 with non-ASCII text), with the local BPE and with codegen's added
-    tokens (runs of 2-31 spaces and 2-9 tabs), a cache emptied every 500 pieces, and an EOS in the text."""
+    tokens (runs of 2-31 spaces and 2-9 tabs); with texts cut into short parts and a cache emptied every 500
+    pieces; and an EOS in the text."""
     from tokenizers import AddedToken, Tokenizer
 
     from phi1.data import encoder as encoder_module
@@ -131,6 +132,8 @@ def test_the_piece_cache_gives_the_tokenizers_ids(small_cfg, monkeypatch):
         _same_ids(encoder, backend, texts[k : k + 60])
     assert len(encoder.cache) > 5000
     monkeypatch.setattr(encoder_module, "MAX_PIECES", 500)
+    monkeypatch.setattr(encoder_module, "PART_CHARS", 300)  # texts cut into parts, pieces in groups of ~300 chars
+    assert max(len(encoder._parts(t)) for t in texts[:40]) > 100
     _same_ids(encoder, backend, texts[:40])
     codegen_like = Tokenizer.from_file(str(tokenizers.ensure(small_cfg()) / "tokenizer.json"))
     codegen_like.add_tokens([AddedToken(" " * n) for n in range(31, 1, -1)] + [AddedToken("\t" * n) for n in range(9, 1, -1)])

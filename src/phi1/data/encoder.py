@@ -1,11 +1,12 @@
-"""Documents to token ids for packing: the ids `tokenizers` gives, ~4× faster on Python source.
+"""Documents to token ids for packing: the ids `tokenizers` gives, ~3× faster per core on Python source.
 
 A byte-level BPE tokenizer (GPT-2's, codegen's, the local one) cuts text into pieces with one regex, then runs
 BPE on each piece on its own, so a piece's ids never depend on its neighbours. Code repeats its pieces
 (`self`, ` return`, `    `, `):`) endlessly: 20 MB of the standard library holds 4.4M pieces but only 65K
 distinct ones. `Encoder` cuts ASCII text with Python's `re` (the same pattern, spelled for ASCII), looks each
-piece up in a cache of ids and asks the tokenizer only for pieces it has not seen. One core, 20 MB of Python:
-`encode_batch_fast` 5.8 s, this 1.5 s with a cold cache, 0.9 s warm (BENCHMARKS.md).
+piece up in a cache of ids and asks the tokenizer only for pieces it has not seen. One thread, the first 20 MB
+of the standard library (3,486 files, 65 of them with non-ASCII text), 51,200-token BPE: `encode_batch_fast`
+6.9 s, this 2.1 s from an empty cache; the ASCII files alone 1.5 s, 0.9 s with the cache warm.
 
 Exactness: text outside ASCII is left to the tokenizer, since its regex engine's Unicode tables are its own.
 A document that holds some non-ASCII is cut at each newline between two printable ASCII characters (where the
@@ -23,6 +24,7 @@ import json
 import logging
 import random
 import re
+from itertools import chain, islice
 
 import numpy as np
 
@@ -41,9 +43,19 @@ ASCII_PIECES = re.compile(
 # whitespace) and at the end of the part before the cut; after a run of newlines it would not be: "é\n\n&" is
 # "é", "\n", "\n", "&", but the part "é\n\n" on its own ends in one piece "\n\n".
 _LINE_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])")
+# Where a long text may be cut into parts: as above, or between an ASCII letter or digit and ASCII punctuation
+# (the piece before, a run of letters or digits or a contraction, ends there whatever follows; the one after
+# starts there whatever precedes; no whitespace run, the only lookahead, ends there). A file without such
+# cuts, one indented line after another, still has them in plenty.
+_PART_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])|(?<=[A-Za-z0-9])(?=[!-/:-@\[-`{-~])")
 # Cached pieces before the cache is emptied: ~150 bytes each (key, ids, dict slot), so at most ~150 MB. 100 MB
 # of Python has ~300K distinct pieces; a corpus of The Stack's size would grow the cache without end.
 MAX_PIECES = 1 << 20
+# Text is cut into pieces this many characters at a time: a list of pieces costs ~15 bytes a character while it
+# lives, and a worker keeps its high-water mark (a whole 4 MB batch at once: ~60 MB; every batch holding one
+# copy of the corpus's largest file, a 4 MB one, made a worker grow from ~270 to ~360 MB over a 1 GB pack).
+# Longer texts are cut into parts of about this size (Encoder._parts).
+PART_CHARS = 1 << 16
 
 
 class Encoder:
@@ -53,7 +65,7 @@ class Encoder:
     def __init__(self, tokenizer, dtype, fast: bool = True, check: bool = True):
         self.tokenizer, self.dtype = tokenizer, np.dtype(dtype)
         why_not = _unsupported(json.loads(tokenizer.to_str())) if fast else "switched off"
-        self._added = self._seed = None
+        self._added, self._seed = None, {}
         self.cache: dict[str, bytes] = {}
         if why_not is None:
             added = sorted({t.content for t in tokenizer.get_added_tokens_decoder().values()}, key=len, reverse=True)
@@ -77,36 +89,65 @@ class Encoder:
             return flat, lengths
         if len(self.cache) > MAX_PIECES:
             self.cache = dict(self._seed)
-        cache = self.cache
-        docs = [self._pieces(text) for text in texts]
-        new = [p for p in set().union(*docs) if p not in cache]
-        if new:
-            for piece, encoding in zip(new, self.tokenizer.encode_batch_fast(new, add_special_tokens=False)):
-                cache[piece] = self._ids(encoding.ids)
-        lookup = cache.__getitem__
-        blobs = [b"".join(map(lookup, doc)) for doc in docs]
-        for piece in new:  # non-ASCII stretches are mostly unique lines: not worth their memory
-            if not piece.isascii():
-                del cache[piece]
+        parts = [self._parts(text) for text in texts]
+        encoded: list[bytes] = []
+        group, size = [], 0
+        for part in chain.from_iterable(parts):
+            group.append(part)
+            size += len(part)
+            if size >= PART_CHARS:
+                encoded += self._encode_group(group)
+                group, size = [], 0
+        encoded += self._encode_group(group)
+        done = iter(encoded)
+        blobs = [b"".join(islice(done, len(p))) for p in parts]
         lengths = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs)) // self.dtype.itemsize
         return np.frombuffer(b"".join(blobs), dtype=self.dtype), lengths
 
-    def _pieces(self, text: str) -> list[str]:
-        """The text cut into pieces whose ids are looked up one by one: the pre-tokenizer's pieces of its ASCII
-        stretches, whole stretches of non-ASCII text, and the added tokens."""
+    def _parts(self, text: str) -> list[str]:
+        """The text as its added tokens and the stretches between them, those cut into parts of about
+        PART_CHARS where the pieces stay the same (_PART_CUT)."""
         segments = self._added.split(text) if self._added else [text]
-        pieces: list[str] = []
+        parts: list[str] = []
         for k, segment in enumerate(segments):
-            if k % 2:  # an added token (the split's captured group)
-                pieces.append(segment)
-            elif segment.isascii():
-                pieces += ASCII_PIECES.findall(segment)
-            else:
-                for part in _LINE_CUT.split(segment):
-                    if part.isascii():
-                        pieces += ASCII_PIECES.findall(part)
-                    elif part:
-                        pieces.append(part)
+            if k % 2 or len(segment) <= PART_CHARS:  # odd: an added token (the split's captured group)
+                parts += [segment] if segment else []
+                continue
+            start = 0
+            while len(segment) - start > PART_CHARS and (cut := _PART_CUT.search(segment, start + PART_CHARS)):
+                parts.append(segment[start : cut.start()])
+                start = cut.start()
+            parts.append(segment[start:])
+        return parts
+
+    def _encode_group(self, texts: list[str]) -> list[bytes]:
+        """The ids of each text, asking the tokenizer once for all the pieces not seen yet."""
+        cache = self.cache
+        pieces = [self._pieces(text) for text in texts]
+        new = [p for p in set().union(*pieces) if p not in cache]
+        if new:
+            for piece, encoding in zip(new, self.tokenizer.encode_batch_fast(new, add_special_tokens=False)):
+                cache[piece] = self._ids(encoding.ids)
+        ids = [b"".join(map(cache.__getitem__, p)) for p in pieces]
+        for piece in new:  # non-ASCII stretches are mostly unique lines: not worth their memory
+            if not piece.isascii():
+                del cache[piece]
+        return ids
+
+    def _pieces(self, part: str) -> list[str]:
+        """A part (see _parts) cut into pieces whose ids are looked up one by one: an added token is one piece
+        (no stretch between added tokens can equal one: `tokenizers` would have split it off); ASCII text the
+        pre-tokenizer's pieces; other text cut into lines, whole ones where they hold non-ASCII."""
+        if part in self._seed:
+            return [part]
+        if part.isascii():
+            return ASCII_PIECES.findall(part)
+        pieces: list[str] = []
+        for line in _LINE_CUT.split(part):
+            if line.isascii():
+                pieces += ASCII_PIECES.findall(line)
+            elif line:
+                pieces.append(line)
         return pieces
 
     def _ids(self, ids: list[int]) -> bytes:
@@ -121,6 +162,7 @@ class Encoder:
         added = list(self._seed)
         probes += [f"x{a}y {a}\n{a}" for a in added] + ["".join(rng.choices(alphabet[:128] + added, k=40))
                                                         for _ in range(300)]
+        probes.append("".join(probes))  # ~100K characters: longer than PART_CHARS, so cut into parts
         probes += ["def f(x):\n    return x  # café\n\tpass\n", "  \n\n   \t x's 're 1.5e3 ¡no!\r\n", "é\n\n&",
                    "a = 'ü'\n\n\ndef g():\n    pass\n \nb\n\u3000\nc\n"]
         mine, lengths = self.encode(probes)

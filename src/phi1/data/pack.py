@@ -185,6 +185,8 @@ def _start_worker(tokenizer_json: str, dtype: str) -> None:
     from tokenizers import Tokenizer
 
     global _worker_encoder
+    # One core per worker: the tokenizer (asked only for pieces not seen yet) runs on this process's thread.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # check=False: the parent has just checked this tokenizer with this library.
     _worker_encoder = Encoder(Tokenizer.from_file(tokenizer_json), np.dtype(dtype), check=False)
 
