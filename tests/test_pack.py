@@ -215,9 +215,22 @@ def test_planted_exact_and_near_duplicates_are_caught_within_and_across_sources(
     assert [s["duplicates"] for s in manifest["sources"]] == [{"exact_within": 5}, {"exact_across": 3}]
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = open(f"/proc/{entry}/stat").read() if entry.isdigit() else ""
+        except OSError:
+            continue
+        if stat and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the pack's worker processes through /proc (Linux)")
 def test_a_killed_pack_resumes_without_redoing_finished_shards(tmp_path):
-    """SIGKILL a 4-shard pack once its first shard is done; the rerun keeps that shard's files untouched and
-    writes exactly what an uninterrupted pack writes."""
+    """SIGKILL a 4-shard pack once its first shard is done: its worker processes exit too; the rerun keeps
+    that shard's files untouched and writes exactly what an uninterrupted pack writes."""
     env = {**os.environ, "PHI1_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
     args = [sys.executable, str(ROOT / "prepare.py"), "stage=pack", "data.sources.0.limit=600", "num_shards=4",
             "tokenizer.corpus.limit=150", f"hydra.run.dir={tmp_path}/run"]
@@ -227,8 +240,14 @@ def test_a_killed_pack_resumes_without_redoing_finished_shards(tmp_path):
     while not list(packed.glob("*.shards-4/shard-00000/stats.json")):
         assert proc.poll() is None and time.time() < deadline, "the pack ended before it could be killed"
         time.sleep(0.05)
+    workers = _children(proc.pid)  # the piece cache's encoding processes
+    assert workers
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 10
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers):  # they exit with their parent
+        assert time.time() < deadline, f"worker processes {workers} outlived the killed pack"
+        time.sleep(0.1)
     (first,) = packed.glob("*.shards-4/shard-00000")
     assert not list(packed.glob("*/manifest.json"))  # no merged pack yet
     before = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}

@@ -33,6 +33,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -185,6 +186,7 @@ def _start_worker(tokenizer_json: str, dtype: str) -> None:
     from tokenizers import Tokenizer
 
     global _worker_encoder
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     # One core per worker: the tokenizer (asked only for pieces not seen yet) runs on this process's thread.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # check=False: the parent has just checked this tokenizer with this library.
@@ -193,6 +195,14 @@ def _start_worker(tokenizer_json: str, dtype: str) -> None:
 
 def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return _worker_encoder.encode(texts)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose pack was killed (SIGKILL, or SIGTERM from a scheduler) would otherwise wait for work
+    forever: it holds its own end of the queue it reads, so it never sees the queue close."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 @contextmanager
