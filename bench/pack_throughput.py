@@ -89,25 +89,29 @@ def tree_rss(argv: list[str]) -> None:
     would count that process's pages until it execs."""
     proc = subprocess.Popen(argv)
     page = os.sysconf("SC_PAGE_SIZE")
-    peak = 0
+    peak, tick, tree = 0, 0, [proc.pid]
     while proc.poll() is None:
-        children: dict[int, list[int]] = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
+        if tick % 25 == 0:  # the process tree every 0.5 s: a scan of /proc costs ~2.4 ms, the RSS reads little
+            children: dict[int, list[int]] = {}
+            for entry in os.listdir("/proc"):
                 try:
-                    stat = Path(f"/proc/{entry}/stat").read_text()
+                    stat = Path(f"/proc/{entry}/stat").read_text() if entry.isdigit() else ""
                 except OSError:
                     continue
-                children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-        tree, total = [proc.pid], 0
-        while tree:
-            pid = tree.pop()
-            tree += children.get(pid, [])
+                if stat:
+                    children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+            tree, todo = [], [proc.pid]
+            while todo:
+                tree.append(todo.pop())
+                todo += children.get(tree[-1], [])
+        total = 0
+        for pid in tree:
             try:
                 total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
             except OSError:
                 pass
         peak = max(peak, total)
+        tick += 1
         time.sleep(0.02)
     print("MAXRSS_KB", peak // 1024)
     sys.exit(proc.returncode)
