@@ -227,10 +227,9 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the pack's worker processes through /proc (Linux)")
 def test_a_killed_pack_resumes_without_redoing_finished_shards(tmp_path):
-    """SIGKILL a 4-shard pack once its first shard is done: its worker processes exit too; the rerun keeps
-    that shard's files untouched and writes exactly what an uninterrupted pack writes."""
+    """SIGKILL a 4-shard pack once its first shard is done: its worker processes exit too (checked on Linux);
+    the rerun keeps that shard's files untouched and writes exactly what an uninterrupted pack writes."""
     env = {**os.environ, "PHI1_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
     args = [sys.executable, str(ROOT / "prepare.py"), "stage=pack", "data.sources.0.limit=600", "num_shards=4",
             "tokenizer.corpus.limit=150", f"hydra.run.dir={tmp_path}/run"]
@@ -240,8 +239,9 @@ def test_a_killed_pack_resumes_without_redoing_finished_shards(tmp_path):
     while not list(packed.glob("*.shards-4/shard-00000/stats.json")):
         assert proc.poll() is None and time.time() < deadline, "the pack ended before it could be killed"
         time.sleep(0.05)
-    workers = _children(proc.pid)  # the piece cache's encoding processes
-    assert workers
+    linux = os.path.isdir("/proc")  # where the pack's worker processes can be found
+    workers = _children(proc.pid) if linux else []  # the piece cache's encoding processes
+    assert workers or not linux
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 10
