@@ -91,6 +91,33 @@ def test_non_utf8_file_is_named(small_cfg, tmp_path):
         _pack(small_cfg(f"data.sources=[{{name: src, kind: dir, path: '{src}'}}]"))
 
 
+def test_a_folder_is_walked_in_paths_order_and_sharded_without_gaps(tmp_path):
+    """`dir` sources are walked, not listed and sorted: the walk must still give Path's order (by parts, which
+    plain string order is not: "a-b.py" < "a.py" < "a/b.py" as strings), leave out links to folders, and its
+    shards must add up to the whole, in order."""
+    import os
+
+    from phi1.data import sources
+
+    names = ["a.py", "a/b.py", "a-b.py", "a_b/c.py", "a.b/x.py", "A/z.py", "a/a.py", "ab.py", "a/b/c.py",
+             "a/b.py2", "x.py/y.py", "é/f.py", "a /g.py", "test/t.py", "site-packages/s.py"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"# {name}\n")
+    os.symlink(tmp_path / "a", tmp_path / "link.py")  # a link to a folder: neither walked nor read as a file
+    python = [n for n in names if n.endswith(".py")]
+    expected = sorted(python, key=lambda n: n.split("/"))
+    assert expected != sorted(python)  # the tree tells the two orders apart
+    assert list(sources._py_files(tmp_path, stdlib=False)) == expected
+    assert list(sources._py_files(tmp_path, skip_tests=True)) == [
+        n for n in expected if not n.startswith(("test/", "site-packages/"))]
+    source = make_cfg([f"data.sources=[{{name: src, kind: dir, path: '{tmp_path}'}}]"]).data.sources[0]
+    whole = [doc_id for doc_id, _ in sources.documents(source)]
+    assert whole == [f"src:{n}" for n in expected]
+    for n in (2, 3, 5):
+        assert [d for k in range(n) for d, _ in sources.documents(source, shard=k, num_shards=n)] == whole
+
+
 def test_missing_and_empty_sources_are_clear_errors(small_cfg, tmp_path):
     with pytest.raises(SourceError, match="no file matches"):
         _pack(small_cfg(f"data.sources=[{{name: gone, kind: jsonl, path: '{tmp_path}/nope.jsonl'}}]"))

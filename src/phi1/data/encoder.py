@@ -48,9 +48,13 @@ _LINE_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])")
 # starts there whatever precedes; no whitespace run, the only lookahead, ends there). A file without such
 # cuts, one indented line after another, still has them in plenty.
 _PART_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])|(?<=[A-Za-z0-9])(?=[!-/:-@\[-`{-~])")
-# Cached pieces before the cache is emptied: ~150 bytes each (key, ids, dict slot), so at most ~150 MB. 100 MB
-# of Python has ~300K distinct pieces; a corpus of The Stack's size would grow the cache without end.
-MAX_PIECES = 1 << 20
+# Cached pieces before the cache is emptied: ~180 bytes each in a worker's resident memory (key, ids, dict slot),
+# so ~12 MB. The pieces a cache must hold are few: a worker that sees half of 100 MB of Python meets 152K distinct
+# ones, but emptied at 64K it asks the tokenizer for 199K instead of 153K, 5.3M characters instead of 5.0M of
+# 50M; pack's wall clock did not move beyond the machine's noise (4 alternating rounds, median 10.4 s against
+# 10.8 s with 1M). With 1M (~180 MB) the cache kept growing with the corpus: each worker +24 MB from 1x to 10x
+# the benchmark corpus, and towards 180 MB on a corpus of The Stack's size.
+MAX_PIECES = 1 << 16
 # Text is cut into pieces this many characters at a time: a list of pieces costs ~15 bytes a character while it
 # lives, and a worker keeps its high-water mark (a whole 4 MB batch at once: ~60 MB; every batch holding one
 # copy of the corpus's largest file, a 4 MB one, made a worker grow from ~270 to ~360 MB over a 1 GB pack).

@@ -18,8 +18,8 @@ so one pack serves every sequence length.
 Encoding: encoder.py (a cache of pre-tokenized pieces: the tokenizer's ids, ~3x faster per core) in one worker
 process per core, or `tokenizers` alone on its threads for tokenizers the cache cannot take.
 
-Memory: tokens stream through files in fixed-size batches; each worker's piece cache is bounded (~150 MB at
-most; ~250K pieces for 100 MB of Python); what grows with the corpus is the dedup index
+Memory: tokens stream through files in fixed-size batches; folders of files are walked, not listed; each
+worker's piece cache is bounded (64K pieces, ~12 MB); what grows with the corpus is the dedup index
 (16 bytes + a set slot per document for exact dedup; num_perm × 4 bytes + LSH buckets per kept document for
 near-dedup), ~100 bytes per document for exact: 35M Stack files ≈ 3.5 GB.
 
@@ -66,7 +66,7 @@ BATCH_DOCS, BATCH_BYTES = 1024, 4 << 20
 IN_FLIGHT = 2
 # Worker processes for the piece cache (encoder.py), which is Python and so one core per process. The main
 # process reads, hashes and writes ~4x faster than a worker encodes (100 MB of Python: ~2.5 s against ~10 s),
-# so more than four workers would wait on it; each holds a cache of up to ~150 MB.
+# so more than four workers would wait on it; each costs ~100 MB (its imports, a cache of ~12 MB).
 MAX_WORKERS = 4
 # Freed heap pages go back to the OS after this many characters of text (see _release_freed_memory). After every batch it cost
 # ~1 s of main-thread time and ~1.3 s of page faults per 100 MB; every 16 MB keeps peak RSS within 5% of that.
