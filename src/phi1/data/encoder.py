@@ -49,11 +49,11 @@ _LINE_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])")
 # cuts, one indented line after another, still has them in plenty.
 _PART_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])|(?<=[A-Za-z0-9])(?=[!-/:-@\[-`{-~])")
 # Cached pieces before the cache is emptied: ~180 bytes each in a worker's resident memory (key, ids, dict slot),
-# so ~12 MB. The pieces a cache must hold are few: a worker that sees half of 100 MB of Python meets 152K distinct
-# ones, but emptied at 64K it asks the tokenizer for 199K instead of 153K, 5.3M characters instead of 5.0M of
-# 50M; pack's wall clock did not move beyond the machine's noise (4 alternating rounds, median 10.4 s against
-# 10.8 s with 1M). With 1M (~180 MB) the cache kept growing with the corpus: each worker +24 MB from 1x to 10x
-# the benchmark corpus, and towards 180 MB on a corpus of The Stack's size.
+# so ~12 MB. Few pieces carry the hits: a worker that sees half of 100 MB of Python meets 152K distinct ones;
+# emptied at 64K it asks the tokenizer for 199K instead of 153K (5.3M characters instead of 5.0M, of 50M), and
+# pack's wall clock did not move beyond this machine's noise (10 rounds alternating with 1M: median ratio 0.97).
+# At 1M (~180 MB) the cache grew with the corpus: each worker +24 MB from 1x to 10x the benchmark corpus, and
+# it would grow towards 180 MB on a corpus of The Stack's size.
 MAX_PIECES = 1 << 16
 # Text is cut into pieces this many characters at a time: a list of pieces costs ~15 bytes a character while it
 # lives, and a worker keeps its high-water mark (a whole 4 MB batch at once: ~60 MB; every batch holding one
