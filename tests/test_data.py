@@ -1,13 +1,14 @@
 """Packing: deterministic, mixed by weight, split stably; bad input named; the sampler resumes exactly."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 
 from conftest import make_cfg
 from phi1 import tokenizer as tokenizers
-from phi1.data import pack
+from phi1.data import pack, sources
 from phi1.data.datamodule import DataMismatchError, PackedData, StepSampler
 from phi1.data.sources import SourceError
 from phi1.config import plan
@@ -95,10 +96,6 @@ def test_a_folder_is_walked_in_paths_order_and_sharded_without_gaps(tmp_path):
     """`dir` sources are walked, not listed and sorted: the walk must still give Path's order (by parts, which
     plain string order is not: "a-b.py" < "a.py" < "a/b.py" as strings), leave out links to folders, and its
     shards must add up to the whole, in order."""
-    import os
-
-    from phi1.data import sources
-
     names = ["a.py", "a/b.py", "a-b.py", "a_b/c.py", "a.b/x.py", "A/z.py", "a/a.py", "ab.py", "a/b/c.py",
              "a/b.py2", "x.py/y.py", "é/f.py", "a /g.py", "test/t.py", "site-packages/s.py"]
     for name in names:
