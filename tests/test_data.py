@@ -2,11 +2,13 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import make_cfg
+from conftest import ROOT, make_cfg
 from phi1 import tokenizer as tokenizers
 from phi1.data import pack, sources
 from phi1.data.datamodule import DataMismatchError, PackedData, StepSampler
@@ -81,6 +83,22 @@ def test_malformed_jsonl_line_is_named(small_cfg, tmp_path):
     manifest = json.loads((_pack(skip) / "manifest.json").read_text())
     source = manifest["sources"][0]
     assert source["skipped"] == 1 and source["train"]["documents"] + source["val"]["documents"] == 2
+
+
+def test_the_command_line_prints_an_input_error_without_a_traceback(tmp_path):
+    """phi1.errors: the message names the file and line, so `prepare.py` prints it alone and exits 1;
+    HYDRA_FULL_ERROR=1 still shows where it was raised."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "text": "x = 1"}\n{"id": 2, "text": \n')
+    args = [sys.executable, str(ROOT / "prepare.py"), "stage=pack", f"paths.data_dir={tmp_path}/data",
+            f"paths.output_dir={tmp_path}/out", "tokenizer.corpus.limit=50",
+            f"data.sources=[{{name: bad, kind: jsonl, path: '{bad}'}}]"]
+    for full, traceback in [("", False), ("1", True)]:
+        env = {**os.environ, "HYDRA_FULL_ERROR": full}
+        r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1, r.stderr[-2000:]
+        assert f"{bad}:2: JSONDecodeError" in r.stderr
+        assert ("Traceback" in r.stderr) is traceback, r.stderr[-2000:]
 
 
 def test_non_utf8_file_is_named(small_cfg, tmp_path):

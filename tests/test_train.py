@@ -81,6 +81,16 @@ def _export(run: Path, tmp_path: Path) -> Path:
     return out
 
 
+def test_export_names_a_missing_checkpoint_without_a_traceback(tmp_path, capsys):
+    from phi1.export import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "gone.ckpt")])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'gone.ckpt'}: no such checkpoint file" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("source", ["checkpoint", "hf export"])
 def test_finetuning_starts_from_the_base_weights(pretrained, small_cfg, tmp_path, source):
     run, base = pretrained

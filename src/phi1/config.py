@@ -16,6 +16,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from phi1.errors import InputError
+
 
 @dataclass
 class ModelConfig:
@@ -505,7 +507,7 @@ def register_configs() -> None:
     cs.store(group="stage", name="decontaminate_schema", node=DecontaminateConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config value is out of range or inconsistent; the message names the key."""
 
 

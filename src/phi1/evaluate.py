@@ -14,13 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from phi1 import runs
+from phi1.errors import InputError
 from phi1.eval import benchmarks as bench
 from phi1.eval.sandbox import Limits, Sandbox
 
 log = logging.getLogger(__name__)
 
 
-class EvaluationError(ValueError):
+class EvaluationError(InputError):
     pass
 
 

@@ -10,6 +10,8 @@ import logging
 import shutil
 from pathlib import Path
 
+from phi1.errors import MissingInputError, Phi1Error
+
 log = logging.getLogger(__name__)
 
 
@@ -37,10 +39,12 @@ def export_checkpoint(ckpt: Path, out: Path | None = None) -> Path:
     from phi1.module import LanguageModel
 
     ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise MissingInputError(f"{ckpt}: no such checkpoint file")
     module = LanguageModel.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False)
     tokenizer_dir = tokenizers.location(module.cfg)
     if not (tokenizer_dir / "tokenizer.json").exists():
-        raise FileNotFoundError(f"{ckpt}: its tokenizer is not at {tokenizer_dir} (paths.data_dir of the run)")
+        raise MissingInputError(f"{ckpt}: its tokenizer is not at {tokenizer_dir} (paths.data_dir of the run)")
     out = out or ckpt.parent.parent / f"hf-{ckpt.stem}"
     return export_hf(module, tokenizer_dir, out)
 
@@ -51,7 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path, nargs="?", help="output folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(export_checkpoint(args.ckpt, args.out))
+    try:
+        print(export_checkpoint(args.ckpt, args.out))
+    except Phi1Error as e:  # the message says what to fix; a traceback would bury it
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
 
 
 if __name__ == "__main__":

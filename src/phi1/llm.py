@@ -32,6 +32,8 @@ from typing import Any
 import openai
 from tqdm.auto import tqdm
 
+from phi1.errors import Phi1Error
+
 log = logging.getLogger(__name__)
 
 # ~4 characters per token for English and code with OpenAI's tokenizers: the rule of thumb OpenAI gives,
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 4
 
 
-class LLMError(RuntimeError):
+class LLMError(Phi1Error, RuntimeError):
     pass
 
 

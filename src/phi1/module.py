@@ -14,12 +14,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from phi1 import model as phi_model
+from phi1.config import ConfigError
+from phi1.errors import InputError, MissingInputError, Phi1Error
 from phi1.model import padded_vocab
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(Phi1Error, FloatingPointError):
     pass
 
 
@@ -28,7 +30,7 @@ def model_vocab(cfg: DictConfig) -> int:
     if cfg.model.vocab_size is not None:
         return cfg.model.vocab_size
     if cfg.tokenizer.vocab_size is None:
-        raise ValueError("model.vocab_size: required when tokenizer.vocab_size is not set")
+        raise ConfigError("model.vocab_size: required when tokenizer.vocab_size is not set")
     return padded_vocab(cfg.tokenizer.vocab_size)
 
 
@@ -90,11 +92,11 @@ class LanguageModel(L.LightningModule):
             checkpoint = torch.load(source, map_location="cpu", weights_only=False)
             state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
         else:
-            raise FileNotFoundError(f"init_from: {path} is neither a checkpoint file nor an HF export directory")
+            raise MissingInputError(f"init_from: {path} is neither a checkpoint file nor an HF export directory")
         try:
             self.model.load_state_dict(state)
         except RuntimeError as e:
-            raise RuntimeError(f"init_from: {path} does not fit model={self.cfg.model.name}: {e}") from e
+            raise InputError(f"init_from: {path} does not fit model={self.cfg.model.name}: {e}") from e
         log.info("initialised weights from %s", path)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,9 @@ import logging
 import time
 from pathlib import Path
 
+from phi1.config import ConfigError
+from phi1.errors import MissingInputError
+
 log = logging.getLogger(__name__)
 
 
@@ -25,7 +28,7 @@ def _run_target(ref: str, output_dir: Path) -> tuple[str, Path, Path]:
     """`run:` reference -> (run name, the file or folder it names, the marker that says it is ready)."""
     name, _, file = ref.removeprefix("run:").partition("/")
     if not name:
-        raise ValueError(f"{ref!r}: expected run:<name> or run:<name>/<checkpoint file>")
+        raise ConfigError(f"{ref!r}: expected run:<name> or run:<name>/<checkpoint file>")
     run_dir = output_dir / name
     if file:
         target = run_dir / "checkpoints" / file
@@ -47,7 +50,7 @@ def resolve(ref: str | None, output_dir: str | Path, data_dir: str | Path, wait_
     announced = False
     while not ready.exists():
         if time.monotonic() >= deadline:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{what}={ref}: {ready} does not exist: run {name!r} has not finished (or not reached that"
                 f" checkpoint) under {output_dir}. Run it first (its experiment config names the command),"
                 " or set init_wait_min to wait for it (sweeps do)."
@@ -57,7 +60,7 @@ def resolve(ref: str | None, output_dir: str | Path, data_dir: str | Path, wait_
             announced = True
         time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
     if not target.exists():
-        raise FileNotFoundError(f"{what}={ref}: the run finished but {target} does not exist (export_hf=false?)")
+        raise MissingInputError(f"{what}={ref}: the run finished but {target} does not exist (export_hf=false?)")
     if (target / "checkpoint").is_dir():
         target = _consolidate_deepspeed(target)
     log.info("%s=%s -> %s", what, ref, target)
@@ -88,5 +91,5 @@ def _download_artifact(path: str, root: Path) -> str:
         return str(ckpts[0])
     if (local / "config.json").exists():
         return str(local)
-    raise FileNotFoundError(f"wandb:{path}: expected one .ckpt file or an HF folder in the artifact, found "
+    raise MissingInputError(f"wandb:{path}: expected one .ckpt file or an HF folder in the artifact, found "
                             f"{sorted(p.name for p in local.iterdir())}")

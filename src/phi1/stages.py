@@ -6,6 +6,8 @@ import importlib
 
 from omegaconf import DictConfig
 
+from phi1.config import ConfigError
+
 STAGES = {
     "pack": "phi1.data.pack",
     "annotate": "phi1.quality.annotate",
@@ -22,5 +24,5 @@ STAGES = {
 def run(cfg: DictConfig):
     name = cfg.stage.name
     if name not in STAGES:
-        raise ValueError(f"stage={name}: unknown stage (known: {', '.join(STAGES)})")
+        raise ConfigError(f"stage={name}: unknown stage (known: {', '.join(STAGES)})")
     return importlib.import_module(STAGES[name]).run(cfg)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig
 
 from phi1.data import sources
+from phi1.errors import Phi1Error
 
 if TYPE_CHECKING:
     import tokenizers
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class TokenizerError(RuntimeError):
+class TokenizerError(Phi1Error, RuntimeError):
     pass
 
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from phi1 import config as phi_config
 from phi1 import runs
 from phi1.data.datamodule import PackedData
+from phi1.errors import MissingInputError
 from phi1.eval.callback import Evaluation
 from phi1.export import export_hf
 from phi1.module import LanguageModel
@@ -41,13 +42,13 @@ def resolve_ckpt_path(ckpt_path: str | None, callbacks: list) -> str | None:
         if last.exists():
             return str(last)
         if ckpt_path == "last":
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"ckpt_path=last: no checkpoint at {last}. Resume with the run_name of the run to continue"
                 " (its folder under paths.output_dir), or use ckpt_path=auto to start fresh when there is none."
             )
         return None
     if not Path(ckpt_path).exists():  # a file, or a folder under DeepSpeed (one shard per rank)
-        raise FileNotFoundError(f"ckpt_path: {ckpt_path} does not exist")
+        raise MissingInputError(f"ckpt_path: {ckpt_path} does not exist")
     return ckpt_path
 
 

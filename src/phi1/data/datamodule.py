@@ -23,12 +23,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from phi1 import tokenizer as tokenizers
 from phi1.config import Plan
 from phi1.data import pack
+from phi1.errors import Phi1Error
 
 
 log = logging.getLogger(__name__)
 
 
-class DataMismatchError(RuntimeError):
+class DataMismatchError(Phi1Error, RuntimeError):
     pass
 
 

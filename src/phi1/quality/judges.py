@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phi1.llm import LLM, last_grade
+from phi1.errors import MissingInputError
 
 PROMPTS = Path(__file__).parent / "prompts"
 _GRADE = re.compile(r"educational value\s*[:=]?\s*\**\s*(\d{1,2})(?:\.\d+)?\s*/\s*10", re.IGNORECASE)
@@ -86,7 +87,7 @@ class LLMJudge:
         self.prompt_version = prompt_version
         path = PROMPTS / f"educational_value.{prompt_version}.txt"
         if not path.exists():
-            raise FileNotFoundError(f"prompt version {prompt_version!r}: no {path}")
+            raise MissingInputError(f"prompt version {prompt_version!r}: no {path}")
         self.template = path.read_text()
         # Long files are cut (the paper's annotators saw snippets); 12K characters ≈ 3K tokens of GPT-4's 8K.
         self.max_chars = max_chars

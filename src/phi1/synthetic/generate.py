@@ -19,6 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from phi1.errors import InputError
 from phi1.llm import LLM, ParseError
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 
 
-class SyntheticError(ValueError):
+class SyntheticError(InputError):
     pass
 
 

@@ -1,0 +1,22 @@
+"""Errors a user can act on: a config key out of range, an input file that is missing or malformed, an API that
+refuses. Their messages name the key, file or line and say what to do, so a traceback adds nothing.
+
+They derive from Hydra's CompactHydraException: `train.py`, `prepare.py`, `evaluate.py` and `report.py` run
+under `hydra.main`, whose error report prints such an exception's message alone and exits with status 1
+(HYDRA_FULL_ERROR=1 shows the traceback). Each also derives from the builtin error it stands for, so that
+callers catching ValueError or FileNotFoundError still catch it. Bugs keep their tracebacks.
+"""
+
+from hydra.errors import CompactHydraException
+
+
+class Phi1Error(CompactHydraException):
+    """An error whose message tells the user what to fix."""
+
+
+class InputError(Phi1Error, ValueError):
+    """A config value or an input file's content is wrong."""
+
+
+class MissingInputError(Phi1Error, FileNotFoundError):
+    """A file, run or checkpoint that the command needs does not exist (yet)."""
