@@ -3,8 +3,9 @@ refuses. Their messages name the key, file or line and say what to do, so a trac
 
 They derive from Hydra's CompactHydraException: `train.py`, `prepare.py`, `evaluate.py` and `report.py` run
 under `hydra.main`, whose error report prints such an exception's message alone and exits with status 1
-(HYDRA_FULL_ERROR=1 shows the traceback). Each also derives from the builtin error it stands for, so that
-callers catching ValueError or FileNotFoundError still catch it. Bugs keep their tracebacks.
+(HYDRA_FULL_ERROR=1 shows the traceback); `python -m phi1.export` prints them the same way. Each also derives
+from the builtin error it stands for, so that callers catching ValueError or FileNotFoundError still catch it.
+Bugs keep their tracebacks.
 """
 
 from hydra.errors import CompactHydraException
