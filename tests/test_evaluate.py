@@ -105,6 +105,9 @@ def test_scoring_a_samples_file_without_a_model(tmp_path, humaneval):
 
 
 def test_samples_file_errors_name_the_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"samples={tmp_path}/gone.jsonl: no such file$"):
+        evaluate(eval_cfg(tmp_path / "run", f"samples={tmp_path}/gone.jsonl"))
+    assert not (tmp_path / "run").exists()  # refused before the run folder or the sandbox
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task_id": "HumanEval/0", "completion": "    pass"}\n{"task_id": "Nope/1", "completion": ""}\n')
     with pytest.raises(EvaluationError, match=r"bad.jsonl:2: task_id 'Nope/1'"):

@@ -335,3 +335,18 @@ def test_report_places_wandb_runs_like_run_dirs(monkeypatch):
     assert seen == {"path": "me/phi1", "filters": {"state": "finished"}}
     assert (run.name, run.get("data.name"), run.metrics, run.where) == (
         "scaling-phi-1-26b-stack", "stack", {"eval/humaneval/pass@1": 0.125}, "wandb:me/phi1/abc123")
+
+
+def test_wandb_without_a_key_is_named_not_a_traceback(tmp_path, monkeypatch):
+    """report.py wandb=... and a wandb: checkpoint reference need W&B's API; without a key the user is told so
+    in one line (phi1.errors), not in W&B's stack."""
+    from phi1 import report
+    from phi1.errors import Phi1Error
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no W&B settings
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb"))
+    with pytest.raises(Phi1Error, match=r"^wandb=me/phi1: No API key"):
+        report.wandb_runs("me/phi1")
+    with pytest.raises(Phi1Error, match=r"^wandb:me/phi1/model:v0: No API key"):
+        runs.resolve("wandb:me/phi1/model:v0", tmp_path / "outputs", tmp_path / "data")

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from phi1 import runs
-from phi1.errors import InputError
+from phi1.errors import InputError, MissingInputError
 from phi1.eval import benchmarks as bench
 from phi1.eval.sandbox import Limits, Sandbox
 
@@ -145,6 +145,8 @@ def evaluate(cfg: DictConfig) -> dict:
         raise EvaluationError("set exactly one of ckpt (a model to generate with) and samples (a file to score)")
     if cfg.samples and len(cfg.benchmarks) != 1:
         raise EvaluationError("samples=<file> scores one benchmark: choose it with benchmark=<name>")
+    if cfg.samples and not Path(cfg.samples).is_file():
+        raise MissingInputError(f"samples={cfg.samples}: no such file")
     if not cfg.allow_code_execution:
         raise EvaluationError(
             "evaluation executes model-written code; it runs in a sandbox (no network, read-only file system,"

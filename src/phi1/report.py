@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from phi1.contamination.decontaminate import PAPER_TABLE3, pass_rates  # noqa: E402
+from phi1.errors import Phi1Error  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +84,13 @@ def wandb_runs(path: str) -> list[Run]:
     import wandb
 
     runs = []
-    for r in wandb.Api().runs(path, filters={"state": "finished"}):
-        config = r.config.get("cfg", r.config)
-        metrics = {k: v for k, v in r.summary.items() if isinstance(v, (int, float))}
-        runs.append(Run(config.get("run_name", r.name), config, metrics, f"wandb:{path}/{r.id}"))
+    try:
+        for r in wandb.Api().runs(path, filters={"state": "finished"}):
+            config = r.config.get("cfg", r.config)
+            metrics = {k: v for k, v in r.summary.items() if isinstance(v, (int, float))}
+            runs.append(Run(config.get("run_name", r.name), config, metrics, f"wandb:{path}/{r.id}"))
+    except wandb.errors.Error as e:  # no API key, no network, no such project: the user's to fix
+        raise Phi1Error(f"wandb={path}: {e}") from e
     return runs
 
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from phi1.config import ConfigError
-from phi1.errors import MissingInputError
+from phi1.errors import MissingInputError, Phi1Error
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,11 @@ def _download_artifact(path: str, root: Path) -> str:
     """A W&B model artifact -> the checkpoint file (or HF folder) inside it, downloaded once."""
     import wandb
 
-    artifact = wandb.Api().artifact(path, type="model")
-    local = Path(artifact.download(root=str(root / artifact.name.replace(":", "-"))))
+    try:
+        artifact = wandb.Api().artifact(path, type="model")
+        local = Path(artifact.download(root=str(root / artifact.name.replace(":", "-"))))
+    except wandb.errors.Error as e:  # no API key, no network, no such artifact: the user's to fix
+        raise Phi1Error(f"wandb:{path}: {e}") from e
     ckpts = sorted(local.glob("*.ckpt"))
     if len(ckpts) == 1:
         return str(ckpts[0])
