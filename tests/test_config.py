@@ -126,6 +126,8 @@ def test_budget_and_batch_arithmetic_is_derived(tmp_path):
     ("model.dropout=1.5", "model.dropout"),
     ("phase=distill", "phase"),
     ("data.sources.0.weight=0", "data.sources[0].weight"),
+    ("data.sources.0.path=/my/code", "data.sources[0].path: kind=stdlib reads this interpreter's standard library"),
+    ("tokenizer.corpus.kind=dir", "tokenizer.corpus.path: is required for kind=dir"),
 ])
 def test_out_of_range_values_name_the_key(override, key, tmp_path):
     cfg = make_cfg([override], run_dir=tmp_path, data_dir=tmp_path)

@@ -632,13 +632,18 @@ def data_checks(cfg: DictConfig) -> list[tuple[str, bool, str]]:
         ("tokenizer.corpus", cfg.tokenizer.kind != "local" or cfg.tokenizer.corpus is not None,
          "is required for kind=local"),
     ]
-    for i, source in enumerate(cfg.data.sources):
-        key = f"data.sources[{i}]"
+    sources = [(f"data.sources[{i}]", source) for i, source in enumerate(cfg.data.sources)]
+    if cfg.tokenizer.corpus is not None:
+        sources.append(("tokenizer.corpus", cfg.tokenizer.corpus))
+    for key, source in sources:
         checks += [
             (f"{key}.weight", source.weight > 0, "must be > 0"),
             (f"{key}.kind", source.kind in SOURCE_KINDS, f"must be one of {', '.join(SOURCE_KINDS)}"),
             (f"{key}.path", source.kind in ("stdlib", "stdlib_functions") or bool(source.path),
              f"is required for kind={source.kind}"),
+            # Else a path given with the default source would be ignored and the stdlib packed instead.
+            (f"{key}.path", not (source.kind in ("stdlib", "stdlib_functions") and source.path),
+             f"kind={source.kind} reads this interpreter's standard library, not a path; use kind=dir for a folder"),
             (f"{key}.limit", source.limit is None or source.limit > 0, "must be > 0"),
             (f"{key}.on_error", source.on_error in ("stop", "skip"), "must be 'stop' or 'skip'"),
             (f"{key}.max_chars", source.max_chars is None or source.max_chars >= (source.min_chars or 0),
