@@ -89,6 +89,22 @@ def test_classifier_learns_a_separable_label_and_reports_held_out_metrics(tmp_pa
     assert json.loads((tmp_path / "clf" / "metrics.json").read_text()) == metrics
 
 
+def test_missing_or_malformed_inputs_of_classify_and_filter_are_named(tmp_path):
+    from phi1.errors import InputError, MissingInputError
+
+    folder, annotations, src, _ = _fake_inputs(tmp_path)
+    classify = ["stage=classify", f"stage.embeddings={folder}", f"stage.output={tmp_path}/clf"]
+    with pytest.raises(MissingInputError, match=r"gone.jsonl: no annotations \(run prepare.py stage=annotate"):
+        run(cfg(tmp_path, *classify, f"stage.annotations={tmp_path}/gone.jsonl"))
+    lines = annotations.read_text().splitlines()
+    annotations.write_text("\n".join([lines[0], '{"id": "docs:doc1"}', *lines[2:]]) + "\n")
+    with pytest.raises(InputError, match=r"ann.jsonl:2: KeyError: 'label' \(expected a JSON object with id and"):
+        run(cfg(tmp_path, *classify, f"stage.annotations={annotations}"))
+    with pytest.raises(MissingInputError, match=r"classifier.joblib: no classifier \(run prepare.py stage=classify"):
+        run(cfg(tmp_path, "stage=filter", f"stage.source={{name: docs, kind: jsonl, path: '{src}'}}",
+                f"stage.embeddings={folder}", f"stage.classifier={tmp_path}/clf", f"stage.output={tmp_path}/out"))
+
+
 def test_filter_keeps_the_educational_documents_and_shards_partition_them(tmp_path):
     folder, annotations, src, labels = _fake_inputs(tmp_path)
     run(cfg(tmp_path, "stage=classify", f"stage.annotations={annotations}", f"stage.embeddings={folder}",

@@ -39,11 +39,18 @@ def run(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     ids, embeddings = load_embeddings(stage.embeddings)
     row = {doc_id: i for i, doc_id in enumerate(ids)}
+    annotations = Path(stage.annotations)
+    if not annotations.is_file():
+        raise MissingInputError(f"{annotations}: no annotations (run prepare.py stage=annotate first)")
     labels = {}
-    for line_no, line in enumerate(Path(stage.annotations).read_text().splitlines(), 1):
+    for line_no, line in enumerate(annotations.read_text().splitlines(), 1):
         if line.strip():
-            r = json.loads(line)
-            labels[r["id"]] = r["label"]
+            try:
+                r = json.loads(line)
+                labels[r["id"]] = r["label"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise InputError(f"{annotations}:{line_no}: {type(e).__name__}: {e} (expected a JSON object with"
+                                 " id and label)") from e
     known = [doc_id for doc_id in labels if doc_id in row]
     if len(known) < len(labels):
         log.warning("classify: %d annotated documents have no embedding", len(labels) - len(known))

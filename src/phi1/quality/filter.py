@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from phi1.config import ConfigError
 from phi1.data import sources
-from phi1.errors import InputError
+from phi1.errors import InputError, MissingInputError
 from phi1.quality.classify import load_embeddings
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,10 @@ def run(cfg: DictConfig) -> dict:
     if (stage.threshold is None) == (stage.top_fraction is None):
         raise ConfigError("set exactly one of stage.threshold and stage.top_fraction")
     ids, embeddings = load_embeddings(stage.embeddings)
-    forest = joblib.load(Path(stage.classifier) / "classifier.joblib")
+    classifier = Path(stage.classifier) / "classifier.joblib"
+    if not classifier.is_file():
+        raise MissingInputError(f"{classifier}: no classifier (run prepare.py stage=classify first)")
+    forest = joblib.load(classifier)
     # Scores for the whole corpus are needed for a top fraction; they are small (8 bytes a document).
     scores = np.concatenate([forest.predict_proba(np.asarray(embeddings[i : i + 65536], dtype=np.float32))[:, 1]
                              for i in range(0, len(ids), 65536)])
