@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONF, ROOT, make_cfg, requires_cuda
 from phi1 import model as phi_model
-from phi1.config import ConfigError, plan, validate
+from phi1.config import ConfigError, check, plan, source_checks, validate
 
 # Groups of train.yaml; benchmark belongs to evaluate.yaml, llm and stage to prepare.yaml (tested below).
 GROUPS = sorted(p.name for p in CONF.iterdir()
@@ -49,6 +49,27 @@ def test_every_prepare_option_composes(group, option, tmp_path):
         cfg = compose("prepare", overrides=[f"{group}={option}", f"paths.data_dir={tmp_path}",
                                             f"paths.run_dir={tmp_path}", *extra])
     OmegaConf.to_container(cfg, resolve=True)
+    for key in ("source", "train"):  # the shipped sources pass the checks stages.run makes
+        if key in cfg.stage:
+            check(source_checks(f"stage.{key}", cfg.stage[key]))
+
+
+@pytest.mark.parametrize("stage,override,message", [
+    ("annotate", "stage.source.path=/my/code", "stage.source.path: kind=stdlib reads this interpreter's"),
+    ("embed", "stage.source.text_field=content", "stage.source.text_field: kind=stdlib reads whole .py files"),
+    ("decontaminate", "stage.train.split=test", "stage.train.split: only kind=hf reads it; kind is stdlib_functions"),
+])
+def test_a_stage_source_key_its_kind_ignores_is_refused_before_any_work(stage, override, message, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from phi1.stages import run
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("prepare", overrides=[f"stage={stage}", override, f"paths.data_dir={tmp_path}/data",
+                                            f"paths.run_dir={tmp_path}/run"])
+    with pytest.raises(ConfigError, match=message):
+        run(cfg)
+    assert not (tmp_path / "data").exists()
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
@@ -128,6 +149,9 @@ def test_budget_and_batch_arithmetic_is_derived(tmp_path):
     ("data.sources.0.weight=0", "data.sources[0].weight"),
     ("data.sources.0.path=/my/code", "data.sources[0].path: kind=stdlib reads this interpreter's standard library"),
     ("tokenizer.corpus.kind=dir", "tokenizer.corpus.path: is required for kind=dir"),
+    ("+data.sources.0.where={lang:[Python]}", "data.sources[0].where: kind=stdlib reads whole .py files"),
+    ("tokenizer.corpus.id_field=path", "tokenizer.corpus.id_field: kind=stdlib reads whole .py files"),
+    ("data.sources.0.subset=python", "data.sources[0].subset: only kind=hf reads it; kind is stdlib"),
 ])
 def test_out_of_range_values_name_the_key(override, key, tmp_path):
     cfg = make_cfg([override], run_dir=tmp_path, data_dir=tmp_path)

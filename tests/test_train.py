@@ -2,6 +2,7 @@
 non-finite losses, and checkpoints that survive a crash mid-save."""
 
 import csv
+import importlib.util
 import json
 import os
 import signal
@@ -317,6 +318,14 @@ def test_fused_cross_entropy_needs_a_gpu(small_cfg):
 
     with pytest.raises(ConfigError, match="speed.fused_cross_entropy: needs a CUDA GPU"):
         train(small_cfg("speed.fused_cross_entropy=true"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed")
+def test_fused_cross_entropy_without_liger_is_named_before_any_work(small_cfg):
+    from phi1.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"speed.fused_cross_entropy: needs liger-kernel: pip install -e '.\[gpu\]'"):
+        validate(small_cfg("trainer=gpu", "speed.fused_cross_entropy=true"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")

@@ -8,6 +8,7 @@ does not divide, a budget given twice) are checked by `validate`, before any wor
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
@@ -593,6 +594,9 @@ def validate(cfg: DictConfig) -> Plan:
         ("trainer.num_nodes", cfg.trainer.num_nodes > 0, "must be > 0"),
         ("speed.fused_cross_entropy", not cfg.speed.fused_cross_entropy or cfg.trainer.accelerator in ("gpu", "cuda"),
          f"needs a CUDA GPU (liger-kernel's Triton kernels); trainer.accelerator is {cfg.trainer.accelerator!r}"),
+        ("speed.fused_cross_entropy",
+         not cfg.speed.fused_cross_entropy or importlib.util.find_spec("liger_kernel") is not None,
+         "needs liger-kernel: pip install -e '.[gpu]'"),
         ("phase", cfg.phase in ("pretrain", "finetune"), "must be 'pretrain' or 'finetune'"),
         ("eval_every_steps", cfg.eval_every_steps > 0, "must be > 0"),
         ("evaluation.every_n_steps", (cfg.evaluation.every_n_steps or 1) > 0, "must be > 0"),
@@ -636,19 +640,35 @@ def data_checks(cfg: DictConfig) -> list[tuple[str, bool, str]]:
     if cfg.tokenizer.corpus is not None:
         sources.append(("tokenizer.corpus", cfg.tokenizer.corpus))
     for key, source in sources:
-        checks += [
-            (f"{key}.weight", source.weight > 0, "must be > 0"),
-            (f"{key}.kind", source.kind in SOURCE_KINDS, f"must be one of {', '.join(SOURCE_KINDS)}"),
-            (f"{key}.path", source.kind in ("stdlib", "stdlib_functions") or bool(source.path),
-             f"is required for kind={source.kind}"),
-            # Else a path given with the default source would be ignored and the stdlib packed instead.
-            (f"{key}.path", not (source.kind in ("stdlib", "stdlib_functions") and source.path),
-             f"kind={source.kind} reads this interpreter's standard library, not a path; use kind=dir for a folder"),
-            (f"{key}.limit", source.limit is None or source.limit > 0, "must be > 0"),
-            (f"{key}.on_error", source.on_error in ("stop", "skip"), "must be 'stop' or 'skip'"),
-            (f"{key}.max_chars", source.max_chars is None or source.max_chars >= (source.min_chars or 0),
-             "must be >= min_chars"),
-        ]
+        checks += source_checks(key, source)
+    return checks
+
+
+def source_checks(key: str, source: DictConfig) -> list[tuple[str, bool, str]]:
+    """(key, ok, message) for one SourceConfig, at `key` (data.sources[0], stage.source, ...)."""
+    kind = source.kind
+    checks = [
+        (f"{key}.weight", source.weight > 0, "must be > 0"),
+        (f"{key}.kind", kind in SOURCE_KINDS, f"must be one of {', '.join(SOURCE_KINDS)}"),
+        (f"{key}.path", kind in ("stdlib", "stdlib_functions") or bool(source.path), f"is required for kind={kind}"),
+        # Else a path given with the default source would be ignored and the stdlib packed instead.
+        (f"{key}.path", not (kind in ("stdlib", "stdlib_functions") and source.path),
+         f"kind={kind} reads this interpreter's standard library, not a path; use kind=dir for a folder"),
+        (f"{key}.limit", source.limit is None or source.limit > 0, "must be > 0"),
+        (f"{key}.on_error", source.on_error in ("stop", "skip"), "must be 'stop' or 'skip'"),
+        (f"{key}.max_chars", source.max_chars is None or source.max_chars >= (source.min_chars or 0),
+         "must be >= min_chars"),
+    ]
+    # A key the kind never reads is refused before any work: a `text_field` on a folder of files or a `split`
+    # on a JSONL file would otherwise change nothing, and nothing would say so.
+    whole_files = kind in ("stdlib", "stdlib_functions", "dir")
+    for name, unset in (("text_field", source.text_field == "text"), ("id_field", source.id_field == "id"),
+                        ("where", not source.where)):
+        checks.append((f"{key}.{name}", unset or not whole_files,
+                       f"kind={kind} reads whole .py files, which have no fields (jsonl, parquet and hf rows do)"))
+    for name, unset in (("subset", source.subset is None), ("data_dir", source.data_dir is None),
+                        ("split", source.split == "train")):
+        checks.append((f"{key}.{name}", unset or kind == "hf", f"only kind=hf reads it; kind is {kind}"))
     return checks
 
 

@@ -6,7 +6,7 @@ import importlib
 
 from omegaconf import DictConfig
 
-from phi1.config import ConfigError
+from phi1.config import ConfigError, check, source_checks
 
 STAGES = {
     "pack": "phi1.data.pack",
@@ -25,4 +25,7 @@ def run(cfg: DictConfig):
     name = cfg.stage.name
     if name not in STAGES:
         raise ConfigError(f"stage={name}: unknown stage (known: {', '.join(STAGES)})")
+    for key in ("source", "train"):  # the stages' SourceConfigs: checked as data.sources are
+        if key in cfg.stage:
+            check(source_checks(f"stage.{key}", cfg.stage[key]))
     return importlib.import_module(STAGES[name]).run(cfg)
