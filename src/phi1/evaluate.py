@@ -115,14 +115,21 @@ def run_benchmark(name: str, problems, completions, sandbox: Sandbox | None, ks,
     return metrics, rows
 
 
-def evaluate_model(model, tokenizer, benchmarks, generation, sandbox: Sandbox | None, ks, out_dir: Path,
-                   solution_nll: bool = True, ckpt: str | None = None) -> tuple[dict, dict]:
+def load_benchmarks(benchmarks) -> dict[str, list[bench.Problem]]:
+    """Each benchmark's problems, loaded before any model or training: a bad path or file stops the run before
+    the work, not at its first evaluation."""
+    return {name: bench.load(spec) for name, spec in benchmarks.items()}
+
+
+def evaluate_model(model, tokenizer, benchmarks, problem_sets: dict[str, list[bench.Problem]], generation,
+                   sandbox: Sandbox | None, ks, out_dir: Path, solution_nll: bool = True,
+                   ckpt: str | None = None) -> tuple[dict, dict]:
     """Every benchmark for one model: generate (unless there is no sandbox to run the code), score, NLL."""
     from phi1.eval import generate
 
     metrics, tables = {}, {}
     for name, spec in benchmarks.items():
-        problems = bench.load(spec)
+        problems = problem_sets[name]
         completions = {}
         if sandbox is not None:
             g = generation
@@ -152,6 +159,7 @@ def evaluate(cfg: DictConfig) -> dict:
             "evaluation executes model-written code; it runs in a sandbox (no network, read-only file system,"
             " resource limits), and only with allow_code_execution=true"
         )
+    problem_sets = load_benchmarks(cfg.benchmarks)
     log.warning("allow_code_execution=true: running model-written code in the sandbox")
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -162,14 +170,13 @@ def evaluate(cfg: DictConfig) -> dict:
     sandbox = make_sandbox(cfg.sandbox)
     try:
         if cfg.samples:
-            ((name, spec),) = cfg.benchmarks.items()
-            problems = bench.load(spec)
+            ((name, problems),) = problem_sets.items()
             completions = read_samples(cfg.samples, problems)
             missing = [p.task_id for p in problems if p.task_id not in completions]
             if missing:
                 log.warning("%s: %d of %d problems have no sample (e.g. %s); scored over the rest",
                             cfg.samples, len(missing), len(problems), missing[0])
-            problems = [p for p in problems if p.task_id in completions]
+            problems = problem_sets[name] = [p for p in problems if p.task_id in completions]
             metrics, rows = run_benchmark(name, problems, completions, sandbox, cfg.ks, run_dir)
             tables = {name: rows}
         else:
@@ -178,9 +185,9 @@ def evaluate(cfg: DictConfig) -> dict:
                 from phi1.eval import generate
 
                 model, tokenizer = generate.load(ckpt)
-            metrics, tables = evaluate_model(model, tokenizer, cfg.benchmarks, cfg.generation, sandbox, cfg.ks,
-                                             run_dir, cfg.solution_nll, ckpt)
-        metrics.update(_grade(cfg, tables, run_dir))
+            metrics, tables = evaluate_model(model, tokenizer, cfg.benchmarks, problem_sets, cfg.generation,
+                                             sandbox, cfg.ks, run_dir, cfg.solution_nll, ckpt)
+        metrics.update(_grade(cfg, problem_sets, tables, run_dir))
     finally:
         sandbox.close()
     metrics["sandbox"] = sandbox.description
@@ -189,7 +196,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return metrics
 
 
-def _grade(cfg: DictConfig, tables: dict, run_dir: Path) -> dict:
+def _grade(cfg: DictConfig, problem_sets: dict, tables: dict, run_dir: Path) -> dict:
     """LLM grades (paper §4) for the benchmarks with grade=true: eval/<name>/score (mean 0-10), ungradable."""
     from phi1.eval.grade import grade
     from phi1.llm import LLM
@@ -207,7 +214,7 @@ def _grade(cfg: DictConfig, tables: dict, run_dir: Path) -> dict:
             completions.setdefault(row["task_id"], []).append(row["completion"])
         llm = LLM.from_config(cfg.llm, cache_path=Path(cfg.paths.data_dir) / "llm_cache.sqlite",
                               quarantine_path=run_dir / name / "grade_quarantine.jsonl")
-        result = grade(llm, bench.load(spec), completions, spec.grade_prompt_version)
+        result = grade(llm, problem_sets[name], completions, spec.grade_prompt_version)
         with open(run_dir / name / "grades.jsonl", "w") as f:
             for task_id, g in result["grades"].items():
                 f.write(json.dumps({"task_id": task_id, **g, "grader": llm.model}) + "\n")

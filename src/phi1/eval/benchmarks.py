@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from phi1.errors import InputError
+from phi1.errors import InputError, MissingInputError
 
 # The prompt for an MBPP problem: its description and first test as a docstring, then the model writes the
 # function. The first assert shows the function's name and calling convention, as in most MBPP harnesses.
@@ -53,12 +53,12 @@ def _humaneval_problem(row: dict, where: str) -> Problem:
                    row.get("canonical_solution", ""), row["entry_point"])
 
 
-def read_jsonl(path: str | Path) -> list[Problem]:
+def _rows(path: str | Path):
+    """(where, row) for each non-blank line of a JSONL file (gz allowed), `where` = file:line."""
     path = Path(path).expanduser()
-    if not path.exists():
-        raise BenchmarkError(f"{path}: no such file")
+    if not path.is_file():
+        raise MissingInputError(f"{path}: no such file")
     opener = gzip.open if path.suffix == ".gz" else open
-    problems = []
     with opener(path, "rt", encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -67,7 +67,13 @@ def read_jsonl(path: str | Path) -> list[Problem]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise BenchmarkError(f"{path}:{line_no}: {e}") from e
-            problems.append(_humaneval_problem(row, f"{path}:{line_no}"))
+            if not isinstance(row, dict):
+                raise BenchmarkError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+            yield f"{path}:{line_no}", row
+
+
+def read_jsonl(path: str | Path) -> list[Problem]:
+    problems = [_humaneval_problem(row, where) for where, row in _rows(path)]
     if not problems:
         raise BenchmarkError(f"{path}: no problems")
     return problems
@@ -79,7 +85,11 @@ def humaneval() -> list[Problem]:
     return read_jsonl(HUMAN_EVAL)
 
 
-def _mbpp_problem(row: dict, template: str) -> Problem:
+def _mbpp_problem(row: dict, template: str, where: str) -> Problem:
+    missing = {"task_id", "text", "code", "test_list"} - set(row)
+    if missing or not row["test_list"]:
+        raise BenchmarkError(f"{where}: missing field(s) {sorted(missing) or ['test_list (empty)']}"
+                             " (an MBPP row has task_id, text, code, test_list)")
     tests = row["test_list"]
     name = re.search(r"(\w+)\s*\(", tests[0].removeprefix("assert").strip())
     setup = row.get("test_setup_code") or ""
@@ -94,17 +104,23 @@ def _mbpp_problem(row: dict, template: str) -> Problem:
 
 def mbpp(path: str | None = None, template: str = MBPP_TEMPLATE) -> list[Problem]:
     """The 500 test problems; from `path` (the original mbpp.jsonl) or else the hub."""
+    try:
+        template.format(text="", first_test="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise BenchmarkError(f"MBPP template {template!r}: {type(e).__name__}: {e}; it may use {{text}} and "
+                             "{first_test} (write {{ and }} for literal braces)") from e
     if path:
-        rows = [json.loads(line) for line in Path(path).expanduser().read_text().splitlines() if line.strip()]
+        rows = list(_rows(path))
     else:
         import datasets
 
         try:
-            rows = list(datasets.load_dataset("google-research-datasets/mbpp", "full", split="test"))
+            hub = datasets.load_dataset("google-research-datasets/mbpp", "full", split="test")
         except Exception as e:  # the hub raises many types for "unreachable"
             raise BenchmarkError(f"cannot load MBPP from the hub ({type(e).__name__}: {e}); "
                                  "set the benchmark's path to a local mbpp.jsonl") from e
-    problems = [_mbpp_problem(r, template) for r in rows if r["task_id"] in MBPP_TEST_IDS]
+        rows = [(f"google-research-datasets/mbpp row {i}", row) for i, row in enumerate(hub)]
+    problems = [_mbpp_problem(r, template, where) for where, r in rows if r.get("task_id") in MBPP_TEST_IDS]
     if len(problems) != len(MBPP_TEST_IDS):
         raise BenchmarkError(f"MBPP: expected {len(MBPP_TEST_IDS)} test problems (ids 11-510), found {len(problems)}")
     return problems
@@ -114,6 +130,15 @@ def load(spec) -> list[Problem]:
     """A benchmark config: {name, kind: humaneval | mbpp | jsonl, path, template, task_ids, limit}: its
     problems, restricted to the ids listed in the `task_ids` file (a subset such as the contamination study's
     similar problems), then to the first `limit`."""
+    # A key the kind does not read is refused, not ignored: `path: HumanEvalPlus.jsonl` on kind humaneval
+    # would otherwise score the original 164 problems under the name the user chose.
+    if spec.kind == "humaneval" and spec.get("path"):
+        raise BenchmarkError(f"benchmark {spec.name}: path={spec.path}, but kind=humaneval reads the human-eval "
+                             "package's 164 problems; for another file in its format use kind=jsonl")
+    if spec.kind != "mbpp" and spec.get("template"):
+        raise BenchmarkError(f"benchmark {spec.name}: template is read only by kind=mbpp (kind is {spec.kind})")
+    if spec.kind == "jsonl" and not spec.get("path"):
+        raise BenchmarkError(f"benchmark {spec.name}: kind=jsonl needs a path (a file in HumanEval's format)")
     if spec.kind == "humaneval":
         problems = humaneval()
     elif spec.kind == "mbpp":

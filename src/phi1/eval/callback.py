@@ -21,7 +21,12 @@ log = logging.getLogger(__name__)
 
 class Evaluation(Callback):
     def __init__(self, cfg, run_dir: Path):
+        from phi1.evaluate import load_benchmarks
+
         self.cfg = cfg
+        # Loaded here, before the data is packed and the model built: a benchmark that cannot load (a path
+        # mistyped, MBPP from the hub without network) stops the job now, not at its first evaluation.
+        self.problems = load_benchmarks(cfg.benchmarks)
         self.run_dir = Path(run_dir)
         self.sandbox = None
         self.history: list[dict] = []
@@ -65,8 +70,8 @@ class Evaluation(Callback):
             model.eval()
             with torch.no_grad(), trainer.precision_plugin.forward_context():
                 metrics, tables = evaluate_model(
-                    model, trainer.datamodule.tokenizer, self.cfg.benchmarks, self.cfg.generation, self.sandbox,
-                    self.cfg.ks, self.run_dir / "eval" / f"step{step:06d}", self.cfg.solution_nll,
+                    model, trainer.datamodule.tokenizer, self.cfg.benchmarks, self.problems, self.cfg.generation,
+                    self.sandbox, self.cfg.ks, self.run_dir / "eval" / f"step{step:06d}", self.cfg.solution_nll,
                 )
             model.train(training)
             for logger in trainer.loggers:
