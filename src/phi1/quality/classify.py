@@ -77,7 +77,8 @@ def run(cfg: DictConfig) -> dict:
     joblib.dump(forest, out / "classifier.joblib")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _plot(y_test, proba, metrics, out / "curves.png")
-    log.info("classify: %s", metrics)
+    log.info("classify: %s; the test split's scores; metrics.json and curves.png in %s",
+             ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), out)
     return metrics
 
 

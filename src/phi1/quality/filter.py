@@ -73,7 +73,8 @@ def _write_shard(stage, shard: int, num_shards: int, position: dict, scores, kee
     summary = {"documents": in_shard, "kept": kept, "kept_share": kept / max(in_shard, 1), "cut": cut,
                "output": str(out / name)}
     (out / f"{name}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("filter: %s", summary)
+    log.info("filter: kept %d of %d documents (%.1f%%) scoring >= %.3f -> %s", kept, in_shard,
+             100 * summary["kept_share"], cut, summary["output"])
     return summary
 
 
