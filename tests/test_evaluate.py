@@ -201,6 +201,43 @@ def test_generation_end_to_end_greedy_and_sampled(tmp_path, tiny_model_dir):
     assert "eval/humaneval/pass@2" in sampled and "eval/humaneval/pass@5" not in sampled
 
 
+def test_a_killed_evaluation_resumes_generating_only_what_it_lacks(tmp_path, tiny_model_dir, monkeypatch):
+    from transformers import PhiForCausalLM
+
+    from phi1.errors import InputError
+
+    args = (f"ckpt={tiny_model_dir}", "benchmarks.humaneval.limit=6", "generation.max_new_tokens=16",
+            "generation.batch_size=2", "solution_nll=false")
+    evaluate(eval_cfg(tmp_path / "whole", *args))
+    whole = (tmp_path / "whole" / "humaneval" / "samples.jsonl").read_text()
+
+    real, calls = PhiForCausalLM.generate, []
+
+    def generate(self, *a, **k):
+        calls.append(1)
+        if kill_at and len(calls) == kill_at:
+            raise RuntimeError("killed")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(PhiForCausalLM, "generate", generate)
+    kill_at = 2  # killed during the second of three batches
+    with pytest.raises(RuntimeError, match="killed"):
+        evaluate(eval_cfg(tmp_path / "run", *args))
+    journal = tmp_path / "run" / "humaneval" / "generations.jsonl"
+    assert len(journal.read_text().splitlines()) == 1 + 2  # the header and the first batch's two rows
+    with open(journal, "a") as f:
+        f.write('{"prompt": "3f2a')  # a row cut by the kill
+    calls.clear()
+    kill_at = None
+    evaluate(eval_cfg(tmp_path / "run", *args))
+    assert len(calls) == 2  # the four missing completions, two batches
+    assert (tmp_path / "run" / "humaneval" / "samples.jsonl").read_text() == whole  # greedy: the same completions
+    assert len(journal.read_text().splitlines()) == 1 + 6
+    # Other generation settings in the same run folder: refused, not mixed in.
+    with pytest.raises(InputError, match="generations.jsonl: its completions were made by"):
+        evaluate(eval_cfg(tmp_path / "run", *args, "generation.max_new_tokens=20"))
+
+
 def test_a_missing_checkpoint_path_is_named_as_such(tmp_path):
     """A path that does not exist is not sent to the hub as a repo id (whose complaint would be about the
     id's characters)."""

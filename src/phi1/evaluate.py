@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,18 @@ def load_benchmarks(benchmarks) -> dict[str, list[bench.Problem]]:
     return {name: bench.load(spec) for name, spec in benchmarks.items()}
 
 
+def _journal(folder: Path, ckpt: str | None, model, kwargs: dict):
+    """evaluate.py's generations are journaled (<run>/<benchmark>/generations.jsonl), so that a killed run resumes
+    with the same run_name; those of training's evaluations (no ckpt) are short and made by a changing model."""
+    if ckpt is None:
+        return nullcontext()
+    from phi1.eval import generate
+
+    header = {"model": ckpt, "weights": generate.weights_fingerprint(ckpt), "dtype": str(model.dtype),
+              **{k: v for k, v in kwargs.items() if k != "n"}}
+    return generate.Journal(folder / "generations.jsonl", header)
+
+
 def evaluate_model(model, tokenizer, benchmarks, problem_sets: dict[str, list[bench.Problem]], generation,
                    sandbox: Sandbox | None, ks, out_dir: Path, solution_nll: bool = True,
                    ckpt: str | None = None) -> tuple[dict, dict]:
@@ -139,7 +152,9 @@ def evaluate_model(model, tokenizer, benchmarks, problem_sets: dict[str, list[be
             if ckpt is not None and _backend(g.backend) == "vllm":  # in training there is no path to hand vLLM
                 outs = generate.generate_vllm(ckpt, prompts, **kwargs)
             else:
-                outs = generate.generate(model, tokenizer, prompts, batch_size=g.batch_size, **kwargs)
+                with _journal(out_dir / name, ckpt, model, kwargs) as journal:
+                    outs = generate.generate(model, tokenizer, prompts, batch_size=g.batch_size, journal=journal,
+                                             **kwargs)
             completions = {p.task_id: o for p, o in zip(problems, outs)}
         m, tables[name] = run_benchmark(name, problems, completions, sandbox, ks, out_dir,
                                         (model, tokenizer) if model is not None else None, solution_nll)

@@ -7,13 +7,16 @@ past the function; or vLLM when it is installed and a GPU is present.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from phi1.errors import MissingInputError
+from phi1.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,71 @@ def load(ckpt: str, device: str | None = None):
     return model.to(device).eval(), tokenizer
 
 
+def weights_fingerprint(ckpt: str) -> str:
+    """What identifies a model for the journal: a local file's or folder's names, sizes and mtimes (a retrained
+    model in the same place differs), else the hub id itself."""
+    path = Path(ckpt).expanduser()
+    files = [path] if path.is_file() else sorted(path.iterdir()) if path.is_dir() else []
+    h = hashlib.sha256(str(path.resolve() if files else ckpt).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+class Journal:
+    """The completions of one evaluation, appended batch by batch to a JSONL file, so that a killed run
+    resumes generating only what it lacks (with the same run_name). The first line says what made them (model
+    and generation settings); a journal made otherwise is refused, never mixed in. Rows are keyed by a hash of
+    the prompt, so `limit` or `task_ids` may change between the runs; raising `generation.n` adds samples."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path, self.done = Path(path), {}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lines = []
+        if self.path.exists():
+            data = self.path.read_bytes()
+            # A kill mid-write leaves at most one partial last line (rows are written whole, then flushed).
+            data = data[: data.rfind(b"\n") + 1]
+            lines = data.decode("utf-8").splitlines()
+            if lines and _json_or_none(lines[0]) != header:
+                raise InputError(f"{self.path}: its completions were made by {lines[0]}, not by {json.dumps(header)};"
+                                 " choose another run_name, or delete the file to start over")
+            for line_no, line in enumerate(lines[1:], 2):
+                try:
+                    row = json.loads(line)
+                    self.done.setdefault(row["prompt"], []).append(row["completion"])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise InputError(f"{self.path}:{line_no}: not a journal row ({e})") from e
+            with open(self.path, "r+b") as f:
+                f.truncate(len(data))
+        self._file = open(self.path, "a", encoding="utf-8")
+        if not lines:
+            self._file.write(json.dumps(header) + "\n")
+
+    @staticmethod
+    def key(prompt: str) -> str:
+        return hashlib.sha256(prompt.encode()).hexdigest()[:20]
+
+    def add(self, rows: list[tuple[str, str]]) -> None:
+        self._file.write("".join(json.dumps({"prompt": self.key(p), "completion": c}) + "\n" for p, c in rows))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+
 def truncate(completion: str, stop: list[str]) -> str:
     cut = min((i for s in stop if (i := completion.find(s)) != -1), default=len(completion))
     return completion[:cut]
@@ -54,8 +122,10 @@ def truncate(completion: str, stop: list[str]) -> str:
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], *, n: int = 1, temperature: float = 0.0, top_p: float = 0.95,
-             max_new_tokens: int = 384, stop: list[str] = HUMANEVAL_STOP, batch_size: int = 16) -> list[list[str]]:
-    """n completions per prompt, truncated at the first stop sequence."""
+             max_new_tokens: int = 384, stop: list[str] = HUMANEVAL_STOP, batch_size: int = 16,
+             journal: Journal | None = None) -> list[list[str]]:
+    """n completions per prompt, truncated at the first stop sequence; those already in `journal` are taken
+    from it, and each new batch is added to it."""
     from transformers import StoppingCriteriaList, StopStringCriteria
 
     # Batches are padded on the left, so that every row's completion starts right after its prompt.
@@ -68,8 +138,10 @@ def generate(model, tokenizer, prompts: list[str], *, n: int = 1, temperature: f
     # cache of it never hits with a `tokenizers`-backed tokenizer: the key is the vocabulary in `get_vocab()`
     # order, which differs per call. HumanEval's 11 batches of 16 paid ~7 s for it, MBPP's 32 ~20 s.
     stopping = StoppingCriteriaList([StopStringCriteria(tokenizer, stop)]) if stop else None
-    out: list[list[str]] = [[] for _ in prompts]
-    jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
+    out: list[list[str]] = [list(journal.done.get(journal.key(p), [])[:n]) if journal else [] for p in prompts]
+    if any(out):
+        log.info("resuming: %d of %d completions from %s", sum(map(len, out)), n * len(prompts), journal.path)
+    jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(n - len(out[i]))]
     # Longest prompts first: batches of similar length waste less padding.
     jobs.sort(key=lambda job: -len(job[1]))
     for start in tqdm(range(0, len(jobs), batch_size), desc="generate", unit="batch", dynamic_ncols=True):
@@ -81,8 +153,11 @@ def generate(model, tokenizer, prompts: list[str], *, n: int = 1, temperature: f
             stopping_criteria=stopping, pad_token_id=tokenizer.pad_token_id,
         )
         texts = tokenizer.batch_decode(generated[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-        for (i, _), text in zip(chunk, texts):
-            out[i].append(truncate(text, stop))
+        new = [(i, p, truncate(text, stop)) for (i, p), text in zip(chunk, texts)]
+        for i, _, completion in new:
+            out[i].append(completion)
+        if journal is not None:
+            journal.add([(p, completion) for _, p, completion in new])
     return out
 
 
