@@ -200,6 +200,8 @@ def evaluate(cfg: DictConfig) -> dict:
                 from phi1.eval import generate
 
                 model, tokenizer = generate.load(ckpt)
+                log.info("completions are journaled in %s/<benchmark>/generations.jsonl: if this run is killed, "
+                         "the same command with run_name=%s resumes it", run_dir, cfg.run_name)
             metrics, tables = evaluate_model(model, tokenizer, cfg.benchmarks, problem_sets, cfg.generation,
                                              sandbox, cfg.ks, run_dir, cfg.solution_nll, ckpt)
         metrics.update(_grade(cfg, problem_sets, tables, run_dir))
