@@ -1,5 +1,6 @@
 """Contamination study (paper §5) and the unconventional problems with their LLM grader (paper §4)."""
 
+import copy
 import json
 
 import pytest
@@ -87,11 +88,11 @@ def planted(tmp_path_factory):
     summary = run(cfg)
     out = tmp / "decontaminate" / "humaneval-exercises"
     neighbours = {r["task_id"]: r for r in map(json.loads, open(out / "neighbours.jsonl"))}
-    return summary, neighbours, out, len(rows)
+    return summary, neighbours, out, len(rows), cfg
 
 
 def test_planted_copies_are_found_by_each_measure(planted):
-    summary, neighbours, out, n = planted
+    summary, neighbours, out, n, _ = planted
     assert summary["train_items"] == n and summary["problems"] == 164
     zero = neighbours["HumanEval/0"]
     assert {a["id"] for a in zero["ast"] if a["tau"] == 1.0} == {"exercises:copy-0", "exercises:renamed-0"}
@@ -108,7 +109,7 @@ def test_planted_copies_are_found_by_each_measure(planted):
 
 
 def test_pruning_counts_and_subsets(planted):
-    summary, neighbours, out, n = planted
+    summary, neighbours, out, n, _ = planted
     previous = 0
     for tau in ("0.95", "0.90", "0.85", "0.80"):
         stats = summary["per_tau"][tau]
@@ -129,6 +130,25 @@ def test_pruning_counts_and_subsets(planted):
     table = (out / "table3.md").read_text()
     assert "81.7 / 74.6 / 57.7" in table and "59.5 / 52.6 / 45.7" in table  # paper: similar at 0.95, 0.80
     assert "(71)" in table and "(42,500)" in table  # the paper's numbers beside ours
+
+
+def test_a_rerun_reuses_the_scores_unless_what_they_depend_on_changed(planted, monkeypatch):
+    from phi1.contamination import decontaminate
+
+    summary, _, out, _, cfg = planted
+    files = ["neighbours.jsonl", "table3.md", "pruned-tau0.90.jsonl", "similar-tau0.90.txt", "report.md"]
+    before = {f: (out / f).read_bytes() for f in files}
+    real = decontaminate._score
+    monkeypatch.setattr(decontaminate, "_score", lambda *a: pytest.fail("scored again"))
+    again = run(cfg)  # e.g. to add an evaluation run to Table 3: seconds, not the scoring pass
+    assert again == summary and {f: (out / f).read_bytes() for f in files} == before
+    calls = []
+    monkeypatch.setattr(decontaminate, "_score", lambda *a: calls.append(1) or real(*a))
+    other = copy.deepcopy(cfg)
+    other.stage.ngram = 10  # a measure's setting: scored again, and saved for the next run
+    run(other)
+    run(other)
+    assert len(calls) == 1
 
 
 def test_the_50_unconventional_problems_pass_with_their_solutions_and_fail_without():
