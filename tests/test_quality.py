@@ -40,7 +40,7 @@ def test_pooling_is_the_masked_mean_of_the_last_hidden_states_normalised(minilm)
     assert got.shape == (2, 384)
 
 
-def test_embed_stage_writes_a_memory_map_and_resumes_after_a_kill(tmp_path):
+def test_embed_stage_writes_a_memory_map_and_resumes_after_a_kill(tmp_path, monkeypatch):
     c = cfg(tmp_path, "stage=embed", f"stage.source={STDLIB}", "stage.batch_size=16")
     full = run(c)
     out = tmp_path / "embeddings" / "stdlib"
@@ -55,8 +55,15 @@ def test_embed_stage_writes_a_memory_map_and_resumes_after_a_kill(tmp_path):
     (out / "progress.json").write_text(json.dumps({"model": c.stage.model, "done": 32}))
     run(c)
     assert np.array_equal(np.load(out / "embeddings.npy"), whole)
+    import phi1.quality.embed
+
+    monkeypatch.setattr(phi1.quality.embed, "load_encoder", lambda *a: pytest.fail("a finished stage loaded its model"))
+    assert run(c) == full
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="another model"):
         run(cfg(tmp_path, "stage=embed", f"stage.source={STDLIB}", "stage.model=Salesforce/codegen-350M-mono"))
+    with pytest.raises(ValueError, match="another max_tokens"):
+        run(cfg(tmp_path, "stage=embed", f"stage.source={STDLIB}", "stage.max_tokens=64"))
 
 
 def _fake_inputs(tmp_path, n=400, dim=16, seed=0):

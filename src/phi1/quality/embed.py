@@ -74,9 +74,16 @@ def run(cfg: DictConfig) -> dict:
     done = 0
     if progress_path.exists():
         progress = json.loads(progress_path.read_text())
-        if progress["model"] != stage.model or ids_path.read_text().splitlines() != ids:
-            raise InputError(f"{out} holds embeddings of other documents or another model; delete it to redo")
+        # max_tokens cuts each document: embeddings made with another cut are other embeddings.
+        if (progress["model"], progress.get("max_tokens", stage.max_tokens)) != (stage.model, stage.max_tokens) \
+                or ids_path.read_text().splitlines() != ids:
+            raise InputError(f"{out} holds embeddings of other documents, another model or another max_tokens "
+                             f"({progress_path}); delete the folder to redo, or set stage.output elsewhere")
         done = progress["done"]
+    if done == len(ids):
+        log.info("embed: %s already holds the %d embeddings", out, done)
+        return {"documents": len(ids), "dim": int(np.load(out / "embeddings.npy", mmap_mode="r").shape[1]),
+                "output": str(out)}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_encoder(stage.model, device)
     dim = model.config.hidden_size
@@ -90,7 +97,8 @@ def run(cfg: DictConfig) -> dict:
     def write(start: int, texts: list[str]) -> None:
         array[start : start + len(texts)] = embed_texts(model, tokenizer, texts, stage.max_tokens)
         array.flush()
-        progress_path.write_text(json.dumps({"model": stage.model, "done": start + len(texts)}))
+        progress_path.write_text(json.dumps({"model": stage.model, "max_tokens": stage.max_tokens,
+                                             "done": start + len(texts)}))
         bar.update(len(texts))
 
     with tqdm(total=len(ids), initial=done, desc="embed", unit="doc", dynamic_ncols=True) as bar:
