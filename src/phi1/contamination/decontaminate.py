@@ -132,10 +132,11 @@ def _scores(stage, problems, path: Path) -> dict:
         if saved.get("key") == key:
             log.info("decontaminate: reusing the scores in %s (same problems, training set and measures; delete "
                      "it to score again)", path)
-            return _from_json(saved)
+            return {**_from_json(saved), "reused": True}
     scores = _score(stage, problems)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"key": key, **scores, "keep_text": {str(i): v for i, v in scores["keep_text"].items()}}))
+    keep_text = {str(i): v for i, v in scores["keep_text"].items()}  # JSON keys are strings
+    tmp.write_text(json.dumps({"key": key, **scores, "keep_text": keep_text}))
     tmp.rename(path)
     return scores
 
@@ -246,8 +247,9 @@ def run(cfg: DictConfig) -> dict:
     summary["table3"] = _table3(out, taus, per_tau, similar_by_tau, problems, stage, len(best))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _report(out / "report.md", problems, rows, keep_text, top_tau, stage, summary)
-    log.info("decontaminate: %d items × %d problems in %.1f s (%.0f items/s); per τ %s", len(best), len(problems),
-             elapsed, summary["items_per_s"], summary["per_tau"])
+    log.info("decontaminate: %d items × %d problems %s in %.1f s (%.0f items/s); per τ %s", len(best),
+             len(problems), "scored earlier" if scores.get("reused") else "scored", elapsed, summary["items_per_s"],
+             summary["per_tau"])
     return summary
 
 
