@@ -233,8 +233,13 @@ def test_two_ranks_see_the_same_sequences_as_one(tmp_path, data_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     common = [*SMALL, *FAST, "budget.max_steps=8", "model.dropout=0", f"paths.output_dir={tmp_path}",
               f"paths.data_dir={data_dir}"]
-    subprocess.run([sys.executable, "train.py", *common, "run_name=one"], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+    one = subprocess.run([sys.executable, "train.py", *common, "run_name=one"], cwd=ROOT, env=env, check=True,
+                         capture_output=True, text=True)
+    # Lightning's lines once each (through Hydra's handlers), and none of the libraries' noise.
+    out = one.stdout + one.stderr
+    assert out.count("GPU available") == 1 and "[lightning.pytorch.utilities.rank_zero][INFO] - GPU available" in out
+    for noise in ("💡 Tip", "anonymous setting", "LeafSpec", "Total params"):
+        assert noise not in out
     subprocess.run([sys.executable, "train.py", *common, "run_name=two", "trainer.devices=2", "trainer.strategy=ddp",
                     "batch.micro_size=2"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
     one, two = (column(read_csv(tmp_path / name), "train/loss") for name in ("one", "two"))

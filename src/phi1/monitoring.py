@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import time
+import warnings
 from typing import Any
 from urllib.parse import urlparse
 
@@ -176,7 +177,34 @@ def wandb_mode(mode: str = "auto") -> str:
 
 def wandb_logger(mode: str = "auto", **kwargs: Any) -> WandbLogger:
     """A WandbLogger that never blocks a run (see `wandb_mode`)."""
-    return WandbLogger(mode=wandb_mode(mode), **kwargs)
+    logger = WandbLogger(mode=wandb_mode(mode), **kwargs)
+    # Lightning hands wandb.init `anonymous=None`, which wandb 0.2x+ answers on every run with "The anonymous
+    # setting has no effect and will be removed"; not passing it changes nothing else.
+    getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+    return logger
+
+
+def quiet_library_noise() -> None:
+    """Silence what the libraries print on every run that no user can act on:
+    - Lightning's lines twice: the `lightning` package adds its own console handler on import ("INFO: ...")
+      while its records also reach the root logger's handlers, Hydra's console and the run's log file. Where the
+      root logger has handlers (under Hydra), Lightning's records go through those alone.
+    - Lightning's "Tip" advertising its hosted logger.
+    - torch's deprecation of LeafSpec, which Lightning 2.6 still constructs at every step."""
+    if logging.getLogger().handlers:
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logger = logging.getLogger(name)
+            logger.handlers.clear()
+            logger.propagate = True
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoTips())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
 
 
 def _netrc_has_wandb() -> bool:

@@ -21,7 +21,7 @@ from phi1.errors import MissingInputError
 from phi1.eval.callback import Evaluation
 from phi1.export import export_hf
 from phi1.module import LanguageModel
-from phi1.monitoring import DataWait
+from phi1.monitoring import DataWait, quiet_library_noise
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def resolve_ckpt_path(ckpt_path: str | None, callbacks: list) -> str | None:
 
 
 def train(cfg: DictConfig) -> dict:
+    quiet_library_noise()
     plan = phi_config.validate(cfg)
     # Here rather than from Lightning's Trainer: that comes after the model is built (~15 s for 1.3B) and the
     # data packed, and says only "No supported gpu backend found!".
@@ -101,6 +102,8 @@ def train(cfg: DictConfig) -> dict:
         callbacks=callbacks,
         logger=loggers,
         profiler=DataWait(),  # perf/data_wait: the share of time spent waiting for batches
+        # Its table says "FLOPs 0" and repeats the parameter count that the line above gives in more detail.
+        enable_model_summary=False,
         default_root_dir=str(run_dir),
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
