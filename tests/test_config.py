@@ -141,7 +141,8 @@ def test_budget_and_batch_arithmetic_is_derived(tmp_path):
     ("optim.lr=-0.001", "optim.lr"),
     ("optim.weight_decay=-1", "optim.weight_decay"),
     ("batch.global_size=30", "batch.global_size"),
-    ("budget.max_steps=5", "budget"),
+    ("budget.max_steps=5", "budget: set exactly one of budget.tokens and budget.max_steps; both are set (budget=smoke"
+     " gives tokens=819200): to count steps, add budget.tokens=null"),
     ("data.seq_len=4096", "data.seq_len"),
     ("model.n_head=5", "model.n_head"),
     ("model.dropout=1.5", "model.dropout"),

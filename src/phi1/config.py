@@ -605,7 +605,9 @@ def validate(cfg: DictConfig) -> Plan:
          "must be a pass@k metric (higher is better), which needs evaluation.allow_code_execution=true"),
         ("val_batches", cfg.val_batches >= 0, "must be >= 0"),
         ("budget", (cfg.budget.tokens is None) != (cfg.budget.max_steps is None),
-         "set exactly one of budget.tokens and budget.max_steps"),
+         "set exactly one of budget.tokens and budget.max_steps" + (
+             f"; both are set (budget={cfg.budget.name} gives tokens={cfg.budget.tokens}): to count steps, add "
+             "budget.tokens=null" if cfg.budget.tokens is not None and cfg.budget.max_steps is not None else "")),
         ("budget.tokens", cfg.budget.tokens is None or cfg.budget.tokens > 0, "must be > 0"),
         ("budget.max_steps", cfg.budget.max_steps is None or cfg.budget.max_steps > 0, "must be > 0"),
     ] + data_checks(cfg)
