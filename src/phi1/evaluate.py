@@ -191,7 +191,7 @@ def evaluate(cfg: DictConfig) -> dict:
             if missing:
                 log.warning("%s: %d of %d problems have no sample (e.g. %s); scored over the rest",
                             cfg.samples, len(missing), len(problems), missing[0])
-            problems = problem_sets[name] = [p for p in problems if p.task_id in completions]
+            problems = [p for p in problems if p.task_id in completions]
             metrics, rows = run_benchmark(name, problems, completions, sandbox, cfg.ks, run_dir)
             tables = {name: rows}
         else:
@@ -200,6 +200,7 @@ def evaluate(cfg: DictConfig) -> dict:
                 from phi1.eval import generate
 
                 model, tokenizer = generate.load(ckpt)
+            if _backend(cfg.generation.backend) == "transformers":
                 log.info("completions are journaled in %s/<benchmark>/generations.jsonl: if this run is killed, "
                          "the same command with run_name=%s resumes it", run_dir, cfg.run_name)
             metrics, tables = evaluate_model(model, tokenizer, cfg.benchmarks, problem_sets, cfg.generation,

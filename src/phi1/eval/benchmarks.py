@@ -87,9 +87,11 @@ def humaneval() -> list[Problem]:
 
 def _mbpp_problem(row: dict, template: str, where: str) -> Problem:
     missing = {"task_id", "text", "code", "test_list"} - set(row)
-    if missing or not row["test_list"]:
-        raise BenchmarkError(f"{where}: missing field(s) {sorted(missing) or ['test_list (empty)']}"
-                             " (an MBPP row has task_id, text, code, test_list)")
+    if missing:
+        raise BenchmarkError(f"{where}: missing field(s) {sorted(missing)} (an MBPP row has task_id, text, code,"
+                             " test_list)")
+    if not row["test_list"]:
+        raise BenchmarkError(f"{where}: test_list is empty (the first assert names the function to write)")
     tests = row["test_list"]
     name = re.search(r"(\w+)\s*\(", tests[0].removeprefix("assert").strip())
     setup = row.get("test_setup_code") or ""
