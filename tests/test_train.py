@@ -146,6 +146,24 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run_exactly(tmp_path, da
         assert torch.equal(value, final[1]["state_dict"][key]), key
 
 
+def test_a_fresh_run_refuses_a_folder_that_holds_checkpoints(pretrained, small_cfg, tmp_path):
+    """Rerunning a named experiment without ckpt_path would overwrite the earlier run's checkpoints."""
+    import shutil
+
+    from phi1.errors import InputError
+
+    run = tmp_path / "again"
+    shutil.copytree(pretrained[0], run)
+    kept = {p: p.read_bytes() for p in (run / "checkpoints" / "last.ckpt", run / "config.yaml", run / "metrics.json")}
+    with pytest.raises(InputError, match=r"checkpoints of an earlier run with this run_name \(last.ckpt, "):
+        train(small_cfg(*FAST, "budget.max_steps=24", run_dir=run))
+    assert all(p.read_bytes() == data for p, data in kept.items())
+    # ckpt_path=auto (the sweeps', a second `make demo`) on a finished run: its metrics, nothing redone.
+    again = train(small_cfg(*FAST, "budget.max_steps=24", "ckpt_path=auto", run_dir=run))
+    assert again == json.loads(kept[run / "metrics.json"]) and "eval/humaneval/solution_nll" in again
+    assert all(p.read_bytes() == data for p, data in kept.items())
+
+
 def test_resuming_without_a_checkpoint_is_an_error(small_cfg):
     with pytest.raises(FileNotFoundError, match="ckpt_path=last: no checkpoint"):
         train(small_cfg("ckpt_path=last"))
@@ -292,6 +310,32 @@ def test_finetuning_keeps_and_exports_the_best_checkpoint(pretrained, small_cfg,
     assert not all(torch.equal(exported[k], seen[0.2][k]) for k in exported)  # not the last evaluated weights
     rows = (tmp_path / "ft" / "eval" / "step000008" / "humaneval" / "samples.jsonl").read_text().splitlines()
     assert len(rows) == 4 and all("passed" in json.loads(r) for r in rows)  # the code did run, in the sandbox
+
+
+def test_a_resumed_finetune_keeps_its_best_checkpoint(pretrained, small_cfg, tmp_path, monkeypatch):
+    """Preempted after step 8 (best so far: step 4), resumed to step 12 with a lower score: best.ckpt stays step 4."""
+    import phi1.evaluate
+
+    scores = iter([0.3, 0.1, 0.2])
+    real = phi1.evaluate.evaluate_model
+
+    def scripted(model, *args, **kwargs):
+        metrics, tables = real(model, *args, **kwargs)
+        metrics["eval/humaneval/pass@1"] = next(scores)
+        return metrics, tables
+
+    monkeypatch.setattr(phi1.evaluate, "evaluate_model", scripted)
+    args = (*FAST, "phase=finetune", f"init_from={pretrained[0] / 'checkpoints' / 'last.ckpt'}", "optim=finetune",
+            "evaluation.every_n_steps=4", "evaluation.allow_code_execution=true", "evaluation.generation.max_new_tokens=4",
+            "evaluation.keep_best=eval/humaneval/pass@1", "evaluation.benchmarks.humaneval.limit=2")
+    train(small_cfg(*args, "budget.max_steps=8", run_dir=tmp_path / "ft"))
+    (tmp_path / "ft" / "metrics.json").unlink()  # as if killed before the end
+    metrics = train(small_cfg(*args, "budget.max_steps=12", "ckpt_path=last", run_dir=tmp_path / "ft"))
+    assert metrics["eval/best"] == {"step": 4, "eval/humaneval/pass@1": 0.3}
+    best = torch.load(tmp_path / "ft" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert best["global_step"] == 4
+    history = json.loads((tmp_path / "ft" / "eval" / "history.json").read_text())
+    assert [(h["step"], h["eval/humaneval/pass@1"]) for h in history] == [(4, 0.3), (8, 0.1), (12, 0.2)]
 
 
 def test_data_wait_is_the_share_of_time_spent_waiting_for_batches(small_cfg, tmp_path, monkeypatch):

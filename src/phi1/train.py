@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from phi1 import config as phi_config
 from phi1 import runs
 from phi1.data.datamodule import PackedData
-from phi1.errors import MissingInputError
+from phi1.errors import InputError, MissingInputError
 from phi1.eval.callback import Evaluation
 from phi1.export import export_hf
 from phi1.module import LanguageModel
@@ -33,10 +33,26 @@ def _last_checkpoint(callbacks: list) -> Path:
     raise phi_config.ConfigError("ckpt_path=last: no ModelCheckpoint callback with save_last in callbacks")
 
 
+def _refuse_to_overwrite(callbacks: list) -> None:
+    """A fresh run in a folder that holds another run's checkpoints would overwrite them (last.ckpt at its first
+    save, the others as it reaches their steps): for a named experiment such as phi1_base, days of GPU time."""
+    for cb in callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath and Path(cb.dirpath).is_dir():
+            found = sorted(p.name for p in Path(cb.dirpath).glob("*.ckpt"))
+            if found:
+                raise InputError(
+                    f"{cb.dirpath} holds the checkpoints of an earlier run with this run_name ({', '.join(found[:3])}"
+                    f"{', ...' if len(found) > 3 else ''}): resume it with ckpt_path=last (ckpt_path=auto resumes "
+                    "where there is a checkpoint and starts fresh elsewhere), or choose another run_name. "
+                    "Its checkpoints and metrics are untouched.")
+
+
 def resolve_ckpt_path(ckpt_path: str | None, callbacks: list) -> str | None:
-    """`last`: this run's last.ckpt, an error if there is none; `auto`: last.ckpt if any; else a path."""
+    """`last`: this run's last.ckpt, an error if there is none; `auto`: last.ckpt if any; else a path. None (a
+    fresh run) is refused where the run folder holds checkpoints already."""
     if ckpt_path in (None, "auto", "last"):
         if ckpt_path is None:
+            _refuse_to_overwrite(callbacks)
             return None
         last = _last_checkpoint(callbacks)
         if last.exists():
@@ -52,6 +68,18 @@ def resolve_ckpt_path(ckpt_path: str | None, callbacks: list) -> str | None:
     return ckpt_path
 
 
+def _finished(run_dir: Path, max_steps: int) -> dict | None:
+    """The metrics of a run that completed these steps (train.py writes metrics.json last, after the final
+    evaluation and the export): resuming it has nothing to do, and Lightning would skip its final evaluation."""
+    path = run_dir / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+    if metrics.get("steps", -1) < max_steps:
+        return None
+    log.info("%s: this run finished its %d steps (metrics.json); nothing to do. Delete metrics.json to evaluate "
+             "and export again, or raise the budget to train on", run_dir, max_steps)
+    return metrics
+
+
 def train(cfg: DictConfig) -> dict:
     quiet_library_noise()
     plan = phi_config.validate(cfg)
@@ -64,16 +92,17 @@ def train(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = Path(cfg.paths.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # What report.py reads to place this run in a figure: the config with every interpolation resolved.
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-
     callbacks = [instantiate(spec) for spec in cfg.callbacks.values()]
     evaluation = Evaluation(cfg.evaluation, run_dir) if cfg.evaluation.enabled else None
     if evaluation:
         callbacks.append(evaluation)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, callbacks)  # before anything is written into run_dir
+    if ckpt_path and (finished := _finished(run_dir, plan.max_steps)):
+        return finished
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # What report.py reads to place this run in a figure: the config with every interpolation resolved.
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     loggers = [instantiate(spec) for spec in cfg.logger.values()]
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, callbacks)
 
     data = PackedData(cfg, plan)
     module = LanguageModel(OmegaConf.to_container(cfg, resolve=True), plan.max_steps, plan.accumulate)
@@ -119,8 +148,12 @@ def train(cfg: DictConfig) -> dict:
     })
     for cb in callbacks:
         metrics.update(getattr(cb, "last", {}))
-    if evaluation and evaluation.history:
+    if evaluation and evaluation.history and evaluation.history[-1]["step"] == trainer.global_step:
         metrics.update({k: v for k, v in evaluation.history[-1].items() if k != "step"})
+    elif evaluation and trainer.is_global_zero:
+        # Resumed from a checkpoint of the last step: Lightning skips the loop, and with it the final evaluation.
+        log.warning("no evaluation at the final step %d (the run was resumed after its last step); "
+                    "python evaluate.py ckpt=%s evaluates the export", trainer.global_step, run_dir / "hf")
     if evaluation and evaluation.best:
         # The paper keeps the best finetuning checkpoint: export that one, not the last.
         metrics["eval/best"] = evaluation.best

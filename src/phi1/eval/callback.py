@@ -33,6 +33,14 @@ class Evaluation(Callback):
         self.best: dict | None = None
         self._last_step = -1
 
+    # Saved in every checkpoint, so that a resumed run (a preempted finetune) keeps its history and, above all,
+    # its best score: without it the first evaluation after a resume would replace best.ckpt whatever its score.
+    def state_dict(self) -> dict:
+        return {"history": self.history, "best": self.best, "last_step": self._last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history, self.best, self._last_step = state["history"], state["best"], state["last_step"]
+
     @property
     def best_path(self) -> Path:
         return self.run_dir / "checkpoints" / "best.ckpt"
