@@ -135,6 +135,7 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run_exactly(tmp_path, da
     # The bar counts optimizer steps from where the run stopped; Lightning's mid-epoch warning is not shown.
     assert f"| {last['global_step']}/20 [" in out and "| 20/20 [" in out and not re.search(r"-[\d.]+it/s", out)
     assert "resuming from a checkpoint that ended before the epoch ended" not in out
+    assert "exists and is not empty" not in out
     whole, resumed = (column(read_csv(tmp_path / name), "train/loss") for name in ("whole", "killed"))
     after = [s for s in resumed if s > last["global_step"]]
     assert after and len(after) == len([s for s in whole if s > last["global_step"]])

@@ -208,7 +208,8 @@ def quiet_library_noise() -> None:
       root logger has handlers (under Hydra), Lightning's records go through those alone.
     - Lightning's "Tip" advertising its hosted logger.
     - torch's deprecation of LeafSpec, which Lightning 2.6 still constructs at every step;
-    - the warning that a resumed run's data loader is not resumable (ours is: see below)."""
+    - the warning that a resumed run's data loader is not resumable (ours is: see below), and that its
+      checkpoint folder is not empty."""
     if logging.getLogger().handlers:
         for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
             logger = logging.getLogger(name)
@@ -221,6 +222,8 @@ def quiet_library_noise() -> None:
     # The data order is a function of (seed, step) and the data module's state is in the checkpoint, so a run
     # resumed mid-epoch repeats the uninterrupted one exactly (tests/test_train.py), whatever this says.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    # train.py refuses a fresh run in a folder that holds checkpoints, so this one only ever greets a resume.
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
 
 
 class _NoTips(logging.Filter):
