@@ -75,8 +75,8 @@ def _finished(run_dir: Path, max_steps: int) -> dict | None:
     metrics = json.loads(path.read_text()) if path.exists() else {}
     if metrics.get("steps", -1) < max_steps:
         return None
-    log.info("%s: this run finished its %d steps (metrics.json); nothing to do. Delete metrics.json to evaluate "
-             "and export again, or raise the budget to train on", run_dir, max_steps)
+    log.info("%s: this run finished its %d steps (metrics.json); nothing to do. A larger budget trains on; "
+             "python evaluate.py ckpt=%s evaluates it again", run_dir, max_steps, run_dir / "hf")
     return metrics
 
 
