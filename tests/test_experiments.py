@@ -151,6 +151,13 @@ def test_run_reference_waits_for_its_base_then_resolves(tmp_path):
     ckpt.write_bytes(b"x")
     assert runs.resolve("run:base/base-step000010.ckpt", out, tmp_path) == str(ckpt)
     assert runs.resolve("/some/path.ckpt", out, tmp_path) == "/some/path.ckpt"
+    # A DeepSpeed checkpoint is a folder of shards: it is ready when its `latest` file is written, after them.
+    folder = out / "base" / "checkpoints" / "base-step000020.ckpt"
+    (folder / "step000020-1").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="has not finished"):
+        runs.resolve("run:base/base-step000020.ckpt", out, tmp_path)
+    (folder / "latest").write_text("step000020-1")
+    assert runs.resolve("run:base/base-step000020.ckpt", out, tmp_path) == str(folder)
 
 
 def test_dashboards_build_one_view_per_figure():

@@ -90,7 +90,7 @@ def test_export_names_a_missing_checkpoint_without_a_traceback(tmp_path, capsys)
         main([str(tmp_path / "gone.ckpt")])
     assert exit_.value.code == 1
     err = capsys.readouterr().err
-    assert f"error: {tmp_path / 'gone.ckpt'}: no such checkpoint file" in err and "Traceback" not in err
+    assert f"error: {tmp_path / 'gone.ckpt'}: no such checkpoint" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("source", ["checkpoint", "hf export"])

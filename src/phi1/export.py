@@ -36,12 +36,13 @@ def export_hf(module, tokenizer_dir: Path, out: Path) -> Path:
 
 def export_checkpoint(ckpt: Path, out: Path | None = None) -> Path:
     from phi1 import tokenizer as tokenizers
+    from phi1.checkpoints import is_checkpoint
     from phi1.module import LanguageModel
 
     ckpt = Path(ckpt)
-    if not ckpt.is_file():
-        raise MissingInputError(f"{ckpt}: no such checkpoint file")
-    module = LanguageModel.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False)
+    if not is_checkpoint(ckpt):
+        raise MissingInputError(f"{ckpt}: no such checkpoint (a file, or the folder DeepSpeed writes)")
+    module = LanguageModel.from_checkpoint(ckpt)
     tokenizer_dir = tokenizers.location(module.cfg)
     if not (tokenizer_dir / "tokenizer.json").exists():
         raise MissingInputError(f"{ckpt}: its tokenizer is not at {tokenizer_dir} (paths.data_dir of the run)")

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from phi1 import model as phi_model
+from phi1.checkpoints import is_checkpoint, read_checkpoint
 from phi1.config import ConfigError
 from phi1.errors import InputError, MissingInputError, Phi1Error
 from phi1.model import padded_vocab
@@ -81,18 +82,36 @@ class LanguageModel(L.LightningModule):
             self._logits, self._hidden = torch.compile(self._logits), torch.compile(self._hidden)
         self._fused_ce = _liger_cross_entropy() if speed.get("fused_cross_entropy") else None
 
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> LanguageModel:
+        """The module a checkpoint of train.py holds (a file, or DeepSpeed's folder), on the CPU."""
+        checkpoint = read_checkpoint(path)
+        module = cls(**checkpoint["hyper_parameters"])
+        module.load_state_dict(checkpoint["state_dict"])
+        return module
+
     def load_weights(self, path: str) -> None:
-        """Initialise from a Lightning checkpoint or an HF export dir (finetuning from phi-1-base)."""
+        """Initialise from a checkpoint of train.py (a file, or DeepSpeed's folder), an HF folder or a hub id
+        (finetuning from phi-1-base)."""
         source = Path(path).expanduser()
-        if source.is_dir():
+        if is_checkpoint(source):
+            checkpoint = read_checkpoint(source)
+            state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+        elif source.exists() or str(path).startswith(("/", ".", "~")):  # a path, not a hub id ("org/name")
+            if not (source / "config.json").is_file():
+                raise MissingInputError(f"init_from={path}: neither a checkpoint (a file, or the folder DeepSpeed "
+                                        "writes) nor an HF folder (config.json)")
             from transformers import AutoModelForCausalLM
 
             state = AutoModelForCausalLM.from_pretrained(source).state_dict()
-        elif source.is_file():
-            checkpoint = torch.load(source, map_location="cpu", weights_only=False)
-            state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
         else:
-            raise MissingInputError(f"init_from: {path} is neither a checkpoint file nor an HF export directory")
+            from transformers import AutoModelForCausalLM
+
+            try:
+                state = AutoModelForCausalLM.from_pretrained(path).state_dict()
+            except OSError as e:
+                raise MissingInputError(f"init_from={path}: no such file or folder, and not a reachable hub id"
+                                        f" ({e})") from e
         try:
             self.model.load_state_dict(state)
         except RuntimeError as e:
@@ -122,12 +141,22 @@ class LanguageModel(L.LightningModule):
         loss = self._loss(batch)
         self._loss_sum = self._loss_sum.to(loss.device) + loss.detach()
         self._micro += 1
+        if self.trainer.strategy.handles_gradient_accumulation:
+            # DeepSpeed: Lightning divides the returned loss by the accumulation, and DeepSpeed's backward
+            # divides it again (Lightning issue #6170). The gradient came out 1/accumulation of the mean, so
+            # that clipping its norm at 1.0 clipped at 16 on phi-1-base's node (1024 sequences = 8 GPUs ×
+            # micro-batch 8 × accumulation 16). One of the two divisions is undone here.
+            return loss * self.accumulate
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Once per optimizer step (one host sync), before the weights change and before any checkpoint of
         # this step is written: a non-finite loss stops here and the last checkpoint stays a good one.
         # Averaged over ranks first, so that every rank sees the same loss and stops together.
+        if self._micro < self.accumulate:
+            # DeepSpeed accumulates gradients itself, so Lightning calls this hook after every micro-batch;
+            # the step's loss is the mean over all of them, as without DeepSpeed.
+            return
         loss = self.trainer.strategy.reduce(self._loss_sum / self._micro, reduce_op="mean").item()
         if not math.isfinite(loss):
             raise NonFiniteLossError(

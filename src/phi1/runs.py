@@ -7,8 +7,9 @@
   wandb:<entity>/<project>/<artifact>:<alias>   a model artifact that a run logged to W&B
                       (`logger.wandb.log_model=true`), downloaded under `<paths.data_dir>/artifacts/`.
 
-A run counts as finished once its `metrics.json` exists (train.py writes it last, after the HF export);
-Lightning writes a checkpoint through a temporary file, so one that exists is whole. In a sweep the cells
+A run counts as finished once its `metrics.json` exists (train.py writes it last, after the HF export); a
+checkpoint once it is whole (`phi1.checkpoints.is_checkpoint`: a file, which Lightning writes to a temporary
+name first, or a DeepSpeed folder with its `latest` file, which is written last). In a sweep the cells
 of one grid run in parallel: with `init_wait_min` > 0 a finetune waits for its base instead of failing.
 """
 
@@ -18,6 +19,7 @@ import logging
 import time
 from pathlib import Path
 
+from phi1.checkpoints import is_checkpoint
 from phi1.config import ConfigError
 from phi1.errors import MissingInputError, Phi1Error
 
@@ -36,6 +38,7 @@ def _run_target(ref: str, output_dir: Path) -> tuple[str, Path, Path]:
     return name, run_dir / "hf", run_dir / "metrics.json"
 
 
+
 def resolve(ref: str | None, output_dir: str | Path, data_dir: str | Path, wait_min: float = 0,
             poll_s: float = 30.0, what: str = "init_from") -> str | None:
     """The local path that `ref` names (see the module doc); any other value is returned as it is."""
@@ -48,7 +51,7 @@ def resolve(ref: str | None, output_dir: str | Path, data_dir: str | Path, wait_
     name, target, ready = _run_target(ref, Path(output_dir))
     deadline = time.monotonic() + 60 * wait_min
     announced = False
-    while not ready.exists():
+    while not is_checkpoint(ready):  # a file (metrics.json, a checkpoint), or a whole DeepSpeed folder
         if time.monotonic() >= deadline:
             raise MissingInputError(
                 f"{what}={ref}: {ready} does not exist: run {name!r} has not finished (or not reached that"
@@ -61,23 +64,8 @@ def resolve(ref: str | None, output_dir: str | Path, data_dir: str | Path, wait_
         time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
     if not target.exists():
         raise MissingInputError(f"{what}={ref}: the run finished but {target} does not exist (export_hf=false?)")
-    if (target / "checkpoint").is_dir():
-        target = _consolidate_deepspeed(target)
     log.info("%s=%s -> %s", what, ref, target)
     return str(target)
-
-
-def _consolidate_deepspeed(folder: Path) -> Path:
-    """Lightning's DeepSpeed strategy saves a checkpoint as a folder of ZeRO shards; the code that loads weights
-    reads one file, so the shards are gathered once into `<folder>.fp32` (Lightning's own converter)."""
-    out = folder.with_name(folder.name + ".fp32")
-    if not out.exists():
-        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-
-        tmp = out.with_name(out.name + ".tmp")
-        convert_zero_checkpoint_to_fp32_state_dict(str(folder), str(tmp))
-        tmp.rename(out)
-    return out
 
 
 def _download_artifact(path: str, root: Path) -> str:

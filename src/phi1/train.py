@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from phi1 import config as phi_config
 from phi1 import runs
+from phi1.checkpoints import is_checkpoint, read_checkpoint
 from phi1.data.datamodule import PackedData
 from phi1.errors import InputError, MissingInputError
 from phi1.eval.callback import Evaluation
@@ -55,16 +56,21 @@ def resolve_ckpt_path(ckpt_path: str | None, callbacks: list) -> str | None:
             _refuse_to_overwrite(callbacks)
             return None
         last = _last_checkpoint(callbacks)
-        if last.exists():
+        if is_checkpoint(last):
             return str(last)
+        if last.exists():  # a DeepSpeed folder whose first save was cut short
+            others = sorted(str(p) for p in last.parent.glob("*.ckpt") if p != last and is_checkpoint(p))
+            raise MissingInputError(
+                f"ckpt_path={ckpt_path}: {last} is unfinished (its first save was cut short); resume from another "
+                f"checkpoint with ckpt_path=<path>{': ' + ', '.join(others) if others else ' (there is none)'}")
         if ckpt_path == "last":
             raise MissingInputError(
                 f"ckpt_path=last: no checkpoint at {last}. Resume with the run_name of the run to continue"
                 " (its folder under paths.output_dir), or use ckpt_path=auto to start fresh when there is none."
             )
         return None
-    if not Path(ckpt_path).exists():  # a file, or a folder under DeepSpeed (one shard per rank)
-        raise MissingInputError(f"ckpt_path: {ckpt_path} does not exist")
+    if not is_checkpoint(Path(ckpt_path)):  # a file, or a folder under DeepSpeed (one shard per rank)
+        raise MissingInputError(f"ckpt_path: {ckpt_path} is not a checkpoint (a file, or a whole DeepSpeed folder)")
     return ckpt_path
 
 
@@ -155,12 +161,13 @@ def train(cfg: DictConfig) -> dict:
         log.warning("no evaluation at the final step %d (the run was resumed after its last step); "
                     "python evaluate.py ckpt=%s evaluates the export", trainer.global_step, run_dir / "hf")
     if evaluation and evaluation.best:
-        # The paper keeps the best finetuning checkpoint: export that one, not the last.
         metrics["eval/best"] = evaluation.best
-        best = torch.load(evaluation.best_path, map_location="cpu", weights_only=False)["state_dict"]
-        module.load_state_dict(best)
     if trainer.is_global_zero:
         if cfg.export_hf:
+            if evaluation and evaluation.best:
+                # The paper keeps the best finetuning checkpoint: export that one, not the last. Read on rank 0
+                # only: from a DeepSpeed folder that gathers every rank's fp32 shards (~17 GB for phi-1).
+                module.load_state_dict(read_checkpoint(evaluation.best_path)["state_dict"])
             export_hf(module, data.tokenizer_dir, run_dir / "hf")
         # Written last: its presence says the run finished (runs that depend on this one wait for it).
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

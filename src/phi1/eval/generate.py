@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from phi1.checkpoints import is_checkpoint
 from phi1.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,11 @@ def load(ckpt: str, device: str | None = None):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     path = Path(ckpt).expanduser()
-    if path.is_file():  # a Lightning checkpoint written by train.py
+    if is_checkpoint(path):  # written by train.py: a file, or DeepSpeed's folder of shards
         from phi1 import tokenizer as tokenizers
         from phi1.module import LanguageModel
 
-        module = LanguageModel.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+        module = LanguageModel.from_checkpoint(path)
         model, tokenizer = module.model, AutoTokenizer.from_pretrained(str(tokenizers.location(module.cfg)))
         model = model.to(dtype)
     elif str(ckpt).startswith(("/", ".", "~")) and not path.exists():  # a path, not a hub id ("org/name")

@@ -1,0 +1,150 @@
+"""The paper's configs train under DeepSpeed ZeRO-2 (`trainer=deepspeed`): its strategy, engine, optimizer and
+checkpoint folders, run here on the CPU (the `deepspeed_on_cpu` fixture), against plain Lightning training.
+tests/test_gpu.py repeats the comparison in bf16 on a GPU."""
+
+import json
+
+import pytest
+import torch
+
+from phi1.eval import generate
+from phi1.export import export_checkpoint
+from phi1.module import LanguageModel, read_checkpoint
+from phi1.train import train
+from test_train import FAST, column, read_csv
+
+# Gradient accumulation 2 (8 sequences, micro-batch 4) and clipping at 1.0: the tiny model's gradient norms are
+# 1.2-2.1 over these steps, so every step is clipped and the clipping threshold shows in the losses.
+PLAIN = [*FAST, "evaluation.enabled=false", "callbacks.checkpoint.save_top_k=-1"]
+
+
+@pytest.fixture
+def zero2(deepspeed_on_cpu, small_cfg, tmp_path):
+    """A 12-step ZeRO-2 run with a checkpoint folder every 4 steps."""
+    run = tmp_path / "zero2"
+    return run, train(small_cfg(*PLAIN, *deepspeed_on_cpu, run_dir=run))
+
+
+def test_zero2_takes_the_steps_of_plain_training(zero2, small_cfg, tmp_path):
+    run, metrics = zero2
+    plain = train(small_cfg(*PLAIN, run_dir=tmp_path / "plain"))
+    ours, theirs = column(read_csv(run), "train/loss"), column(read_csv(tmp_path / "plain"), "train/loss")
+    assert sorted(ours) == sorted(theirs) == list(range(12))
+    # The step's loss is the mean over its micro-batches (DeepSpeed calls the optimizer hooks after each one), and
+    # the gradient is the mean too: Lightning divides the loss by the accumulation and DeepSpeed's backward
+    # divided it again, which halved the gradient norm here, so clipping at 1.0 clipped at 2.0.
+    assert [ours[s] for s in range(12)] == pytest.approx([theirs[s] for s in range(12)], rel=2e-5)
+    assert metrics["train/loss_first"] == pytest.approx(plain["train/loss_first"], rel=1e-6)
+    assert (run / "checkpoints" / "step000004.ckpt" / "latest").is_file()  # a folder of ZeRO shards
+
+
+def test_a_zero2_run_resumes_from_its_checkpoint_folder_into_the_uninterrupted_run(zero2, deepspeed_on_cpu,
+                                                                                    small_cfg, tmp_path):
+    run, whole = zero2
+    halfway = run / "checkpoints" / "step000004.ckpt"
+    resumed_dir = tmp_path / "resumed"
+    resumed = train(small_cfg(*PLAIN, *deepspeed_on_cpu, f"ckpt_path={halfway}", run_dir=resumed_dir))
+    assert resumed["steps"] == whole["steps"] == 12
+    ours, theirs = column(read_csv(resumed_dir), "train/loss"), column(read_csv(run), "train/loss")
+    assert sorted(ours) == list(range(4, 12))
+    assert [ours[s] for s in ours] == pytest.approx([theirs[s] for s in ours], rel=1e-6)
+
+
+def test_zero2_checkpoint_folders_load_wherever_a_checkpoint_is_taken(zero2, small_cfg, tmp_path):
+    """init_from, evaluate.py's ckpt and the HF export read DeepSpeed's folder as they read a file: the run's
+    final weights, as its own HF export holds them."""
+    from transformers import AutoModelForCausalLM
+
+    run, _ = zero2
+    last = run / "checkpoints" / "last.ckpt"
+    assert last.is_dir()
+    final = AutoModelForCausalLM.from_pretrained(run / "hf").state_dict()
+    exported = AutoModelForCausalLM.from_pretrained(export_checkpoint(last, tmp_path / "hf")).state_dict()
+    evaluated, _ = generate.load(str(last), device="cpu")
+    initialised = LanguageModel.from_checkpoint(run / "checkpoints" / "step000012.ckpt")
+    initialised.load_weights(str(last))
+    for weights in (exported, evaluated.state_dict(), initialised.model.state_dict()):
+        assert weights.keys() == final.keys()
+        assert all(torch.equal(weights[k], final[k]) for k in final)
+    assert read_checkpoint(last)["global_step"] == 12
+
+
+def test_a_zero2_finetune_keeps_and_exports_its_best_checkpoint(deepspeed_on_cpu, small_cfg, tmp_path, monkeypatch):
+    """The paper's finetuning protocol under DeepSpeed: best.ckpt is a folder, and the export holds its weights."""
+    import phi1.evaluate
+
+    scores, seen = iter([0.1, 0.3, 0.2]), {}
+    real = phi1.evaluate.evaluate_model
+
+    def scripted(model, *args, **kwargs):
+        metrics, tables = real(model, *args, **kwargs)
+        metrics["eval/humaneval/pass@1"] = next(scores)
+        seen[metrics["eval/humaneval/pass@1"]] = {k: v.clone() for k, v in model.state_dict().items()}
+        return metrics, tables
+
+    monkeypatch.setattr(phi1.evaluate, "evaluate_model", scripted)
+    run = tmp_path / "ft"
+    metrics = train(small_cfg(*FAST, *deepspeed_on_cpu, "evaluation.every_n_steps=4",
+                              "evaluation.allow_code_execution=true", "evaluation.generation.max_new_tokens=4",
+                              "evaluation.benchmarks.humaneval.limit=2", "evaluation.keep_best=eval/humaneval/pass@1",
+                              run_dir=run))
+    assert metrics["eval/best"] == {"step": 8, "eval/humaneval/pass@1": 0.3}
+    assert (run / "checkpoints" / "best.ckpt").is_dir()
+    assert read_checkpoint(run / "checkpoints" / "best.ckpt")["global_step"] == 8
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(run / "hf").state_dict()
+    assert all(torch.equal(exported[k], seen[0.3][k]) for k in exported)
+    history = json.loads((run / "eval" / "history.json").read_text())
+    assert [h["step"] for h in history] == [4, 8, 12]
+
+
+def test_a_kill_mid_save_leaves_the_previous_zero2_checkpoint_whole(zero2, deepspeed_on_cpu, small_cfg, tmp_path,
+                                                                     monkeypatch):
+    """Killed while writing last.ckpt at step 8, between the model states and the optimizer shard: last.ckpt is
+    still step 4's, whole, and the run resumes from it into the uninterrupted run."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    class Killed(Exception):
+        pass
+
+    real, saves = DeepSpeedEngine._save_zero_checkpoint, []
+
+    def killed_at_the_second_last_save(self, save_path, tag):
+        saves.append(str(save_path))
+        if sum(s.endswith("last.ckpt") for s in saves) == 2:
+            raise Killed
+        return real(self, save_path, tag)
+
+    run = tmp_path / "killed"
+    monkeypatch.setattr(DeepSpeedEngine, "_save_zero_checkpoint", killed_at_the_second_last_save)
+    with pytest.raises(Killed):
+        train(small_cfg(*PLAIN, *deepspeed_on_cpu, run_dir=run))
+    monkeypatch.setattr(DeepSpeedEngine, "_save_zero_checkpoint", real)
+    last, step4 = (read_checkpoint(run / "checkpoints" / name) for name in ("last.ckpt", "step000004.ckpt"))
+    assert last["global_step"] == 4
+    assert all(torch.equal(last["state_dict"][k], v) for k, v in step4["state_dict"].items())
+
+    resumed = train(small_cfg(*PLAIN, *deepspeed_on_cpu, "ckpt_path=last", run_dir=run))
+    assert resumed["steps"] == 12
+    assert resumed["train/loss"] == pytest.approx(zero2[1]["train/loss"], rel=1e-6)
+    assert [p.name for p in (run / "checkpoints" / "last.ckpt").iterdir() if p.is_dir()] == ["step000012-" + (
+        run / "checkpoints" / "last.ckpt" / "latest").read_text().split("-")[1]]  # the cut tag folder is gone
+
+
+def test_a_last_checkpoint_cut_in_its_first_save_names_the_whole_ones(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from phi1.errors import MissingInputError
+    from phi1.train import resolve_ckpt_path
+
+    (tmp_path / "last.ckpt" / "step000008-2").mkdir(parents=True)  # shards begun, no `latest` yet
+    (tmp_path / "step000008.ckpt" / "step000008-1").mkdir(parents=True)
+    (tmp_path / "step000008.ckpt" / "latest").write_text("step000008-1")
+    callbacks = [ModelCheckpoint(dirpath=tmp_path, save_last=True)]
+    for how in ("last", "auto"):  # auto would have started afresh over the run's checkpoints
+        with pytest.raises(MissingInputError, match=r"last.ckpt is unfinished.*step000008.ckpt"):
+            resolve_ckpt_path(how, callbacks)
+    with pytest.raises(MissingInputError, match="not a checkpoint"):
+        resolve_ckpt_path(str(tmp_path / "last.ckpt"), callbacks)
+    assert resolve_ckpt_path(str(tmp_path / "step000008.ckpt"), callbacks) == str(tmp_path / "step000008.ckpt")
