@@ -73,28 +73,8 @@ def small_cfg(tmp_path, data_dir):
 
 @pytest.fixture
 def deepspeed_on_cpu(monkeypatch):
-    """Lightning's DeepSpeed strategy, on the CPU: the real strategy, engine, ZeRO-2 optimizer and checkpoint
-    format, so that the paths the paper's configs take (`trainer=deepspeed`) are tested where there is no GPU.
-    Lightning refuses the CPU ("only supported on CUDA GPUs") but DeepSpeed runs there (its CPU accelerator,
-    gloo). Lifted here: Lightning's CUDA and device-index checks, DeepSpeed's device index (None on the CPU),
-    and DeepSpeed's shared-memory collectives for CPU ranks (a C++ build of ~30 s, unused by one rank)."""
-    import importlib
+    """Lightning's DeepSpeed strategy with ZeRO-2 on the CPU, one rank (tests/deepspeed_cpu.py): the overrides."""
+    import deepspeed_cpu
 
-    import lightning.pytorch.strategies.deepspeed as lightning_deepspeed
-    from deepspeed.runtime.engine import DeepSpeedEngine
-    from lightning.pytorch.strategies import DDPStrategy
-
-    monkeypatch.setattr(lightning_deepspeed.DeepSpeedStrategy, "setup_environment", DDPStrategy.setup_environment)
-    monkeypatch.setattr(lightning_deepspeed, "_validate_device_index_selection", lambda devices: None)
-    # (deepspeed.comm's attribute `torch` is torch itself, hence import_module)
-    monkeypatch.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
-    set_distributed_vars = DeepSpeedEngine._set_distributed_vars
-
-    def device_zero(self, args):
-        if getattr(args, "device_rank", 0) is None:
-            args.device_rank = 0
-        return set_distributed_vars(self, args)
-
-    monkeypatch.setattr(DeepSpeedEngine, "_set_distributed_vars", device_zero)
-    return ["trainer=deepspeed", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=1",
-            "trainer.precision=32-true"]
+    deepspeed_cpu.allow(monkeypatch.setattr)
+    return [*deepspeed_cpu.OVERRIDES, "trainer.devices=1"]

@@ -3,6 +3,9 @@ checkpoint folders, run here on the CPU (the `deepspeed_on_cpu` fixture), agains
 tests/test_gpu.py repeats the comparison in bf16 on a GPU."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +14,8 @@ from phi1.eval import generate
 from phi1.export import export_checkpoint
 from phi1.module import LanguageModel, read_checkpoint
 from phi1.train import train
+from conftest import ROOT, SMALL
+from deepspeed_cpu import OVERRIDES
 from test_train import FAST, column, read_csv
 
 # Gradient accumulation 2 (8 sequences, micro-batch 4) and clipping at 1.0: the tiny model's gradient norms are
@@ -148,3 +153,28 @@ def test_a_last_checkpoint_cut_in_its_first_save_names_the_whole_ones(tmp_path):
     with pytest.raises(MissingInputError, match="not a checkpoint"):
         resolve_ckpt_path(str(tmp_path / "last.ckpt"), callbacks)
     assert resolve_ckpt_path(str(tmp_path / "step000008.ckpt"), callbacks) == str(tmp_path / "step000008.ckpt")
+
+
+def test_two_zero2_ranks_take_the_steps_of_one_plain_process(tmp_path, data_dir):
+    """The paper's layout in small: ZeRO-2 over 2 CPU processes (optimizer state sharded in two), micro-batch
+    2 × accumulation 2, against plain training in 1 process with micro-batch 4. Without dropout every step
+    consumes the same 8 sequences, so the losses agree to float rounding; the two shards gather into the run's
+    final weights."""
+    from transformers import AutoModelForCausalLM
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    common = [*SMALL, *FAST, "budget.max_steps=8", "model.dropout=0", "evaluation.enabled=false",
+              f"paths.output_dir={tmp_path}", f"paths.data_dir={data_dir}"]
+    subprocess.run([sys.executable, "train.py", *common, "run_name=one"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=600)
+    subprocess.run([sys.executable, "tests/deepspeed_cpu.py", *common, *OVERRIDES, "trainer.devices=2",
+                    "batch.micro_size=2", "run_name=two"], cwd=ROOT, env=env, check=True, capture_output=True,
+                   timeout=600)
+    one, two = (column(read_csv(tmp_path / name), "train/loss") for name in ("one", "two"))
+    assert len(one) == len(two) == 8
+    assert [two[s] for s in one] == pytest.approx([one[s] for s in one], rel=1e-5)
+    last = tmp_path / "two" / "checkpoints" / "last.ckpt"
+    assert len(list(last.glob("*/zero_pp_rank_*_optim_states.pt"))) == 2
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "hf").state_dict()
+    gathered = read_checkpoint(last)["state_dict"]
+    assert all(torch.equal(gathered[f"model.{k}"], v) for k, v in final.items())
