@@ -43,6 +43,23 @@ def test_zero2_takes_the_steps_of_plain_training(zero2, small_cfg, tmp_path):
     assert (run / "checkpoints" / "step000004.ckpt" / "latest").is_file()  # a folder of ZeRO shards
 
 
+def test_zero2_in_bf16_follows_the_fp32_run_and_keeps_fp32_master_weights(deepspeed_on_cpu, small_cfg, tmp_path):
+    """trainer=deepspeed_bf16's precision (the H100 config): bf16 weights for the matmuls, fp32 master weights in
+    the optimizer shards, which read_checkpoint gathers; the weights the engine computes with are their bf16
+    rounding."""
+    fp32 = train(small_cfg(*PLAIN, "model.dropout=0", run_dir=tmp_path / "fp32"))
+    run = tmp_path / "bf16"
+    bf16 = train(small_cfg(*PLAIN, "model.dropout=0", *deepspeed_on_cpu, "trainer.precision=bf16-mixed", run_dir=run))
+    assert bf16["train/loss_first"] == pytest.approx(fp32["train/loss_first"], rel=1e-2)
+    assert bf16["train/loss"] == pytest.approx(fp32["train/loss"], rel=3e-2)
+    master = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
+    assert {v.dtype for v in master.values()} == {torch.float32}
+    from transformers import AutoModelForCausalLM
+
+    computed = AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.bfloat16).state_dict()
+    assert all(torch.equal(master[f"model.{k}"].to(torch.bfloat16), v) for k, v in computed.items())
+    assert not all(torch.equal(master[f"model.{k}"], v.float()) for k, v in computed.items())
+
 def test_a_zero2_run_resumes_from_its_checkpoint_folder_into_the_uninterrupted_run(zero2, deepspeed_on_cpu,
                                                                                     small_cfg, tmp_path):
     run, whole = zero2
