@@ -74,6 +74,10 @@ def small_cfg(tmp_path, data_dir):
 @pytest.fixture
 def deepspeed_on_cpu(monkeypatch):
     """Lightning's DeepSpeed strategy with ZeRO-2 on the CPU, one rank (tests/deepspeed_cpu.py): the overrides."""
+    if torch.cuda.is_available():
+        # DeepSpeed picks its accelerator once per process, and CUDA where there is one; there tests/test_gpu.py
+        # runs DeepSpeed for real.
+        pytest.skip("DeepSpeed on the CPU: this process's DeepSpeed accelerator is CUDA")
     import deepspeed_cpu
 
     deepspeed_cpu.allow(monkeypatch.setattr)

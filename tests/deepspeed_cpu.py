@@ -43,6 +43,9 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":  # Lightning starts the other ranks with this same command line
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported: else CUDA where there is one
     from phi1.config import register_configs
 
     register_configs()

@@ -111,7 +111,7 @@ def run_benchmark(name: str, problems, completions, sandbox: Sandbox | None, ks,
 
         metrics[f"eval/{name}/solution_nll"] = generate.solution_nll(*model_and_tokenizer, problems)
     metrics[f"eval/{name}/problems"] = len(problems)
-    log.info("%s: %s in %.1f s", name, ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()),
+    log.info("%s: %s; scored in %.1f s", name, ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()),
              time.perf_counter() - t0)
     return metrics, rows
 
@@ -145,6 +145,7 @@ def evaluate_model(model, tokenizer, benchmarks, problem_sets: dict[str, list[be
         problems = problem_sets[name]
         completions = {}
         if sandbox is not None:
+            t0 = time.perf_counter()
             g = generation
             prompts = [p.prompt for p in problems]
             kwargs = dict(n=g.n, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
@@ -156,6 +157,7 @@ def evaluate_model(model, tokenizer, benchmarks, problem_sets: dict[str, list[be
                     outs = generate.generate(model, tokenizer, prompts, batch_size=g.batch_size, journal=journal,
                                              **kwargs)
             completions = {p.task_id: o for p, o in zip(problems, outs)}
+            log.info("%s: %d completions generated in %.1f s", name, sum(map(len, outs)), time.perf_counter() - t0)
         m, tables[name] = run_benchmark(name, problems, completions, sandbox, ks, out_dir,
                                         (model, tokenizer) if model is not None else None, solution_nll)
         metrics.update(m)
@@ -163,6 +165,9 @@ def evaluate_model(model, tokenizer, benchmarks, problem_sets: dict[str, list[be
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    from phi1.monitoring import quiet_library_noise
+
+    quiet_library_noise()
     if (cfg.ckpt is None) == (cfg.samples is None):
         raise EvaluationError("set exactly one of ckpt (a model to generate with) and samples (a file to score)")
     if cfg.samples and len(cfg.benchmarks) != 1:

@@ -209,7 +209,9 @@ def quiet_library_noise() -> None:
     - Lightning's "Tip" advertising its hosted logger.
     - torch's deprecation of LeafSpec, which Lightning 2.6 still constructs at every step;
     - the warning that a resumed run's data loader is not resumable (ours is: see below), and that its
-      checkpoint folder is not empty."""
+      checkpoint folder is not empty;
+    - W&B's advertisement for its Weave tracing whenever `openai` is imported (evaluate.py, for grading);
+      WANDB_DISABLE_WEAVE=false in the environment brings Weave back."""
     if logging.getLogger().handlers:
         for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
             logger = logging.getLogger(name)
@@ -224,6 +226,7 @@ def quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     # train.py refuses a fresh run in a folder that holds checkpoints, so this one only ever greets a resume.
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+    os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
 
 
 class _NoTips(logging.Filter):

@@ -168,7 +168,7 @@ def generate_vllm(ckpt: str, prompts: list[str], *, n: int, temperature: float, 
 
     from vllm import LLM, SamplingParams
 
-    if Path(ckpt).is_file():  # vLLM reads HF folders: export the Lightning checkpoint first
+    if is_checkpoint(Path(ckpt)):  # vLLM reads HF folders: export train.py's checkpoint (file or folder) first
         from phi1.export import export_checkpoint
 
         ckpt = str(export_checkpoint(Path(ckpt), Path(tempfile.mkdtemp()) / "hf"))
