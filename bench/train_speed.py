@@ -26,6 +26,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -77,6 +78,8 @@ def steps_per_sec(times: list[float], warmup: int) -> float:
 
 def harness(cfg, warmup: int) -> float:
     StepTimes.times = []
+    # Scratch: every measurement starts afresh (train.py refuses a fresh run over another's checkpoints).
+    shutil.rmtree(cfg.paths.run_dir, ignore_errors=True)
     train(cfg)
     return steps_per_sec(StepTimes.times, warmup)
 
@@ -124,6 +127,13 @@ def plain(cfg, warmup: int) -> float:
         times.append(time.perf_counter())
     del module, optimizer
     return steps_per_sec(times, warmup)
+
+
+def common_overrides(run_dir: Path, timer: str = "__main__.StepTimes") -> list[str]:
+    """What every measurement shares: training steps alone, timed by StepTimes, in a scratch run folder. No
+    checkpoints: a 1.3B one under DeepSpeed is ~20 GB, written after the timing but still waited for."""
+    return ["budget.tokens=null", "logger=csv", "val_batches=0", "evaluation.enabled=false", "export_hf=false",
+            "callbacks.checkpoint.save_last=false", f"+callbacks.timer._target_={timer}", f"paths.run_dir={run_dir}"]
 
 
 def compose_cfg(overrides: list[str]):
@@ -180,8 +190,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args, overrides = parser.parse_known_args()
     register_configs()
-    common = ["budget.tokens=null", "logger=csv", "val_batches=0", "evaluation.enabled=false", "export_hf=false",
-              "+callbacks.timer._target_=__main__.StepTimes", f"paths.run_dir={ROOT}/outputs/bench_train_speed"]
+    common = common_overrides(ROOT / "outputs" / "bench_train_speed")
     env = environment()
     print(json.dumps(env))
     results = []

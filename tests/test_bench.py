@@ -1,0 +1,50 @@
+"""The benchmark scripts that a lent GPU machine runs (bench/gpu_suite.sh), run here small on the CPU: a script
+that fails after its first measurement would waste that machine's half hour."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+TINY = ["tokenizer.corpus.limit=150", "data.sources.0.limit=250", "data.seq_len=64", "batch.micro_size=4",
+        "batch.global_size=8"]
+
+
+def test_train_speed_measures_train_py_against_the_plain_loop_round_after_round(tmp_path, data_dir):
+    out = tmp_path / "speed.json"
+    subprocess.run([sys.executable, "bench/train_speed.py", "--steps", "6", "--warmup", "1", "--rounds", "2",
+                    "--json", str(out), *TINY, f"paths.data_dir={data_dir}"],
+                   cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True, capture_output=True, timeout=600)
+    (result,) = json.loads(out.read_text())["results"]
+    assert len(result["runs"]["harness"]) == len(result["runs"]["plain"]) == 2
+    assert result["tokens_per_s"] > 0 and 0.2 < result["ratio"] < 2
+
+
+def test_train_speed_deepspeed_variants_run_round_after_round(deepspeed_on_cpu, tmp_path, data_dir):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import train_speed
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    common = [*train_speed.common_overrides(tmp_path / "run", timer="train_speed.StepTimes"),
+              f"paths.data_dir={data_dir}", "budget.max_steps=5", *TINY]
+    for variant in ("zero1", "zero2"):
+        cfg = train_speed.compose_cfg(common + train_speed.VARIANTS[variant] + deepspeed_on_cpu[1:])
+        assert cfg.trainer.strategy.stage == int(variant[-1])
+        result = train_speed.measure(cfg, "tiny", variant, warmup=1, rounds=2, harness_only=True)
+        assert len(result["runs"]["harness"]) == 2 and result["tokens_per_s"] > 0
+
+
+def test_eval_speed_times_each_stage_and_batching_changes_no_completion(tmp_path, data_dir):
+    out = tmp_path / "eval.json"
+    subprocess.run([sys.executable, "bench/eval_speed.py", "model=tiny", "--limit", "4", "--batch-sizes", "1,4",
+                    "tokenizer.vocab_size=4096", "tokenizer.name=local", "tokenizer.corpus.limit=150",
+                    f"paths.data_dir={data_dir}", "--json", str(out)],
+                   cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True, capture_output=True, timeout=600)
+    one, four = json.loads(out.read_text())["results"]
+    assert (one["batch_size"], four["batch_size"]) == (1, 4)
+    # Greedy decoding, left padding: a batch of 4 writes the same completions as one prompt at a time.
+    assert one["completion_tokens"] == four["completion_tokens"] > 0
+    assert all(r[k] > 0 for r in (one, four) for k in ("generate_s", "execute_s", "total_s"))
