@@ -212,6 +212,18 @@ def test_deepspeed_trainer_builds_its_strategy(tmp_path):
         assert cfg.trainer.precision == precision
 
 
+def test_uploading_deepspeed_checkpoints_to_wandb_is_refused_before_any_work(tmp_path):
+    # Lightning's WandbLogger adds each checkpoint to the artifact as a file; DeepSpeed's are folders, and wandb
+    # refuses those ("Path is not a file") when the run ends, after all its steps.
+    for trainer in ("deepspeed", "deepspeed_bf16"):
+        cfg = make_cfg([f"trainer={trainer}", "logger=wandb", "logger.wandb.log_model=true"], run_dir=tmp_path,
+                       data_dir=tmp_path)
+        with pytest.raises(ConfigError, match=r"logger.wandb.log_model: DeepSpeed .*wandb artifact put"):
+            validate(cfg)
+    validate(make_cfg(["trainer=deepspeed", "trainer.devices=1", "logger=wandb"], run_dir=tmp_path, data_dir=tmp_path))
+    validate(make_cfg(["logger=wandb", "logger.wandb.log_model=true"], run_dir=tmp_path, data_dir=tmp_path))
+
+
 def test_train_hands_the_deepspeed_strategy_to_lightning(tmp_path):
     # On a CPU machine Lightning itself refuses DeepSpeed; reaching that refusal shows train() built the
     # strategy object from the config and passed it on (a raw dict would fail with a TypeError instead).

@@ -597,6 +597,10 @@ def validate(cfg: DictConfig) -> Plan:
         ("speed.fused_cross_entropy",
          not cfg.speed.fused_cross_entropy or importlib.util.find_spec("liger_kernel") is not None,
          "needs liger-kernel: pip install -e '.[gpu]'"),
+        ("logger.wandb.log_model", not (_uploads_checkpoints(cfg) and _deepspeed(cfg)),
+         "DeepSpeed writes each checkpoint as a folder of ZeRO shards, which Lightning's W&B logger uploads as a "
+         "file: it fails when the run ends. Leave it false and upload the HF export: wandb artifact put --type "
+         f"model --name <project>/{cfg.run_name} {cfg.paths.run_dir}/hf (init_from=wandb:... reads it)"),
         ("phase", cfg.phase in ("pretrain", "finetune"), "must be 'pretrain' or 'finetune'"),
         ("eval_every_steps", cfg.eval_every_steps > 0, "must be > 0"),
         ("evaluation.every_n_steps", (cfg.evaluation.every_n_steps or 1) > 0, "must be > 0"),
@@ -617,6 +621,17 @@ def validate(cfg: DictConfig) -> Plan:
     if cfg.phase == "finetune" and not cfg.init_from:
         raise ConfigError("init_from: finetuning needs the base weights (a checkpoint or an HF export dir)")
     return plan(cfg)
+
+
+def _deepspeed(cfg: DictConfig) -> bool:
+    strategy = cfg.trainer.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
+    return "deepspeed" in target.lower()
+
+
+def _uploads_checkpoints(cfg: DictConfig) -> bool:
+    wandb = (cfg.get("logger") or {}).get("wandb")
+    return bool(wandb and wandb.get("log_model"))
 
 
 SOURCE_KINDS = ("stdlib", "stdlib_functions", "dir", "jsonl", "parquet", "hf")
