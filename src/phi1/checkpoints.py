@@ -43,4 +43,3 @@ def read_checkpoint(path: str | Path) -> dict:
     # Lightning before 2.1 wrapped the module: its keys start with "_forward_module.".
     checkpoint["state_dict"] = {k.removeprefix("_forward_module."): v for k, v in weights.items()}
     return checkpoint
-

@@ -38,7 +38,6 @@ def _run_target(ref: str, output_dir: Path) -> tuple[str, Path, Path]:
     return name, run_dir / "hf", run_dir / "metrics.json"
 
 
-
 def resolve(ref: str | None, output_dir: str | Path, data_dir: str | Path, wait_min: float = 0,
             poll_s: float = 30.0, what: str = "init_from") -> str | None:
     """The local path that `ref` names (see the module doc); any other value is returned as it is."""

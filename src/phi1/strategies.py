@@ -16,9 +16,9 @@ from phi1.checkpoints import is_deepspeed
 class DeepSpeedStrategy(_DeepSpeedStrategy):
     """Lightning's DeepSpeed strategy, whose checkpoints are whole or absent, as plain Lightning's files are.
 
-    Lightning has DeepSpeed write every save of a folder (last.ckpt, best.ckpt) into the same tag folder,
-    file over file, and `latest` at once: a job killed mid-save (a preemption; a ZeRO-2 checkpoint of phi-1 is
-    ~20 GB: 2.8 GB of bf16 weights plus 17 GB of fp32 weights and Adam moments) left a folder mixing two steps.
+    Lightning's has DeepSpeed write every save of a folder (last.ckpt, best.ckpt) into the same tag folder,
+    over the previous save's files: a job killed mid-save (a preemption; a ZeRO-2 checkpoint of phi-1 is ~20 GB:
+    2.8 GB of bf16 weights plus 17 GB of fp32 weights and Adam moments) left a folder mixing two steps.
     Here each save writes a new tag folder; once every rank has written its shards, rank 0 points `latest` at
     it (an atomic rename) and removes the older tag. A folder without `latest` is an unfinished first save.
     Loading finds the tag through `latest`, as DeepSpeed does (Lightning looked for a folder named "checkpoint").
