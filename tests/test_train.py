@@ -106,6 +106,20 @@ def test_finetuning_starts_from_the_base_weights(pretrained, small_cfg, tmp_path
     assert tuned["train/loss_first"] < base["train/loss_first"] - 1.0
 
 
+def test_init_from_names_what_it_could_not_read(pretrained, tmp_path):
+    from phi1.errors import MissingInputError
+
+    module = LanguageModel.from_checkpoint(pretrained[0] / "checkpoints" / "last.ckpt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingInputError, match=r"init_from=.*empty: neither a checkpoint .* nor an HF folder"):
+        module.load_weights(str(tmp_path / "empty"))
+    with pytest.raises(MissingInputError, match=r"init_from=.*gone.ckpt: neither a checkpoint"):
+        module.load_weights(str(tmp_path / "gone.ckpt"))
+    # Not a path: a hub id (offline here, so unreachable).
+    with pytest.raises(MissingInputError, match=r"init_from=someone/phi-1-base: no such file or folder, and not a"):
+        module.load_weights("someone/phi-1-base")
+
+
 def _cli(run_name, out, data_dir, *extra):
     return [sys.executable, "train.py", *SMALL, *FAST, "budget.max_steps=20", f"paths.output_dir={out}",
             f"paths.data_dir={data_dir}", f"run_name={run_name}", "+callbacks.slow._target_=slow_steps.SlowSteps",
