@@ -17,7 +17,7 @@ from phi1.eval import generate
 from phi1.export import export_checkpoint
 from phi1.module import LanguageModel
 from phi1.train import train
-from test_train import FAST, column, read_csv
+from test_train import FAST, column, read_csv, scripted_scores
 
 # Gradient accumulation 2 (8 sequences, micro-batch 4) and clipping at 1.0: the tiny model's gradient norms are
 # 1.2-2.1 over these steps, so every step is clipped and the clipping threshold shows in the losses.
@@ -95,18 +95,7 @@ def test_zero2_checkpoint_folders_load_wherever_a_checkpoint_is_taken(zero2, sma
 
 def test_a_zero2_finetune_keeps_and_exports_its_best_checkpoint(deepspeed_on_cpu, small_cfg, tmp_path, monkeypatch):
     """The paper's finetuning protocol under DeepSpeed: best.ckpt is a folder, and the export holds its weights."""
-    import phi1.evaluate
-
-    scores, seen = iter([0.1, 0.3, 0.2]), {}
-    real = phi1.evaluate.evaluate_model
-
-    def scripted(model, *args, **kwargs):
-        metrics, tables = real(model, *args, **kwargs)
-        metrics["eval/humaneval/pass@1"] = next(scores)
-        seen[metrics["eval/humaneval/pass@1"]] = {k: v.clone() for k, v in model.state_dict().items()}
-        return metrics, tables
-
-    monkeypatch.setattr(phi1.evaluate, "evaluate_model", scripted)
+    seen = scripted_scores(monkeypatch, [0.1, 0.3, 0.2])
     run = tmp_path / "ft"
     metrics = train(small_cfg(*FAST, *deepspeed_on_cpu, "evaluation.every_n_steps=4",
                               "evaluation.allow_code_execution=true", "evaluation.generation.max_new_tokens=4",

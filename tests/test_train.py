@@ -34,6 +34,23 @@ def column(rows, key):
     return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
 
 
+def scripted_scores(monkeypatch, scores) -> dict:
+    """Training's evaluations report these pass@1 scores, one per evaluation (the rest is computed for real);
+    returns {score: the weights it was given for}, filled as the run goes."""
+    import phi1.evaluate
+
+    scores, seen, real = iter(scores), {}, phi1.evaluate.evaluate_model
+
+    def scripted(model, *args, **kwargs):
+        metrics, tables = real(model, *args, **kwargs)
+        metrics["eval/humaneval/pass@1"] = next(scores)
+        seen[metrics["eval/humaneval/pass@1"]] = {k: v.clone() for k, v in model.state_dict().items()}
+        return metrics, tables
+
+    monkeypatch.setattr(phi1.evaluate, "evaluate_model", scripted)
+    return seen
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, data_dir):
     from conftest import make_cfg
@@ -297,19 +314,7 @@ def test_training_ends_with_an_evaluation(pretrained):
 
 def test_finetuning_keeps_and_exports_the_best_checkpoint(pretrained, small_cfg, tmp_path, monkeypatch):
     # Scripted scores at steps 4, 8, 12: the best is step 8, and the HF export must hold step 8's weights.
-    import phi1.evaluate
-
-    scores = iter([0.1, 0.3, 0.2])
-    seen = {}
-    real = phi1.evaluate.evaluate_model
-
-    def scripted(model, *args, **kwargs):
-        metrics, tables = real(model, *args, **kwargs)
-        metrics["eval/humaneval/pass@1"] = next(scores)
-        seen[metrics["eval/humaneval/pass@1"]] = {k: v.clone() for k, v in model.state_dict().items()}
-        return metrics, tables
-
-    monkeypatch.setattr(phi1.evaluate, "evaluate_model", scripted)
+    seen = scripted_scores(monkeypatch, [0.1, 0.3, 0.2])
     run, _ = pretrained
     metrics = train(small_cfg(*FAST, "phase=finetune", f"init_from={run / 'checkpoints' / 'last.ckpt'}",
                               "optim=finetune", "budget.max_steps=12", "evaluation.every_n_steps=4",
@@ -329,17 +334,7 @@ def test_finetuning_keeps_and_exports_the_best_checkpoint(pretrained, small_cfg,
 
 def test_a_resumed_finetune_keeps_its_best_checkpoint(pretrained, small_cfg, tmp_path, monkeypatch):
     """Preempted after step 8 (best so far: step 4), resumed to step 12 with a lower score: best.ckpt stays step 4."""
-    import phi1.evaluate
-
-    scores = iter([0.3, 0.1, 0.2])
-    real = phi1.evaluate.evaluate_model
-
-    def scripted(model, *args, **kwargs):
-        metrics, tables = real(model, *args, **kwargs)
-        metrics["eval/humaneval/pass@1"] = next(scores)
-        return metrics, tables
-
-    monkeypatch.setattr(phi1.evaluate, "evaluate_model", scripted)
+    scripted_scores(monkeypatch, [0.3, 0.1, 0.2])
     args = (*FAST, "phase=finetune", f"init_from={pretrained[0] / 'checkpoints' / 'last.ckpt'}", "optim=finetune",
             "evaluation.every_n_steps=4", "evaluation.allow_code_execution=true", "evaluation.generation.max_new_tokens=4",
             "evaluation.keep_best=eval/humaneval/pass@1", "evaluation.benchmarks.humaneval.limit=2")
