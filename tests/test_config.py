@@ -224,6 +224,18 @@ def test_uploading_deepspeed_checkpoints_to_wandb_is_refused_before_any_work(tmp
     validate(make_cfg(["logger=wandb", "logger.wandb.log_model=true"], run_dir=tmp_path, data_dir=tmp_path))
 
 
+def test_lightnings_own_deepspeed_strategy_is_refused(tmp_path):
+    # Its gradient is 1/accumulation of the mean and its saves rewrite a checkpoint in place (test_deepspeed.py).
+    for strategy in ("deepspeed_stage_2", "lightning.pytorch.strategies.DeepSpeedStrategy"):
+        key = "trainer.strategy" if "." not in strategy else "trainer.strategy._target_"
+        cfg = make_cfg(["trainer=deepspeed", "trainer.devices=1", f"{key}={strategy}"], run_dir=tmp_path,
+                       data_dir=tmp_path)
+        with pytest.raises(ConfigError, match=rf"trainer.strategy: {strategy}: Lightning's own DeepSpeed"):
+            validate(cfg)
+    validate(make_cfg(["trainer=deepspeed", "trainer.devices=1", "trainer.strategy.stage=1"], run_dir=tmp_path,
+                      data_dir=tmp_path))
+
+
 def test_train_hands_the_deepspeed_strategy_to_lightning(tmp_path):
     # On a CPU machine Lightning itself refuses DeepSpeed; reaching that refusal shows train() built the
     # strategy object from the config and passed it on (a raw dict would fail with a TypeError instead).

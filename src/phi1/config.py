@@ -597,6 +597,10 @@ def validate(cfg: DictConfig) -> Plan:
         ("speed.fused_cross_entropy",
          not cfg.speed.fused_cross_entropy or importlib.util.find_spec("liger_kernel") is not None,
          "needs liger-kernel: pip install -e '.[gpu]'"),
+        ("trainer.strategy", not _deepspeed(cfg) or _strategy(cfg) == "phi1.strategies.DeepSpeedStrategy",
+         f"{_strategy(cfg)}: Lightning's own DeepSpeed strategy computes 1/accumulation of the gradient and "
+         "rewrites checkpoints in place (src/phi1/strategies.py); use trainer=deepspeed or trainer=deepspeed_bf16, "
+         "with trainer.strategy.stage=N for another ZeRO stage"),
         ("logger.wandb.log_model", not (_uploads_checkpoints(cfg) and _deepspeed(cfg)),
          "DeepSpeed writes each checkpoint as a folder of ZeRO shards, which Lightning's W&B logger uploads as a "
          "file: it fails when the run ends. Leave it false and upload the HF export: wandb artifact put --type "
@@ -623,10 +627,14 @@ def validate(cfg: DictConfig) -> Plan:
     return plan(cfg)
 
 
-def _deepspeed(cfg: DictConfig) -> bool:
+def _strategy(cfg: DictConfig) -> str:
+    """trainer.strategy's class (`_target_`) or Lightning's name for one ("ddp", "deepspeed_stage_2", ...)."""
     strategy = cfg.trainer.get("strategy")
-    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
-    return "deepspeed" in target.lower()
+    return strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
+
+
+def _deepspeed(cfg: DictConfig) -> bool:
+    return "deepspeed" in _strategy(cfg).lower()
 
 
 def _uploads_checkpoints(cfg: DictConfig) -> bool:

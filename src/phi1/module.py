@@ -141,12 +141,6 @@ class LanguageModel(L.LightningModule):
         loss = self._loss(batch)
         self._loss_sum = self._loss_sum.to(loss.device) + loss.detach()
         self._micro += 1
-        if self.trainer.strategy.handles_gradient_accumulation:
-            # DeepSpeed: Lightning divides the returned loss by the accumulation, and DeepSpeed's backward
-            # divides it again (Lightning issue #6170). The gradient came out 1/accumulation of the mean, so
-            # that clipping its norm at 1.0 clipped at 16 on phi-1-base's node (1024 sequences = 8 GPUs ×
-            # micro-batch 8 × accumulation 16). One of the two divisions is undone here.
-            return loss * self.accumulate
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -14,15 +14,25 @@ from phi1.checkpoints import is_deepspeed
 
 
 class DeepSpeedStrategy(_DeepSpeedStrategy):
-    """Lightning's DeepSpeed strategy, whose checkpoints are whole or absent, as plain Lightning's files are.
+    """Lightning's DeepSpeed strategy, with the gradient of plain training and checkpoints that are whole or
+    absent, as plain Lightning's files are.
 
-    Lightning's has DeepSpeed write every save of a folder (last.ckpt, best.ckpt) into the same tag folder,
-    over the previous save's files: a job killed mid-save (a preemption; a ZeRO-2 checkpoint of phi-1 is ~20 GB:
-    2.8 GB of bf16 weights plus 17 GB of fp32 weights and Adam moments) left a folder mixing two steps.
-    Here each save writes a new tag folder; once every rank has written its shards, rank 0 points `latest` at
-    it (an atomic rename) and removes the older tag. A folder without `latest` is an unfinished first save.
-    Loading finds the tag through `latest`, as DeepSpeed does (Lightning looked for a folder named "checkpoint").
+    The gradient: Lightning divides the loss by the accumulation, and DeepSpeed's backward divides it again
+    (as in Lightning issue #6170). The gradient came out 1/accumulation of the mean, so that clipping its norm
+    at 1.0 clipped at 16 on phi-1-base's node (1024 sequences = 8 GPUs × micro-batch 8 × accumulation 16).
+    Here DeepSpeed's backward leaves the loss as Lightning hands it over.
+
+    The checkpoints: Lightning's has DeepSpeed write every save of a folder (last.ckpt, best.ckpt) into the same
+    tag folder, over the previous save's files: a job killed mid-save (a preemption; a ZeRO-2 checkpoint of
+    phi-1 is ~20 GB: 2.8 GB of bf16 weights plus 17 GB of fp32 weights and Adam moments) left a folder mixing
+    two steps. Here each save writes a new tag folder; once every rank has written its shards, rank 0 points
+    `latest` at it (an atomic rename) and removes the older tag. A folder without `latest` is an unfinished
+    first save. Loading finds the tag through `latest`, as DeepSpeed does (Lightning looked for a folder named
+    "checkpoint").
     """
+
+    def backward(self, closure_loss, optimizer, *args, **kwargs):
+        return super().backward(closure_loss, optimizer, *args, scale_wrt_gas=False, **kwargs)
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
         if storage_options is not None:
