@@ -17,7 +17,7 @@ from phi1.eval import generate
 from phi1.export import export_checkpoint
 from phi1.module import LanguageModel
 from phi1.train import train
-from test_train import FAST, column, read_csv, scripted_scores
+from test_train import FAST, untimed, column, read_csv, scripted_scores
 
 # Gradient accumulation 2 (8 sequences, micro-batch 4) and clipping at 1.0: the tiny model's gradient norms are
 # 1.2-2.1 over these steps, so every step is clipped and the clipping threshold shows in the losses.
@@ -72,6 +72,11 @@ def test_a_zero2_run_resumes_from_its_checkpoint_folder_into_the_uninterrupted_r
     ours, theirs = column(read_csv(resumed_dir), "train/loss"), column(read_csv(run), "train/loss")
     assert sorted(ours) == list(range(4, 12))
     assert [ours[s] for s in ours] == pytest.approx([theirs[s] for s in ours], rel=1e-6)
+    assert untimed(resumed) == pytest.approx(untimed(whole), rel=1e-6)  # train/loss_first included
+    # From the folder of its final step: nothing to train, and the metrics the finished run wrote.
+    last = run / "checkpoints" / "last.ckpt"
+    again = train(small_cfg(*PLAIN, *deepspeed_on_cpu, f"ckpt_path={last}", run_dir=tmp_path / "again"))
+    assert untimed(again) == untimed(whole)
 
 
 def test_zero2_checkpoint_folders_load_wherever_a_checkpoint_is_taken(zero2, small_cfg, tmp_path):

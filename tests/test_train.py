@@ -176,6 +176,33 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run_exactly(tmp_path, da
     assert final[0]["global_step"] == final[1]["global_step"] == 20
     for key, value in final[0]["state_dict"].items():
         assert torch.equal(value, final[1]["state_dict"][key]), key
+    # metrics.json too, timings aside: train/loss_first is the run's first loss, not the first after the resume.
+    whole, resumed = (untimed(json.loads((tmp_path / name / "metrics.json").read_text())) for name in ("whole", "killed"))
+    assert resumed == whole and whole["train/loss_first"] > 8.0
+
+
+def untimed(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "elapsed_s" and not k.startswith("perf/")}
+
+
+def test_a_run_killed_after_its_final_checkpoint_resumes_to_the_same_outputs(pretrained, small_cfg, tmp_path):
+    """Killed in its final evaluation or its export, after the final step's checkpoint: Lightning wrote that
+    checkpoint before the final validation and evaluation, and the resume (which trains nothing) wrote a
+    metrics.json without losses or evaluation. Now the checkpoint holds them."""
+    import shutil
+
+    run = tmp_path / "killed_at_the_end"
+    shutil.copytree(pretrained[0], run)
+    done = json.loads((run / "metrics.json").read_text())
+    exported = (run / "hf" / "model.safetensors").read_bytes()
+    (run / "metrics.json").unlink()
+    shutil.rmtree(run / "hf")
+    again = train(small_cfg(*FAST, "budget.max_steps=24", "ckpt_path=last", run_dir=run))
+    assert again["elapsed_s"] < done["elapsed_s"]  # nothing trained again
+    assert again == {**done, "elapsed_s": again["elapsed_s"]}
+    assert {"train/loss", "val/loss", "eval/humaneval/solution_nll", "perf/tokens_per_sec"} <= set(again)
+    assert json.loads((run / "metrics.json").read_text()) == again
+    assert (run / "hf" / "model.safetensors").read_bytes() == exported
 
 
 def test_a_fresh_run_refuses_a_folder_that_holds_checkpoints(pretrained, small_cfg, tmp_path):

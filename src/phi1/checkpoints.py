@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from lightning.pytorch import callbacks
 
 from phi1.errors import MissingInputError
 
@@ -43,3 +44,35 @@ def read_checkpoint(path: str | Path) -> dict:
     # Lightning before 2.1 wrapped the module: its keys start with "_forward_module.".
     checkpoint["state_dict"] = {k.removeprefix("_forward_module."): v for k, v in weights.items()}
     return checkpoint
+
+
+class ModelCheckpoint(callbacks.ModelCheckpoint):
+    """Lightning's ModelCheckpoint, except that the final step's checkpoint is written when training ends: after
+    that step's validation and the final evaluation (callbacks.Evaluation, whose on_train_end runs first, as
+    Lightning calls checkpoint callbacks last). Lightning writes it before both, so a run killed after it (in
+    the final evaluation, the best-checkpoint export or the HF export) resumed to a skipped loop and a
+    metrics.json without its losses or its evaluation. Now the checkpoint holds all of them (the module keeps
+    its logged metrics in it), and such a resume only writes the export and metrics.json. The final step always
+    updates last.ckpt, so nothing is trained twice; its own step file only at a multiple of
+    every_n_train_steps, as before. The class keeps Lightning's name: the callback's state in a checkpoint is
+    keyed by it, and earlier runs resume with their state.
+    """
+
+    def _at_final_step(self, trainer) -> bool:
+        return 0 < trainer.max_steps <= trainer.global_step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if not self._at_final_step(trainer):
+            super().on_train_batch_end(trainer, *args)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not self._at_final_step(trainer):
+            super().on_validation_end(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._at_final_step(trainer) and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            if self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0:
+                self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)

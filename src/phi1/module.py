@@ -73,6 +73,7 @@ class LanguageModel(L.LightningModule):
         self._loss_sum = torch.zeros(())
         self._micro = 0
         self.first_loss: float | None = None
+        self.resumed_metrics: dict[str, float] = {}  # what was logged before the checkpoint resumed from
         speed = self.cfg.get("speed") or {}
         # Compiled bound methods, not compiled modules: the parameters and state_dict keys stay those of
         # self.model (checkpoints and HF exports are unchanged), and generation calls the eager model.
@@ -117,6 +118,16 @@ class LanguageModel(L.LightningModule):
         except RuntimeError as e:
             raise InputError(f"init_from: {path} does not fit model={self.cfg.model.name}: {e}") from e
         log.info("initialised weights from %s", path)
+
+    # The losses logged so far travel in the checkpoint: a resumed run reports the run's first loss, not the first
+    # after its resume, and one resumed after its final step (which trains nothing) still has its final losses.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        logged = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
+        checkpoint["phi1"] = {"first_loss": self.first_loss, "metrics": logged}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("phi1", {})  # absent from checkpoints written before it was kept
+        self.first_loss, self.resumed_metrics = state.get("first_loss"), state.get("metrics", {})
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids).logits

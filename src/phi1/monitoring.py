@@ -79,6 +79,13 @@ class Throughput(ThroughputMonitor):
         self._waited_at: tuple[float, float] | None = None  # (wall clock, DataWait.waited) at the last log
         self._flops_since: dict = {}  # per stage: FLOPs of the micro-batches since the clock was last read
 
+    # The last figures go into metrics.json; kept in checkpoints for a run resumed after its final step.
+    def state_dict(self) -> dict:
+        return {"last": self.last}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last = state.get("last", {})
+
     def _update(self, trainer, pl_module, batch, iter_num: int) -> None:
         # Lightning reads its clock after every micro-batch, behind a torch.cuda.synchronize() that lets the GPU
         # run dry while the CPU fetches and launches the next micro-batch: by estimate (not yet measured on a

@@ -143,7 +143,7 @@ def train(cfg: DictConfig) -> dict:
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics = {**module.resumed_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items()}}
     metrics.update({
         "train/loss_first": module.first_loss,
         "steps": trainer.global_step,
@@ -157,8 +157,9 @@ def train(cfg: DictConfig) -> dict:
     if evaluation and evaluation.history and evaluation.history[-1]["step"] == trainer.global_step:
         metrics.update({k: v for k, v in evaluation.history[-1].items() if k != "step"})
     elif evaluation and trainer.is_global_zero:
-        # Resumed from a checkpoint of the last step: Lightning skips the loop, and with it the final evaluation.
-        log.warning("no evaluation at the final step %d (the run was resumed after its last step); "
+        # Resumed from a checkpoint of the last step written before the final evaluation (by Lightning's own
+        # ModelCheckpoint): Lightning skips the loop, and with it the evaluation.
+        log.warning("no evaluation at the final step %d (resumed from a checkpoint written before it); "
                     "python evaluate.py ckpt=%s evaluates the export", trainer.global_step, run_dir / "hf")
     if evaluation and evaluation.best:
         metrics["eval/best"] = evaluation.best

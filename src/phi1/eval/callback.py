@@ -61,8 +61,12 @@ class Evaluation(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._evaluate(trainer, pl_module)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        # Here rather than in on_train_end, which a run resumed after its final step never reaches.
         if self.sandbox is not None:
             self.sandbox.close()
+            self.sandbox = None
 
     def _evaluate(self, trainer, pl_module) -> None:
         step = trainer.global_step
