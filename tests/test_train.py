@@ -312,6 +312,11 @@ def test_throughput_reads_its_clock_once_per_optimizer_step(small_cfg, monkeypat
 def test_two_ranks_see_the_same_sequences_as_one(tmp_path, data_dir):
     # DDP over 2 CPU processes, micro-batch 2 × 2 accumulation, against 1 process with micro-batch 4: each step
     # must consume the same 8 sequences, so without dropout the per-step losses agree to float rounding.
+    # The two ranks share the final evaluation: each generates for half the problems, rank 0 runs them all.
+    from test_evaluate import eval_cfg
+
+    from phi1.evaluate import evaluate
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     common = [*SMALL, *FAST, "budget.max_steps=8", "model.dropout=0", f"paths.output_dir={tmp_path}",
               f"paths.data_dir={data_dir}"]
@@ -322,12 +327,26 @@ def test_two_ranks_see_the_same_sequences_as_one(tmp_path, data_dir):
     assert out.count("GPU available") == 1 and "[lightning.pytorch.utilities.rank_zero][INFO] - GPU available" in out
     for noise in ("💡 Tip", "anonymous setting", "LeafSpec", "Total params"):
         assert noise not in out
-    subprocess.run([sys.executable, "train.py", *common, "run_name=two", "trainer.devices=2", "trainer.strategy=ddp",
-                    "batch.micro_size=2"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
-    one, two = (column(read_csv(tmp_path / name), "train/loss") for name in ("one", "two"))
-    assert len(one) == len(two) == 8
+    generation = ["generation.max_new_tokens=12", "generation.batch_size=1"]  # no padding: batch-independent
+    two = subprocess.run([sys.executable, "train.py", *common, "run_name=two", "trainer.devices=2",
+                          "trainer.strategy=ddp", "batch.micro_size=2", "evaluation.allow_code_execution=true",
+                          *(f"evaluation.{g}" for g in generation)],
+                         cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=600)
+    one, two_losses = (column(read_csv(tmp_path / name), "train/loss") for name in ("one", "two"))
+    assert len(one) == len(two_losses) == 8
     for step in one:
-        assert two[step] == pytest.approx(one[step], abs=1e-4)
+        assert two_losses[step] == pytest.approx(one[step], abs=1e-4)
+    # The final evaluation: the completions and NLL evaluate.py gets from the exported weights in one process.
+    assert re.search(r"humaneval: 4 completions generated in [\d.]+ s \(2 ranks\)", two.stdout + two.stderr)
+    trained = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    alone = evaluate(eval_cfg(tmp_path / "alone", f"ckpt={tmp_path / 'two' / 'hf'}", "benchmarks.humaneval.limit=4",
+                              *generation))
+    assert trained["eval/humaneval/solution_nll"] == pytest.approx(alone["eval/humaneval/solution_nll"], rel=1e-6)
+    assert trained["eval/humaneval/pass@1"] == alone["eval/humaneval/pass@1"]
+    samples = [[json.loads(line) for line in (folder / "humaneval" / "samples.jsonl").read_text().splitlines()]
+               for folder in (tmp_path / "two" / "eval" / "step000008", tmp_path / "alone")]
+    assert [(r["task_id"], r["completion"]) for r in samples[0]] == [(r["task_id"], r["completion"]) for r in samples[1]]
+    assert len(samples[0]) == 4 and any(r["completion"].strip() for r in samples[0])
 
 
 def test_training_ends_with_an_evaluation(pretrained):

@@ -8,7 +8,9 @@ import logging
 import time
 from collections import defaultdict
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -93,9 +95,9 @@ def make_sandbox(s) -> Sandbox:
 
 
 def run_benchmark(name: str, problems, completions, sandbox: Sandbox | None, ks, out_dir: Path,
-                  model_and_tokenizer=None, solution_nll: bool = True) -> tuple[dict, list]:
-    """Score `completions` (task_id -> list) in the sandbox (skipped when None) and compute the solution NLL
-    with the model (when given); write <out_dir>/<name>/samples.jsonl; return (metrics, rows)."""
+                  solution_nll: float | None = None) -> tuple[dict, list]:
+    """Score `completions` (task_id -> list) in the sandbox (skipped when None); write
+    <out_dir>/<name>/samples.jsonl; return (metrics, rows), with the solution NLL when given."""
     t0 = time.perf_counter()
     metrics, rows = {}, []
     if sandbox is not None:
@@ -106,10 +108,8 @@ def run_benchmark(name: str, problems, completions, sandbox: Sandbox | None, ks,
         (out_dir / name).mkdir(parents=True, exist_ok=True)
         with open(out_dir / name / "samples.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    if model_and_tokenizer is not None and solution_nll and all(p.canonical_solution for p in problems):
-        from phi1.eval import generate
-
-        metrics[f"eval/{name}/solution_nll"] = generate.solution_nll(*model_and_tokenizer, problems)
+    if solution_nll is not None:
+        metrics[f"eval/{name}/solution_nll"] = solution_nll
     metrics[f"eval/{name}/problems"] = len(problems)
     log.info("%s: %s; scored in %.1f s", name, ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()),
              time.perf_counter() - t0)
@@ -134,32 +134,68 @@ def _journal(folder: Path, ckpt: str | None, model, kwargs: dict):
     return generate.Journal(folder / "generations.jsonl", header)
 
 
-def evaluate_model(model, tokenizer, benchmarks, problem_sets: dict[str, list[bench.Problem]], generation,
-                   sandbox: Sandbox | None, ks, out_dir: Path, solution_nll: bool = True,
-                   ckpt: str | None = None) -> tuple[dict, dict]:
-    """Every benchmark for one model: generate (unless there is no sandbox to run the code), score, NLL."""
+@dataclass
+class Ranks:
+    """Training's processes sharing one evaluation: each generates for, and computes the NLL of, every
+    `world`-th problem from its `rank`; rank 0, which holds the sandbox, gathers (`gather`: an object from
+    every rank, as a list on rank 0 and None elsewhere) and scores them. `execute`: completions are wanted,
+    though only rank 0 has a sandbox. One process by default (evaluate.py)."""
+
+    rank: int = 0
+    world: int = 1
+    gather: Callable[[Any], list | None] = lambda obj: [obj]
+    execute: bool = False
+
+
+def _completions(model, tokenizer, spec, problems, generation, out_dir: Path, ckpt: str | None,
+                 progress: bool) -> dict[str, list[str]]:
+    g = generation
+    prompts = [p.prompt for p in problems]
+    kwargs = dict(n=g.n, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
+                  stop=list(spec.stop))
     from phi1.eval import generate
 
+    if ckpt is not None and _backend(g.backend) == "vllm":  # in training there is no path to hand vLLM
+        outs = generate.generate_vllm(ckpt, prompts, **kwargs)
+    else:
+        with _journal(out_dir, ckpt, model, kwargs) as journal:
+            outs = generate.generate(model, tokenizer, prompts, batch_size=g.batch_size, journal=journal,
+                                     progress=progress, **kwargs)
+    return {p.task_id: o for p, o in zip(problems, outs)}
+
+
+def evaluate_model(model, tokenizer, benchmarks, problem_sets: dict[str, list[bench.Problem]], generation,
+                   sandbox: Sandbox | None, ks, out_dir: Path, solution_nll: bool = True,
+                   ckpt: str | None = None, ranks: Ranks | None = None) -> tuple[dict, dict]:
+    """Every benchmark for one model: generate (when there is a sandbox to run the code), score, NLL. With
+    `ranks`, the processes of a multi-device training run split the problems; rank 0 returns the metrics,
+    the others nothing."""
+    from phi1.eval import generate
+
+    ranks = ranks or Ranks()
     metrics, tables = {}, {}
     for name, spec in benchmarks.items():
-        problems = problem_sets[name]
+        everyone = problem_sets[name]
+        problems = everyone[ranks.rank :: ranks.world]
+        t0 = time.perf_counter()
         completions = {}
-        if sandbox is not None:
-            t0 = time.perf_counter()
-            g = generation
-            prompts = [p.prompt for p in problems]
-            kwargs = dict(n=g.n, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
-                          stop=list(spec.stop))
-            if ckpt is not None and _backend(g.backend) == "vllm":  # in training there is no path to hand vLLM
-                outs = generate.generate_vllm(ckpt, prompts, **kwargs)
-            else:
-                with _journal(out_dir / name, ckpt, model, kwargs) as journal:
-                    outs = generate.generate(model, tokenizer, prompts, batch_size=g.batch_size, journal=journal,
-                                             **kwargs)
-            completions = {p.task_id: o for p, o in zip(problems, outs)}
-            log.info("%s: %d completions generated in %.1f s", name, sum(map(len, outs)), time.perf_counter() - t0)
-        m, tables[name] = run_benchmark(name, problems, completions, sandbox, ks, out_dir,
-                                        (model, tokenizer) if model is not None else None, solution_nll)
+        if sandbox is not None or ranks.execute:
+            completions = _completions(model, tokenizer, spec, problems, generation, out_dir / name, ckpt,
+                                       progress=ranks.rank == 0)
+        generated = time.perf_counter() - t0
+        nll = None
+        if model is not None and solution_nll and all(p.canonical_solution for p in everyone):
+            nll = generate.solution_nll_terms(model, tokenizer, problems, progress=ranks.rank == 0)
+        shares = ranks.gather((completions, nll))
+        if shares is None:  # not rank 0
+            continue
+        completions = {task: outs for share, _ in shares for task, outs in share.items()}
+        if completions:
+            log.info("%s: %d completions generated in %.1f s%s", name, sum(map(len, completions.values())),
+                     generated, f" ({ranks.world} ranks)" if ranks.world > 1 else "")
+        if nll is not None:
+            nll = sum(total for _, (total, _) in shares) / max(sum(count for _, (_, count) in shares), 1)
+        m, tables[name] = run_benchmark(name, everyone, completions, sandbox, ks, out_dir, nll)
         metrics.update(m)
     return metrics, tables
 

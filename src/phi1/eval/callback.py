@@ -68,24 +68,40 @@ class Evaluation(Callback):
             self.sandbox.close()
             self.sandbox = None
 
+    def _ranks(self, trainer):
+        """Every rank of a multi-device run generates for a share of the problems, and rank 0 scores them: on
+        a node of 8, rank 0 alone would take 8 times as long while the other 7 wait at a collective (whose
+        timeout, 30 min by default, a sampled evaluation could pass)."""
+        from phi1.evaluate import Ranks
+
+        if trainer.world_size == 1:
+            return None
+
+        def gather(obj):
+            shares = [None] * trainer.world_size if trainer.is_global_zero else None
+            torch.distributed.gather_object(obj, shares, dst=0)
+            return shares
+
+        return Ranks(trainer.global_rank, trainer.world_size, gather, execute=self.cfg.allow_code_execution)
+
     def _evaluate(self, trainer, pl_module) -> None:
         step = trainer.global_step
         if step == self._last_step:
             return
         self._last_step = step
-        metrics = None
-        if trainer.is_global_zero:
-            from phi1.evaluate import evaluate_model, samples_table
+        from phi1.evaluate import evaluate_model, samples_table
 
-            model = pl_module.model
-            training = model.training
-            model.eval()
-            with torch.no_grad(), trainer.precision_plugin.forward_context():
-                metrics, tables = evaluate_model(
-                    model, trainer.datamodule.tokenizer, self.cfg.benchmarks, self.problems, self.cfg.generation,
-                    self.sandbox, self.cfg.ks, self.run_dir / "eval" / f"step{step:06d}", self.cfg.solution_nll,
-                )
-            model.train(training)
+        model = pl_module.model
+        training = model.training
+        model.eval()
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            metrics, tables = evaluate_model(
+                model, trainer.datamodule.tokenizer, self.cfg.benchmarks, self.problems, self.cfg.generation,
+                self.sandbox, self.cfg.ks, self.run_dir / "eval" / f"step{step:06d}", self.cfg.solution_nll,
+                ranks=self._ranks(trainer),
+            )
+        model.train(training)
+        if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
                 if isinstance(logger, WandbLogger):
@@ -97,7 +113,7 @@ class Evaluation(Callback):
             (self.run_dir / "eval" / "history.json").write_text(json.dumps(self.history, indent=2) + "\n")
         # Every rank takes part in saving (DeepSpeed's save is collective), so rank 0's verdict is broadcast.
         key = self.cfg.keep_best
-        better = metrics is not None and key in metrics and (self.best is None or metrics[key] > self.best[key])
+        better = key in metrics and (self.best is None or metrics[key] > self.best[key])
         if key and trainer.strategy.broadcast(better):
             trainer.save_checkpoint(self.best_path)
             self.best = {"step": step, key: metrics[key]} if metrics else {"step": step}

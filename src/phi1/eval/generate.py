@@ -124,7 +124,7 @@ def truncate(completion: str, stop: list[str]) -> str:
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], *, n: int = 1, temperature: float = 0.0, top_p: float = 0.95,
              max_new_tokens: int = 384, stop: list[str] = HUMANEVAL_STOP, batch_size: int = 16,
-             journal: Journal | None = None) -> list[list[str]]:
+             journal: Journal | None = None, progress: bool = True) -> list[list[str]]:
     """n completions per prompt, truncated at the first stop sequence; those already in `journal` are taken
     from it, and each new batch is added to it."""
     from transformers import StoppingCriteriaList, StopStringCriteria
@@ -145,7 +145,8 @@ def generate(model, tokenizer, prompts: list[str], *, n: int = 1, temperature: f
     jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(n - len(out[i]))]
     # Longest prompts first: batches of similar length waste less padding.
     jobs.sort(key=lambda job: -len(job[1]))
-    for start in tqdm(range(0, len(jobs), batch_size), desc="generate", unit="batch", dynamic_ncols=True):
+    for start in tqdm(range(0, len(jobs), batch_size), desc="generate", unit="batch", dynamic_ncols=True,
+                      disable=not progress):
         chunk = jobs[start : start + batch_size]
         enc = tokenizer([p for _, p in chunk], return_tensors="pt", padding=True).to(model.device)
         generated = model.generate(
@@ -178,15 +179,21 @@ def generate_vllm(ckpt: str, prompts: list[str], *, n: int, temperature: float, 
     return [[truncate(o.text, stop) for o in r.outputs] for r in llm.generate(prompts, params)]
 
 
-@torch.inference_mode()
 def solution_nll(model, tokenizer, problems) -> float:
     """Mean per-token negative log-likelihood of the canonical solutions given their prompts (nats/token).
 
     A continuous stand-in for pass@1 at scales where pass@1 is 0 (DESIGN §4): it falls as a model learns to
     write the reference code. Tokens are counted over all problems together (a token-weighted mean).
     """
+    total, count = solution_nll_terms(model, tokenizer, problems)
+    return total / max(count, 1)
+
+
+@torch.inference_mode()
+def solution_nll_terms(model, tokenizer, problems, progress: bool = True) -> tuple[float, int]:
+    """(summed NLL in nats, solution tokens) over `problems`: shares of the problems add up."""
     total, count = 0.0, 0
-    for p in tqdm(problems, desc="solution NLL", unit="problem", dynamic_ncols=True):
+    for p in tqdm(problems, desc="solution NLL", unit="problem", dynamic_ncols=True, disable=not progress):
         # Prompt and solution tokenized apart and joined, so the solution's tokens are the same whatever
         # the prompt ends with.
         prompt = tokenizer(p.prompt, return_tensors="pt").input_ids
@@ -197,4 +204,4 @@ def solution_nll(model, tokenizer, problems) -> float:
         logits = model(input_ids=ids).logits[0, prompt.shape[1] - 1 : -1].float()
         total += torch.nn.functional.cross_entropy(logits, ids[0, prompt.shape[1]:], reduction="sum").item()
         count += solution.numel()
-    return total / max(count, 1)
+    return total, count
