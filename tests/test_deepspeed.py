@@ -172,8 +172,8 @@ def test_a_last_checkpoint_cut_in_its_first_save_names_the_whole_ones(tmp_path):
 def test_two_zero2_ranks_take_the_steps_of_one_plain_process(tmp_path, data_dir):
     """The paper's layout in small: ZeRO-2 over 2 CPU processes (optimizer state sharded in two), micro-batch
     2 × accumulation 2, against plain training in 1 process with micro-batch 4. Without dropout every step
-    consumes the same 8 sequences, so the losses agree to float rounding; the two shards gather into the run's
-    final weights."""
+    consumes the same 8 sequences, so the losses agree to float rounding; the two shards gather into the weights
+    exported."""
     from transformers import AutoModelForCausalLM
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -181,14 +181,21 @@ def test_two_zero2_ranks_take_the_steps_of_one_plain_process(tmp_path, data_dir)
               f"paths.output_dir={tmp_path}", f"paths.data_dir={data_dir}"]
     subprocess.run([sys.executable, "train.py", *common, "run_name=one"], cwd=ROOT, env=env, check=True,
                    capture_output=True, timeout=600)
+    # The paper's finetuning protocol on the two ranks: evaluations they share, the best kept (a tie at pass@1
+    # 0 keeps step 4's) and exported.
+    evaluation = ["evaluation.enabled=true", "evaluation.allow_code_execution=true", "evaluation.every_n_steps=4",
+                  "evaluation.generation.max_new_tokens=8", "evaluation.keep_best=eval/humaneval/pass@1"]
     subprocess.run([sys.executable, "tests/deepspeed_cpu.py", *common, *OVERRIDES, "trainer.devices=2",
-                    "batch.micro_size=2", "run_name=two"], cwd=ROOT, env=env, check=True, capture_output=True,
-                   timeout=600)
+                    "batch.micro_size=2", "run_name=two", *evaluation], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=600)
     one, two = (column(read_csv(tmp_path / name), "train/loss") for name in ("one", "two"))
     assert len(one) == len(two) == 8
     assert [two[s] for s in one] == pytest.approx([one[s] for s in one], rel=1e-5)
     last = tmp_path / "two" / "checkpoints" / "last.ckpt"
     assert len(list(last.glob("*/zero_pp_rank_*_optim_states.pt"))) == 2
-    final = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "hf").state_dict()
-    gathered = read_checkpoint(last)["state_dict"]
-    assert all(torch.equal(gathered[f"model.{k}"], v) for k, v in final.items())
+    history = json.loads((tmp_path / "two" / "eval" / "history.json").read_text())
+    assert [(h["step"], h["eval/humaneval/samples"]) for h in history] == [(4, 4), (8, 4)]
+    best = read_checkpoint(tmp_path / "two" / "checkpoints" / "best.ckpt")
+    assert best["global_step"] == 4
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "hf").state_dict()
+    assert all(torch.equal(best["state_dict"][f"model.{k}"], v) for k, v in exported.items())
