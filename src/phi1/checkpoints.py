@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from lightning.pytorch import callbacks
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 
 from phi1.errors import MissingInputError
 
@@ -46,7 +46,7 @@ def read_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
-class ModelCheckpoint(callbacks.ModelCheckpoint):
+class ModelCheckpoint(LightningModelCheckpoint):
     """Lightning's ModelCheckpoint, except that the final step's checkpoint is written when training ends: after
     that step's validation and the final evaluation (callbacks.Evaluation, whose on_train_end runs first, as
     Lightning calls checkpoint callbacks last). Lightning writes it before both, so a run killed after it (in

@@ -149,12 +149,12 @@ class Ranks:
 
 def _completions(model, tokenizer, spec, problems, generation, out_dir: Path, ckpt: str | None,
                  progress: bool) -> dict[str, list[str]]:
+    from phi1.eval import generate
+
     g = generation
     prompts = [p.prompt for p in problems]
     kwargs = dict(n=g.n, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
                   stop=list(spec.stop))
-    from phi1.eval import generate
-
     if ckpt is not None and _backend(g.backend) == "vllm":  # in training there is no path to hand vLLM
         outs = generate.generate_vllm(ckpt, prompts, **kwargs)
     else:
