@@ -278,6 +278,19 @@ def test_wandb_logs_offline_without_a_key(monkeypatch, tmp_path):
     assert logger._wandb_init["mode"] == "offline" and time.perf_counter() - t0 < 5
 
 
+def test_runs_in_one_process_log_to_their_own_wandb_runs(small_cfg, tmp_path):
+    """A Hydra multirun's jobs share a process: each must get its own W&B run, not the first job's."""
+    import wandb
+
+    for name in ("first", "second"):
+        train(small_cfg(*FAST, "logger=wandb", "budget.max_steps=2", "evaluation.enabled=false",
+                        run_dir=tmp_path / name))
+        assert wandb.run is None  # finished
+    runs = [list((tmp_path / name / "wandb").glob("offline-run-*")) for name in ("first", "second")]
+    assert len(runs[0]) == len(runs[1]) == 1 and runs[0][0].name[-8:] != runs[1][0].name[-8:]
+    assert all((run[0] / f"run-{run[0].name.split('-')[-1]}.wandb").stat().st_size > 0 for run in runs)
+
+
 def test_mfu_is_tokens_per_second_times_flops_per_token_over_peak(small_cfg, monkeypatch):
     # CPUs have no listed peak, so pretend this one has 1 TFLOP/s and check the arithmetic of DESIGN §7.
     import lightning.pytorch.callbacks.throughput_monitor as tm

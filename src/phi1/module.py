@@ -98,19 +98,18 @@ class LanguageModel(L.LightningModule):
         if is_checkpoint(source):
             checkpoint = read_checkpoint(source)
             state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-        elif source.exists() or str(path).startswith(("/", ".", "~")):  # a path, not a hub id ("org/name")
-            if not (source / "config.json").is_file():
-                raise MissingInputError(f"init_from={path}: neither a checkpoint (a file, or the folder DeepSpeed "
-                                        "writes) nor an HF folder (config.json)")
-            from transformers import AutoModelForCausalLM
-
-            state = AutoModelForCausalLM.from_pretrained(source).state_dict()
         else:
             from transformers import AutoModelForCausalLM
 
+            local = source.exists() or str(path).startswith(("/", ".", "~"))  # a path, not a hub id ("org/name")
+            if local and not (source / "config.json").is_file():
+                raise MissingInputError(f"init_from={path}: neither a checkpoint (a file, or the folder DeepSpeed "
+                                        "writes) nor an HF folder (config.json)")
             try:
-                state = AutoModelForCausalLM.from_pretrained(path).state_dict()
+                state = AutoModelForCausalLM.from_pretrained(source if local else path).state_dict()
             except OSError as e:
+                if local:
+                    raise
                 raise MissingInputError(f"init_from={path}: no such file or folder, and not a reachable hub id"
                                         f" ({e})") from e
         try:

@@ -199,9 +199,22 @@ def wandb_mode(mode: str = "auto") -> str:
     return "offline"
 
 
+class _FinishingWandbLogger(WandbLogger):
+    """Lightning's WandbLogger, finishing its W&B run when training ends (after the final evaluation's tables and
+    the checkpoint artifacts). wandb keeps a run open until it is finished, and a Hydra multirun's jobs share
+    one process: each job after the first logged into the first job's run."""
+
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        # "finished" is SLURM's requeue signal, after which the job saves a checkpoint and may still log.
+        if self._experiment is not None and status in ("success", "failed"):
+            self._experiment.finish(exit_code=0 if status == "success" else 1)
+            self._experiment = None
+
+
 def wandb_logger(mode: str = "auto", **kwargs: Any) -> WandbLogger:
-    """A WandbLogger that never blocks a run (see `wandb_mode`)."""
-    logger = WandbLogger(mode=wandb_mode(mode), **kwargs)
+    """A WandbLogger that never blocks a run (see `wandb_mode`), and finishes its run at the end."""
+    logger = _FinishingWandbLogger(mode=wandb_mode(mode), **kwargs)
     # Lightning hands wandb.init `anonymous=None`, which wandb 0.2x+ answers on every run with "The anonymous
     # setting has no effect and will be removed"; not passing it changes nothing else.
     getattr(logger, "_wandb_init", {}).pop("anonymous", None)
