@@ -17,7 +17,7 @@ from phi1.eval import generate
 from phi1.export import export_checkpoint
 from phi1.module import LanguageModel
 from phi1.train import train
-from test_train import FAST, untimed, column, read_csv, scripted_scores
+from test_train import FAST, column, read_csv, scripted_scores, untimed
 
 # Gradient accumulation 2 (8 sequences, micro-batch 4) and clipping at 1.0: the tiny model's gradient norms are
 # 1.2-2.1 over these steps, so every step is clipped and the clipping threshold shows in the losses.

@@ -34,6 +34,11 @@ def column(rows, key):
     return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
 
 
+def untimed(metrics: dict) -> dict:
+    """metrics.json without its timings."""
+    return {k: v for k, v in metrics.items() if k != "elapsed_s" and not k.startswith("perf/")}
+
+
 def scripted_scores(monkeypatch, scores) -> dict:
     """Training's evaluations report these pass@1 scores, one per evaluation (the rest is computed for real);
     returns {score: the weights it was given for}, filled as the run goes."""
@@ -181,10 +186,6 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run_exactly(tmp_path, da
     assert resumed == whole and whole["train/loss_first"] > 8.0
 
 
-def untimed(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k != "elapsed_s" and not k.startswith("perf/")}
-
-
 def test_a_run_killed_after_its_final_checkpoint_resumes_to_the_same_outputs(pretrained, small_cfg, tmp_path):
     """Killed in its final evaluation or its export, after the final step's checkpoint: Lightning wrote that
     checkpoint before the final validation and evaluation, and the resume (which trains nothing) wrote a
@@ -286,9 +287,10 @@ def test_runs_in_one_process_log_to_their_own_wandb_runs(small_cfg, tmp_path):
         train(small_cfg(*FAST, "logger=wandb", "budget.max_steps=2", "evaluation.enabled=false",
                         run_dir=tmp_path / name))
         assert wandb.run is None  # finished
-    runs = [list((tmp_path / name / "wandb").glob("offline-run-*")) for name in ("first", "second")]
-    assert len(runs[0]) == len(runs[1]) == 1 and runs[0][0].name[-8:] != runs[1][0].name[-8:]
-    assert all((run[0] / f"run-{run[0].name.split('-')[-1]}.wandb").stat().st_size > 0 for run in runs)
+    (first,), (second,) = ((tmp_path / name / "wandb").glob("offline-run-*") for name in ("first", "second"))
+    ids = [folder.name.rsplit("-", 1)[1] for folder in (first, second)]
+    assert ids[0] != ids[1]
+    assert all((folder / f"run-{i}.wandb").stat().st_size > 0 for folder, i in zip((first, second), ids))
 
 
 def test_mfu_is_tokens_per_second_times_flops_per_token_over_peak(small_cfg, monkeypatch):
@@ -322,7 +324,7 @@ def test_throughput_reads_its_clock_once_per_optimizer_step(small_cfg, monkeypat
     assert rows and metrics["perf/tokens_per_sec"] > 0
 
 
-def test_two_ranks_see_the_same_sequences_as_one(tmp_path, data_dir):
+def test_two_ranks_see_the_same_sequences_as_one_and_share_the_evaluation(tmp_path, data_dir):
     # DDP over 2 CPU processes, micro-batch 2 × 2 accumulation, against 1 process with micro-batch 4: each step
     # must consume the same 8 sequences, so without dropout the per-step losses agree to float rounding.
     # The two ranks share the final evaluation: each generates for half the problems, rank 0 runs them all.
