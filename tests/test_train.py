@@ -36,7 +36,7 @@ def column(rows, key):
 
 def untimed(metrics: dict) -> dict:
     """metrics.json without its timings."""
-    return {k: v for k, v in metrics.items() if k != "elapsed_s" and not k.startswith("perf/")}
+    return {k: v for k, v in metrics.items() if k not in ("elapsed_s", "device_hours") and not k.startswith("perf/")}
 
 
 def scripted_scores(monkeypatch, scores) -> dict:
@@ -182,7 +182,8 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run_exactly(tmp_path, da
     for key, value in final[0]["state_dict"].items():
         assert torch.equal(value, final[1]["state_dict"][key]), key
     # metrics.json too, timings aside: train/loss_first is the run's first loss, not the first after the resume.
-    whole, resumed = (untimed(json.loads((tmp_path / name / "metrics.json").read_text())) for name in ("whole", "killed"))
+    whole, resumed = (untimed(json.loads((tmp_path / name / "metrics.json").read_text()))
+                      for name in ("whole", "killed"))
     assert resumed == whole and whole["train/loss_first"] > 8.0
 
 
@@ -200,7 +201,10 @@ def test_a_run_killed_after_its_final_checkpoint_resumes_to_the_same_outputs(pre
     shutil.rmtree(run / "hf")
     again = train(small_cfg(*FAST, "budget.max_steps=24", "ckpt_path=last", run_dir=run))
     assert again["elapsed_s"] < done["elapsed_s"]  # nothing trained again
-    assert again == {**done, "elapsed_s": again["elapsed_s"]}
+    assert again == {**done, "elapsed_s": again["elapsed_s"], "device_hours": again["device_hours"]}
+    # The finished run's device-hours up to its final checkpoint, and the seconds of a fit that trains nothing.
+    kept = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["phi1"]
+    assert 0 < kept["device_hours"] < again["device_hours"] < kept["device_hours"] + 2 / 3600
     assert {"train/loss", "val/loss", "eval/humaneval/solution_nll", "perf/tokens_per_sec"} <= set(again)
     assert json.loads((run / "metrics.json").read_text()) == again
     assert (run / "hf" / "model.safetensors").read_bytes() == exported
@@ -360,7 +364,8 @@ def test_two_ranks_see_the_same_sequences_as_one_and_share_the_evaluation(tmp_pa
     assert trained["eval/humaneval/pass@1"] == alone["eval/humaneval/pass@1"]
     samples = [[json.loads(line) for line in (folder / "humaneval" / "samples.jsonl").read_text().splitlines()]
                for folder in (tmp_path / "two" / "eval" / "step000008", tmp_path / "alone")]
-    assert [(r["task_id"], r["completion"]) for r in samples[0]] == [(r["task_id"], r["completion"]) for r in samples[1]]
+    pairs = [[(r["task_id"], r["completion"]) for r in rows] for rows in samples]
+    assert pairs[0] == pairs[1]
     assert len(samples[0]) == 4 and any(r["completion"].strip() for r in samples[0])
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import lightning as L
@@ -74,6 +75,8 @@ class LanguageModel(L.LightningModule):
         self._micro = 0
         self.first_loss: float | None = None
         self.resumed_metrics: dict[str, float] = {}  # what was logged before the checkpoint resumed from
+        self.hours_before = 0.0  # device-hours of the segments before the checkpoint resumed from
+        self._fit_started: float | None = None
         speed = self.cfg.get("speed") or {}
         # Compiled bound methods, not compiled modules: the parameters and state_dict keys stay those of
         # self.model (checkpoints and HF exports are unchanged), and generation calls the eager model.
@@ -118,15 +121,26 @@ class LanguageModel(L.LightningModule):
             raise InputError(f"init_from: {path} does not fit model={self.cfg.model.name}: {e}") from e
         log.info("initialised weights from %s", path)
 
+    def on_fit_start(self) -> None:
+        self._fit_started = time.perf_counter()
+
+    def device_hours(self) -> float:
+        """Wall-clock hours of fitting (training, validation and evaluation) × devices, summed over the run's
+        segments up to this one's checkpoint: the paper's GPU-hours (Figure 2.1: 135 for phi-1-small on 26B
+        tokens, 1090 for phi-1 on 76B). Work lost between a checkpoint and a kill is not counted."""
+        now = time.perf_counter()
+        return self.hours_before + (now - (self._fit_started or now)) * self.trainer.world_size / 3600
+
     # The losses logged so far travel in the checkpoint: a resumed run reports the run's first loss, not the first
     # after its resume, and one resumed after its final step (which trains nothing) still has its final losses.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         logged = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
-        checkpoint["phi1"] = {"first_loss": self.first_loss, "metrics": logged}
+        checkpoint["phi1"] = {"first_loss": self.first_loss, "metrics": logged, "device_hours": self.device_hours()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("phi1", {})  # absent from checkpoints written before it was kept
         self.first_loss, self.resumed_metrics = state.get("first_loss"), state.get("metrics", {})
+        self.hours_before = state.get("device_hours", 0.0)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids).logits

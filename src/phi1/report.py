@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 # phi-1-base (1.3B on CodeTextbook, 51B tokens) 29% and phi-1 (the same finetuned on CodeExercises) 50.6%,
 # drawn in the 1.3B group of the longer budget (the figure's "1.3B, 51-76B tokens" group).
 PAPER_FIG21 = {("phi-1", "76b", "codetextbook"): 29.0, ("phi-1", "76b", "codeexercises"): 50.6}
+# The compute the figure gives its groups (DESIGN §3, §2.3): 135 GPU-hours for 350M on 26B tokens, 1090 for
+# 1.3B on 76B (the Stack+ run; phi-1-base's 51B tokens took 770).
+PAPER_FIG21_GPU_HOURS = {("phi-1-small", "26b"): 135, ("phi-1", "76b"): 1090}
 # (HumanEval, MBPP, unconventional score on 0-100) per model, paper §1, §3, Table 2.
 PAPER_EMERGENCE = {"phi-1-small": (45.0, None, 45.0), "phi-1-base": (29.0, None, 37.0), "phi-1": (50.6, 55.5, 52.0)}
 # Table 2: model -> (GPT-4 score on the 50 unconventional problems, HumanEval), both in %.
@@ -137,20 +140,24 @@ def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
             r = cells.get((m, b, arm))
             pass1 = _pct(r.metrics.get("eval/humaneval/pass@1")) if r else None
             nll = r.metrics.get("eval/humaneval/solution_nll") if r else None
+            hours = r.metrics.get("device_hours") if r else None
             paper = PAPER_FIG21.get((m, b, arm)) if experiment == "scaling" else None
-            rows.append(f"| {m} | {b} | {label} | {_fmt(pass1)} | {_fmt(nll, 3)} | {_fmt(paper)} | "
+            rows.append(f"| {m} | {b} | {label} | {_fmt(pass1)} | {_fmt(nll, 3)} | {_hours(hours)} | {_fmt(paper)} | "
                         f"{r.name if r else '–'} |")
-            table[f"{m}/{b}/{arm}"] = {"pass@1": pass1, "solution_nll": nll, "paper_pass@1": paper,
-                                       "run": r.where if r else None}
+            table[f"{m}/{b}/{arm}"] = {"pass@1": pass1, "solution_nll": nll, "device_hours": hours,
+                                       "paper_pass@1": paper, "run": r.where if r else None}
     title = "Figure 2.1: HumanEval by model, tokens seen and training data" + (
         "" if experiment == "scaling" else f" ({experiment} reproduction)")
+    paper_hours = {g: PAPER_FIG21_GPU_HOURS.get(g) for g in groups} if experiment == "scaling" else {}
     md = [f"# {title}", "",
           "pass@1 in %, greedy; solution NLL = mean per-token negative log-likelihood of the canonical solutions "
-          "(lower is better). Paper: the values its text gives (DESIGN §3).", "",
-          "| model | tokens | data | pass@1 | solution NLL | paper pass@1 | run |", "|---|---|---|---|---|---|---|",
-          *rows]
+          "(lower is better); device-hours = the run's training wall clock × devices, over all its resumes. "
+          "Paper: the values its text gives (DESIGN §3)"
+          + "".join(f"; {m} on {b} tokens took {h:,} GPU-hours" for (m, b), h in paper_hours.items() if h) + ".", "",
+          "| model | tokens | data | pass@1 | solution NLL | device-hours | paper pass@1 | run |",
+          "|---|---|---|---|---|---|---|---|", *rows]
     (out / f"{prefix}fig2_1.md").write_text("\n".join(md) + "\n")
-    labels = [_group_label(cells, g) for g in groups]
+    labels = [_group_label(cells, g, paper_hours.get(g)) for g in groups]
     _bars(out / f"{prefix}fig2_1.png", title, groups, labels, arms, table, show_nll=experiment != "scaling")
     return table
 
@@ -162,13 +169,22 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _group_label(cells, group) -> str:
-    """'tiny (1.85M params)\n246K tokens': the model and its pretraining tokens, read from the runs."""
+def _hours(v) -> str:
+    return "–" if v is None else f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def _group_label(cells, group, paper_hours: float | None = None) -> str:
+    """'tiny (1.85M params)\n246K tokens\n0.0168 device-h': the model, its pretraining tokens and compute (the
+    longest pretraining run of the group), read from the runs; the paper's GPU-hours where it gives them."""
     rs = [r for (m, b, _), r in cells.items() if (m, b) == group]
     params = max((r.metrics.get("params", 0) for r in rs), default=0)
-    tokens = max((r.metrics.get("tokens", 0) for r in rs if r.get("phase") != "finetune"), default=0)
+    pretraining = [r for r in rs if r.get("phase") != "finetune"]
+    tokens = max((r.metrics.get("tokens", 0) for r in pretraining), default=0)
+    hours = max((r.metrics["device_hours"] for r in pretraining if "device_hours" in r.metrics), default=None)
     return (f"{group[0]}" + (f" ({_human(params)} params)" if params else "") + "\n"
-            + (f"{_human(tokens)} tokens" if tokens else f"{group[1]} tokens"))
+            + (f"{_human(tokens)} tokens" if tokens else f"{group[1]} tokens")
+            + (f"\n{_hours(hours)} device-h" if hours is not None else "")
+            + (f" (paper {paper_hours:,})" if paper_hours else ""))
 
 
 def _group_size(cells, group) -> float:
@@ -179,7 +195,9 @@ def _group_size(cells, group) -> float:
 def _bars(path: Path, title: str, groups, labels, arms: dict, table: dict, show_nll: bool) -> None:
     panels = [("pass@1", "HumanEval pass@1 (%)")] + ([("solution_nll", "HumanEval solution NLL (lower is better)")]
                                                      if show_nll else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4.2), squeeze=False)
+    # Wide enough for each group's three-line label (model, tokens, compute).
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5.5, 2.3 * len(groups)) * len(panels) + 1, 4.4),
+                             squeeze=False)
     width = 0.8 / len(arms)
     for ax, (key, ylabel) in zip(axes[0], panels):
         for i, (arm, label) in enumerate(arms.items()):
@@ -195,7 +213,7 @@ def _bars(path: Path, title: str, groups, labels, arms: dict, table: dict, show_
                 if any(p is not None for p in paper):
                     ax.scatter([x for x, p in zip(xs, paper) if p is not None], [p for p in paper if p is not None],
                                marker="_", s=400, color="black", zorder=3, label="paper" if i == len(arms) - 1 else None)
-        ax.set_xticks(range(len(groups)), labels)
+        ax.set_xticks(range(len(groups)), labels, fontsize=8)
         ax.set_ylabel(ylabel)
         if key == "pass@1":  # all zeros at the mini scale: keep the axis readable
             top = max((max(v["pass@1"] or 0, v["paper_pass@1"] or 0) for v in table.values()), default=0)

@@ -151,6 +151,7 @@ def train(cfg: DictConfig) -> dict:
         "params": p["total"],
         "data/epochs": round(trainer.global_step * cfg.batch.global_size / len(data.train_set), 4),
         "elapsed_s": round(time.perf_counter() - t0, 1),
+        "device_hours": module.device_hours(),
     })
     for cb in callbacks:
         metrics.update(getattr(cb, "last", {}))
