@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -295,6 +296,36 @@ def test_runs_in_one_process_log_to_their_own_wandb_runs(small_cfg, tmp_path):
     ids = [folder.name.rsplit("-", 1)[1] for folder in (first, second)]
     assert ids[0] != ids[1]
     assert all((folder / f"run-{i}.wandb").stat().st_size > 0 for folder, i in zip((first, second), ids))
+
+
+def test_a_resumed_run_continues_its_online_wandb_run(small_cfg, tmp_path, monkeypatch):
+    """A preempted run is one W&B run: the resume passes the previous online segment's id to wandb.init. Nothing
+    reaches a server here, so wandb.init records its arguments and stops the run."""
+    import wandb
+
+    train(small_cfg(*FAST, "budget.max_steps=2", "evaluation.enabled=false", run_dir=tmp_path / "run"))
+    for folder in ("run-20261101_090000-first1", "run-20261102_080000-later2", "offline-run-20261103_000000-off3"):
+        (tmp_path / "run" / "wandb" / folder).mkdir(parents=True)  # how wandb names its runs' folders
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("no server here")
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    args = (*FAST, "budget.max_steps=4", "evaluation.enabled=false", "logger=wandb")
+    for extra in (["logger.wandb.mode=online", "ckpt_path=last"],  # the latest online segment, not an offline one
+                  ["logger.wandb.mode=offline", "ckpt_path=last"],  # offline segments stay runs of their own
+                  ["logger.wandb.mode=online", "+logger.wandb.id=mine", "ckpt_path=last"]):  # a chosen id is kept
+        with pytest.raises(RuntimeError, match="no server here"):
+            train(small_cfg(*args, *extra, run_dir=tmp_path / "run"))
+    assert [(c["id"], c["resume"]) for c in calls] == [("later2", "allow"), (None, "allow"), ("mine", "allow")]
+    calls.clear()
+    shutil.copytree(tmp_path / "run" / "wandb", tmp_path / "fresh" / "wandb")  # a fresh run starts a new W&B run
+    with pytest.raises(RuntimeError, match="no server here"):
+        train(small_cfg(*args, "logger.wandb.mode=online", run_dir=tmp_path / "fresh"))
+    assert calls[0]["id"] is None
 
 
 def test_mfu_is_tokens_per_second_times_flops_per_token_over_peak(small_cfg, monkeypatch):

@@ -109,6 +109,10 @@ def train(cfg: DictConfig) -> dict:
     # What report.py reads to place this run in a figure: the config with every interpolation resolved.
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     loggers = [instantiate(spec) for spec in cfg.logger.values()]
+    if ckpt_path:
+        for logger in loggers:
+            if hasattr(logger, "continue_previous_run"):
+                logger.continue_previous_run()
 
     data = PackedData(cfg, plan)
     module = LanguageModel(OmegaConf.to_container(cfg, resolve=True), plan.max_steps, plan.accumulate)
