@@ -81,6 +81,8 @@ def test_pretraining_loss_falls_and_writes_its_outputs(pretrained):
         assert column(rows, key), f"{key} not logged"
     lr = column(rows, "train/lr")  # linear warmup over 3 steps to 3e-3, then linear decay
     assert max(lr.values()) == pytest.approx(3e-3) and lr[max(lr)] < 3e-4
+    hours = column(rows, "device_hours")  # also what W&B's summary gets: its run is finished before metrics.json
+    assert list(hours) == [24] and 0 < hours[24] <= metrics["device_hours"] < hours[24] + 5 / 3600
 
 
 def test_hf_export_gives_the_checkpoints_logits(pretrained, tmp_path):
@@ -192,7 +194,6 @@ def test_a_run_killed_after_its_final_checkpoint_resumes_to_the_same_outputs(pre
     """Killed in its final evaluation or its export, after the final step's checkpoint: Lightning wrote that
     checkpoint before the final validation and evaluation, and the resume (which trains nothing) wrote a
     metrics.json without losses or evaluation. Now the checkpoint holds them."""
-    import shutil
 
     run = tmp_path / "killed_at_the_end"
     shutil.copytree(pretrained[0], run)
@@ -213,7 +214,6 @@ def test_a_run_killed_after_its_final_checkpoint_resumes_to_the_same_outputs(pre
 
 def test_a_fresh_run_refuses_a_folder_that_holds_checkpoints(pretrained, small_cfg, tmp_path):
     """Rerunning a named experiment without ckpt_path would overwrite the earlier run's checkpoints."""
-    import shutil
 
     from phi1.errors import InputError
 

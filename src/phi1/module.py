@@ -131,6 +131,12 @@ class LanguageModel(L.LightningModule):
         now = time.perf_counter()
         return self.hours_before + (now - (self._fit_started or now)) * self.trainer.world_size / 3600
 
+    def on_train_end(self) -> None:
+        # Logged for W&B, whose run is finished when training ends, before train.py writes metrics.json: report.py
+        # reads a W&B run's device-hours from its summary.
+        for logger in self.loggers:
+            logger.log_metrics({"device_hours": self.device_hours()}, step=self.global_step)
+
     # The losses logged so far travel in the checkpoint: a resumed run reports the run's first loss, not the first
     # after its resume, and one resumed after its final step (which trains nothing) still has its final losses.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
