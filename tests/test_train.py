@@ -212,7 +212,7 @@ def test_a_run_killed_after_its_final_checkpoint_resumes_to_the_same_outputs(pre
     assert (run / "hf" / "model.safetensors").read_bytes() == exported
 
 
-def test_a_fresh_run_refuses_a_folder_that_holds_checkpoints(pretrained, small_cfg, tmp_path):
+def test_a_fresh_run_refuses_a_folder_that_holds_checkpoints(pretrained, small_cfg, tmp_path, monkeypatch):
     """Rerunning a named experiment without ckpt_path would overwrite the earlier run's checkpoints."""
 
     from phi1.errors import InputError
@@ -223,6 +223,16 @@ def test_a_fresh_run_refuses_a_folder_that_holds_checkpoints(pretrained, small_c
     with pytest.raises(InputError, match=r"checkpoints of an earlier run with this run_name \(last.ckpt, "):
         train(small_cfg(*FAST, "budget.max_steps=24", run_dir=run))
     assert all(p.read_bytes() == data for p, data in kept.items())
+    # A job Slurm requeued reruns its first command: it resumes its own checkpoints (here 4 steps more), and a
+    # job requeued before its first checkpoint starts fresh.
+    slurm = tmp_path / "requeued"
+    shutil.copytree(pretrained[0], slurm)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    resumed = train(small_cfg(*FAST, "budget.max_steps=28", run_dir=slurm))
+    assert resumed["steps"] == 28 and resumed["train/loss_first"] == pretrained[1]["train/loss_first"]
+    assert train(small_cfg(*FAST, "budget.max_steps=2", "evaluation.enabled=false",
+                           run_dir=tmp_path / "requeued_early"))["steps"] == 2
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
     # ckpt_path=auto (the sweeps', a second `make demo`) on a finished run: its metrics, nothing redone.
     again = train(small_cfg(*FAST, "budget.max_steps=24", "ckpt_path=auto", run_dir=run))
     assert again == json.loads(kept[run / "metrics.json"]) and "eval/humaneval/solution_nll" in again

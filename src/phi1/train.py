@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -102,7 +103,15 @@ def train(cfg: DictConfig) -> dict:
     evaluation = Evaluation(cfg.evaluation, run_dir) if cfg.evaluation.enabled else None
     if evaluation:
         callbacks.append(evaluation)
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, callbacks)  # before anything is written into run_dir
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path is None and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        # Slurm reruns a requeued job (a timeout, which submitit requeues, or a preemption) with the command it
+        # was first given: without this, a job launched without ckpt_path (`experiment=phi1_base -m
+        # hydra/launcher=slurm_gpu`) would be refused its own checkpoints at its first requeue.
+        log.info("Slurm requeued this job (SLURM_RESTART_COUNT=%s): resuming from its last checkpoint where it has"
+                 " one (ckpt_path=auto)", os.environ["SLURM_RESTART_COUNT"])
+        ckpt_path = "auto"
+    ckpt_path = resolve_ckpt_path(ckpt_path, callbacks)  # before anything is written into run_dir
     if ckpt_path and (finished := _finished(run_dir, plan.max_steps)):
         return finished
     run_dir.mkdir(parents=True, exist_ok=True)
