@@ -403,3 +403,22 @@ def test_multirun_shards_through_the_submitit_launcher_then_merge(tmp_path):
     (plain,) = [p for p in (tmp_path / "plain" / "packed").iterdir() if (p / "manifest.json").exists()]
     for name in ("train.bin", "val.bin"):
         assert (merged / name).read_bytes() == (plain / name).read_bytes()
+
+
+def test_two_nodes_that_gave_the_packer_one_pid_build_apart(tmp_path, monkeypatch):
+    """On a disk shared by several nodes, each node's local rank 0 packs a missing pack; nodes started alike often
+    give it the same pid. Building in one temporary folder, one node's writes would land in the other's files."""
+    import socket
+
+    final = tmp_path / "stdlib-0123"
+    monkeypatch.setattr(os, "getpid", lambda: 4242)
+    monkeypatch.setattr(socket, "gethostname", lambda: "node0")
+    with pack._build_dir(final) as node0:
+        monkeypatch.setattr(socket, "gethostname", lambda: "node1")
+        with pack._build_dir(final) as node1, open(node1 / "train.bin", "wb") as f:
+            f.write(b"1111")
+            f.flush()  # a pack's writes reach the file as it goes
+            (node0 / "train.bin").write_bytes(b"00000000")  # node0 writes its copy meanwhile
+            f.write(b"1111")
+    assert (final / "train.bin").read_bytes() == b"11111111"  # node1 finished first; node0's copy is dropped
+    assert not list(tmp_path.glob("*.tmp-*"))

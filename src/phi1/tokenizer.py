@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -59,8 +60,9 @@ def ensure(cfg: DictConfig) -> Path:
         tokenizer = _from_hub(tok.hub_id)
     else:
         tokenizer = _train_bpe(tok)
-    # Written to a temporary folder and renamed, so a killed build never leaves a half tokenizer behind.
-    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    # Written to a temporary folder and renamed, so a killed build never leaves a half tokenizer behind; named by
+    # host and pid, since every node of a multi-node job may build it at once on a shared disk.
+    tmp = directory.with_name(f"{directory.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     tokenizer.save_pretrained(tmp)
     try:
         tmp.rename(directory)

@@ -37,6 +37,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import socket
 import threading
 import time
 from collections import Counter, deque
@@ -214,8 +215,9 @@ def _exit_with_parent(parent: int) -> None:
 def _build_dir(final: Path):
     """A folder written under a temporary name and renamed into place when complete: a killed or failed build
     leaves nothing half-written, and when two processes build the same folder the first one's stays (the
-    contents are identical)."""
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    contents are identical). Named by host and pid: on a disk shared by several nodes, each node's local rank 0
+    packs a missing pack (Lightning's prepare_data), and nodes started alike often give it the same pid."""
+    tmp = final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
