@@ -205,22 +205,21 @@ class _FinishingWandbLogger(WandbLogger):
     the checkpoint artifacts). wandb keeps a run open until it is finished, and a Hydra multirun's jobs share
     one process: each job after the first logged into the first job's run."""
 
-    def continue_previous_run(self) -> str | None:
+    def continue_previous_run(self) -> None:
         """For a run resumed from its checkpoint: log into the W&B run of its previous segment, so that a preempted
         run is one W&B run with one curve, not one crashed run per preemption (resume="allow", which Lightning
         passes, continues a run given its id). Online only: offline segments sharing an id overwrite each other
         when `wandb sync` uploads them, so each stays a run of its own. An id already chosen (`logger.wandb.id`,
-        or a sweep agent's WANDB_RUN_ID) is kept. Returns the id continued, if any."""
+        or a sweep agent's WANDB_RUN_ID) is kept."""
         init = self._wandb_init
         if init.get("mode") != "online" or init.get("id") or os.environ.get("WANDB_RUN_ID"):
-            return None
+            return
         # wandb names an online run's folder <dir>/wandb/run-<YYYYmmdd_HHMMSS>-<id>: by name is by time.
         folders = sorted((Path(init.get("dir") or ".") / "wandb").glob("run-*-*"))
         if not folders:
-            return None
+            return
         init["id"] = self._id = folders[-1].name.rsplit("-", 1)[1]
         log.info("W&B: continuing run %s, this run's previous segment", self._id)
-        return self._id
 
     def finalize(self, status: str) -> None:
         super().finalize(status)

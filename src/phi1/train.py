@@ -51,7 +51,14 @@ def _refuse_to_overwrite(callbacks: list) -> None:
 
 def resolve_ckpt_path(ckpt_path: str | None, callbacks: list) -> str | None:
     """`last`: this run's last.ckpt, an error if there is none; `auto`: last.ckpt if any; else a path. None (a
-    fresh run) is refused where the run folder holds checkpoints already."""
+    fresh run) is refused where the run folder holds checkpoints already, except in a job that Slurm requeued."""
+    if ckpt_path is None and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        # Slurm reruns a requeued job (a timeout, which submitit requeues, or a preemption) with the command it
+        # was first given: without this, a job launched without ckpt_path (`experiment=phi1_base -m
+        # hydra/launcher=slurm_gpu`) would be refused its own checkpoints at its first requeue.
+        log.info("Slurm requeued this job (SLURM_RESTART_COUNT=%s): resuming from its last checkpoint where it has"
+                 " one (ckpt_path=auto)", os.environ["SLURM_RESTART_COUNT"])
+        ckpt_path = "auto"
     if ckpt_path in (None, "auto", "last"):
         if ckpt_path is None:
             _refuse_to_overwrite(callbacks)
@@ -103,15 +110,7 @@ def train(cfg: DictConfig) -> dict:
     evaluation = Evaluation(cfg.evaluation, run_dir) if cfg.evaluation.enabled else None
     if evaluation:
         callbacks.append(evaluation)
-    ckpt_path = cfg.ckpt_path
-    if ckpt_path is None and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
-        # Slurm reruns a requeued job (a timeout, which submitit requeues, or a preemption) with the command it
-        # was first given: without this, a job launched without ckpt_path (`experiment=phi1_base -m
-        # hydra/launcher=slurm_gpu`) would be refused its own checkpoints at its first requeue.
-        log.info("Slurm requeued this job (SLURM_RESTART_COUNT=%s): resuming from its last checkpoint where it has"
-                 " one (ckpt_path=auto)", os.environ["SLURM_RESTART_COUNT"])
-        ckpt_path = "auto"
-    ckpt_path = resolve_ckpt_path(ckpt_path, callbacks)  # before anything is written into run_dir
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, callbacks)  # before anything is written into run_dir
     if ckpt_path and (finished := _finished(run_dir, plan.max_steps)):
         return finished
     run_dir.mkdir(parents=True, exist_ok=True)
