@@ -145,6 +145,34 @@ def test_missing_and_empty_sources_are_clear_errors(small_cfg, tmp_path):
         _pack(small_cfg("data=codetextbook", f"paths.data_dir={tmp_path}/fresh"))
 
 
+def test_a_missing_second_source_stops_training_before_any_work(small_cfg, tmp_path, monkeypatch):
+    """Packing reads the sources in turn: a mix whose second source has no files used to pack the first one
+    (hours for The Stack's share) after building the model, and then stop. Now nothing is built or packed."""
+    import phi1.train
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the sources were checked")
+
+    monkeypatch.setattr(phi1.train, "LanguageModel", no_model)
+    fresh = tmp_path / "fresh"
+    mix = [f"paths.data_dir={fresh}", "data.sources=[{name: code, kind: stdlib, limit: 250},"
+           f" {{name: books, kind: jsonl, path: '{tmp_path}/books-*.jsonl', made_by: 'prepare.py stage=textbooks'}}]"]
+    with pytest.raises(SourceError, match=r"'books': no file matches .*books-\*\.jsonl; it is written by: prepare"):
+        phi1.train.train(small_cfg(*mix))
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        prepare = compose("prepare", overrides=["stage=pack", *mix])
+    with pytest.raises(SourceError, match=r"'books': no file matches"):
+        pack.run(prepare)
+    assert not fresh.exists()  # no tokenizer trained, nothing packed
+    with pytest.raises(SourceError, match=rf"'code': {tmp_path}/nodir is not a directory"):
+        phi1.train.train(small_cfg(f"paths.data_dir={fresh}",
+                                   f"data.sources=[{{name: code, kind: dir, path: '{tmp_path}/nodir'}}]"))
+
+
 def test_hub_tokenizer_offline_names_the_local_alternative(tmp_path):
     with pytest.raises(tokenizers.TokenizerError, match="tokenizer=local"):
         tokenizers.ensure(make_cfg(["tokenizer=codegen"], run_dir=tmp_path, data_dir=tmp_path))

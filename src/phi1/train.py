@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from phi1 import config as phi_config
 from phi1 import runs
 from phi1.checkpoints import is_checkpoint, read_checkpoint
+from phi1.data import pack
 from phi1.data.datamodule import PackedData
 from phi1.errors import InputError, MissingInputError
 from phi1.eval.callback import Evaluation
@@ -103,6 +104,7 @@ def train(cfg: DictConfig) -> dict:
         raise phi_config.ConfigError(
             f"trainer.accelerator={cfg.trainer.accelerator}: no CUDA GPU is visible to this process"
             f" (torch {torch.__version__}); trainer=cpu trains on the CPU")
+    pack.require_sources(cfg)  # packing would find a missing file only after the model and the other sources
     t0 = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = Path(cfg.paths.run_dir)

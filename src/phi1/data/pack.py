@@ -89,6 +89,15 @@ def location(cfg: DictConfig, tokenizer_dir: Path) -> Path:
     return Path(cfg.paths.data_dir).expanduser().resolve() / "packed" / f"{cfg.data.name}-{digest}"
 
 
+def require_sources(cfg: DictConfig) -> None:
+    """Every source's files exist (sources.require_files), checked before the tokenizer, the model or the pack
+    is built. A pack or tokenizer found on disk does not exempt a source: their folders are keyed by the files'
+    names, sizes and mtimes (sources.fingerprint), so a source without files never has one."""
+    corpus = [cfg.tokenizer.corpus] if cfg.tokenizer.kind == "local" and cfg.tokenizer.corpus else []
+    for source in [*cfg.data.sources, *corpus]:
+        sources.require_files(source)
+
+
 def shards_dir(directory: Path, num_shards: int) -> Path:
     return directory.with_name(f"{directory.name}.shards-{num_shards}")
 
@@ -106,6 +115,7 @@ def run(cfg: DictConfig) -> Path | None:
         ("num_shards", cfg.num_shards >= 1, "must be >= 1"),
         ("shard", cfg.shard is None or 0 <= cfg.shard < cfg.num_shards, f"must be in [0, num_shards={cfg.num_shards})"),
     ])
+    require_sources(cfg)
     tokenizer_dir = tokenizers.ensure(cfg)
     if cfg.shard is not None:
         path = pack_shard(cfg, tokenizer_dir, cfg.shard, cfg.num_shards)
