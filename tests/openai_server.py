@@ -11,10 +11,16 @@ A request's faults are written into its last message, so a test says exactly wha
   [slow]         the answer comes after 0.2 s
 Otherwise the answer is `reply(messages)`. Usage counts 1 token per 4 characters. Every request that
 reaches the server is recorded in `requests` (the body and the fault outcome), so tests count them.
+
+The Batch API too: uploaded files (`uploads`), batches (`batches`, each with its input lines). A batch is
+processed, request by request with the faults above, when its status is first read while `hold_batches` is
+false; answers go to its output file, other outcomes to its error file (as OpenAI's).
 """
 
 from __future__ import annotations
 
+import email.parser
+import itertools
 import json
 import re
 import threading
@@ -33,6 +39,10 @@ class FakeOpenAI:
         self.requests: list[dict] = []
         self.attempts: Counter[str] = Counter()
         self.in_flight = self.max_in_flight = 0
+        self.uploads: dict[str, bytes] = {}
+        self.batches: dict[str, dict] = {}
+        self.hold_batches = False
+        self._ids = itertools.count()
         self._lock = threading.Lock()
         server = self
 
@@ -40,8 +50,28 @@ class FakeOpenAI:
             def log_message(self, *args):
                 pass
 
+            def reply(self, status: int, payload, raw: bytes | None = None):
+                data = raw if raw is not None else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/octet-stream" if raw is not None else "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if m := re.fullmatch(r"/v1/batches/([\w-]+)", self.path):
+                    return self.reply(200, server._batch_status(m.group(1)))
+                if m := re.fullmatch(r"/v1/files/([\w-]+)/content", self.path):
+                    return self.reply(200, None, server.uploads[m.group(1)])
+                self.reply(404, {"error": {"message": f"no route {self.path}"}})
+
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path.endswith("/files"):
+                    return self.reply(200, server._upload(self.headers["Content-Type"], raw))
+                if self.path.endswith("/batches"):
+                    return self.reply(200, server._create_batch(json.loads(raw)))
+                body = json.loads(raw)
                 with server._lock:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
@@ -75,6 +105,44 @@ class FakeOpenAI:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def _upload(self, content_type: str, raw: bytes) -> dict:
+        form = email.parser.BytesParser().parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+        parts = {part.get_param("name", header="content-disposition"): part for part in form.get_payload()}
+        file_id = f"file-{next(self._ids)}"
+        self.uploads[file_id] = parts["file"].get_payload(decode=True)
+        return {"id": file_id, "object": "file", "bytes": len(self.uploads[file_id]), "created_at": 0,
+                "filename": parts["file"].get_filename(), "purpose": parts["purpose"].get_payload(), "status": "processed"}
+
+    def _create_batch(self, body: dict) -> dict:
+        lines = [json.loads(line) for line in self.uploads[body["input_file_id"]].decode().splitlines()]
+        batch = {"id": f"batch-{next(self._ids)}", "object": "batch", "endpoint": body["endpoint"],
+                 "input_file_id": body["input_file_id"], "completion_window": body["completion_window"],
+                 "created_at": 0, "status": "validating", "metadata": body.get("metadata"),
+                 "request_counts": {"total": len(lines), "completed": 0, "failed": 0}}
+        self.batches[batch["id"]] = {"lines": lines, "batch": batch}
+        return batch
+
+    def _batch_status(self, batch_id: str) -> dict:
+        entry = self.batches[batch_id]
+        batch = entry["batch"]
+        if self.hold_batches or batch["status"] == "completed":
+            if batch["status"] == "validating":
+                batch["status"] = "in_progress"
+            return batch
+        out, err = [], []
+        for line in entry["lines"]:
+            status, _, payload, _ = self._respond(line["body"])
+            row = {"id": f"req-{next(self._ids)}", "custom_id": line["custom_id"],
+                   "response": {"status_code": status, "body": payload}, "error": None}
+            (out if status == 200 else err).append(json.dumps(row) + "\n")
+        for name, rows in (("output_file_id", out), ("error_file_id", err)):
+            if rows:
+                batch[name] = f"file-{next(self._ids)}"
+                self.uploads[batch[name]] = "".join(rows).encode()
+        batch.update(status="completed", request_counts={"total": len(entry["lines"]), "completed": len(out),
+                                                         "failed": len(err)})
+        return batch
 
     def count(self, outcome: str | None = None) -> int:
         return sum(1 for r in self.requests if outcome is None or r["outcome"] == outcome)

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from openai_server import FakeOpenAI
-from phi1.llm import LLM, AuthError, BudgetExceeded, ParseError, QuotaExceeded
+from phi1.llm import LLM, AuthError, BatchPending, BudgetExceeded, ParseError, QuotaExceeded
 
 
 def grade(text: str) -> int:
@@ -160,3 +160,50 @@ def test_no_api_key_is_a_clear_error(tmp_path, monkeypatch):
     llm = LLM(model="gpt-4", cache_path=str(tmp_path / "c.sqlite"), quarantine_path=str(tmp_path / "q.jsonl"))
     with pytest.raises(AuthError, match="OPENAI_API_KEY"):
         llm.map([("a", ask("x"))], grade)
+
+
+def test_batch_api_answers_at_half_price_and_a_rerun_collects_what_was_sent(make_llm, server, monkeypatch):
+    """`batch=True`: the requests go to OpenAI's Batch API in input files within its limits (here 4 requests a
+    file); a run that stops waiting leaves the batches recorded, and the next run collects them without
+    sending anything again. Failed and unparseable answers are quarantined; failed ones are sent again."""
+    import phi1.llm
+
+    monkeypatch.setattr(phi1.llm, "BATCH_MAX_REQUESTS", 4)
+    items = [(f"d{i}", ask(f"snippet {i}")) for i in range(8)] + [("bad", ask("[500:1]")), ("m", ask("[malformed]"))]
+    batched = dict(batch=True, batch_poll_s=0.05, batch_wait_s=0.3)
+    server.hold_batches = True
+    with pytest.raises(BatchPending, match=r"3 batch\(es\) still being processed .*run the same command again"):
+        make_llm(**batched).map(items, grade)
+    assert len(server.batches) == 3 and server.count() == 0  # sent, not yet processed
+    assert [len(b["lines"]) for b in server.batches.values()] == [4, 4, 2]
+    first = next(iter(server.batches.values()))["lines"][0]
+    assert first["url"] == "/v1/chat/completions" and first["body"]["model"] == "gpt-test"
+
+    server.hold_batches = False
+    llm = make_llm(**batched)
+    assert llm.map(items, grade) == {f"d{i}": 7 for i in range(8)}
+    assert len(server.batches) == 3 and server.count() == 10  # collected, nothing sent twice
+    answers = [r for r in server.requests if r["outcome"] == "200"]
+    prompt = sum(sum(len(m["content"]) for m in r["body"]["messages"]) // 4 + 1 for r in answers)
+    completion = sum(len(t) // 4 + 1 for t in ["A short evaluation. Educational value: 7/10. Label: high"] * 8
+                     + ["I cannot grade this."])
+    assert llm.stats.dollars == pytest.approx((prompt * 10.0 + completion * 30.0) / 1e6 / 2)  # half the list price
+    rows = {r["id"]: r for r in map(json.loads, open(llm.quarantine_path))}
+    assert set(rows) == {"bad", "m"} and "HTTP 500" in rows["bad"]["reason"] and "unparseable" in rows["m"]["reason"]
+
+    again = make_llm(**batched)
+    assert again.map(items, grade) == {**{f"d{i}": 7 for i in range(8)}, "bad": 7}
+    assert len(server.batches) == 4 and len(list(server.batches.values())[-1]["lines"]) == 1  # the failed one
+    assert again.stats.cached == 9
+
+
+def test_batch_api_sends_what_the_budget_allows(make_llm, server):
+    # Worst case per request: (prompt ~5 + max_tokens 100 tokens) at $10/$30 per M, halved ≈ $0.0015.
+    batched = dict(batch=True, batch_poll_s=0.05, params={"temperature": 0.0, "max_tokens": 100})
+    llm = make_llm(budget_usd=0.005, **batched)
+    items = [(f"d{i}", ask(f"document number {i}")) for i in range(20)]
+    with pytest.raises(BudgetExceeded, match=r"17 of 20 requests were not sent"):
+        llm.map(items, grade)
+    assert server.count() == 3 and llm.stats.dollars <= 0.005
+    assert len(make_llm(**batched).map(items, grade)) == 20  # the rest, on a larger budget
+    assert server.count() == 20

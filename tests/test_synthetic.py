@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -14,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from conftest import CONF, ROOT
 from openai_server import FakeOpenAI
 from phi1.eval.benchmarks import read_jsonl
-from phi1.llm import BudgetExceeded
+from phi1.llm import BatchPending, BudgetExceeded
 from phi1.stages import run
 from phi1.synthetic import exercises, textbooks
 from phi1.synthetic.generate import load_list
@@ -212,6 +213,23 @@ def test_a_killed_generation_resumes_without_paying_twice(tmp_path):
         assert len({json.dumps(r["body"]["messages"]) for r in server.requests}) == 40
     report = json.loads((tmp_path / "synthetic" / "textbooks" / "textbooks-s0.report.json").read_text())
     assert report["answered"] == 40 and report["paid_this_run"]["requests"] <= 40 - paid_before_kill + 2
+
+
+def test_textbooks_through_the_batch_api_are_sent_once_and_collected_by_a_rerun(tmp_path):
+    def reply(messages):
+        prompt = messages[-1]["content"]
+        return passage(prompt.split("Topic: ")[1].split("\n")[0], zlib.crc32(prompt.encode()))
+
+    batched = ["stage=textbooks", "stage.n=6", "llm.batch=true", "llm.batch_poll_s=0.05"]
+    with FakeOpenAI(reply=reply) as server:
+        server.hold_batches = True
+        with pytest.raises(BatchPending, match="run the same command again"):  # sent, then stop: batch_wait_s=0
+            run(prepare_cfg(tmp_path, server, *batched, "llm.batch_wait_s=0"))
+        server.hold_batches = False
+        run(prepare_cfg(tmp_path, server, *batched))
+        assert len(server.batches) == 1 and server.count() == 6  # one batch, each request answered once
+    report = json.loads((tmp_path / "synthetic" / "textbooks" / "textbooks-s0.report.json").read_text())
+    assert report["answered"] == 6 and report["kept"] == 6
 
 
 def test_budget_stops_generation_and_dry_run_prices_the_papers_size(tmp_path):

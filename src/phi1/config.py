@@ -235,6 +235,11 @@ class LLMConfig:
     price_output: float = 0.0
     budget_usd: Optional[float] = None
     budget_tokens: Optional[int] = None
+    # OpenAI's Batch API (half the price, answers within 24 h; phi1/llm.py): seconds between status checks, and
+    # how long to wait (null: until done; 0: send and stop, the same command run later collects the answers).
+    batch: bool = False
+    batch_poll_s: float = 60.0
+    batch_wait_s: Optional[float] = None
 
 
 @dataclass

@@ -11,7 +11,11 @@ any OpenAI-compatible server), used asynchronously with a bound on requests in f
   against what is spent plus the worst case of what is in flight, so that it is never exceeded;
 - `estimate()`, a dry run that prices a stage before anything is sent;
 - a progress bar with requests/s, tokens/s and dollars; answers that fail or do not parse are written to a
-  quarantine file with the reason, never guessed.
+  quarantine file with the reason, never guessed;
+- `batch=True`: OpenAI's Batch API instead of one request at a time (half the price, its own rate limits,
+  answers within 24 h). The batches sent are recorded in the cache before anything else happens, so a run
+  stopped while they are processed (killed, or `batch_wait_s` elapsed) collects them when run again and never
+  sends them twice.
 """
 
 from __future__ import annotations
@@ -36,6 +40,14 @@ from phi1.errors import Phi1Error
 
 log = logging.getLogger(__name__)
 
+# OpenAI bills Batch API requests at half the list price (platform.openai.com/docs/guides/batch).
+BATCH_DISCOUNT = 0.5
+# The Batch API's limits on one input file: 50,000 requests and 200 MB (kept under, with room for the framing).
+BATCH_MAX_REQUESTS = 50_000
+BATCH_MAX_BYTES = 190_000_000
+# A batch in any other status is still being processed by OpenAI.
+BATCH_DONE = ("completed", "failed", "expired", "cancelled")
+
 # ~4 characters per token for English and code with OpenAI's tokenizers: the rule of thumb OpenAI gives,
 # good enough to price a stage before running it and to reserve budget for a request in flight.
 CHARS_PER_TOKEN = 4
@@ -55,6 +67,10 @@ class BudgetExceeded(LLMError):
 
 class AuthError(LLMError):
     pass
+
+
+class BatchPending(LLMError):
+    """Batches sent to OpenAI are still being processed; the same command run again collects them."""
 
 
 class ParseError(ValueError):
@@ -103,6 +119,11 @@ class LLM:
     budget_tokens: int | None = None
     cache_path: str = "llm_cache.sqlite"
     quarantine_path: str = "quarantine.jsonl"
+    # The Batch API (module docstring): seconds between status checks; how long to wait for the batches (None:
+    # until they finish; 0: send them and stop, to collect later with the same command).
+    batch: bool = False
+    batch_poll_s: float = 60.0
+    batch_wait_s: float | None = None
     stats: Stats = field(default_factory=Stats)
 
     def __post_init__(self):
@@ -111,6 +132,12 @@ class LLM:
         self._db = sqlite3.connect(self.cache_path)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, response TEXT NOT NULL)")
+        # Batches sent (their worst-case cost, reserved against the budget until collected) and which batch
+        # holds each request: a rerun waits for those instead of sending them again.
+        self._db.execute("CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, status TEXT NOT NULL,"
+                         " requests INTEGER NOT NULL, reserved_tokens INTEGER NOT NULL, reserved_dollars REAL NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS batch_requests (key TEXT PRIMARY KEY, batch TEXT NOT NULL,"
+                         " item TEXT NOT NULL)")
         self._reserved_tokens = 0
         self._reserved_dollars = 0.0
 
@@ -121,12 +148,14 @@ class LLM:
                    max_retries=c.max_retries, timeout=c.timeout,
                    params={"temperature": c.temperature, "max_tokens": c.max_tokens},
                    price_input=c.price_input, price_output=c.price_output, budget_usd=c.budget_usd,
-                   budget_tokens=c.budget_tokens, cache_path=str(cache_path), quarantine_path=str(quarantine_path))
+                   budget_tokens=c.budget_tokens, cache_path=str(cache_path), quarantine_path=str(quarantine_path),
+                   batch=c.batch, batch_poll_s=c.batch_poll_s, batch_wait_s=c.batch_wait_s)
 
     # -- pricing and budget ------------------------------------------------------------------------------
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.price_input + completion_tokens * self.price_output) / 1e6
+        dollars = (prompt_tokens * self.price_input + completion_tokens * self.price_output) / 1e6
+        return dollars * BATCH_DISCOUNT if self.batch else dollars
 
     def _worst_case(self, messages: list[dict]) -> tuple[int, int]:
         prompt = sum(len(m["content"]) for m in messages) // CHARS_PER_TOKEN + 1
@@ -225,6 +254,8 @@ class LLM:
         """Ask every (id, messages); return {id: parse(answer)} for the answers that parse. Failures and
         unparseable answers go to the quarantine file. Stops (raising) on quota, auth or budget errors,
         after the answers already received are cached."""
+        if self.batch:
+            return self._map_batches(items, parse, prompt_version, desc)
         return asyncio.run(self._map(items, parse, prompt_version, desc))
 
     async def _map(self, items, parse, prompt_version, desc) -> dict[str, Any]:
@@ -284,6 +315,177 @@ class LLM:
         if stop:
             raise stop[0]
         return results
+
+    # -- the Batch API -----------------------------------------------------------------------------------------
+
+    def _map_batches(self, items, parse, prompt_version, desc) -> dict[str, Any]:
+        keys = {item_id: self.key(messages, prompt_version) for item_id, messages in items}
+        in_flight = dict(self._db.execute(
+            f"SELECT r.key, r.batch FROM batch_requests r JOIN batches b ON r.batch = b.id"
+            f" WHERE b.status NOT IN ({','.join('?' * len(BATCH_DONE))})", BATCH_DONE).fetchall())
+        todo, waiting = {}, set()
+        for (item_id, messages), key in zip(items, keys.values()):
+            if key in in_flight:
+                waiting.add(in_flight[key])
+            elif key not in todo and self._cached(key) is None:
+                todo[key] = (item_id, messages)
+        self.stats.cached = sum(1 for key in keys.values() if key not in todo and key not in in_flight)
+        # Reserve each request's worst case against the budget, with the batches still open counted as spent.
+        spent_tokens, spent_dollars = self._db.execute(
+            f"SELECT COALESCE(SUM(reserved_tokens), 0), COALESCE(SUM(reserved_dollars), 0) FROM batches"
+            f" WHERE status NOT IN ({','.join('?' * len(BATCH_DONE))})", BATCH_DONE).fetchone()
+        self._reserved_tokens, self._reserved_dollars = spent_tokens, spent_dollars
+        affordable, over_budget = [], None
+        for key, (item_id, messages) in todo.items():
+            try:
+                self._reserve(messages)
+            except BudgetExceeded as e:
+                over_budget = e
+                break
+            affordable.append((key, item_id, messages))
+        client = self._sync_client()
+        try:
+            waiting |= self._send_batches(client, affordable, desc)
+            self._wait_for_batches(client, sorted(waiting), desc)
+        finally:
+            client.close()
+            self._reserved_tokens, self._reserved_dollars = 0, 0.0
+        results: dict[str, Any] = {}
+        for item_id, key in keys.items():
+            response = self._cached(key)
+            if response is None:  # failed in its batch: quarantined when the batch was collected
+                continue
+            try:
+                results[item_id] = parse(response["text"])
+            except ParseError as e:
+                self._quarantine(item_id, f"unparseable: {e}", response["text"])
+        if over_budget:
+            raise BudgetExceeded(f"{over_budget}: {len(todo) - len(affordable)} of {len(todo)} requests were not"
+                                 " sent (the answers received are cached; raise the budget and rerun)")
+        return results
+
+    def _sync_client(self) -> openai.OpenAI:
+        api_key = os.environ.get(self.api_key_env) or ("unused" if self.base_url else None)
+        if api_key is None:
+            raise AuthError(f"no API key: set {self.api_key_env} (or point base_url at a server that needs none)")
+        # The SDK's retries here: these are a handful of file and status calls, not the requests themselves.
+        return openai.OpenAI(api_key=api_key, base_url=self.base_url, max_retries=self.max_retries,
+                             timeout=self.timeout)
+
+    def _send_batches(self, client: openai.OpenAI, requests: list[tuple[str, str, list[dict]]], desc: str) -> set[str]:
+        """Upload `requests` (key, item id, messages) as batch input files within the Batch API's limits and start
+        a batch for each; each batch is recorded as soon as it exists."""
+        sent, lines, size = set(), [], 0
+
+        def flush() -> None:
+            nonlocal lines, size
+            if not lines:
+                return
+            data = "".join(line for line, *_ in lines).encode()
+            try:
+                upload = client.files.create(file=(f"{desc}.jsonl", data), purpose="batch")
+                batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                              completion_window="24h", metadata={"phi1": desc})
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+                raise AuthError(f"{self.model} at {self.base_url or 'OpenAI'}: {e.message}") from e
+            except openai.APIError as e:
+                raise LLMError(f"{self.model}: the Batch API refused a batch of {len(lines)} requests: {e}") from e
+            worst = [self._worst_case(messages) for *_, messages in lines]
+            with self._db:
+                self._db.execute("INSERT INTO batches VALUES (?, ?, ?, ?, ?)", (
+                    batch.id, batch.status, len(lines), sum(p + c for p, c in worst),
+                    sum(self.cost(p, c) for p, c in worst)))
+                self._db.executemany("INSERT OR REPLACE INTO batch_requests VALUES (?, ?, ?)",
+                                     [(key, batch.id, item_id) for _, key, item_id, _ in lines])
+            self.stats.requests += len(lines)
+            log.info("%s: batch %s sent (%d requests)", desc, batch.id, len(lines))
+            sent.add(batch.id)
+            lines, size = [], 0
+
+        for key, item_id, messages in requests:
+            line = json.dumps({"custom_id": key, "method": "POST", "url": "/v1/chat/completions",
+                               "body": {"model": self.model, "messages": messages, **self.params}}) + "\n"
+            if len(lines) == BATCH_MAX_REQUESTS or size + len(line.encode()) > BATCH_MAX_BYTES:
+                flush()
+            lines.append((line, key, item_id, messages))
+            size += len(line.encode())
+        flush()
+        return sent
+
+    def _wait_for_batches(self, client: openai.OpenAI, batch_ids: list[str], desc: str) -> None:
+        """Poll the batches until each is done, collecting each as it finishes; raise BatchPending when
+        `batch_wait_s` runs out first."""
+        if not batch_ids:
+            return
+        sizes = dict(self._db.execute(f"SELECT id, requests FROM batches WHERE id IN ({','.join('?' * len(batch_ids))})",
+                                      batch_ids).fetchall())
+        bar = tqdm(total=sum(sizes.values()), desc=f"{desc} (batch)", unit="req", dynamic_ncols=True)
+        deadline = None if self.batch_wait_s is None else time.monotonic() + self.batch_wait_s
+        collected, pending = 0, list(batch_ids)
+        try:
+            while True:
+                progress, still = collected, []
+                for batch_id in pending:
+                    batch = client.batches.retrieve(batch_id)
+                    if batch.status in BATCH_DONE:
+                        self._collect(client, batch, desc)
+                        collected += sizes[batch_id]
+                        progress += sizes[batch_id]
+                    else:
+                        counts = batch.request_counts
+                        progress += (counts.completed + counts.failed) if counts else 0
+                        still.append(batch_id)
+                bar.n = progress
+                bar.set_postfix_str(f"{len(still)} batch(es) open, ${self.stats.dollars:.4f}")
+                bar.refresh()
+                pending = still
+                if not pending:
+                    return
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise BatchPending(
+                        f"{len(pending)} batch(es) still being processed by OpenAI ({', '.join(pending[:3])}"
+                        f"{', ...' if len(pending) > 3 else ''}; up to 24 h): run the same command again to collect"
+                        " them (nothing is sent twice)")
+                time.sleep(self.batch_poll_s)
+        finally:
+            bar.close()
+
+    def _collect(self, client: openai.OpenAI, batch, desc: str) -> None:
+        """Cache the answers of a finished batch and quarantine its failed requests; the requests it did not
+        answer (an expired or cancelled batch) are sent again by the next run."""
+        items = dict(self._db.execute("SELECT key, item FROM batch_requests WHERE batch = ?", (batch.id,)).fetchall())
+        answered = 0
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            if not file_id:
+                continue
+            rows = [json.loads(line) for line in client.files.content(file_id).text.splitlines() if line.strip()]
+            with self._db:
+                for row in rows:
+                    key, response = row.get("custom_id"), row.get("response") or {}
+                    body = response.get("body") or {}
+                    if response.get("status_code") == 200 and body.get("choices"):
+                        usage = body.get("usage") or {}
+                        answer = {"text": body["choices"][0]["message"].get("content") or "",
+                                  "prompt_tokens": usage.get("prompt_tokens", 0),
+                                  "completion_tokens": usage.get("completion_tokens", 0)}
+                        self.stats.prompt_tokens += answer["prompt_tokens"]
+                        self.stats.completion_tokens += answer["completion_tokens"]
+                        self.stats.dollars += self.cost(answer["prompt_tokens"], answer["completion_tokens"])
+                        self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(answer)))
+                        answered += 1
+                    else:
+                        error = row.get("error") or body.get("error") or {}
+                        self.stats.failed += 1
+                        self._quarantine(items.get(key, key), f"batch {batch.id}: HTTP {response.get('status_code')}:"
+                                         f" {error.get('message', error)}", None)
+        with self._db:
+            self._db.execute("UPDATE batches SET status = ? WHERE id = ?", (batch.status, batch.id))
+        if batch.status == "failed":  # the input was refused as a whole (a model name, a malformed line)
+            errors = "; ".join(e.message or "" for e in (batch.errors.data or [])) if batch.errors else ""
+            raise LLMError(f"{self.model}: batch {batch.id} failed: {errors or 'no reason given'}")
+        if answered < len(items):
+            log.warning("%s: batch %s %s with %d of its %d requests answered; the rest are sent again by the next"
+                        " run", desc, batch.id, batch.status, answered, len(items))
 
     def summary(self) -> dict:
         return asdict(self.stats)
