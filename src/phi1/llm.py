@@ -458,9 +458,14 @@ class LLM:
         for file_id in (batch.output_file_id, batch.error_file_id):
             if not file_id:
                 continue
-            rows = [json.loads(line) for line in client.files.content(file_id).text.splitlines() if line.strip()]
+            # A full batch's output is ~50,000 answers (~200 MB of textbooks): read as one text, parsed a line at a
+            # time, committed once.
+            text = client.files.content(file_id).text
             with self._db:
-                for row in rows:
+                for line in text.splitlines():
+                    if not line.strip():
+                        continue
+                    row = json.loads(line)
                     key, response = row.get("custom_id"), row.get("response") or {}
                     body = response.get("body") or {}
                     if response.get("status_code") == 200 and body.get("choices"):
