@@ -12,7 +12,7 @@ import time
 import pytest
 
 from openai_server import FakeOpenAI
-from phi1.llm import LLM, AuthError, BatchPending, BudgetExceeded, ParseError, QuotaExceeded
+from phi1.llm import LLM, AuthError, BatchPending, BudgetExceeded, LLMError, ParseError, QuotaExceeded
 
 
 def grade(text: str) -> int:
@@ -178,6 +178,9 @@ def test_batch_api_answers_at_half_price_and_a_rerun_collects_what_was_sent(make
     assert [len(b["lines"]) for b in server.batches.values()] == [4, 4, 2]
     first = next(iter(server.batches.values()))["lines"][0]
     assert first["url"] == "/v1/chat/completions" and first["body"]["model"] == "gpt-test"
+    with pytest.raises(LLMError, match=r"10 of these requests are in Batch API batches still open .*llm.batch=true"):
+        make_llm().map(items, grade)  # one at a time, they would be paid twice
+    assert server.count() == 0
 
     server.hold_batches = False
     llm = make_llm(**batched)

@@ -256,7 +256,19 @@ class LLM:
         after the answers already received are cached."""
         if self.batch:
             return self._map_batches(items, parse, prompt_version, desc)
+        in_batches = self._open_batches()
+        if waiting := [in_batches[k] for k in {self.key(m, prompt_version) for _, m in items} if k in in_batches]:
+            # Sent one at a time, they would be paid for twice: once here, once when the batch completes.
+            raise LLMError(f"{len(waiting)} of these requests are in Batch API batches still open at OpenAI"
+                           f" ({', '.join(sorted(set(waiting))[:3])}): rerun with llm.batch=true to collect them (or"
+                           " cancel the batches at OpenAI first)")
         return asyncio.run(self._map(items, parse, prompt_version, desc))
+
+    def _open_batches(self) -> dict[str, str]:
+        """{cache key: batch id} of the requests in batches not yet collected."""
+        return dict(self._db.execute(
+            f"SELECT r.key, r.batch FROM batch_requests r JOIN batches b ON r.batch = b.id"
+            f" WHERE b.status NOT IN ({','.join('?' * len(BATCH_DONE))})", BATCH_DONE).fetchall())
 
     async def _map(self, items, parse, prompt_version, desc) -> dict[str, Any]:
         results: dict[str, Any] = {}
@@ -320,9 +332,7 @@ class LLM:
 
     def _map_batches(self, items, parse, prompt_version, desc) -> dict[str, Any]:
         keys = {item_id: self.key(messages, prompt_version) for item_id, messages in items}
-        in_flight = dict(self._db.execute(
-            f"SELECT r.key, r.batch FROM batch_requests r JOIN batches b ON r.batch = b.id"
-            f" WHERE b.status NOT IN ({','.join('?' * len(BATCH_DONE))})", BATCH_DONE).fetchall())
+        in_flight = self._open_batches()
         todo, waiting = {}, set()
         for (item_id, messages), key in zip(items, keys.values()):
             if key in in_flight:
