@@ -14,7 +14,8 @@ reaches the server is recorded in `requests` (the body and the fault outcome), s
 
 The Batch API too: uploaded files (`uploads`), batches (`batches`, each with its input lines). A batch is
 processed, request by request with the faults above, when its status is first read while `hold_batches` is
-false; answers go to its output file, other outcomes to its error file (as OpenAI's).
+false; answers go to its output file, other outcomes to its error file (as OpenAI's). The next
+`status_failures` status reads get a 500.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class FakeOpenAI:
         self.uploads: dict[str, bytes] = {}
         self.batches: dict[str, dict] = {}
         self.hold_batches = False
+        self.status_failures = 0
         self._ids = itertools.count()
         self._lock = threading.Lock()
         server = self
@@ -60,6 +62,9 @@ class FakeOpenAI:
 
             def do_GET(self):
                 if m := re.fullmatch(r"/v1/batches/([\w-]+)", self.path):
+                    if server.status_failures > 0:  # an outage while a batch is waited for
+                        server.status_failures -= 1
+                        return self.reply(500, {"error": {"message": "The server had an error", "type": "server_error"}})
                     return self.reply(200, server._batch_status(m.group(1)))
                 if m := re.fullmatch(r"/v1/files/([\w-]+)/content", self.path):
                     return self.reply(200, None, server.uploads[m.group(1)])

@@ -200,6 +200,13 @@ def test_batch_api_answers_at_half_price_and_a_rerun_collects_what_was_sent(make
     assert again.stats.cached == 9
 
 
+def test_a_batch_is_waited_for_through_an_outage(make_llm, server):
+    server.status_failures = 3  # three status reads in a row fail (and the SDK does not retry them here)
+    llm = make_llm(batch=True, batch_poll_s=0.05, max_retries=0)
+    assert llm.map([(f"d{i}", ask(f"doc {i}")) for i in range(3)], grade) == {f"d{i}": 7 for i in range(3)}
+    assert server.status_failures == 0 and len(server.batches) == 1
+
+
 def test_batch_api_sends_what_the_budget_allows(make_llm, server):
     # Worst case per request: (prompt ~5 + max_tokens 100 tokens) at $10/$30 per M, halved ≈ $0.0015.
     batched = dict(batch=True, batch_poll_s=0.05, params={"temperature": 0.0, "max_tokens": 100})

@@ -334,7 +334,8 @@ class LLM:
         keys = {item_id: self.key(messages, prompt_version) for item_id, messages in items}
         in_flight = self._open_batches()
         todo, waiting = {}, set()
-        for (item_id, messages), key in zip(items, keys.values()):
+        for item_id, messages in items:
+            key = self.key(messages, prompt_version)
             if key in in_flight:
                 waiting.add(in_flight[key])
             elif key not in todo and self._cached(key) is None:
@@ -436,7 +437,13 @@ class LLM:
             while True:
                 progress, still = collected, []
                 for batch_id in pending:
-                    batch = client.batches.retrieve(batch_id)
+                    try:
+                        batch = client.batches.retrieve(batch_id)
+                    except (openai.APIConnectionError, openai.InternalServerError) as e:
+                        # A wait lasts up to 24 h: an outage longer than the SDK's retries is waited out too.
+                        log.warning("%s: batch %s: %s; asking again in %.0f s", desc, batch_id, e, self.batch_poll_s)
+                        still.append(batch_id)
+                        continue
                     if batch.status in BATCH_DONE:
                         self._collect(client, batch, desc)
                         collected += sizes[batch_id]
