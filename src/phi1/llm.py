@@ -260,8 +260,8 @@ class LLM:
         if waiting := [in_batches[k] for k in {self.key(m, prompt_version) for _, m in items} if k in in_batches]:
             # Sent one at a time, they would be paid for twice: once here, once when the batch completes.
             raise LLMError(f"{len(waiting)} of these requests are in Batch API batches still open at OpenAI"
-                           f" ({', '.join(sorted(set(waiting))[:3])}): rerun with llm.batch=true to collect them (or"
-                           " cancel the batches at OpenAI first)")
+                           f" ({', '.join(sorted(set(waiting))[:3])}): rerun with llm.batch=true to collect them (a batch"
+                           " cancelled at OpenAI is collected as it stands)")
         return asyncio.run(self._map(items, parse, prompt_version, desc))
 
     def _open_batches(self) -> dict[str, str]:
