@@ -47,6 +47,7 @@ BATCH_MAX_REQUESTS = 50_000
 BATCH_MAX_BYTES = 190_000_000
 # A batch in any other status is still being processed by OpenAI.
 BATCH_DONE = ("completed", "failed", "expired", "cancelled")
+_OPEN = f"status NOT IN ({','.join(repr(s) for s in BATCH_DONE)})"  # SQL: the batches not yet collected
 
 # ~4 characters per token for English and code with OpenAI's tokenizers: the rule of thumb OpenAI gives,
 # good enough to price a stage before running it and to reserve budget for a request in flight.
@@ -210,11 +211,14 @@ class LLM:
 
     # -- requests -------------------------------------------------------------------------------------------
 
-    def _client(self) -> openai.AsyncOpenAI:
+    def _api_key(self) -> str:
         api_key = os.environ.get(self.api_key_env) or ("unused" if self.base_url else None)
         if api_key is None:
             raise AuthError(f"no API key: set {self.api_key_env} (or point base_url at a server that needs none)")
-        return openai.AsyncOpenAI(api_key=api_key, base_url=self.base_url, max_retries=0, timeout=self.timeout)
+        return api_key
+
+    def _client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(api_key=self._api_key(), base_url=self.base_url, max_retries=0, timeout=self.timeout)
 
     async def _request(self, client: openai.AsyncOpenAI, messages: list[dict]) -> dict:
         for attempt in range(self.max_retries + 1):
@@ -267,8 +271,7 @@ class LLM:
     def _open_batches(self) -> dict[str, str]:
         """{cache key: batch id} of the requests in batches not yet collected."""
         return dict(self._db.execute(
-            f"SELECT r.key, r.batch FROM batch_requests r JOIN batches b ON r.batch = b.id"
-            f" WHERE b.status NOT IN ({','.join('?' * len(BATCH_DONE))})", BATCH_DONE).fetchall())
+            f"SELECT r.key, r.batch FROM batch_requests r JOIN batches b ON r.batch = b.id WHERE b.{_OPEN}").fetchall())
 
     async def _map(self, items, parse, prompt_version, desc) -> dict[str, Any]:
         results: dict[str, Any] = {}
@@ -331,20 +334,19 @@ class LLM:
     # -- the Batch API -----------------------------------------------------------------------------------------
 
     def _map_batches(self, items, parse, prompt_version, desc) -> dict[str, Any]:
-        keys = {item_id: self.key(messages, prompt_version) for item_id, messages in items}
+        keyed = [(item_id, messages, self.key(messages, prompt_version)) for item_id, messages in items]
         in_flight = self._open_batches()
         todo, waiting = {}, set()
-        for item_id, messages in items:
-            key = self.key(messages, prompt_version)
+        for item_id, messages, key in keyed:
             if key in in_flight:
                 waiting.add(in_flight[key])
             elif key not in todo and self._cached(key) is None:
                 todo[key] = (item_id, messages)
-        self.stats.cached = sum(1 for key in keys.values() if key not in todo and key not in in_flight)
+        self.stats.cached = sum(1 for *_, key in keyed if key not in todo and key not in in_flight)
         # Reserve each request's worst case against the budget, with the batches still open counted as spent.
         spent_tokens, spent_dollars = self._db.execute(
             f"SELECT COALESCE(SUM(reserved_tokens), 0), COALESCE(SUM(reserved_dollars), 0) FROM batches"
-            f" WHERE status NOT IN ({','.join('?' * len(BATCH_DONE))})", BATCH_DONE).fetchone()
+            f" WHERE {_OPEN}").fetchone()
         self._reserved_tokens, self._reserved_dollars = spent_tokens, spent_dollars
         affordable, over_budget = [], None
         for key, (item_id, messages) in todo.items():
@@ -362,7 +364,7 @@ class LLM:
             client.close()
             self._reserved_tokens, self._reserved_dollars = 0, 0.0
         results: dict[str, Any] = {}
-        for item_id, key in keys.items():
+        for item_id, _, key in keyed:
             response = self._cached(key)
             if response is None:  # failed in its batch: quarantined when the batch was collected
                 continue
@@ -376,11 +378,8 @@ class LLM:
         return results
 
     def _sync_client(self) -> openai.OpenAI:
-        api_key = os.environ.get(self.api_key_env) or ("unused" if self.base_url else None)
-        if api_key is None:
-            raise AuthError(f"no API key: set {self.api_key_env} (or point base_url at a server that needs none)")
         # The SDK's retries here: these are a handful of file and status calls, not the requests themselves.
-        return openai.OpenAI(api_key=api_key, base_url=self.base_url, max_retries=self.max_retries,
+        return openai.OpenAI(api_key=self._api_key(), base_url=self.base_url, max_retries=self.max_retries,
                              timeout=self.timeout)
 
     def _send_batches(self, client: openai.OpenAI, requests: list[tuple[str, str, list[dict]]], desc: str) -> set[str]:
