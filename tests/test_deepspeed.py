@@ -199,3 +199,26 @@ def test_two_zero2_ranks_take_the_steps_of_one_plain_process(tmp_path, data_dir)
     assert best["global_step"] == 4
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "hf").state_dict()
     assert all(torch.equal(best["state_dict"][f"model.{k}"], v) for k, v in exported.items())
+
+
+def test_a_signal_to_one_zero2_rank_saves_the_same_step_on_both(tmp_path, data_dir):
+    """Slurm signals every task, but not at the same instant: rank 1 alone gets SIGTERM mid-way through step 3.
+    The ranks agree at the step's end, both write their shards of step 3 into last.ckpt and stop; the two-rank
+    run resumes from that folder."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "tests")}
+    command = [sys.executable, "tests/deepspeed_cpu.py", *SMALL, *FAST, *OVERRIDES, "budget.max_steps=8",
+               "evaluation.enabled=false", "trainer.devices=2", "batch.micro_size=2", f"paths.output_dir={tmp_path}",
+               f"paths.data_dir={data_dir}", "run_name=two"]
+    signal_rank_1 = ["+callbacks.signal._target_=slow_steps.SignalAt", "+callbacks.signal.step=2",
+                     "+callbacks.signal.name=SIGTERM", "+callbacks.signal.rank=1"]
+    stopped = subprocess.run([*command, *signal_rank_1], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert stopped.returncode == 1, stopped.stderr[-2000:]
+    assert "stopped by a signal to another rank after step 3" in stopped.stderr
+    last = tmp_path / "two" / "checkpoints" / "last.ckpt"
+    assert len(list(last.glob("*/zero_pp_rank_*_optim_states.pt"))) == 2
+    assert read_checkpoint(last)["global_step"] == 3
+    resumed = subprocess.run([*command, "ckpt_path=last"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "| 3/8 [" in resumed.stdout and json.loads((tmp_path / "two" / "metrics.json").read_text())["steps"] == 8

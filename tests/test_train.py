@@ -151,11 +151,42 @@ def _cli(run_name, out, data_dir, *extra):
             "+callbacks.slow.seconds=0.2", *extra]
 
 
-def test_resume_after_sigkill_repeats_the_uninterrupted_run_exactly(tmp_path, data_dir):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "HF_HUB_OFFLINE": "1"}
-    subprocess.run(_cli("whole", tmp_path, data_dir), cwd=ROOT, env=env, check=True, capture_output=True)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    """A 20-step run through train.py, never stopped: what an interrupted and resumed run must repeat."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(_cli("whole", out, data_dir), cwd=ROOT, env=_env(), check=True, capture_output=True)
+    return out / "whole"
 
-    killed = subprocess.Popen(_cli("killed", tmp_path, data_dir), cwd=ROOT, env=env,
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "HF_HUB_OFFLINE": "1"}
+
+
+def _resumes_to_the_uninterrupted_run(run: Path, whole: Path, data_dir, stopped_at: int) -> None:
+    rerun = subprocess.run(_cli(run.name, run.parent, data_dir, "ckpt_path=last"), cwd=ROOT, env=_env(),
+                           check=True, capture_output=True, text=True)
+    out = rerun.stdout + rerun.stderr  # Lightning's bars go to stdout
+    # The bar counts optimizer steps from where the run stopped; Lightning's mid-epoch warning is not shown.
+    assert f"| {stopped_at}/20 [" in out and "| 20/20 [" in out and not re.search(r"-[\d.]+it/s", out)
+    assert "resuming from a checkpoint that ended before the epoch ended" not in out
+    assert "exists and is not empty" not in out
+    whole_losses, resumed = (column(read_csv(path), "train/loss") for path in (whole, run))
+    after = [s for s in resumed if s > stopped_at]
+    assert after and len(after) == len([s for s in whole_losses if s > stopped_at])
+    assert all(resumed[s] == whole_losses[s] for s in after), "per-step losses differ after the resume"
+    final = [torch.load(path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+             for path in (whole, run)]
+    assert final[0]["global_step"] == final[1]["global_step"] == 20
+    for key, value in final[0]["state_dict"].items():
+        assert torch.equal(value, final[1]["state_dict"][key]), key
+    # metrics.json too, timings aside: train/loss_first is the run's first loss, not the first after the resume.
+    whole_metrics, resumed = (untimed(json.loads((path / "metrics.json").read_text())) for path in (whole, run))
+    assert resumed == whole_metrics and whole_metrics["train/loss_first"] > 8.0
+
+
+def test_resume_after_sigkill_repeats_the_uninterrupted_run_exactly(uninterrupted, tmp_path, data_dir):
+    killed = subprocess.Popen(_cli("killed", tmp_path, data_dir), cwd=ROOT, env=_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = tmp_path / "killed" / "checkpoints" / "step000008.ckpt"
     deadline = time.time() + 300
@@ -167,27 +198,44 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run_exactly(tmp_path, da
     killed.wait()
     last = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert 8 <= last["global_step"] < 20
+    _resumes_to_the_uninterrupted_run(tmp_path / "killed", uninterrupted, data_dir, last["global_step"])
 
-    rerun = subprocess.run(_cli("killed", tmp_path, data_dir, "ckpt_path=last"), cwd=ROOT, env=env, check=True,
-                           capture_output=True, text=True)
-    out = rerun.stdout + rerun.stderr  # Lightning's bars go to stdout
-    # The bar counts optimizer steps from where the run stopped; Lightning's mid-epoch warning is not shown.
-    assert f"| {last['global_step']}/20 [" in out and "| 20/20 [" in out and not re.search(r"-[\d.]+it/s", out)
-    assert "resuming from a checkpoint that ended before the epoch ended" not in out
-    assert "exists and is not empty" not in out
-    whole, resumed = (column(read_csv(tmp_path / name), "train/loss") for name in ("whole", "killed"))
-    after = [s for s in resumed if s > last["global_step"]]
-    assert after and len(after) == len([s for s in whole if s > last["global_step"]])
-    assert all(resumed[s] == whole[s] for s in after), "per-step losses differ after the resume"
-    final = [torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-             for name in ("whole", "killed")]
-    assert final[0]["global_step"] == final[1]["global_step"] == 20
-    for key, value in final[0]["state_dict"].items():
-        assert torch.equal(value, final[1]["state_dict"][key]), key
-    # metrics.json too, timings aside: train/loss_first is the run's first loss, not the first after the resume.
-    whole, resumed = (untimed(json.loads((tmp_path / name / "metrics.json").read_text()))
-                      for name in ("whole", "killed"))
-    assert resumed == whole and whole["train/loss_first"] > 8.0
+
+def test_sigterm_saves_the_step_in_progress_and_stops(uninterrupted, tmp_path, data_dir):
+    """SIGTERM (scancel, a preemption, kill) arrives mid-way through step 7 (its first of two micro-batches):
+    the run finishes that step, saves it in last.ckpt (the periodic checkpoints are every 4 steps), stops with
+    status 1, and resumes from step 7 to the uninterrupted run's losses and weights."""
+    stopped = subprocess.run(_cli("stopped", tmp_path, data_dir, "+callbacks.signal._target_=slow_steps.SignalAt",
+                                  "+callbacks.signal.step=6", "+callbacks.signal.name=SIGTERM"),
+                             cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert stopped.returncode == 1, stopped.stderr[-2000:]
+    checkpoints = tmp_path / "stopped" / "checkpoints"
+    assert "stopped by SIGTERM after step 7" in stopped.stderr and "resume with ckpt_path=last" in stopped.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step000004.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 7
+    assert not (tmp_path / "stopped" / "metrics.json").exists()
+    _resumes_to_the_uninterrupted_run(tmp_path / "stopped", uninterrupted, data_dir, 7)
+
+
+def test_a_slurm_warning_is_saved_before_submitit_requeues_the_job(small_cfg, tmp_path):
+    """submitit's handler for the signal Slurm sends before the time limit (USR2) requeues the job and exits; the
+    run now saves its step first, then calls that handler, which finds the checkpoint on disk."""
+    seen = []
+
+    def submitit_handler(signum, frame):  # what submitit.JobEnvironment sets: requeue, then sys.exit(-1)
+        last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+        seen.append((signum, torch.load(last, map_location="cpu", weights_only=False)["global_step"]))
+        raise SystemExit(-1)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            train(small_cfg(*FAST, "+callbacks.signal._target_=slow_steps.SignalAt", "+callbacks.signal.step=2",
+                            "+callbacks.signal.name=SIGUSR2", run_dir=tmp_path / "run"))
+        assert stopped.value.code == -1 and seen == [(signal.SIGUSR2, 3)]
+        assert signal.getsignal(signal.SIGUSR2) is submitit_handler  # the run's own handler is gone
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
 
 
 def test_a_run_killed_after_its_final_checkpoint_resumes_to_the_same_outputs(pretrained, small_cfg, tmp_path):
