@@ -150,7 +150,10 @@ def test_run_reference_waits_for_its_base_then_resolves(tmp_path):
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"x")
     assert runs.resolve("run:base/base-step000010.ckpt", out, tmp_path) == str(ckpt)
-    assert runs.resolve("/some/path.ckpt", out, tmp_path) == "/some/path.ckpt"
+    assert runs.resolve(str(ckpt), out, tmp_path) == str(ckpt)
+    assert runs.resolve("microsoft/phi-1", out, tmp_path) == "microsoft/phi-1"  # a hub id, read later
+    with pytest.raises(FileNotFoundError, match="init_from=/some/path.ckpt: no such file or folder"):
+        runs.resolve("/some/path.ckpt", out, tmp_path)
     # A DeepSpeed checkpoint is a folder of shards: it is ready when its `latest` file is written, after them.
     folder = out / "base" / "checkpoints" / "base-step000020.ckpt"
     (folder / "step000020-1").mkdir(parents=True)

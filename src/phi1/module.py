@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from phi1 import model as phi_model
+from phi1 import runs
 from phi1.checkpoints import is_checkpoint, read_checkpoint
 from phi1.config import ConfigError
 from phi1.errors import InputError, MissingInputError, Phi1Error
@@ -104,7 +105,7 @@ class LanguageModel(L.LightningModule):
         else:
             from transformers import AutoModelForCausalLM
 
-            local = source.exists() or str(path).startswith(("/", ".", "~"))  # a path, not a hub id ("org/name")
+            local = runs.is_path(str(path))
             if local and not (source / "config.json").is_file():
                 raise MissingInputError(f"init_from={path}: neither a checkpoint (a file, or the folder DeepSpeed "
                                         "writes) nor an HF folder (config.json)")

@@ -38,6 +38,12 @@ def _run_target(ref: str, output_dir: Path) -> tuple[str, Path, Path]:
     return name, run_dir / "hf", run_dir / "metrics.json"
 
 
+def is_path(ref: str) -> bool:
+    """A local path rather than a hub id ("org/name"): one that exists, starts with /, . or ~, or has more than
+    one slash."""
+    return Path(ref).expanduser().exists() or ref.startswith(("/", ".", "~")) or ref.count("/") > 1
+
+
 def resolve(ref: str | None, output_dir: str | Path, data_dir: str | Path, wait_min: float = 0,
             poll_s: float = 30.0, what: str = "init_from") -> str | None:
     """The local path that `ref` names (see the module doc); any other value is returned as it is."""
@@ -46,6 +52,8 @@ def resolve(ref: str | None, output_dir: str | Path, data_dir: str | Path, wait_
     if ref.startswith("wandb:"):
         return _download_artifact(ref.removeprefix("wandb:"), Path(data_dir) / "artifacts")
     if not ref.startswith("run:"):
+        if is_path(ref) and not Path(ref).expanduser().exists():
+            raise MissingInputError(f"{what}={ref}: no such file or folder")
         return ref
     name, target, ready = _run_target(ref, Path(output_dir))
     deadline = time.monotonic() + 60 * wait_min

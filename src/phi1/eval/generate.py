@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from phi1 import runs
 from phi1.checkpoints import is_checkpoint
 from phi1.errors import InputError, MissingInputError
 
@@ -39,7 +40,7 @@ def load(ckpt: str, device: str | None = None):
         module = LanguageModel.from_checkpoint(path)
         model, tokenizer = module.model, AutoTokenizer.from_pretrained(str(tokenizers.location(module.cfg)))
         model = model.to(dtype)
-    elif str(ckpt).startswith(("/", ".", "~")) and not path.exists():  # a path, not a hub id ("org/name")
+    elif runs.is_path(str(ckpt)) and not path.exists():
         raise MissingInputError(f"ckpt={ckpt}: no such file or folder")
     else:  # an HF folder or a hub id
         try:
