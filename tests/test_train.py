@@ -596,3 +596,18 @@ def test_mfu_peak_of_an_h200_is_the_dense_bf16_figure(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert dense_peak_flops(cuda, precision) == expected, (name, precision)
     assert dense_peak_flops(torch.device("cpu"), "bf16-mixed") is None
+
+
+def test_debug_profile_traces_the_chosen_optimizer_steps(small_cfg, tmp_path):
+    """debug=profile: a trace of steps 3-5 (2 micro-batches each), one ProfilerStep span per optimizer step, and
+    the operators by time; the matmuls of the forward and backward passes are among them."""
+    train(small_cfg(*FAST, "debug=profile", "callbacks.profile.first_step=2", "callbacks.profile.steps=3",
+                    "evaluation.enabled=false", run_dir=tmp_path / "run"))
+    profile = tmp_path / "run" / "profile"
+    events = json.loads((profile / "trace-rank0.json").read_text())["traceEvents"]
+    spans = sorted({e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")})
+    assert len(spans) == 3, spans
+    forward = [e for e in events if e.get("name") in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul")]
+    assert forward, "no matrix multiplication in the trace"
+    table = (profile / "ops-rank0.txt").read_text()
+    assert "Self CPU" in table and re.search(r"aten::(add)?mm", table)

@@ -1,4 +1,5 @@
-"""Throughput, MFU, the progress bar and the W&B logger, under the metric names of DESIGN §6."""
+"""Throughput, MFU, the progress bar and the W&B logger, under the metric names of DESIGN §6; a profiler trace of
+a few steps (`debug=profile`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lightning.pytorch.callbacks import ThroughputMonitor, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.profilers import Profiler
 from lightning.pytorch.trainer.states import RunningStage
@@ -66,6 +67,84 @@ class DataWait(Profiler):
 
     def summary(self) -> str:
         return f"waited {self.waited:.1f} s for training batches"
+
+
+class Profile(Callback):
+    """torch.profiler over the `steps` optimizer steps after step `first_step` (or after the step a run resumed
+    at, if later): where a step's time goes, operator by operator and kernel by kernel, for speed work (MFU).
+    Writes into `dir`, per rank: `trace-rank<k>.json` (open in ui.perfetto.dev or chrome://tracing; one
+    ProfilerStep#n span per optimizer step) and `ops-rank<k>.txt` (the operators by self time, device time on a
+    GPU). The first steps are left out: they hold one-off work (torch.compile, cuDNN autotuning, the caching
+    allocator growing). The profiled steps run slower than the others (the profiler's own overhead)."""
+
+    def __init__(self, dir: str, first_step: int = 5, steps: int = 3, record_shapes: bool = True,
+                 profile_memory: bool = False, row_limit: int = 30):
+        self.dir, self.first_step, self.steps = Path(dir), first_step, steps
+        self.record_shapes, self.profile_memory, self.row_limit = record_shapes, profile_memory, row_limit
+        self._profiler = self._span = None
+        self._until: int | None = None
+        self._step: int | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import torch
+
+        if self._until is None and trainer.global_step >= self.first_step:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._profiler = torch.profiler.profile(activities=activities, record_shapes=self.record_shapes,
+                                                    profile_memory=self.profile_memory)
+            self._profiler.__enter__()
+            self._step, self._until = trainer.global_step, trainer.global_step + self.steps
+            self._open_span()
+
+    def _open_span(self) -> None:
+        import torch
+
+        # The span name the trace viewers and torch's own schedule use for one step.
+        self._span = torch.profiler.record_function(f"ProfilerStep#{self._step + 1}")
+        self._span.__enter__()
+
+    def _close_span(self) -> None:
+        if self._span is not None:
+            self._span.__exit__(None, None, None)
+            self._span = None
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if self._profiler is None or trainer.global_step == self._step:
+            return  # no profile running, or mid-way through a step's gradient accumulation
+        self._close_span()
+        self._step = trainer.global_step
+        if trainer.global_step >= self._until:
+            self._write(trainer)
+        else:
+            self._open_span()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._profiler is not None:  # the run ended first
+            self._write(trainer)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if self._profiler is not None:
+            self._close_span()
+            self._profiler.__exit__(None, None, None)
+            self._profiler = None
+
+    def _write(self, trainer) -> None:
+        import torch
+
+        self._close_span()
+        profiler, self._profiler = self._profiler, None
+        profiler.__exit__(None, None, None)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        rank = trainer.global_rank
+        trace = self.dir / f"trace-rank{rank}.json"
+        profiler.export_chrome_trace(str(trace))
+        sort_by = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        (self.dir / f"ops-rank{rank}.txt").write_text(
+            profiler.key_averages().table(sort_by=sort_by, row_limit=self.row_limit) + "\n")
+        log.info("profiled steps %d-%d: %s (ui.perfetto.dev), operators by time in %s", self._until - self.steps + 1,
+                 trainer.global_step, trace, trace.with_name(f"ops-rank{rank}.txt"))
 
 
 class Throughput(ThroughputMonitor):
