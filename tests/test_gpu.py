@@ -1,10 +1,14 @@
 """On a CUDA GPU (skipped elsewhere): bf16 and DeepSpeed ZeRO-2 runs agree with the CPU fp32 run on the tiny
-model, a DeepSpeed checkpoint resumes into the uninterrupted run, and the fused cross-entropy is the loss."""
+model, a DeepSpeed checkpoint resumes into the uninterrupted run (also one saved on SIGTERM), the fused
+cross-entropy is the loss, and debug=profile records the GPU's kernels."""
+
+import json
 
 import pytest
 import torch
 
 from conftest import requires_cuda
+from phi1.checkpoints import read_checkpoint
 from phi1.module import LanguageModel
 from phi1.train import train
 
@@ -34,6 +38,25 @@ def test_deepspeed_resumes_from_its_checkpoint_into_the_uninterrupted_run(small_
     resumed = train(small_cfg(*SAME, *deepspeed, f"ckpt_path={halfway}", run_dir=tmp_path / "resumed"))
     assert resumed["steps"] == whole["steps"] == 8
     assert resumed["train/loss"] == pytest.approx(whole["train/loss"], rel=1e-3)
+
+
+def test_sigterm_saves_a_deepspeed_run_that_resumes_to_its_end(small_cfg, tmp_path):
+    deepspeed = ["trainer=deepspeed_bf16", "trainer.devices=1", "trainer.num_nodes=1"]
+    signal_at_2 = ["+callbacks.signal._target_=slow_steps.SignalAt", "+callbacks.signal.step=2",
+                   "+callbacks.signal.name=SIGTERM"]
+    with pytest.raises(SystemExit, match="stopped by SIGTERM after step 3"):
+        train(small_cfg(*SAME, *deepspeed, *signal_at_2, run_dir=tmp_path / "run"))
+    assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 3
+    resumed = train(small_cfg(*SAME, *deepspeed, "ckpt_path=last", run_dir=tmp_path / "run"))
+    assert resumed["steps"] == 8
+
+
+def test_debug_profile_records_the_gpu_kernels(small_cfg, tmp_path):
+    train(small_cfg(*SAME, "trainer=gpu", "debug=profile", "callbacks.profile.first_step=2",
+                    "callbacks.profile.steps=2", run_dir=tmp_path / "run"))
+    events = json.loads((tmp_path / "run" / "profile" / "trace-rank0.json").read_text())["traceEvents"]
+    assert any(e.get("cat") == "kernel" for e in events)
+    assert "Self CUDA" in (tmp_path / "run" / "profile" / "ops-rank0.txt").read_text()
 
 
 def test_fused_cross_entropy_is_the_pytorch_loss(small_cfg):
