@@ -126,16 +126,18 @@ class Profile(Callback):
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         if self._profiler is not None:
-            self._close_span()
-            self._profiler.__exit__(None, None, None)
-            self._profiler = None
+            self._stop()
+
+    def _stop(self):
+        self._close_span()
+        profiler, self._profiler = self._profiler, None
+        profiler.__exit__(None, None, None)
+        return profiler
 
     def _write(self, trainer) -> None:
         import torch
 
-        self._close_span()
-        profiler, self._profiler = self._profiler, None
-        profiler.__exit__(None, None, None)
+        profiler = self._stop()
         self.dir.mkdir(parents=True, exist_ok=True)
         rank = trainer.global_rank
         trace = self.dir / f"trace-rank{rank}.json"
