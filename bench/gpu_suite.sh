@@ -3,7 +3,7 @@
 #   bash bench/gpu_suite.sh check          # wheels installed, imports, GPU, driver (seconds)
 #   bash bench/gpu_suite.sh tests          # pytest -m cuda: GPU/ZeRO-2 losses vs CPU, DeepSpeed resume, fused CE
 #   bash bench/gpu_suite.sh eval           # bench/eval_speed.py: random 1.3B, greedy HumanEval, batch 16 and 64
-#   bash bench/gpu_suite.sh train 1.3b base,compile,fused_ce,best [micro]   # bench/train_speed.py --gpu
+#   bash bench/gpu_suite.sh train 1.3b base,compile,fused_ce,best [micro [args]]  # bench/train_speed.py --gpu
 #   bash bench/gpu_suite.sh profile 1.3b [micro]   # debug=profile: a trace of steps 6-8 and the top kernels
 #                                                  # (its tokens/s include the profiler: not for BENCHMARKS.md)
 # Needs .whl/ (bench/device_wheels.sh) carried with the tree: carry=[".whl"]. Full logs and JSON go to $OUT
@@ -46,9 +46,10 @@ eval)
         | tee "$out/eval_speed.log" | grep -v "it/s]"
     ;;
 train)
-    model="${2:?model}" variants="${3:-base}" micro="${4:-0}"
-    "$py" bench/train_speed.py --gpu --models "$model" --variants "$variants" --micro "$micro" \
-        --json "$out/train_speed_${model}.json" 2>&1 | tee "$out/train_speed_${model}.log" | grep -v "it/s]"
+    # Further arguments go to train_speed.py (--steps 10 --warmup 3, Hydra overrides); $tag names the files.
+    model="${2:?model}" variants="${3:-base}" micro="${4:-0}" tag="${tag:-$2}"
+    "$py" bench/train_speed.py --gpu --models "$model" --variants "$variants" --micro "$micro" "${@:5}" \
+        --json "$out/train_speed_${tag}.json" 2>&1 | tee "$out/train_speed_${tag}.log" | grep -v "it/s]"
     ;;
 profile)
     model="${2:?model}" micro="${3:-0}"

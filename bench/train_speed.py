@@ -7,13 +7,14 @@ tokens/s and MFU (DESIGN §7) for each speed switch, DeepSpeed ZeRO 1/2 against 
     python bench/train_speed.py --steps 60 model=tiny data.seq_len=128   # extra args are Hydra overrides
 
 Variants (--gpu; each is train.py's config plus these overrides, and the plain loop runs the same ones):
-  base        SDPA attention, fused AdamW, no compile, PyTorch cross-entropy (the defaults on a GPU)
-  eager_attn  model.attn_implementation=eager           (what SDPA's flash/cuDNN kernels save)
-  unfused     optim.fused=false                          (what fused AdamW saves)
-  compile     speed.compile=true
+  base        SDPA attention, fused AdamW, PyTorch cross-entropy, no compile (speed.compile=false)
+  eager_attn  base + model.attn_implementation=eager    (what SDPA's flash/cuDNN kernels save)
+  unfused     base + optim.fused=false                   (what fused AdamW saves)
+  compile     speed.compile=true                         (the defaults on a GPU)
   fused_ce    speed.fused_cross_entropy=true             (liger-kernel; skipped when it is not installed)
   best        compile + fused_ce
-  zero1/zero2 trainer=deepspeed_bf16 with ZeRO stage 1/2 on one GPU (train.py only)
+  zero1/zero2 trainer=deepspeed_bf16 with ZeRO stage 1/2 on one GPU, eager (train.py only)
+  zero2_compile  the same with speed.compile=true
 Steps: the first --warmup optimizer steps (compilation, allocator warm-up) are left out of the timing. Each
 optimizer step is --accumulate micro-batches of --micro sequences (0: the largest that fits, found by doubling
 from 1 without activation checkpointing). Validation, checkpoints, evaluation and the HF export are off.
@@ -31,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,28 +50,33 @@ from phi1.module import LanguageModel, lr_lambda  # noqa: E402
 from phi1.monitoring import dense_peak_flops  # noqa: E402
 from phi1.train import train  # noqa: E402
 
+EAGER = ["speed.compile=false"]  # the plain loop calls no setup hook, so each variant says compile or not
 VARIANTS = {
-    "base": [],
-    "eager_attn": ["model.attn_implementation=eager"],
-    "unfused": ["optim.fused=false"],
+    "base": EAGER,
+    "eager_attn": [*EAGER, "model.attn_implementation=eager"],
+    "unfused": [*EAGER, "optim.fused=false"],
     "compile": ["speed.compile=true"],
-    "fused_ce": ["speed.fused_cross_entropy=true"],
+    "fused_ce": [*EAGER, "speed.fused_cross_entropy=true"],
     "best": ["speed.compile=true", "speed.fused_cross_entropy=true"],
-    "zero1": ["trainer=deepspeed_bf16", "trainer.devices=1", "trainer.strategy.stage=1"],
-    "zero2": ["trainer=deepspeed_bf16", "trainer.devices=1", "trainer.strategy.stage=2"],
+    "zero1": [*EAGER, "trainer=deepspeed_bf16", "trainer.devices=1", "trainer.strategy.stage=1"],
+    "zero2": [*EAGER, "trainer=deepspeed_bf16", "trainer.devices=1", "trainer.strategy.stage=2"],
+    "zero2_compile": ["speed.compile=true", "trainer=deepspeed_bf16", "trainer.devices=1", "trainer.strategy.stage=2"],
 }
 
 
 class StepTimes(Callback):
-    """Wall time at the end of every optimizer step (after a device sync, so that it is the GPU's time)."""
+    """Wall time at the end of every optimizer step (after a device sync, so that it is the GPU's time), and
+    the seconds the loop had waited for batches by then (train.py's DataWait profiler)."""
 
     times: list[float] = []
+    waited: list[float] = []
 
     def on_train_batch_end(self, trainer, *args):
         if len(StepTimes.times) < trainer.global_step:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             StepTimes.times.append(time.perf_counter())
+            StepTimes.waited.append(getattr(trainer.profiler, "waited", 0.0))
 
 
 def steps_per_sec(times: list[float], warmup: int) -> float:
@@ -77,11 +84,17 @@ def steps_per_sec(times: list[float], warmup: int) -> float:
 
 
 def harness(cfg, warmup: int) -> float:
-    StepTimes.times = []
+    StepTimes.times, StepTimes.waited = [], []
     # Scratch: every measurement starts afresh (train.py refuses a fresh run over another's checkpoints).
     shutil.rmtree(cfg.paths.run_dir, ignore_errors=True)
     train(cfg)
     return steps_per_sec(StepTimes.times, warmup)
+
+
+def data_wait_share(warmup: int) -> float:
+    """Of the last harness run's timed steps, the share of wall time spent waiting for the next batch."""
+    times, waited = StepTimes.times, StepTimes.waited
+    return (waited[-1] - waited[warmup]) / (times[-1] - times[warmup])
 
 
 def plain(cfg, warmup: int) -> float:
@@ -198,7 +211,7 @@ def main() -> None:
         steps, warmup, rounds = args.steps or 40, args.warmup or 5, args.rounds or 3
         cfg = compose_cfg(common + [f"budget.max_steps={steps}", f"callbacks.checkpoint.every_n_train_steps={steps * 10}",
                                     *overrides])
-        results.append(measure(cfg, cfg.model.name, "cpu", warmup, rounds, harness_only=False))
+        record(results, measure(cfg, cfg.model.name, "cpu", warmup, rounds, harness_only=False), env, args.json)
     else:
         steps, warmup, rounds = args.steps or 14, args.warmup or 4, args.rounds or 1
         for model in args.models.split(","):
@@ -221,33 +234,57 @@ def main() -> None:
                         print(f"{variant}: skipped (liger-kernel is not installed)", flush=True)
                         continue
                 cfg = compose_cfg(sized + VARIANTS[variant])
-                results.append(measure(cfg, model, variant, warmup, rounds, harness_only=variant.startswith("zero")))
+                try:
+                    result = measure(cfg, model, variant, warmup, rounds, harness_only=variant.startswith("zero"))
+                except Exception:  # one variant that breaks (a compiler, a kernel) leaves the others measured
+                    traceback.print_exc()
+                    print(f"{model} {variant}: FAILED (traceback above)", flush=True)
+                    free()
+                    continue
+                record(results, result, env, args.json)
     print(f"\nenvironment: {env}")
-    print("| model | variant | micro × accum | train.py tok/s | MFU | plain tok/s | train.py / plain | peak memory |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(TABLE_HEAD)
     for r in results:
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "–"
-        plain_rate = f"{r['plain_tokens_per_s']:,.0f}" if r["plain_tokens_per_s"] else "–"
-        ratio = f"{r['ratio']:.3f}" if r["ratio"] else "–"
-        memory = f"{r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] is not None else "–"
-        print(f"| {r['model']} | {r['variant']} | {r['micro']} × {r['accumulate']} | {r['tokens_per_s']:,.0f} | {mfu} "
-              f"| {plain_rate} | {ratio} | {memory} |")
-    if args.json:
-        args.json.write_text(json.dumps({"environment": env, "results": results}, indent=2))
+        print(row(r))
+
+
+TABLE_HEAD = ("| model | variant | micro × accum | train.py tok/s | MFU | plain tok/s | train.py / plain | data wait "
+              "| peak memory |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def row(r: dict) -> str:
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "–"
+    plain_rate = f"{r['plain_tokens_per_s']:,.0f}" if r["plain_tokens_per_s"] else "–"
+    ratio = f"{r['ratio']:.3f}" if r["ratio"] else "–"
+    memory = f"{r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] is not None else "–"
+    return (f"| {r['model']} | {r['variant']} | {r['micro']} × {r['accumulate']} | {r['tokens_per_s']:,.0f} | {mfu} "
+            f"| {plain_rate} | {ratio} | {r['data_wait']:.2%} | {memory} |")
+
+
+def record(results: list[dict], result: dict, env: dict, path: Path | None) -> None:
+    """Print the result's row and rewrite the JSON at once: a run stopped by its time limit (a lent GPU's 10
+    minutes a command) keeps every measurement it finished."""
+    results.append(result)
+    print(row(result), flush=True)
+    if path:
+        path.write_text(json.dumps({"environment": env, "results": results}, indent=2))
 
 
 def measure(cfg, model: str, variant: str, warmup: int, rounds: int, harness_only: bool) -> dict:
     tokens = cfg.batch.global_size * cfg.data.seq_len
     runs: dict[str, list[float]] = {"plain": [], "harness": []}
     memory = None
+    waits = []
     for r in range(rounds):
         for name, fn in (("plain", plain), ("harness", harness)):
             if name == "plain" and harness_only:
                 continue
             free()
             runs[name].append(fn(cfg, warmup) * tokens)
-            if name == "harness" and torch.cuda.is_available():
-                memory = torch.cuda.max_memory_allocated() / 2**30
+            if name == "harness":
+                waits.append(data_wait_share(warmup))
+                if torch.cuda.is_available():
+                    memory = torch.cuda.max_memory_allocated() / 2**30
             print(f"{model} {variant} round {r + 1}: {name:8s} {runs[name][-1]:,.0f} tokens/s", file=sys.stderr,
                   flush=True)
     rate = statistics.median(runs["harness"])
@@ -267,6 +304,7 @@ def measure(cfg, model: str, variant: str, warmup: int, rounds: int, harness_onl
             "tokens_per_s": rate, "plain_tokens_per_s": plain_rate, "ratio": rate / plain_rate if plain_rate else None,
             "flops_per_token": flops_per_token, "peak_flops": peak,
             "mfu": rate * flops_per_token / peak if peak else None, "peak_memory_gb": memory,
+            "data_wait": statistics.median(waits),
             "runs": runs}
 
 

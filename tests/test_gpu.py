@@ -77,3 +77,13 @@ def test_fused_cross_entropy_is_the_pytorch_loss(small_cfg):
         loss.backward()
         grads.append(m.model.lm_head.weight.grad)
     assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("trainer", ["trainer=gpu", "trainer=deepspeed_bf16"])
+def test_training_on_a_gpu_is_compiled_by_default(small_cfg, tmp_path, monkeypatch, trainer):
+    compiled = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **kw: compiled.append(fn) or real(fn, *a, **kw))
+    extra = ["trainer.devices=1", "trainer.num_nodes=1"] if "deepspeed" in trainer else []
+    train(small_cfg(*SAME, trainer, *extra, "budget.max_steps=2", run_dir=tmp_path / "run"))
+    assert len(compiled) == 2  # the forward for the logits, and the one for the hidden states (fused CE)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import ROOT, SMALL
 from phi1.module import LanguageModel, NonFiniteLossError
@@ -549,6 +550,17 @@ def test_compiled_training_matches_eager(small_cfg, tmp_path):
     assert keys[0] == keys[1]
 
 
+def test_training_on_the_cpu_stays_eager_by_default(small_cfg, tmp_path, monkeypatch):
+    # speed.compile=null compiles on a CUDA GPU only (tests/test_gpu.py): here a compilation would take
+    # longer than the tiny model's run.
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **kw: compiled.append(fn) or fn)
+    train(small_cfg(*FAST, "budget.max_steps=2", "evaluation.enabled=false", "val_batches=0"))
+    assert compiled == []
+    LanguageModel(OmegaConf.to_container(small_cfg("speed.compile=true"), resolve=True), 2, 1)
+    assert len(compiled) == 2
+
+
 def test_fused_cross_entropy_needs_a_gpu(small_cfg):
     from phi1.config import ConfigError
 
@@ -611,3 +623,18 @@ def test_debug_profile_traces_the_chosen_optimizer_steps(small_cfg, tmp_path):
     assert forward, "no matrix multiplication in the trace"
     table = (profile / "ops-rank0.txt").read_text()
     assert "Self CPU" in table and re.search(r"aten::(add)?mm", table)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_fused_adamw_clips_gradients_under_mixed_precision(small_cfg, tmp_path, precision):
+    # Fused AdamW is the default on CUDA, and Lightning's mixed precision refused to clip for it: every
+    # `trainer=gpu` run stopped at its first step. Here on the CPU (fused AdamW runs there too): the fused run
+    # clips like the unfused one, and the clipping is large enough to show (a run without it ends elsewhere).
+    common = (*FAST, "model.dropout=0", "budget.max_steps=4", "evaluation.enabled=false", "val_batches=0",
+              f"trainer.precision={precision}", "optim.lr=3e-3")
+    runs = {name: train(small_cfg(*common, *extra, run_dir=tmp_path / name))["train/loss"]
+            for name, extra in [("fused", ["optim.fused=true", "optim.grad_clip=0.05"]),
+                                ("unfused", ["optim.fused=false", "optim.grad_clip=0.05"]),
+                                ("unclipped", ["optim.fused=true", "optim.grad_clip=0"])]}
+    assert runs["fused"] == pytest.approx(runs["unfused"], rel=2e-3)
+    assert abs(runs["unclipped"] - runs["unfused"]) > max(100 * abs(runs["fused"] - runs["unfused"]), 1e-3)

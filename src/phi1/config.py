@@ -144,9 +144,10 @@ class BatchConfig:
 class SpeedConfig:
     """Switches for the GPU throughput of training (the others: model.attn_implementation, optim.fused)."""
 
-    # torch.compile the model's forward for training and validation. Generation stays eager: its sequence
-    # length changes every token, and each new shape would be a recompilation.
-    compile: bool = False
+    # torch.compile the model's forward for training and validation; None: on a CUDA GPU, off on the CPU
+    # (LanguageModel.setup). Generation stays eager: its sequence length changes every token, and each new
+    # shape would be a recompilation.
+    compile: Optional[bool] = None
     # liger-kernel's fused linear cross-entropy: the LM head and the loss in chunks, so the logits of a
     # micro-batch (tokens × 51,200 × 4 bytes in fp32: 1.7 GB for 4 × 2048 tokens) never exist at once. CUDA only.
     fused_cross_entropy: bool = False

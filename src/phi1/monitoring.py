@@ -326,8 +326,8 @@ def quiet_library_noise() -> None:
       root logger has handlers (under Hydra), Lightning's records go through those alone.
     - Lightning's "Tip" advertising its hosted logger.
     - torch's deprecation of LeafSpec, which Lightning 2.6 still constructs at every step;
-    - the warning that a resumed run's data loader is not resumable (ours is: see below), and that its
-      checkpoint folder is not empty;
+    - the warning that a resumed run's data loader is not resumable (ours is: see below), that its
+      checkpoint folder is not empty, and that DeepSpeed would not clip (it does: see below);
     - W&B's advertisement for its Weave tracing whenever `openai` is imported (evaluate.py, for grading);
       WANDB_DISABLE_WEAVE=false in the environment brings Weave back."""
     if logging.getLogger().handlers:
@@ -344,6 +344,9 @@ def quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     # train.py refuses a fresh run in a folder that holds checkpoints, so this one only ever greets a resume.
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+    # LanguageModel.configure_gradient_clipping (fused AdamW under AMP) hands DeepSpeed's case back to
+    # Lightning, whose DeepSpeed strategy clips by trainer.gradient_clip_val in DeepSpeed's own config.
+    warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
     os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
 
 
