@@ -217,7 +217,8 @@ class LanguageModel(L.LightningModule):
         # `trainer=gpu` run. In bf16 there is no scaler and the gradients are the true ones; in fp16 the scaler
         # unscales them here first, and its step then passes the fused optimizer no scale (torch.amp.GradScaler).
         plugin = self.trainer.precision_plugin
-        if gradient_clip_val and isinstance(plugin, MixedPrecision) and getattr(optimizer, "_step_supports_amp_scaling", False):
+        unscales_itself = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and unscales_itself:
             if plugin.scaler is not None:
                 plugin.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
