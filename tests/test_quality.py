@@ -94,6 +94,7 @@ def test_classifier_learns_a_separable_label_and_reports_held_out_metrics(tmp_pa
     assert metrics["accuracy"] > metrics["majority_baseline_accuracy"]
     assert (tmp_path / "clf" / "classifier.joblib").exists() and (tmp_path / "clf" / "curves.png").stat().st_size > 0
     assert json.loads((tmp_path / "clf" / "metrics.json").read_text()) == metrics
+    assert "scikit-learn" in json.loads((tmp_path / "clf" / "environment.json").read_text())[0]["packages"]
 
 
 def test_missing_or_malformed_inputs_of_classify_and_filter_are_named(tmp_path):

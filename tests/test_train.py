@@ -73,6 +73,8 @@ def test_pretraining_loss_falls_and_writes_its_outputs(pretrained):
     assert metrics["train/loss"] < metrics["train/loss_first"] - 1.0  # from ~ln(4096) = 8.3
     assert metrics["val/loss"] < metrics["train/loss_first"] - 1.0
     assert json.loads((run / "metrics.json").read_text())["steps"] == 24
+    (env,) = json.loads((run / "environment.json").read_text())  # what it ran on, beside what it computed
+    assert env["packages"]["torch"] == torch.__version__ and env["devices"] == [] and env["python"]
     # 24 × 8 windows read from a pack of 250 stdlib files (~1.2M tokens / 64 per window): far less than one pass
     assert 0 < metrics["data/epochs"] < 0.05
     assert (run / "checkpoints" / "last.ckpt").exists()

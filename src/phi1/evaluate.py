@@ -16,7 +16,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from phi1 import runs
+from phi1 import environment, runs
 from phi1.errors import InputError, MissingInputError
 from phi1.eval import benchmarks as bench
 from phi1.eval.sandbox import Limits, Sandbox
@@ -221,6 +221,7 @@ def evaluate(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     # What report.py reads to place this run: the config with every interpolation resolved.
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    environment.record(run_dir)  # and what it ran on: the library versions behind its numbers
     ckpt = runs.resolve(cfg.ckpt, cfg.paths.output_dir, cfg.paths.data_dir, what="ckpt")
     # Started before any model is loaded: a sandbox that cannot be set up stops the run before the work.
     sandbox = make_sandbox(cfg.sandbox)

@@ -3,7 +3,9 @@
 Reads every run directory under `runs_dir` (its resolved `config.yaml` and `metrics.json`, written by
 train.py and evaluate.py) and, with `wandb=<entity>/<project>`, the runs logged to W&B. Writes into `out`:
   fig2_1.{png,md}     Figure 2.1: HumanEval per (model, tokens) group, one bar per training data
-                      (runs of experiment scaling; the mini reproduction's runs as mini_fig2_1.*)
+                      (runs of experiment scaling; the mini reproduction's runs as mini_fig2_1.*); a cell
+                      run with several seeds is their mean, with each seed's value and the orderings the
+                      paper claims counted seed by seed
   emergence.{png,md}  phi-1-small / phi-1-base / phi-1 on HumanEval, MBPP, unconventional (experiment emergence)
   table2.{png,md}     Table 2: unconventional-problem score and HumanEval, the paper's other models beside
   table3.{png,md}     Table 3: pass@1 on similar / non-similar HumanEval problems per τ (experiment pruning)
@@ -13,8 +15,10 @@ Each table names the run behind each number; a section without runs says which c
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from phi1 import environment  # noqa: E402
 from phi1.contamination.decontaminate import PAPER_TABLE3, pass_rates  # noqa: E402
 from phi1.errors import Phi1Error  # noqa: E402
 
@@ -48,6 +53,9 @@ ARMS = {
     "mini": {"stdlib": "stdlib (unfiltered)", "stdlib_filtered": "filtered stdlib",
              "stdlib_exercises": "filtered → stdlib exercises"},
 }
+# The metric a scaling figure's orderings are judged by, and whether higher is better: pass@1 at the paper's
+# scale; the solution NLL at the mini scale, where pass@1 is 0 for every run.
+PRIMARY = {"scaling": ("pass@1", True), "mini": ("solution_nll", False)}
 # The evaluated run an emergence run points at (ckpt=run:<name>...) -> the paper's model name.
 EMERGENCE_MODELS = {"phi1_small": "phi-1-small", "phi1_base": "phi-1-base", "phi1": "phi-1"}
 COLORS = ["#f28e2b", "#8cd17d", "#2e7d32"]  # the paper's orange, light green, dark green
@@ -97,6 +105,22 @@ def wandb_runs(path: str) -> list[Run]:
     return runs
 
 
+def _environment(runs: list[Run]) -> tuple[list[str], dict]:
+    """The markdown lines saying what the runs behind a figure ran on, and {setting: how it differs}: runs
+    made with other library versions can differ by that alone (phi1.environment)."""
+    envs = {r.name: environment.read(r.dir) if r.dir else [] for r in runs}
+    recorded = [history[-1] for history in envs.values() if history]
+    if not recorded:
+        return ["", "## Environment", "", "Not recorded: the runs predate environment.json, or come from W&B."], {}
+    diffs = environment.differences(envs)
+    same = {k: v for k, v in environment.flatten(recorded[0]).items() if k not in diffs}
+    lines = ["", "## Environment", "", "Same in every run: " + ", ".join(f"{k} {v}" for k, v in same.items()) + "."]
+    if diffs:
+        lines += ["", "**Not the same in every run** (numbers can differ for this reason alone):", "",
+                  *(f"- {k}: {v}" for k, v in diffs.items())]
+    return lines, diffs
+
+
 def _pct(v):
     return None if v is None else 100.0 * v
 
@@ -125,10 +149,11 @@ def _samples(run: Run, bench: str) -> Path | None:
 
 def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
     arms = ARMS[experiment]
-    cells = {}
+    cells: dict[tuple, dict] = {}  # (model, budget, data) -> {seed: run}
     for r in runs:
         if r.get("experiment_name") == experiment and r.get("data.name") in arms:
-            cells[(r.get("model.name"), r.get("budget.name"), r.get("data.name"))] = r  # the last one of a cell wins
+            key = (r.get("model.name"), r.get("budget.name"), r.get("data.name"))
+            cells.setdefault(key, {})[r.get("seed")] = r  # the last run of a (cell, seed) wins
     prefix = "" if experiment == "scaling" else f"{experiment}_"
     if not cells:
         log.info("Figure 2.1 (%s): no runs; make them with `python train.py +sweep=%s`", experiment, experiment)
@@ -137,29 +162,101 @@ def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
     rows, table = [], {}
     for m, b in groups:
         for arm, label in arms.items():
-            r = cells.get((m, b, arm))
-            pass1 = _pct(r.metrics.get("eval/humaneval/pass@1")) if r else None
-            nll = r.metrics.get("eval/humaneval/solution_nll") if r else None
-            hours = r.metrics.get("device_hours") if r else None
-            paper = PAPER_FIG21.get((m, b, arm)) if experiment == "scaling" else None
-            rows.append(f"| {m} | {b} | {label} | {_fmt(pass1)} | {_fmt(nll, 3)} | {_hours(hours)} | {_fmt(paper)} | "
-                        f"{r.name if r else '–'} |")
-            table[f"{m}/{b}/{arm}"] = {"pass@1": pass1, "solution_nll": nll, "device_hours": hours,
-                                       "paper_pass@1": paper, "run": r.where if r else None}
+            seeds = cells.get((m, b, arm), {})
+            cell = _cell(seeds)
+            cell["paper_pass@1"] = PAPER_FIG21.get((m, b, arm)) if experiment == "scaling" else None
+            table[f"{m}/{b}/{arm}"] = cell
+            rows.append(f"| {m} | {b} | {label} | {_fmt_sd(cell, 'pass@1', 1)} | {_fmt_sd(cell, 'solution_nll', 3)} "
+                        f"| {_hours(cell['device_hours'])} | {_fmt(cell['paper_pass@1'])} | {len(seeds) or '–'} | "
+                        f"{', '.join(r.name for r in _by_seed(seeds).values()) or '–'} |")
+    metric, higher = PRIMARY[experiment]
+    orderings = _orderings(cells, groups, arms, metric, higher)
     title = "Figure 2.1: HumanEval by model, tokens seen and training data" + (
         "" if experiment == "scaling" else f" ({experiment} reproduction)")
     paper_hours = {g: PAPER_FIG21_GPU_HOURS.get(g) for g in groups} if experiment == "scaling" else {}
     md = [f"# {title}", "",
           "pass@1 in %, greedy; solution NLL = mean per-token negative log-likelihood of the canonical solutions "
           "(lower is better); device-hours = the run's training wall clock × devices, over all its resumes. "
+          "A cell run with several seeds: their mean ± sample standard deviation. "
           "Paper: the values its text gives (DESIGN §3)"
           + "".join(f"; {m} on {b} tokens took {h:,} GPU-hours" for (m, b), h in paper_hours.items() if h) + ".", "",
-          "| model | tokens | data | pass@1 | solution NLL | device-hours | paper pass@1 | run |",
-          "|---|---|---|---|---|---|---|---|", *rows]
-    (out / f"{prefix}fig2_1.md").write_text("\n".join(md) + "\n")
+          "| model | tokens | data | pass@1 | solution NLL | device-hours | paper pass@1 | seeds | runs |",
+          "|---|---|---|---|---|---|---|---|---|", *rows, "",
+          f"## Orderings, seed by seed ({'pass@1' if metric == 'pass@1' else 'solution NLL'})", "",
+          "Each comparison pairs the two cells' runs of the same seed (same initialisation and data order) and "
+          "counts the seeds where the paper's ordering holds; the difference is the mean ± sd over those seeds.",
+          "", *(o["line"] for o in orderings)]
+    env_lines, env_diffs = _environment([r for seeds in cells.values() for r in seeds.values()])
+    (out / f"{prefix}fig2_1.md").write_text("\n".join(md + env_lines) + "\n")
     labels = [_group_label(cells, g, paper_hours.get(g)) for g in groups]
     _bars(out / f"{prefix}fig2_1.png", title, groups, labels, arms, table, show_nll=experiment != "scaling")
-    return table
+    return {"cells": table, "orderings": orderings, "environment_differences": env_diffs}
+
+
+def _by_seed(seeds: dict) -> dict:
+    """{seed: run} in seed order (a run from before seeds were recorded has None, first)."""
+    return dict(sorted(seeds.items(), key=lambda kv: -1 if kv[0] is None else kv[0]))
+
+
+def _values(run: Run) -> dict:
+    return {"pass@1": _pct(run.metrics.get("eval/humaneval/pass@1")),
+            "solution_nll": run.metrics.get("eval/humaneval/solution_nll"),
+            "device_hours": run.metrics.get("device_hours")}
+
+
+def _mean_sd(values: list) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _cell(seeds: dict) -> dict:
+    """A cell's numbers: the mean over its seeds (sd where there are several), each seed's, and the runs."""
+    per_seed = {s: _values(r) for s, r in _by_seed(seeds).items()}
+    cell = {}
+    for key in ("pass@1", "solution_nll", "device_hours"):
+        cell[key], sd = _mean_sd([v[key] for v in per_seed.values()])
+        if key != "device_hours":
+            cell[f"{key}_sd"] = sd
+    cell.update(seeds=list(per_seed), per_seed=per_seed, runs=[r.where for r in _by_seed(seeds).values()])
+    return cell
+
+
+def _fmt_sd(cell: dict, key: str, digits: int) -> str:
+    sd = cell[f"{key}_sd"]
+    return _fmt(cell[key], digits) + ("" if sd is None else f" ± {sd:.{digits}f}")
+
+
+def _orderings(cells: dict, groups: list, arms: dict, metric: str, higher: bool) -> list[dict]:
+    """The paper's orderings (Figure 2.1), each counted over the seeds both cells ran: within a group each
+    bar beats the one before it (filtered beats unfiltered data, finetuning on exercises beats the filtered
+    pretraining), and at the same budget and data the larger model beats the smaller."""
+    pairs = []
+    for m, b in groups:
+        names = list(arms)
+        for worse, better in zip(names, names[1:]):
+            pairs.append(((m, b, worse), (m, b, better), f"{m}, {b} tokens: {arms[better]} beats {arms[worse]}"))
+    for (m1, b1), (m2, b2) in itertools.combinations(groups, 2):  # groups are sorted small model first
+        if b1 == b2 and m1 != m2:
+            pairs += [((m1, b1, arm), (m2, b2, arm), f"{b1} tokens, {label}: {m2} beats {m1}")
+                      for arm, label in arms.items()]
+    result = []
+    for worse, better, claim in pairs:
+        a, c = cells.get(worse, {}), cells.get(better, {})
+        diffs = {s: _values(c[s])[metric] - _values(a[s])[metric] for s in _by_seed(a) if s in c
+                 and _values(c[s])[metric] is not None and _values(a[s])[metric] is not None}
+        if not diffs:
+            continue
+        holds = [s for s, d in diffs.items() if (d > 0 if higher else d < 0)]
+        mean, sd = _mean_sd(list(diffs.values()))
+        digits = 1 if metric == "pass@1" else 3
+        spread = "" if sd is None else f" ± {sd:.{digits}f}"
+        line = (f"- {claim}: in {len(holds)} of {len(diffs)} seed{'s' * (len(diffs) > 1)} "
+                f"({'solution NLL' if metric == 'solution_nll' else metric} {mean:+.{digits}f}{spread})")
+        result.append({"claim": claim, "holds": len(holds), "seeds": len(diffs), "diff": mean, "diff_sd": sd,
+                       "line": line})
+    return result
 
 
 def _human(n: float) -> str:
@@ -173,10 +270,14 @@ def _hours(v) -> str:
     return "–" if v is None else f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
 
+def _group_runs(cells, group) -> list[Run]:
+    return [r for (m, b, _), seeds in cells.items() if (m, b) == group for r in seeds.values()]
+
+
 def _group_label(cells, group, paper_hours: float | None = None) -> str:
-    """'tiny (1.85M params)\n246K tokens\n0.0168 device-h': the model, its pretraining tokens and compute (the
+    """'tiny (1.85M params)\\n246K tokens\\n0.0168 device-h': the model, its pretraining tokens and compute (the
     longest pretraining run of the group), read from the runs; the paper's GPU-hours where it gives them."""
-    rs = [r for (m, b, _), r in cells.items() if (m, b) == group]
+    rs = _group_runs(cells, group)
     params = max((r.metrics.get("params", 0) for r in rs), default=0)
     pretraining = [r for r in rs if r.get("phase") != "finetune"]
     tokens = max((r.metrics.get("tokens", 0) for r in pretraining), default=0)
@@ -189,12 +290,15 @@ def _group_label(cells, group, paper_hours: float | None = None) -> str:
 
 def _group_size(cells, group) -> float:
     """Sort key of a (model, budget) group: the model's parameters (from a run's metrics), small first."""
-    return min((r.metrics.get("params", 0) for (m, b, _), r in cells.items() if (m, b) == group), default=0)
+    return min((r.metrics.get("params", 0) for r in _group_runs(cells, group)), default=0)
 
 
 def _bars(path: Path, title: str, groups, labels, arms: dict, table: dict, show_nll: bool) -> None:
     panels = [("pass@1", "HumanEval pass@1 (%)")] + ([("solution_nll", "HumanEval solution NLL (lower is better)")]
                                                      if show_nll else [])
+    most_seeds = max(len(cell["seeds"]) for cell in table.values())
+    if most_seeds > 1:
+        title += f"\nbars: mean over seeds (up to {most_seeds}), whiskers: ± sd, dots: each seed"
     # Wide enough for each group's three-line label (model, tokens, compute).
     fig, axes = plt.subplots(1, len(panels), figsize=(max(5.5, 2.3 * len(groups)) * len(panels) + 1, 4.4),
                              squeeze=False)
@@ -202,12 +306,20 @@ def _bars(path: Path, title: str, groups, labels, arms: dict, table: dict, show_
     for ax, (key, ylabel) in zip(axes[0], panels):
         for i, (arm, label) in enumerate(arms.items()):
             xs = [g + (i - (len(arms) - 1) / 2) * width for g in range(len(groups))]
-            vals = [table[f"{m}/{b}/{arm}"][key] for m, b in groups]
-            bars = ax.bar(xs, [v or 0 for v in vals], width, label=label, color=COLORS[i % 3])
-            for bar, v in zip(bars, vals):
-                if v is not None:
-                    ax.annotate(f"{v:.1f}" if key == "pass@1" else f"{v:.2f}", (bar.get_x() + width / 2, v),
-                                ha="center", va="bottom", fontsize=8)
+            cells = [table[f"{m}/{b}/{arm}"] for m, b in groups]
+            vals = [c[key] for c in cells]
+            ax.bar(xs, [v or 0 for v in vals], width, label=label, color=COLORS[i % 3])
+            for x, c in zip(xs, cells):
+                if c[key] is None:
+                    continue
+                seeds = [v[key] for v in c["per_seed"].values() if v[key] is not None]
+                top = c[key]
+                if len(seeds) > 1 and c[f"{key}_sd"]:  # the spread of the seeds (none when they all agree)
+                    ax.errorbar(x, c[key], yerr=c[f"{key}_sd"], color="black", capsize=3, lw=1)
+                    ax.scatter([x] * len(seeds), seeds, s=6, color="black", zorder=3)
+                    top = max(*seeds, c[key] + c[f"{key}_sd"])
+                ax.annotate(f"{c[key]:.1f}" if key == "pass@1" else f"{c[key]:.2f}", (x, top), xytext=(0, 2),
+                            textcoords="offset points", ha="center", va="bottom", fontsize=8)
             if key == "pass@1":
                 paper = [table[f"{m}/{b}/{arm}"]["paper_pass@1"] for m, b in groups]
                 if any(p is not None for p in paper):
@@ -215,12 +327,12 @@ def _bars(path: Path, title: str, groups, labels, arms: dict, table: dict, show_
                                marker="_", s=400, color="black", zorder=3, label="paper" if i == len(arms) - 1 else None)
         ax.set_xticks(range(len(groups)), labels, fontsize=8)
         ax.set_ylabel(ylabel)
+        every = [v[key] for c in table.values() for v in c["per_seed"].values() if v[key] is not None]
         if key == "pass@1":  # all zeros at the mini scale: keep the axis readable
-            top = max((max(v["pass@1"] or 0, v["paper_pass@1"] or 0) for v in table.values()), default=0)
+            top = max([*every, *(c["paper_pass@1"] or 0 for c in table.values())], default=0)
             ax.set_ylim(0, max(5.0, 1.15 * top))
         if key == "solution_nll":
-            lo = min((v[key] for v in table.values() if v[key] is not None), default=0)
-            ax.set_ylim(bottom=max(0.0, lo - 0.5))
+            ax.set_ylim(bottom=max(0.0, min(every, default=0.5) - 0.5))
     axes[0][0].legend(fontsize=8, loc="upper left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -259,7 +371,7 @@ def emergence(runs: list[Run], out: Path) -> dict | None:
         md.append(f"| {m} | {_fmt(v['humaneval'])} ({_fmt(p[0])}) | {_fmt(v['mbpp'])} ({_fmt(p[1])}) | "
                   f"{_fmt(v['unconventional_pass@1'])} | {_fmt(v['unconventional_score'])} ({_fmt(p[2])}) | "
                   f"{evals[m].name} |")
-    (out / "emergence.md").write_text("\n".join(md) + "\n")
+    (out / "emergence.md").write_text("\n".join(md + _environment(list(evals.values()))[0]) + "\n")
 
     t2 = ["# Table 2: understanding of 50 unconventional problems (GPT-4 score) and HumanEval, in %", "",
           "| model | score | HumanEval | source |", "|---|---|---|---|"]
@@ -349,7 +461,8 @@ def table3(runs: list[Run], decontaminate_dir: Path, out: Path) -> dict | None:
             lines.append(f"| {tau:.2f} | {part} | {len(ids)} ({_fmt(p[0], 0)}) | {_fmt(ours[0])} ({_fmt(p[1])}) | "
                          f"{_fmt(ours[1])} ({_fmt(p[2])}) | {_fmt(p[3])} | {full.name if full else '–'}, {r.name} |")
         table[f"{tau:.2f}"]["retrained_total"] = _pct(r.metrics.get("eval/humaneval/pass@1"))
-    (out / "table3.md").write_text("\n".join(lines) + "\n")
+    behind = [r for r in (full, *pruned.values()) if r is not None]
+    (out / "table3.md").write_text("\n".join(lines + _environment(behind)[0]) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4))
     taus = list(table)
     for i, (part, key) in enumerate([(p, k) for p in ("similar", "non-similar") for k in ("phi-1", "retrained")]):

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from phi1 import config as phi_config
-from phi1 import runs
+from phi1 import environment, runs
 from phi1.checkpoints import is_checkpoint, read_checkpoint
 from phi1.data import pack
 from phi1.data.datamodule import PackedData
@@ -123,6 +123,7 @@ def train(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     # What report.py reads to place this run in a figure: the config with every interpolation resolved.
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    environment.record(run_dir)  # and what it ran on: the library versions behind its numbers
     loggers = [instantiate(spec) for spec in cfg.logger.values()]
     if ckpt_path:
         for logger in loggers:

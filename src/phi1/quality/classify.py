@@ -13,6 +13,7 @@ import joblib
 import numpy as np
 from omegaconf import DictConfig
 
+from phi1 import environment
 from phi1.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def run(cfg: DictConfig) -> dict:
     }
     joblib.dump(forest, out / "classifier.joblib")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    environment.record(out)
     _plot(y_test, proba, metrics, out / "curves.png")
     log.info("classify: %s; the test split's scores; metrics.json and curves.png in %s",
              ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), out)

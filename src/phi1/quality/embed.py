@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from phi1 import environment
 from phi1.data import sources
 from phi1.errors import InputError, MissingInputError
 
@@ -86,6 +87,8 @@ def run(cfg: DictConfig) -> dict:
                 "output": str(out)}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_encoder(stage.model, device)
+    # The embeddings' last bits depend on the library versions (phi1.environment), and the forest's votes on them.
+    environment.record(out)
     dim = model.config.hidden_size
     array_path = out / "embeddings.npy"
     if done == 0:

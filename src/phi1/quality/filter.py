@@ -15,6 +15,7 @@ import joblib
 import numpy as np
 from omegaconf import DictConfig
 
+from phi1 import environment
 from phi1.config import ConfigError
 from phi1.data import sources
 from phi1.errors import InputError, MissingInputError
@@ -71,7 +72,7 @@ def _write_shard(stage, shard: int, num_shards: int, position: dict, scores, kee
     (out / f"{name}.tmp").rename(out / name)  # complete or absent: a killed shard is simply redone
     in_shard = sum(1 for i in range(len(position)) if i % num_shards == shard)
     summary = {"documents": in_shard, "kept": kept, "kept_share": kept / max(in_shard, 1), "cut": cut,
-               "output": str(out / name)}
+               "output": str(out / name), "environment": environment.current()}
     (out / f"{name}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("filter: kept %d of %d documents (%.1f%%) scoring >= %.3f -> %s", kept, in_shard,
              100 * summary["kept_share"], cut, summary["output"])
