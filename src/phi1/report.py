@@ -194,7 +194,7 @@ def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
 
 
 def _by_seed(seeds: dict) -> dict:
-    """{seed: run} in seed order (a run from before seeds were recorded has None, first)."""
+    """{seed: run} in seed order (a run whose config names no seed has None, first)."""
     return dict(sorted(seeds.items(), key=lambda kv: -1 if kv[0] is None else kv[0]))
 
 
