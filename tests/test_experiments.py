@@ -310,6 +310,29 @@ def test_report_averages_a_cells_seeds_and_counts_each_ordering_seed_by_seed(tmp
     assert result["environment_differences"] == {"transformers": "5.22.0 (1 run), 5.23.0 (17 runs)"}
 
 
+def test_report_bounds_a_single_seed_pass1_difference_over_the_problems(tmp_path):
+    """With one seed per cell, a pass@1 ordering gets a 95% bootstrap interval over the problems from the
+    runs' samples: 6 more of 20 problems solved is clear of zero; the same count solved on other problems
+    is not."""
+    out = tmp_path / "outputs"
+    ids = [f"HumanEval/{i}" for i in range(20)]
+    solved = {("phi-1-small", "codetextbook"): ids[:4], ("phi-1", "codetextbook"): ids[:10],
+              ("phi-1-small", "stack"): ids[5:10], ("phi-1", "stack"): ids[:5]}
+    for (model, data), passed in solved.items():
+        _fake_run(out, f"scaling-{model}-26b-{data}-s1234",
+                  {"experiment_name": "scaling", "model": {"name": model}, "budget": {"name": "26b"},
+                   "data": {"name": data}, "seed": 1234, "phase": "pretrain"},
+                  {"eval/humaneval/pass@1": len(passed) / 20, "params": 1.4e9 if model == "phi-1" else 3.5e8},
+                  {t: t in passed for t in ids})
+    orderings = {o["claim"]: o for o in json.loads((_report(tmp_path) / "report.json").read_text())["fig2_1"]
+                 ["orderings"]}
+    clear = orderings["26b tokens, CodeTextbook: phi-1 beats phi-1-small"]
+    assert clear["diff"] == pytest.approx(30.0) and 5.0 < clear["ci95_problems"][0] < 30.0 < clear["ci95_problems"][1]
+    noise = orderings["26b tokens, The Stack+: phi-1 beats phi-1-small"]
+    assert noise["diff"] == pytest.approx(0.0) and noise["ci95_problems"][0] < -10.0 and noise["ci95_problems"][1] > 10.0
+    assert "95% interval over the problems +" in clear["line"]
+
+
 def test_environment_is_recorded_per_run_and_its_changes_are_named(tmp_path, monkeypatch):
     """environment.json lists what a run was made in, appending when a resumed run's environment changed;
     differences() names each setting the runs do not share, with how many runs have each value."""
@@ -416,7 +439,9 @@ def test_report_places_wandb_runs_like_run_dirs(monkeypatch):
             seen.update(path=path, filters=filters)
             cfg = {"run_name": "scaling-phi-1-26b-stack", "experiment_name": "scaling", "model": {"name": "phi-1"},
                    "budget": {"name": "26b"}, "data": {"name": "stack"}}
-            return [types.SimpleNamespace(id="abc123", name="x", config={"cfg": cfg, "max_steps": 5},
+            env = {"python": "3.11.9", "packages": {"torch": "2.13.0"}}
+            config = {"cfg": cfg, "max_steps": 5, "environment": env}
+            return [types.SimpleNamespace(id="abc123", name="x", config=config,
                                           summary={"eval/humaneval/pass@1": 0.125, "_wandb": {"runtime": 3}})]
 
     monkeypatch.setattr(wandb, "Api", Api)
@@ -424,6 +449,7 @@ def test_report_places_wandb_runs_like_run_dirs(monkeypatch):
     assert seen == {"path": "me/phi1", "filters": {"state": "finished"}}
     assert (run.name, run.get("data.name"), run.metrics, run.where) == (
         "scaling-phi-1-26b-stack", "stack", {"eval/humaneval/pass@1": 0.125}, "wandb:me/phi1/abc123")
+    assert run.environments == [{"python": "3.11.9", "packages": {"torch": "2.13.0"}}]
 
 
 def test_wandb_without_a_key_is_named_not_a_traceback(tmp_path, monkeypatch):

@@ -306,7 +306,8 @@ def _log_wandb(cfg: DictConfig, metrics: dict, tables: dict) -> None:
     # The whole resolved config, as train runs log it: report.py places a W&B run as it places a run dir.
     with wandb.init(project="phi1", name=cfg.run_name, group=cfg.experiment_name, job_type="eval", mode=mode,
                     tags=["eval", *cfg.benchmarks], dir=cfg.paths.run_dir,
-                    config={"cfg": OmegaConf.to_container(cfg, resolve=True)}) as run:
+                    config={"cfg": OmegaConf.to_container(cfg, resolve=True),
+                            "environment": (environment.read(cfg.paths.run_dir) or [None])[-1]}) as run:
         run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         for name, rows in tables.items():
             columns, data = samples_table(rows)

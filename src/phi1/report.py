@@ -19,7 +19,7 @@ import itertools
 import json
 import logging
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -68,6 +68,7 @@ class Run:
     metrics: dict
     where: str  # a run directory, or wandb:<entity>/<project>/<id>
     dir: Path | None = None
+    environments: list = field(default_factory=list)  # what it ran on (phi1.environment), oldest first
 
     def get(self, dotted: str, default=None):
         node = self.config
@@ -86,12 +87,14 @@ def local_runs(runs_dir: Path) -> list[Run]:
         if not (d / "config.yaml").exists():
             continue
         config = OmegaConf.to_container(OmegaConf.load(d / "config.yaml"))
-        runs.append(Run(config.get("run_name", d.name), config, json.loads(metrics_path.read_text()), str(d), d))
+        runs.append(Run(config.get("run_name", d.name), config, json.loads(metrics_path.read_text()), str(d), d,
+                        environment.read(d)))
     return runs
 
 
 def wandb_runs(path: str) -> list[Run]:
-    """Finished runs of a W&B project (train.py and evaluate.py log the resolved config under `cfg`)."""
+    """Finished runs of a W&B project (train.py and evaluate.py log the resolved config under `cfg`, and
+    the environment of the run's last segment under `environment`)."""
     import wandb
 
     runs = []
@@ -99,7 +102,9 @@ def wandb_runs(path: str) -> list[Run]:
         for r in wandb.Api().runs(path, filters={"state": "finished"}):
             config = r.config.get("cfg", r.config)
             metrics = {k: v for k, v in r.summary.items() if isinstance(v, (int, float))}
-            runs.append(Run(config.get("run_name", r.name), config, metrics, f"wandb:{path}/{r.id}"))
+            env = r.config.get("environment")
+            runs.append(Run(config.get("run_name", r.name), config, metrics, f"wandb:{path}/{r.id}",
+                            environments=[env] if isinstance(env, dict) else []))
     except wandb.errors.Error as e:  # no API key, no network, no such project: the user's to fix
         raise Phi1Error(f"wandb={path}: {e}") from e
     return runs
@@ -108,10 +113,10 @@ def wandb_runs(path: str) -> list[Run]:
 def _environment(runs: list[Run]) -> tuple[list[str], dict]:
     """The markdown lines saying what the runs behind a figure ran on, and {setting: how it differs}: runs
     made with other library versions can differ by that alone (phi1.environment)."""
-    envs = {r.name: environment.read(r.dir) if r.dir else [] for r in runs}
+    envs = {r.name: r.environments for r in runs}
     recorded = [history[-1] for history in envs.values() if history]
     if not recorded:
-        return ["", "## Environment", "", "Not recorded: the runs predate environment.json, or come from W&B."], {}
+        return ["", "## Environment", "", "Not recorded: the runs predate environment.json."], {}
     diffs = environment.differences(envs)
     same = {k: v for k, v in environment.flatten(recorded[0]).items() if k not in diffs}
     lines = ["", "## Environment", "", "Same in every run: " + ", ".join(f"{k} {v}" for k, v in same.items()) + "."]
@@ -252,11 +257,39 @@ def _orderings(cells: dict, groups: list, arms: dict, metric: str, higher: bool)
         mean, sd = _mean_sd(list(diffs.values()))
         digits = 1 if metric == "pass@1" else 3
         spread = "" if sd is None else f" ± {sd:.{digits}f}"
+        ci = _problem_ci([(a[s], c[s]) for s in diffs]) if metric == "pass@1" else None
         line = (f"- {claim}: in {len(holds)} of {len(diffs)} seed{'s' * (len(diffs) > 1)} "
-                f"({'solution NLL' if metric == 'solution_nll' else metric} {mean:+.{digits}f}{spread})")
+                f"({'solution NLL' if metric == 'solution_nll' else metric} {mean:+.{digits}f}{spread}"
+                + ("" if ci is None else f"; 95% interval over the problems {ci[0]:+.1f} to {ci[1]:+.1f}") + ")")
         result.append({"claim": claim, "holds": len(holds), "seeds": len(diffs), "diff": mean, "diff_sd": sd,
-                       "line": line})
+                       "ci95_problems": ci, "line": line})
     return result
+
+
+def _problem_ci(pairs: list[tuple[Run, Run]]) -> tuple[float, float] | None:
+    """95% bootstrap interval of the pass@1 difference (percentage points) over HumanEval's problems, from the
+    runs' samples: how far another draw of 164 problems of the same kind could move it, the uncertainty a single
+    seed leaves (Figure 2.1's bars are one run each; 9 problems are 5.5 points). Each problem's difference is
+    averaged over the seeds first; resampled 10,000 times by scipy, seeded, so the report is reproducible."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    per_problem: dict[str, list[float]] = {}
+    for worse, better in pairs:
+        paths = _samples(worse, "humaneval"), _samples(better, "humaneval")
+        if None in paths:
+            return None
+        rates = [pass_rates(str(p)) for p in paths]
+        for task in rates[0].keys() & rates[1].keys():
+            per_problem.setdefault(task, []).append(100.0 * (rates[1][task] - rates[0][task]))
+    diffs = np.array([np.mean(v) for v in per_problem.values()])
+    if len(diffs) < 2:
+        return None
+    if np.all(diffs == diffs[0]):  # every resample gives the same mean
+        return float(diffs[0]), float(diffs[0])
+    res = bootstrap((diffs,), np.mean, confidence_level=0.95, n_resamples=10_000, method="percentile",
+                    rng=np.random.default_rng(0))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def _human(n: float) -> str:

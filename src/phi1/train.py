@@ -123,7 +123,7 @@ def train(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     # What report.py reads to place this run in a figure: the config with every interpolation resolved.
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    environment.record(run_dir)  # and what it ran on: the library versions behind its numbers
+    env = environment.record(run_dir)  # and what it ran on: the library versions behind its numbers
     loggers = [instantiate(spec) for spec in cfg.logger.values()]
     if ckpt_path:
         for logger in loggers:
@@ -160,6 +160,8 @@ def train(cfg: DictConfig) -> dict:
         enable_model_summary=False,
         default_root_dir=str(run_dir),
     )
+    for logger in loggers:  # beside the config Lightning logs: report.py wandb=... compares the runs' environments
+        logger.log_hyperparams({"environment": env})
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
     metrics = {**module.resumed_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items()}}
