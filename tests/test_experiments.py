@@ -329,7 +329,8 @@ def test_report_bounds_a_single_seed_pass1_difference_over_the_problems(tmp_path
     clear = orderings["26b tokens, CodeTextbook: phi-1 beats phi-1-small"]
     assert clear["diff"] == pytest.approx(30.0) and 5.0 < clear["ci95_problems"][0] < 30.0 < clear["ci95_problems"][1]
     noise = orderings["26b tokens, The Stack+: phi-1 beats phi-1-small"]
-    assert noise["diff"] == pytest.approx(0.0) and noise["ci95_problems"][0] < -10.0 and noise["ci95_problems"][1] > 10.0
+    low, high = noise["ci95_problems"]
+    assert noise["diff"] == pytest.approx(0.0) and low < -10.0 and high > 10.0
     assert "95% interval over the problems +" in clear["line"]
 
 
