@@ -221,7 +221,7 @@ def evaluate(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     # What report.py reads to place this run: the config with every interpolation resolved.
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    environment.record(run_dir)  # and what it ran on: the library versions behind its numbers
+    env = environment.record(run_dir)  # and what it ran on: the library versions behind its numbers
     ckpt = runs.resolve(cfg.ckpt, cfg.paths.output_dir, cfg.paths.data_dir, what="ckpt")
     # Started before any model is loaded: a sandbox that cannot be set up stops the run before the work.
     sandbox = make_sandbox(cfg.sandbox)
@@ -252,7 +252,7 @@ def evaluate(cfg: DictConfig) -> dict:
         sandbox.close()
     metrics["sandbox"] = sandbox.description
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    _log_wandb(cfg, metrics, tables)
+    _log_wandb(cfg, metrics, tables, env)
     return metrics
 
 
@@ -295,7 +295,7 @@ def samples_table(rows: list[dict]) -> tuple[list[str], list[list]]:
     return SAMPLE_COLUMNS, [[r[c] for c in SAMPLE_COLUMNS] for r in rows]
 
 
-def _log_wandb(cfg: DictConfig, metrics: dict, tables: dict) -> None:
+def _log_wandb(cfg: DictConfig, metrics: dict, tables: dict, env: dict) -> None:
     from phi1.monitoring import wandb_mode
 
     mode = wandb_mode(cfg.wandb_mode)
@@ -307,7 +307,7 @@ def _log_wandb(cfg: DictConfig, metrics: dict, tables: dict) -> None:
     with wandb.init(project="phi1", name=cfg.run_name, group=cfg.experiment_name, job_type="eval", mode=mode,
                     tags=["eval", *cfg.benchmarks], dir=cfg.paths.run_dir,
                     config={"cfg": OmegaConf.to_container(cfg, resolve=True),
-                            "environment": (environment.read(cfg.paths.run_dir) or [None])[-1]}) as run:
+                            "environment": env}) as run:
         run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         for name, rows in tables.items():
             columns, data = samples_table(rows)

@@ -249,8 +249,8 @@ def _orderings(cells: dict, groups: list, arms: dict, metric: str, higher: bool)
     result = []
     for worse, better, claim in pairs:
         a, c = cells.get(worse, {}), cells.get(better, {})
-        diffs = {s: _values(c[s])[metric] - _values(a[s])[metric] for s in _by_seed(a) if s in c
-                 and _values(c[s])[metric] is not None and _values(a[s])[metric] is not None}
+        va, vc = ({s: _values(r)[metric] for s, r in cell.items()} for cell in (a, c))
+        diffs = {s: vc[s] - va[s] for s in _by_seed(a) if va[s] is not None and vc.get(s) is not None}
         if not diffs:
             continue
         holds = [s for s, d in diffs.items() if (d > 0 if higher else d < 0)]
