@@ -3,9 +3,10 @@
 #   bash bench/gpu_suite.sh check          # wheels installed, imports, GPU, driver (seconds)
 #   bash bench/gpu_suite.sh tests          # pytest -m cuda: GPU/ZeRO-2 losses vs CPU, DeepSpeed resume, fused CE
 #   bash bench/gpu_suite.sh eval           # bench/eval_speed.py: random 1.3B, greedy HumanEval, batch 16 and 64
+#   bash bench/gpu_suite.sh attention      # bench/attention_speed.py: SDPA's backends alone, dropout 0.1 and 0
 #   bash bench/gpu_suite.sh train 1.3b base,compile,fused_ce,best [micro [args]]  # bench/train_speed.py --gpu
-#   bash bench/gpu_suite.sh profile 1.3b [micro]   # debug=profile: a trace of steps 6-8 and the top kernels
-#                                                  # (its tokens/s include the profiler: not for BENCHMARKS.md)
+#   bash bench/gpu_suite.sh profile 1.3b [micro [variant]]  # debug=profile: a trace of steps 6-8 (gzipped)
+#                                 # and the top kernels (its tokens/s include the profiler: not for BENCHMARKS.md)
 # Needs .whl/ (bench/device_wheels.sh) carried with the tree: carry=[".whl"]. Full logs and JSON go to $OUT
 # (the folder that comes back from that machine), else to outputs/gpu_suite/; the terminal gets them without
 # progress bars. Budget for a 30-minute lease: check+tests+eval in one call, each model's train in another.
@@ -51,15 +52,19 @@ train)
     "$py" bench/train_speed.py --gpu --models "$model" --variants "$variants" --micro "$micro" "${@:5}" \
         --json "$out/train_speed_${tag}.json" 2>&1 | tee "$out/train_speed_${tag}.log" | grep -v "it/s]"
     ;;
+attention)
+    "$py" bench/attention_speed.py --micro 8 --json "$out/attention.json" 2>&1 | tee "$out/attention.log"
+    ;;
 profile)
-    model="${2:?model}" micro="${3:-0}"
-    "$py" bench/train_speed.py --gpu --models "$model" --variants base --micro "$micro" --steps 10 --warmup 4 \
-        debug=profile "callbacks.profile.dir=$out/profile_${model}" callbacks.profile.first_step=5 2>&1 \
-        | tee "$out/profile_${model}.log" | grep -v "it/s]"
-    head -40 "$out/profile_${model}/ops-rank0.txt"
+    model="${2:?model}" micro="${3:-0}" variant="${4:-base}" dir="$out/profile_${2}_${4:-base}"
+    "$py" bench/train_speed.py --gpu --models "$model" --variants "$variant" --micro "$micro" --steps 10 --warmup 4 \
+        debug=profile "callbacks.profile.dir=$dir" callbacks.profile.first_step=5 2>&1 \
+        | tee "$dir.log" | grep -v "it/s]"
+    gzip -f "$dir"/trace-rank*.json  # ~10x smaller: what comes back from a lent machine is limited
+    head -40 "$dir/ops-rank0.txt"
     ;;
 *)
-    echo "unknown part: $part (check, tests, eval, train, profile)" >&2
+    echo "unknown part: $part (check, tests, eval, attention, train, profile)" >&2
     exit 2
     ;;
 esac

@@ -65,18 +65,25 @@ VARIANTS = {
 
 
 class StepTimes(Callback):
-    """Wall time at the end of every optimizer step (after a device sync, so that it is the GPU's time), and
-    the seconds the loop had waited for batches by then (train.py's DataWait profiler)."""
+    """Wall time at the end of every optimizer step, and the seconds the loop had waited for batches by then
+    (train.py's DataWait profiler). The device is synced only at the two ends of the timed window (the steps
+    in `sync_at`): a sync at every step would add one to each step that neither loop has of its own."""
 
     times: list[float] = []
     waited: list[float] = []
+    sync_at: set[int] = set()
 
     def on_train_batch_end(self, trainer, *args):
         if len(StepTimes.times) < trainer.global_step:
-            if torch.cuda.is_available():
+            if trainer.global_step in StepTimes.sync_at and torch.cuda.is_available():
                 torch.cuda.synchronize()
             StepTimes.times.append(time.perf_counter())
             StepTimes.waited.append(getattr(trainer.profiler, "waited", 0.0))
+
+
+def timed(warmup: int, max_steps: int) -> set[int]:
+    """The optimizer steps (1-based) at whose end the timed window opens and closes."""
+    return {warmup + 1, max_steps}
 
 
 def steps_per_sec(times: list[float], warmup: int) -> float:
@@ -85,6 +92,7 @@ def steps_per_sec(times: list[float], warmup: int) -> float:
 
 def harness(cfg, warmup: int) -> float:
     StepTimes.times, StepTimes.waited = [], []
+    StepTimes.sync_at = timed(warmup, make_plan(cfg).max_steps)
     # Scratch: every measurement starts afresh (train.py refuses a fresh run over another's checkpoints).
     shutil.rmtree(cfg.paths.run_dir, ignore_errors=True)
     train(cfg)
@@ -123,19 +131,19 @@ def plain(cfg, warmup: int) -> float:
     batches = iter(torch.utils.data.DataLoader(data.train_set, batch_size=cfg.batch.micro_size, sampler=sampler,
                                                pin_memory=device.type == "cuda"))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled="bf16" in str(cfg.trainer.precision))
-    times = []
-    for _ in range(p.max_steps):
+    times, sync_at = [], timed(warmup, p.max_steps)
+    for step in range(1, p.max_steps + 1):
         for _ in range(p.accumulate):
             batch = next(batches).to(device, non_blocking=True)
             with autocast:
                 loss = module._loss(batch)
             (loss / p.accumulate).backward()
+        loss.item()  # train.py checks the loss here too: one host sync a step, before the optimizer step
         torch.nn.utils.clip_grad_norm_(module.parameters(), o.grad_clip)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        loss.item()  # the harness syncs once per step too (its non-finite loss check)
-        if device.type == "cuda":
+        if step in sync_at and device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter())
     del module, optimizer

@@ -48,3 +48,18 @@ def test_eval_speed_times_each_stage_and_batching_changes_no_completion(tmp_path
     # Greedy decoding, left padding: a batch of 4 writes the same completions as one prompt at a time.
     assert one["completion_tokens"] == four["completion_tokens"] > 0
     assert all(r[k] > 0 for r in (one, four) for k in ("generate_s", "execute_s", "total_s"))
+
+
+def test_the_compiled_training_forward_calls_sdpa_causal_without_a_mask():
+    # A materialized causal mask sends SDPA to slower kernels (bench/attention_speed.py times both on a GPU);
+    # transformers builds one under torch.compile on some torch versions. Here, on this machine's versions:
+    # every layer's call (4 for model=tiny) passes is_causal and no mask, with the paper's dropout.
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import attention_speed
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    calls = attention_speed.compiled_sdpa_calls("tiny")
+    assert len(calls) == 4
+    for call in calls:
+        assert "attn_mask = None" in call and "is_causal = True" in call and "dropout_p = 0.1" in call

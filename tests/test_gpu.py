@@ -87,3 +87,16 @@ def test_training_on_a_gpu_is_compiled_by_default(small_cfg, tmp_path, monkeypat
     extra = ["trainer.devices=1", "trainer.num_nodes=1"] if "deepspeed" in trainer else []
     train(small_cfg(*SAME, trainer, *extra, "budget.max_steps=2", run_dir=tmp_path / "run"))
     assert len(compiled) == 2  # the forward for the logits, and the one for the hidden states (fused CE)
+
+
+def test_a_training_step_reads_the_gpu_back_once(small_cfg, tmp_path, monkeypatch):
+    # Every host read of a GPU tensor waits for the GPU, which then idles while Python runs the hooks: once
+    # per optimizer step (the loss check), not after every micro-batch (Lightning reads its progress-bar
+    # metrics back after each one, which are on the GPU when self.log is given numbers).
+    reads = []
+    real = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: (reads.append(self.device.type), real(self))[1])
+    cfg = small_cfg(*SAME, "trainer=gpu", "budget.max_steps=6", "val_batches=0", run_dir=tmp_path / "run")
+    train(cfg)
+    assert cfg.batch.global_size // cfg.batch.micro_size >= 2
+    assert reads.count("cuda") == 6

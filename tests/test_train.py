@@ -421,16 +421,23 @@ def test_mfu_is_tokens_per_second_times_flops_per_token_over_peak(small_cfg, mon
 
 
 def test_throughput_reads_its_clock_once_per_optimizer_step(small_cfg, monkeypatch):
-    # Lightning's monitor syncs the GPU after every micro-batch; ours once per optimizer step (here 2
-    # micro-batches each) and once per validation batch, and still counts every micro-batch's tokens.
+    # Lightning's monitor syncs the GPU after every micro-batch; ours reads its clock once per optimizer step
+    # (here 2 micro-batches each) without a sync of its own (the loss check syncs), and once per validation
+    # batch behind a sync; it still counts every micro-batch's tokens.
+    from lightning.fabric.utilities import throughput
+
     from phi1.monitoring import Throughput
 
-    syncs = []
+    syncs, reads = [], []
     monkeypatch.setattr(Throughput, "_sync", staticmethod(lambda trainer: syncs.append(trainer.state.stage.value)))
+    update = throughput.Throughput.update
+    monkeypatch.setattr(throughput.Throughput, "update", lambda self, **kw: (reads.append(kw), update(self, **kw)))
     cfg = small_cfg(*FAST, "budget.max_steps=12", "eval_every_steps=6", "val_batches=2")
     metrics = train(cfg)
     assert cfg.batch.global_size // cfg.batch.micro_size == 2
-    assert syncs.count("train") == 12 and syncs.count("validate") == 2 * 2
+    assert syncs == ["validate"] * (2 * 2)
+    # 12 training reads, micro-batches 2, 4, ..., 24 counted; 2 per validation run of 2 batches.
+    assert len(reads) == 12 + 2 * 2 and max(r["batches"] for r in reads) == 24
     rows = [r for r in read_csv(Path(cfg.paths.run_dir)) if r.get("perf/tokens_per_sec")]
     assert rows and metrics["perf/tokens_per_sec"] > 0
 
