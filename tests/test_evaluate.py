@@ -193,6 +193,11 @@ def test_generation_end_to_end_greedy_and_sampled(tmp_path, tiny_model_dir):
     assert greedy["eval/humaneval/pass@1"] == 0.0
     # An untrained 512-token model: its solution NLL is near ln(512) = 6.2 nats per token.
     assert 4.0 < greedy["eval/humaneval/solution_nll"] < 9.0
+    # Each problem's terms are kept (report.py's interval over the problems); their token-weighted mean is it.
+    terms = [json.loads(line) for line in (tmp_path / "g" / "humaneval" / "solution_nll.jsonl").open()]
+    assert [t["task_id"] for t in terms] == [f"HumanEval/{i}" for i in range(4)] and all(t["tokens"] > 0 for t in terms)
+    mean = sum(t["nats"] for t in terms) / sum(t["tokens"] for t in terms)
+    assert mean == pytest.approx(greedy["eval/humaneval/solution_nll"], rel=1e-12)
     evaluate(eval_cfg(tmp_path / "g2", f"ckpt={tiny_model_dir}", "benchmarks.humaneval.limit=4",
                               "generation.max_new_tokens=24", "solution_nll=false"))
     assert [json.loads(line)["completion"] for line in (tmp_path / "g2" / "humaneval" / "samples.jsonl").open()] == \

@@ -334,6 +334,44 @@ def test_report_bounds_a_single_seed_pass1_difference_over_the_problems(tmp_path
     assert "95% interval over the problems +" in clear["line"]
 
 
+def test_report_bounds_a_solution_nll_difference_over_the_problems(tmp_path):
+    """The mini reproduction's metric, the solution NLL (a token-weighted mean), gets a 95% bootstrap interval
+    over the problems from the runs' per-problem terms: a gain on every problem is clear of zero, a gain on
+    some problems and an equal loss on others is not; runs without the terms get no interval."""
+    out = tmp_path / "outputs"
+    rng = __import__("random").Random(0)
+    ids = [f"HumanEval/{i}" for i in range(40)]
+    tokens = {t: rng.randint(20, 80) for t in ids}
+    base = {t: rng.uniform(4.0, 7.0) for t in ids}  # nats per token of the unfiltered tiny run
+    per_token = {  # (model, data) -> nats per token of each problem's solution
+        ("tiny", "stdlib"): base,
+        ("tiny", "stdlib_filtered"): {t: v - 0.1 for t, v in base.items()},  # better everywhere
+        # against the filtered run: 0.5 better on half the problems, 0.5 worse on the others
+        ("tiny", "stdlib_exercises"): {t: v - 0.1 - (0.5 if i % 2 else -0.5) for i, (t, v) in enumerate(base.items())},
+        ("tiny_wide", "stdlib"): base,
+    }
+    for (model, data), nats in per_token.items():
+        d = _fake_run(out, f"mini-{model}-{data}-s1",
+                      {"experiment_name": "mini", "model": {"name": model}, "budget": {"name": "mini"},
+                       "data": {"name": data}, "seed": 1, "phase": "pretrain"},
+                      {"eval/humaneval/solution_nll": sum(nats[t] * tokens[t] for t in ids) / sum(tokens.values()),
+                       "params": 5e6 if model == "tiny_wide" else 2e6})
+        if model == "tiny":
+            (d / "eval" / "step000030" / "humaneval").mkdir(parents=True)
+            (d / "eval" / "step000030" / "humaneval" / "solution_nll.jsonl").write_text("".join(
+                json.dumps({"task_id": t, "nats": nats[t] * tokens[t], "tokens": tokens[t]}) + "\n" for t in ids))
+    orderings = {o["claim"]: o for o in json.loads((_report(tmp_path) / "report.json").read_text())["mini_fig2_1"]
+                 ["orderings"]}
+    clear = next(o for c, o in orderings.items() if c.startswith("tiny") and "filtered" in c.split("beats")[0])
+    assert clear["diff"] == pytest.approx(-0.1) and clear["ci95_problems"] == pytest.approx([-0.1, -0.1])
+    noise = next(o for c, o in orderings.items() if c.startswith("tiny") and "exercises" in c.split("beats")[0])
+    low, high = noise["ci95_problems"]
+    assert low < 0 < high and high - low > 0.2 and low < noise["diff"] < high
+    assert "95% interval over the problems -0.100 to -0.100" in clear["line"]
+    wide = next(o for c, o in orderings.items() if "tiny_wide beats tiny" in c and "unfiltered" in c)
+    assert wide["ci95_problems"] is None  # tiny_wide's run kept no terms
+
+
 def test_environment_is_recorded_per_run_and_its_changes_are_named(tmp_path, monkeypatch):
     """environment.json lists what a run was made in, appending when a resumed run's environment changed;
     differences() names each setting the runs do not share, with how many runs have each value."""
@@ -398,6 +436,10 @@ def test_two_cell_multirun_chains_the_finetune_and_report_draws_it(tmp_path):
     result = json.loads((report / "report.json").read_text())["mini_fig2_1"]["cells"]
     assert result["tiny/mini/stdlib_exercises"]["solution_nll"] == pytest.approx(mt["eval/humaneval/solution_nll"])
     assert result["tiny/mini/stdlib_filtered"]["runs"] == [str(base)]
+    # The finetune's ordering against its base, from one seed: bounded over the 6 problems' NLL terms.
+    (tuned_beats_base,) = json.loads((report / "report.json").read_text())["mini_fig2_1"]["orderings"]
+    low, high = tuned_beats_base["ci95_problems"]
+    assert low <= tuned_beats_base["diff"] <= high and "95% interval over the problems" in tuned_beats_base["line"]
     assert result["tiny/mini/stdlib"]["runs"] == []  # not in this two-cell run: an empty bar, named "–"
     assert (report / "mini_fig2_1.png").stat().st_size > 10_000
 

@@ -476,6 +476,13 @@ def test_two_ranks_see_the_same_sequences_as_one_and_share_the_evaluation(tmp_pa
                               *generation))
     assert trained["eval/humaneval/solution_nll"] == pytest.approx(alone["eval/humaneval/solution_nll"], rel=1e-6)
     assert trained["eval/humaneval/pass@1"] == alone["eval/humaneval/pass@1"]
+    # The ranks' per-problem NLL terms merge into the one process's: every problem once, the same values.
+    shared, single = ({(r := json.loads(line))["task_id"]: (r["nats"], r["tokens"])
+                       for line in (folder / "humaneval" / "solution_nll.jsonl").read_text().splitlines()}
+                      for folder in (tmp_path / "two" / "eval" / "step000008", tmp_path / "alone"))
+    assert shared.keys() == single.keys() and len(shared) == 4
+    for task, (nats, tokens) in shared.items():
+        assert tokens == single[task][1] and nats == pytest.approx(single[task][0], rel=1e-5)
     samples = [[json.loads(line) for line in (folder / "humaneval" / "samples.jsonl").read_text().splitlines()]
                for folder in (tmp_path / "two" / "eval" / "step000008", tmp_path / "alone")]
     pairs = [[(r["task_id"], r["completion"]) for r in rows] for rows in samples]

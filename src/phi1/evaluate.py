@@ -95,9 +95,10 @@ def make_sandbox(s) -> Sandbox:
 
 
 def run_benchmark(name: str, problems, completions, sandbox: Sandbox | None, ks, out_dir: Path,
-                  solution_nll: float | None = None) -> tuple[dict, list]:
+                  nll_terms: dict[str, tuple[float, int]] | None = None) -> tuple[dict, list]:
     """Score `completions` (task_id -> list) in the sandbox (skipped when None); write
-    <out_dir>/<name>/samples.jsonl; return (metrics, rows), with the solution NLL when given."""
+    <out_dir>/<name>/samples.jsonl; return (metrics, rows), with the solution NLL when its per-problem terms
+    (task_id -> (nats, tokens)) are given, which go to <out_dir>/<name>/solution_nll.jsonl."""
     t0 = time.perf_counter()
     metrics, rows = {}, []
     if sandbox is not None:
@@ -108,8 +109,14 @@ def run_benchmark(name: str, problems, completions, sandbox: Sandbox | None, ks,
         (out_dir / name).mkdir(parents=True, exist_ok=True)
         with open(out_dir / name / "samples.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    if solution_nll is not None:
-        metrics[f"eval/{name}/solution_nll"] = solution_nll
+    if nll_terms is not None:
+        from phi1.eval.generate import nll_mean
+
+        metrics[f"eval/{name}/solution_nll"] = nll_mean(nll_terms)
+        (out_dir / name).mkdir(parents=True, exist_ok=True)
+        with open(out_dir / name / "solution_nll.jsonl", "w") as f:
+            f.writelines(json.dumps({"task_id": task, "nats": nats, "tokens": tokens}) + "\n"
+                         for task, (nats, tokens) in nll_terms.items())
     metrics[f"eval/{name}/problems"] = len(problems)
     log.info("%s: %s; scored in %.1f s", name, ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()),
              time.perf_counter() - t0)
@@ -194,7 +201,7 @@ def evaluate_model(model, tokenizer, benchmarks, problem_sets: dict[str, list[be
             log.info("%s: %d completions generated in %.1f s%s", name, sum(map(len, completions.values())),
                      generated, f" ({ranks.world} ranks)" if ranks.world > 1 else "")
         if nll is not None:
-            nll = sum(total for _, (total, _) in shares) / max(sum(count for _, (_, count) in shares), 1)
+            nll = {task: terms for _, share in shares for task, terms in share.items()}
         m, tables[name] = run_benchmark(name, everyone, completions, sandbox, ks, out_dir, nll)
         metrics.update(m)
     return metrics, tables

@@ -134,19 +134,20 @@ def _fmt(v, digits=1):
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def _samples(run: Run, bench: str) -> Path | None:
-    """The HumanEval samples of a train run's evaluation: of its best checkpoint when one was kept, else the
-    last; an evaluate.py run keeps them in <run>/<bench>/."""
+def _samples(run: Run, bench: str, file: str = "samples.jsonl") -> Path | None:
+    """A benchmark's samples (or per-problem solution NLLs: file=solution_nll.jsonl) of a train run's
+    evaluation: of its best checkpoint when one was kept, else the last; an evaluate.py run keeps them in
+    <run>/<bench>/."""
     if run.dir is None:
         return None
-    if (run.dir / bench / "samples.jsonl").exists():
-        return run.dir / bench / "samples.jsonl"
+    if (run.dir / bench / file).exists():
+        return run.dir / bench / file
     best = run.metrics.get("eval/best")
     if isinstance(best, dict) and "step" in best:
-        path = run.dir / "eval" / f"step{int(best['step']):06d}" / bench / "samples.jsonl"
+        path = run.dir / "eval" / f"step{int(best['step']):06d}" / bench / file
         if path.exists():
             return path
-    steps = sorted((run.dir / "eval").glob(f"step*/{bench}/samples.jsonl"))
+    steps = sorted((run.dir / "eval").glob(f"step*/{bench}/{file}"))
     return steps[-1] if steps else None
 
 
@@ -257,10 +258,12 @@ def _orderings(cells: dict, groups: list, arms: dict, metric: str, higher: bool)
         mean, sd = _mean_sd(list(diffs.values()))
         digits = 1 if metric == "pass@1" else 3
         spread = "" if sd is None else f" ± {sd:.{digits}f}"
-        ci = _problem_ci([(a[s], c[s]) for s in diffs]) if metric == "pass@1" else None
+        pairs = [(a[s], c[s]) for s in diffs]
+        ci = _problem_ci(pairs) if metric == "pass@1" else _nll_problem_ci(pairs)
         line = (f"- {claim}: in {len(holds)} of {len(diffs)} seed{'s' * (len(diffs) > 1)} "
                 f"({'solution NLL' if metric == 'solution_nll' else metric} {mean:+.{digits}f}{spread}"
-                + ("" if ci is None else f"; 95% interval over the problems {ci[0]:+.1f} to {ci[1]:+.1f}") + ")")
+                + ("" if ci is None else f"; 95% interval over the problems {ci[0]:+.{digits}f} to "
+                                         f"{ci[1]:+.{digits}f}") + ")")
         result.append({"claim": claim, "holds": len(holds), "seeds": len(diffs), "diff": mean, "diff_sd": sd,
                        "ci95_problems": ci, "line": line})
     return result
@@ -289,6 +292,39 @@ def _problem_ci(pairs: list[tuple[Run, Run]]) -> tuple[float, float] | None:
         return float(diffs[0]), float(diffs[0])
     res = bootstrap((diffs,), np.mean, confidence_level=0.95, n_resamples=10_000, method="percentile",
                     rng=np.random.default_rng(0))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def _nll_problem_ci(pairs: list[tuple[Run, Run]]) -> tuple[float, float] | None:
+    """95% bootstrap interval of the solution-NLL difference over HumanEval's problems, from the runs'
+    per-problem terms (solution_nll.jsonl: nats and tokens of each canonical solution). The NLL is a
+    token-weighted mean, so each resample of problems (the same problems for both runs of every seed) recomputes
+    both runs' ratios of sums and averages their difference over the seeds. Runs evaluated before the terms
+    were kept have no file, and get no interval."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    columns = []  # per seed: nats and tokens of the worse run, then of the better, over the shared problems
+    terms = []
+    for worse, better in pairs:
+        paths = tuple(_samples(run, "humaneval", "solution_nll.jsonl") for run in (worse, better))
+        if None in paths:
+            return None
+        terms.append([{r["task_id"]: (r["nats"], r["tokens"]) for r in map(json.loads, p.read_text().splitlines())}
+                      for p in paths])
+    tasks = sorted(set.intersection(*(set(t) for pair in terms for t in pair)))
+    if len(tasks) < 2:
+        return None
+    for pair in terms:
+        for t in pair:
+            columns += [np.array([t[k][0] for k in tasks]), np.array([t[k][1] for k in tasks], dtype=float)]
+
+    def difference(*cols):
+        ratios = [n.sum() / max(t.sum(), 1) for n, t in zip(cols[::2], cols[1::2])]
+        return np.mean([b - a for a, b in zip(ratios[::2], ratios[1::2])])
+
+    res = bootstrap(columns, difference, paired=True, vectorized=False, confidence_level=0.95,
+                    n_resamples=10_000, method="percentile", rng=np.random.default_rng(0))
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 

@@ -186,14 +186,19 @@ def solution_nll(model, tokenizer, problems) -> float:
     A continuous stand-in for pass@1 at scales where pass@1 is 0 (DESIGN §4): it falls as a model learns to
     write the reference code. Tokens are counted over all problems together (a token-weighted mean).
     """
-    total, count = solution_nll_terms(model, tokenizer, problems)
-    return total / max(count, 1)
+    return nll_mean(solution_nll_terms(model, tokenizer, problems))
+
+
+def nll_mean(terms: dict[str, tuple[float, int]]) -> float:
+    """The token-weighted mean of per-problem (nats, tokens) terms."""
+    return sum(n for n, _ in terms.values()) / max(sum(t for _, t in terms.values()), 1)
 
 
 @torch.inference_mode()
-def solution_nll_terms(model, tokenizer, problems, progress: bool = True) -> tuple[float, int]:
-    """(summed NLL in nats, solution tokens) over `problems`: shares of the problems add up."""
-    total, count = 0.0, 0
+def solution_nll_terms(model, tokenizer, problems, progress: bool = True) -> dict[str, tuple[float, int]]:
+    """task_id -> (summed NLL in nats, solution tokens) for each of `problems` with a solution: ranks' shares
+    merge, and report.py bounds a difference over the problems from them."""
+    terms = {}
     for p in tqdm(problems, desc="solution NLL", unit="problem", dynamic_ncols=True, disable=not progress):
         # Prompt and solution tokenized apart and joined, so the solution's tokens are the same whatever
         # the prompt ends with.
@@ -203,6 +208,6 @@ def solution_nll_terms(model, tokenizer, problems, progress: bool = True) -> tup
             continue
         ids = torch.cat([prompt, solution], dim=1).to(model.device)
         logits = model(input_ids=ids).logits[0, prompt.shape[1] - 1 : -1].float()
-        total += torch.nn.functional.cross_entropy(logits, ids[0, prompt.shape[1]:], reduction="sum").item()
-        count += solution.numel()
-    return total, count
+        nats = torch.nn.functional.cross_entropy(logits, ids[0, prompt.shape[1]:], reduction="sum").item()
+        terms[p.task_id] = (nats, solution.numel())
+    return terms
