@@ -161,6 +161,15 @@ def test_run_reference_waits_for_its_base_then_resolves(tmp_path):
         runs.resolve("run:base/base-step000020.ckpt", out, tmp_path)
     (folder / "latest").write_text("step000020-1")
     assert runs.resolve("run:base/base-step000020.ckpt", out, tmp_path) == str(folder)
+    # A run that is not there at all: the error names the run of the same name without its seed (named before
+    # run names carried it) and how to rename it, or else the runs with close names.
+    (out / "mini-tiny-stdlib_filtered").mkdir()
+    (out / "mini-tiny-stdlib_filtered" / "config.yaml").write_text("seed: 1234\n")
+    with pytest.raises(FileNotFoundError, match=r"config.yaml has seed: 1234, `mv .*mini-tiny-stdlib_filtered "
+                                                r".*mini-tiny-stdlib_filtered-s1234`"):
+        runs.resolve("run:mini-tiny-stdlib_filtered-s1234", out, tmp_path)
+    with pytest.raises(FileNotFoundError, match="Runs with close names there: mini-tiny-stdlib_filtered"):
+        runs.resolve("run:mini-tiny-stdlib_filtred", out, tmp_path)
 
 
 def test_dashboards_build_one_view_per_figure():

@@ -15,7 +15,9 @@ of one grid run in parallel: with `init_wait_min` > 0 a finetune waits for its b
 
 from __future__ import annotations
 
+import difflib
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -36,6 +38,19 @@ def _run_target(ref: str, output_dir: Path) -> tuple[str, Path, Path]:
         target = run_dir / "checkpoints" / file
         return name, target, target
     return name, run_dir / "hf", run_dir / "metrics.json"
+
+
+def _other_names(name: str, output_dir: Path) -> str:
+    """For a run that is not there at all: the runs under output_dir with a close name. One named as `name`
+    without its seed is a run from before the scaling and mini runs carried `-s<seed>`: say how to rename it."""
+    if (output_dir / name).exists() or not output_dir.is_dir():
+        return ""
+    unseeded = re.sub(r"-s\d+$", "", name)
+    if unseeded != name and (output_dir / unseeded / "config.yaml").exists():
+        return (f" {output_dir / unseeded} looks like it, from before run names carried the seed: if its"
+                f" config.yaml has seed: {name.rsplit('-s', 1)[1]}, `mv {output_dir / unseeded} {output_dir / name}`.")
+    close = difflib.get_close_matches(name, sorted(d.name for d in output_dir.iterdir() if d.is_dir()), n=3)
+    return f" Runs with close names there: {', '.join(close)}." if close else ""
 
 
 def is_path(ref: str) -> bool:
@@ -63,7 +78,7 @@ def resolve(ref: str | None, output_dir: str | Path, data_dir: str | Path, wait_
             raise MissingInputError(
                 f"{what}={ref}: {ready} does not exist: run {name!r} has not finished (or not reached that"
                 f" checkpoint) under {output_dir}. Run it first (its experiment config names the command),"
-                " or set init_wait_min to wait for it (sweeps do)."
+                " or set init_wait_min to wait for it (sweeps do)." + _other_names(name, Path(output_dir))
             )
         if not announced:
             log.info("%s=%s: waiting up to %.0f min for %s", what, ref, wait_min, ready)
