@@ -259,7 +259,7 @@ def _orderings(cells: dict, groups: list, arms: dict, metric: str, higher: bool)
         digits = 1 if metric == "pass@1" else 3
         spread = "" if sd is None else f" ± {sd:.{digits}f}"
         pairs = [(a[s], c[s]) for s in diffs]
-        ci = _problem_ci(pairs) if metric == "pass@1" else _nll_problem_ci(pairs)
+        ci = _problem_ci(pairs, metric)
         line = (f"- {claim}: in {len(holds)} of {len(diffs)} seed{'s' * (len(diffs) > 1)} "
                 f"({'solution NLL' if metric == 'solution_nll' else metric} {mean:+.{digits}f}{spread}"
                 + ("" if ci is None else f"; 95% interval over the problems {ci[0]:+.{digits}f} to "
@@ -269,59 +269,39 @@ def _orderings(cells: dict, groups: list, arms: dict, metric: str, higher: bool)
     return result
 
 
-def _problem_ci(pairs: list[tuple[Run, Run]]) -> tuple[float, float] | None:
-    """95% bootstrap interval of the pass@1 difference (percentage points) over HumanEval's problems, from the
-    runs' samples: how far another draw of 164 problems of the same kind could move it, the uncertainty a single
-    seed leaves (Figure 2.1's bars are one run each; 9 problems are 5.5 points). Each problem's difference is
-    averaged over the seeds first; resampled 10,000 times by scipy, seeded, so the report is reproducible."""
-    import numpy as np
-    from scipy.stats import bootstrap
-
-    per_problem: dict[str, list[float]] = {}
-    for worse, better in pairs:
-        paths = _samples(worse, "humaneval"), _samples(better, "humaneval")
-        if None in paths:
-            return None
-        rates = [pass_rates(str(p)) for p in paths]
-        for task in rates[0].keys() & rates[1].keys():
-            per_problem.setdefault(task, []).append(100.0 * (rates[1][task] - rates[0][task]))
-    diffs = np.array([np.mean(v) for v in per_problem.values()])
-    if len(diffs) < 2:
+def _per_problem(run: Run, metric: str) -> dict[str, tuple[float, float]] | None:
+    """task_id -> (numerator, denominator) of the run's metric on that problem, its value over any set of
+    problems being sum(numerators) / sum(denominators): pass@1 in % (the problem's pass rate × 100, 1), from
+    samples.jsonl; the solution NLL (nats, tokens of the canonical solution), a token-weighted mean, from
+    solution_nll.jsonl. None for a run without the file (the NLL terms are kept since 2026-11-23)."""
+    path = _samples(run, "humaneval", "samples.jsonl" if metric == "pass@1" else "solution_nll.jsonl")
+    if path is None:
         return None
-    if np.all(diffs == diffs[0]):  # every resample gives the same mean
-        return float(diffs[0]), float(diffs[0])
-    res = bootstrap((diffs,), np.mean, confidence_level=0.95, n_resamples=10_000, method="percentile",
-                    rng=np.random.default_rng(0))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if metric == "pass@1":
+        return {task: (100.0 * rate, 1.0) for task, rate in pass_rates(str(path)).items()}
+    return {r["task_id"]: (r["nats"], r["tokens"]) for r in map(json.loads, path.read_text().splitlines())}
 
 
-def _nll_problem_ci(pairs: list[tuple[Run, Run]]) -> tuple[float, float] | None:
-    """95% bootstrap interval of the solution-NLL difference over HumanEval's problems, from the runs'
-    per-problem terms (solution_nll.jsonl: nats and tokens of each canonical solution). The NLL is a
-    token-weighted mean, so each resample of problems (the same problems for both runs of every seed) recomputes
-    both runs' ratios of sums and averages their difference over the seeds. Runs evaluated before the terms
-    were kept have no file, and get no interval."""
+def _problem_ci(pairs: list[tuple[Run, Run]], metric: str) -> tuple[float, float] | None:
+    """95% bootstrap interval of the metric's difference over HumanEval's problems, from the runs' per-problem
+    terms: how far another draw of 164 problems of the same kind could move it, the uncertainty a single seed
+    leaves (Figure 2.1's bars are one run each; 9 problems are 5.5 pass@1 points). Each resample of problems
+    (the same problems for both runs of every seed) recomputes each run's value and averages the differences
+    over the seeds; 10,000 resamples by scipy, seeded, so the report is reproducible."""
     import numpy as np
     from scipy.stats import bootstrap
 
-    columns = []  # per seed: nats and tokens of the worse run, then of the better, over the shared problems
-    terms = []
-    for worse, better in pairs:
-        paths = tuple(_samples(run, "humaneval", "solution_nll.jsonl") for run in (worse, better))
-        if None in paths:
-            return None
-        terms.append([{r["task_id"]: (r["nats"], r["tokens"]) for r in map(json.loads, p.read_text().splitlines())}
-                      for p in paths])
-    tasks = sorted(set.intersection(*(set(t) for pair in terms for t in pair)))
+    terms = [_per_problem(run, metric) for pair in pairs for run in pair]  # worse, better, worse, better, ...
+    if any(t is None for t in terms):
+        return None
+    tasks = sorted(set.intersection(*(set(t) for t in terms)))
     if len(tasks) < 2:
         return None
-    for pair in terms:
-        for t in pair:
-            columns += [np.array([t[k][0] for k in tasks]), np.array([t[k][1] for k in tasks], dtype=float)]
+    columns = [np.array([t[k][i] for k in tasks], dtype=float) for t in terms for i in (0, 1)]
 
     def difference(*cols):
-        ratios = [n.sum() / max(t.sum(), 1) for n, t in zip(cols[::2], cols[1::2])]
-        return np.mean([b - a for a, b in zip(ratios[::2], ratios[1::2])])
+        values = [num.sum() / den.sum() for num, den in zip(cols[::2], cols[1::2])]
+        return np.mean([better - worse for worse, better in zip(values[::2], values[1::2])])
 
     res = bootstrap(columns, difference, paired=True, vectorized=False, confidence_level=0.95,
                     n_resamples=10_000, method="percentile", rng=np.random.default_rng(0))
