@@ -3,7 +3,9 @@ model=1.3b (heads of 64, T = 2048, bf16, causal), with the paper's attention dro
 and forward + backward; then, with dropout, the two ways training may call it slower than that: q, k, v in the
 head-transposed layout PhiAttention hands over, and an explicit causal mask instead of `is_causal`. First it
 prints how the compiled training forward calls SDPA on this machine (torch.compile of the tiny model, the same
-code path as the paper's sizes): with `attn_mask = None, is_causal = True`, or with a mask.
+code path as the paper's sizes): with `attn_mask = None, is_causal = True`, or with a mask. The default
+model.attn_implementation=sdpa_causal makes it the first; transformers' own "sdpa" gives a mask under compile
+on torch < 2.14 (phi1/model.py).
 
     python bench/attention_speed.py --micro 8 --json attention.json   # one GPU (bench/gpu_suite.sh attention)
     python bench/attention_speed.py                                   # CPU: the compiled call only
@@ -34,12 +36,13 @@ BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTEN
 SHAPES = {"350m": 16, "1.3b": 32}  # heads of 64 (conf/model)
 
 
-def compiled_sdpa_calls(model: str = "tiny") -> list[str]:
+def compiled_sdpa_calls(model: str = "tiny", *overrides: str) -> list[str]:
     """The SDPA calls in the graph torch.compile makes of the training forward (train mode, autocast as on a
-    GPU), as dynamo writes them."""
+    GPU), as dynamo writes them. `overrides`: Hydra's, e.g. model.attn_implementation=sdpa."""
     register_configs()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={model}"])
+        cfg = compose("train", overrides=[f"model={model}", *overrides])
+    torch._dynamo.reset()  # a fresh trace: dynamo otherwise reuses the graph of an earlier call
     device = "cuda" if torch.cuda.is_available() else "cpu"
     net = build(cfg.model, 256).train().to(device)
     calls: list[str] = []

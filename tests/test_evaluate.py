@@ -210,6 +210,29 @@ def test_generation_end_to_end_greedy_and_sampled(tmp_path, tiny_model_dir):
     assert "eval/humaneval/pass@2" in sampled and "eval/humaneval/pass@5" not in sampled
 
 
+def test_left_padded_batches_keep_their_mask_under_sdpa_causal(tiny_model_dir):
+    # sdpa_causal (train.py's default) drops the mask only when it is plain causal; a left-padded batch, as in
+    # generation during training, must attend as with transformers' own SDPA: the same logits at every real
+    # token, and greedy generation writes the same tokens.
+    from transformers import AutoModelForCausalLM
+
+    from phi1.model import CAUSAL_SDPA
+
+    ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=CAUSAL_SDPA).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    assert ours.config._attn_implementation == CAUSAL_SDPA
+    ids = torch.randint(1, 512, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :5], mask[1, :2] = 0, 0
+    with torch.no_grad():
+        a, b = (m(input_ids=ids, attention_mask=mask).logits for m in (ours, theirs))
+        assert torch.allclose(a[mask.bool()], b[mask.bool()], atol=1e-5)
+        # Without the mask the padded rows would differ: the check above can fail.
+        assert not torch.allclose(ours(input_ids=ids).logits[0, 5:], a[0, 5:], atol=1e-3)
+        kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours.generate(ids, **kw), theirs.generate(ids, **kw))
+
+
 def test_a_killed_evaluation_resumes_generating_only_what_it_lacks(tmp_path, tiny_model_dir, monkeypatch):
     from transformers import PhiForCausalLM
 

@@ -38,8 +38,9 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
     activation: str = "gelu_new"
     init_std: float = 0.02
-    # "sdpa" dispatches to FlashAttention kernels on GPUs that have them.
-    attn_implementation: str = "sdpa"
+    # "sdpa_causal": PyTorch SDPA (flash / cuDNN attention) called with is_causal=True, never a causal mask, also
+    # under torch.compile (phi1/model.py says why); "sdpa", "eager": transformers' own.
+    attn_implementation: str = "sdpa_causal"
 
 
 @dataclass
