@@ -181,6 +181,12 @@ def test_dashboards_build_one_view_per_figure():
     for view, group in zip(built, ("scaling", "mini", "emergence", "pruning")):
         model = json.dumps(view._to_model().model_dump(by_alias=True))  # what save() would upload
         assert f'"name": "group"}}, "op": "=", "value": "{group}"' in model
+        # The runs of a cell are one group whatever their seed: the seeds are averaged, never told apart.
+        grouping = view._to_model().model_dump(by_alias=True)["spec"]["section"]["runSets"][0]["grouping"]
+        keys = [g["name"] for g in grouping]
+        assert keys[:4] == [f"cfg.value.{k}" for k in ("model.name", "data.name", "budget.name", "phase")]
+        assert keys[4:] == (["cfg.value.tau"] if group == "pruning" else []) and "seed" not in str(keys)
+        assert '"groupAgg": "mean"' in model and '"maxRuns": 100' in model
         metrics = {m for s in view.sections for p in s.panels for m in (getattr(p, "metrics", None) or
                                                                           getattr(p, "y", None) or [])}
         assert metrics <= {"eval/humaneval/pass@1", "eval/humaneval/solution_nll", "eval/mbpp/pass@1",

@@ -1,6 +1,8 @@
 """W&B dashboards as code (wandb-workspaces): one saved workspace view per figure of the paper, each showing
 the runs of one W&B group (= experiment_name: scaling, emergence, pruning, mini) with the metric names of
-DESIGN §6, grouped by the tags that tell the cells apart.
+DESIGN §6. Runs are grouped by the config keys that make a cell of the figure (model, data, token budget,
+phase, and τ for Table 3) and by nothing else, so the seeds of a cell (run names ending -s<seed>) are one
+group: its bar is their mean, its line their mean with the min-max band.
 
   python -m phi1.dashboards --entity <entity> [--project phi1]   # saves the views, prints their URLs
   python -m phi1.dashboards --entity <entity> --dry-run           # lists the views and panels, saves nothing
@@ -12,52 +14,69 @@ import argparse
 
 import wandb_workspaces.reports.v2 as wr
 import wandb_workspaces.workspaces as ws
+from wandb_workspaces.expr import Config
 
 TRAINING = ["train/loss", "val/loss"]
 
 
 def _training_section(name: str = "Training") -> ws.Section:
     return ws.Section(name=name, is_open=False, panels=[
-        wr.LinePlot(title="loss", y=TRAINING),
-        wr.LinePlot(title="learning rate", y=["train/lr"]),
-        wr.LinePlot(title="tokens/s (job)", y=["perf/tokens_per_sec"]),
-        wr.LinePlot(title="MFU per GPU (DESIGN §7)", y=["perf/mfu"]),
+        _lines("loss", TRAINING),
+        _lines("learning rate", ["train/lr"]),
+        _lines("tokens/s (job)", ["perf/tokens_per_sec"]),
+        _lines("MFU per GPU (DESIGN §7)", ["perf/mfu"]),
     ])
 
 
-def _group(name: str) -> ws.RunsetSettings:
-    return ws.RunsetSettings(filters=[ws.Metric("Group") == name])
+# What tells the cells of a figure apart; the seed is left out on purpose. train.py logs its config as `cfg`.
+CELL = ["model.name", "data.name", "budget.name", "phase"]
+
+
+def _group(name: str, cell: list[str] = CELL) -> ws.RunsetSettings:
+    return ws.RunsetSettings(filters=[ws.Metric("Group") == name], groupby=[Config(f"cfg.{key}") for key in cell])
+
+
+# W&B draws 10 runs (or groups) a panel unless told: Figure 2.1 has 2 models x 2 budgets x 3 data = 12 cells
+# (sweeps/scaling.yaml), and the mini reproduction 6 cells x 3 seeds = 18 runs, which the runs table lists.
+SETTINGS = ws.WorkspaceSettings(max_runs=100)
+
+
+def _bars(title: str, metric: str) -> wr.BarPlot:
+    return wr.BarPlot(title=title, metrics=[metric], orientation="v", groupby_aggfunc="mean",
+                      groupby_rangefunc="minmax")
+
+
+def _lines(title: str, metrics: list[str]) -> wr.LinePlot:
+    return wr.LinePlot(title=title, y=metrics, groupby_aggfunc="mean", groupby_rangefunc="minmax")
 
 
 def views(entity: str, project: str) -> list[ws.Workspace]:
+    def view(name: str, group: str, sections: list[ws.Section], cell: list[str] = CELL) -> ws.Workspace:
+        return ws.Workspace(entity=entity, project=project, name=name, settings=SETTINGS,
+                            runset_settings=_group(group, cell), sections=sections)
+
     fig21 = [
-        wr.BarPlot(title="HumanEval pass@1 by model, tokens and data (Figure 2.1)",
-                   metrics=["eval/humaneval/pass@1"], orientation="v", groupby="config.cfg.data.name"),
-        wr.BarPlot(title="HumanEval solution NLL, last (lower is better)", metrics=["eval/humaneval/solution_nll"],
-                   orientation="v", groupby="config.cfg.data.name"),
-        wr.LinePlot(title="HumanEval solution NLL at each evaluation", y=["eval/humaneval/solution_nll"]),
+        _bars("HumanEval pass@1 by model, tokens and data (Figure 2.1), mean over seeds", "eval/humaneval/pass@1"),
+        _bars("HumanEval solution NLL, last (lower is better)", "eval/humaneval/solution_nll"),
+        _lines("HumanEval solution NLL at each evaluation", ["eval/humaneval/solution_nll"]),
     ]
     return [
-        ws.Workspace(entity=entity, project=project, name="Figure 2.1: scaling", runset_settings=_group("scaling"),
-                     sections=[ws.Section(name="Figure 2.1", is_open=True, panels=fig21), _training_section()]),
-        ws.Workspace(entity=entity, project=project, name="Mini reproduction", runset_settings=_group("mini"),
-                     sections=[ws.Section(name="Figure 2.1 in miniature", is_open=True, panels=fig21),
-                               _training_section()]),
-        ws.Workspace(entity=entity, project=project, name="Emergence and Table 2", runset_settings=_group("emergence"),
-                     sections=[ws.Section(name="phi-1-small vs phi-1-base vs phi-1", is_open=True, panels=[
-                         wr.BarPlot(title="HumanEval pass@1", metrics=["eval/humaneval/pass@1"], orientation="v"),
-                         wr.BarPlot(title="MBPP pass@1", metrics=["eval/mbpp/pass@1"], orientation="v"),
-                         wr.BarPlot(title="unconventional problems: GPT-4 score (0-10, Table 2)",
-                                    metrics=["eval/unconventional/score"], orientation="v"),
-                         wr.BarPlot(title="unconventional problems: pass@1", metrics=["eval/unconventional/pass@1"],
-                                    orientation="v"),
-                     ])]),
-        ws.Workspace(entity=entity, project=project, name="Table 3: pruning", runset_settings=_group("pruning"),
-                     sections=[ws.Section(name="retrained on pruned CodeExercises", is_open=True, panels=[
-                         wr.BarPlot(title="HumanEval pass@1 by τ", metrics=["eval/humaneval/pass@1"],
-                                    orientation="v", groupby="config.cfg.tau"),
-                         wr.LinePlot(title="HumanEval pass@1 at each checkpoint", y=["eval/humaneval/pass@1"]),
-                     ]), _training_section()]),
+        view("Figure 2.1: scaling", "scaling",
+             [ws.Section(name="Figure 2.1", is_open=True, panels=fig21), _training_section()]),
+        view("Mini reproduction", "mini",
+             [ws.Section(name="Figure 2.1 in miniature", is_open=True, panels=fig21), _training_section()]),
+        view("Emergence and Table 2", "emergence", [ws.Section(
+            name="phi-1-small vs phi-1-base vs phi-1", is_open=True, panels=[
+                _bars("HumanEval pass@1", "eval/humaneval/pass@1"),
+                _bars("MBPP pass@1", "eval/mbpp/pass@1"),
+                _bars("unconventional problems: GPT-4 score (0-10, Table 2)", "eval/unconventional/score"),
+                _bars("unconventional problems: pass@1", "eval/unconventional/pass@1"),
+            ])]),
+        view("Table 3: pruning", "pruning", [ws.Section(
+            name="retrained on pruned CodeExercises", is_open=True, panels=[
+                _bars("HumanEval pass@1 by τ", "eval/humaneval/pass@1"),
+                _lines("HumanEval pass@1 at each checkpoint", ["eval/humaneval/pass@1"]),
+            ]), _training_section()], cell=[*CELL, "tau"]),
     ]
 
 
