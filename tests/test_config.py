@@ -145,6 +145,7 @@ def test_budget_and_batch_arithmetic_is_derived(tmp_path):
      " gives tokens=819200): to count steps, add budget.tokens=null"),
     ("data.seq_len=4096", "data.seq_len"),
     ("model.n_head=5", "model.n_head"),
+    ("model.attn_implementation=sdpa_casual", "model.attn_implementation: must be sdpa_causal (the default)"),
     ("model.dropout=1.5", "model.dropout"),
     ("phase=distill", "phase"),
     ("data.sources.0.weight=0", "data.sources[0].weight"),

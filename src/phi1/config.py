@@ -572,6 +572,15 @@ def plan(cfg: DictConfig) -> Plan:
     return Plan(world, cfg.batch.global_size // per_pass, max_steps, tokens_per_step)
 
 
+def _known_attention(name: str) -> bool:
+    """A name transformers' PhiForCausalLM takes: its own, phi1.model's sdpa_causal, or a hub kernel."""
+    from transformers import AttentionInterface
+
+    import phi1.model  # noqa: F401  (registers sdpa_causal)
+
+    return name == "eager" or name in AttentionInterface._global_mapping or "/" in name
+
+
 def validate(cfg: DictConfig) -> Plan:
     """Range and consistency checks that types alone cannot express. Raises ConfigError naming the key."""
     checks = [
@@ -584,6 +593,9 @@ def validate(cfg: DictConfig) -> Plan:
          and 0 < cfg.model.rotary_dim <= cfg.model.d_model // max(cfg.model.n_head, 1),
          "must be in (0, head dim = d_model / n_head]"),
         ("model.vocab_size", cfg.model.vocab_size is None or cfg.model.vocab_size > 0, "must be > 0"),
+        ("model.attn_implementation", _known_attention(cfg.model.attn_implementation),
+         "must be sdpa_causal (the default), sdpa, eager, flash_attention_2, flash_attention_3, flex_attention or "
+         "a hub kernel (owner/repo)"),
         ("model.dropout", 0.0 <= cfg.model.dropout < 1.0, "must be in [0, 1)"),
         ("model.embd_dropout", 0.0 <= cfg.model.embd_dropout < 1.0, "must be in [0, 1)"),
         ("data.seq_len", 0 < cfg.data.seq_len <= cfg.model.max_seq_len,
