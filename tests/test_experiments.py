@@ -417,6 +417,26 @@ def test_report_without_runs_says_how_to_make_them(tmp_path):
                           text=True)
     log = proc.stdout + proc.stderr
     assert "python train.py +sweep=scaling" in log and "python evaluate.py +sweep=emergence" in log
+    assert "report in" in log and "nothing (no finished runs" in log
+
+
+def test_report_names_only_what_it_drew_and_refuses_a_missing_runs_dir(tmp_path):
+    out = tmp_path / "outputs" / "report"
+    out.mkdir(parents=True)
+    (out / "mini_fig2_1.md").write_text("an earlier report's table, its runs since deleted\n")
+    env = {**os.environ, "PHI1_ROOT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "report.py"], cwd=ROOT, env=env, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    assert "nothing (no finished runs of a known experiment)" in log
+    assert "left from an earlier report, not remade (no runs for them now): mini_fig2_1.md" in log
+    assert (out / "mini_fig2_1.md").read_text().startswith("an earlier report's")  # kept, not deleted
+
+    proc = subprocess.run([sys.executable, "report.py", f"runs_dir={tmp_path / 'outptus'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert f"runs_dir={tmp_path / 'outptus'}: no such folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from phi1 import environment  # noqa: E402
 from phi1.contamination.decontaminate import PAPER_TABLE3, pass_rates  # noqa: E402
-from phi1.errors import Phi1Error  # noqa: E402
+from phi1.errors import MissingInputError, Phi1Error  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -528,9 +528,18 @@ def table3(runs: list[Run], decontaminate_dir: Path, out: Path) -> dict | None:
     return table
 
 
+def _figures(out: Path) -> dict[str, int]:
+    """The figures and tables in out, with their modification times (ns)."""
+    return {p.name: p.stat().st_mtime_ns for p in sorted(out.iterdir()) if p.suffix in (".png", ".md")}
+
+
 def report(cfg: DictConfig) -> dict:
+    if not Path(cfg.runs_dir).is_dir():  # a mistyped folder would otherwise read as "no runs yet"
+        raise MissingInputError(f"runs_dir={cfg.runs_dir}: no such folder (the folder of run folders, outputs/ "
+                                "by default)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    before = _figures(out)
     runs = local_runs(Path(cfg.runs_dir))
     if cfg.wandb:
         runs += wandb_runs(cfg.wandb)
@@ -538,6 +547,11 @@ def report(cfg: DictConfig) -> dict:
     result = {"fig2_1": scaling(runs, "scaling", out), "mini_fig2_1": scaling(runs, "mini", out),
               "emergence": emergence(runs, out), "table3": table3(runs, Path(cfg.decontaminate_dir), out)}
     (out / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    made = sorted(p.name for p in out.iterdir() if p.suffix in (".png", ".md"))
+    # Named by whether this call wrote them: a figure left from an earlier report whose runs are gone (or not
+    # under this runs_dir) is not passed off as this one's. Earlier files are kept, not deleted.
+    after = _figures(out)
+    made = [name for name in after if after[name] != before.get(name)]
     log.info("report in %s: %s", out, ", ".join(made) or "nothing (no finished runs of a known experiment)")
+    if stale := [name for name in after if after[name] == before.get(name)]:
+        log.info("left from an earlier report, not remade (no runs for them now): %s", ", ".join(stale))
     return result
