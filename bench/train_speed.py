@@ -13,6 +13,7 @@ Variants (--gpu; each is train.py's config plus these overrides, and the plain l
   compile     speed.compile=true                         (the defaults on a GPU)
   fused_ce    speed.fused_cross_entropy=true             (liger-kernel; skipped when it is not installed)
   best        compile + fused_ce
+  autotune    compile + speed.compile_mode=max-autotune-no-cudagraphs (Triton matmuls with fused epilogues)
   nodrop      compile + model.dropout=0.0                 (what the paper's dropout of 0.1 costs; not a speed switch)
   zero1/zero2 trainer=deepspeed_bf16 with ZeRO stage 1/2 on one GPU, eager (train.py only)
   zero2_compile  the same with speed.compile=true
@@ -59,6 +60,7 @@ VARIANTS = {
     "compile": ["speed.compile=true"],
     "fused_ce": [*EAGER, "speed.fused_cross_entropy=true"],
     "best": ["speed.compile=true", "speed.fused_cross_entropy=true"],
+    "autotune": ["speed.compile=true", "speed.compile_mode=max-autotune-no-cudagraphs"],
     "nodrop": ["speed.compile=true", "model.dropout=0.0"],
     "zero1": [*EAGER, "trainer=deepspeed_bf16", "trainer.devices=1", "trainer.strategy.stage=1"],
     "zero2": [*EAGER, "trainer=deepspeed_bf16", "trainer.devices=1", "trainer.strategy.stage=2"],

@@ -147,6 +147,8 @@ def test_budget_and_batch_arithmetic_is_derived(tmp_path):
     ("model.n_head=5", "model.n_head"),
     ("model.attn_implementation=sdpa_casual", "model.attn_implementation: must be sdpa_causal (the default)"),
     ("model.dropout=1.5", "model.dropout"),
+    ("speed.compile_mode=max-autotune-no-cudagraph", "speed.compile_mode: must be null (torch.compile's default) or"
+     " one of torch.compile's modes: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs"),
     ("phase=distill", "phase"),
     ("data.sources.0.weight=0", "data.sources[0].weight"),
     ("data.sources.0.path=/my/code", "data.sources[0].path: kind=stdlib reads this interpreter's standard library"),

@@ -553,12 +553,18 @@ def test_data_wait_is_the_share_of_time_spent_waiting_for_batches(small_cfg, tmp
     assert column(read_csv(tmp_path / "slow"), "perf/data_wait")  # logged along the way, not only at the end
 
 
-def test_compiled_training_matches_eager(small_cfg, tmp_path):
+@pytest.mark.parametrize("mode", ["null", "max-autotune-no-cudagraphs"])
+def test_compiled_training_matches_eager(small_cfg, tmp_path, monkeypatch, mode):
     # No dropout: compiled code draws its masks from another generator. The same losses, the same state_dict
-    # keys (a compiled run's checkpoints and exports load like any other).
+    # keys (a compiled run's checkpoints and exports load like any other), in each speed.compile_mode.
+    modes = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw.get("mode")) or real(fn, **kw))
     common = (*FAST, "model.dropout=0", "budget.max_steps=3", "evaluation.enabled=false", "val_batches=0")
     eager = train(small_cfg(*common, run_dir=tmp_path / "eager"))
-    compiled = train(small_cfg(*common, "speed.compile=true", run_dir=tmp_path / "compiled"))
+    compiled = train(small_cfg(*common, "speed.compile=true", f"speed.compile_mode={mode}",
+                               run_dir=tmp_path / "compiled"))
+    assert modes == [None if mode == "null" else mode] * 2
     assert compiled["train/loss"] == pytest.approx(eager["train/loss"], rel=1e-4)
     assert compiled["train/loss_first"] == pytest.approx(eager["train/loss_first"], rel=1e-4)
     keys = [set(torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"])

@@ -141,6 +141,9 @@ class BatchConfig:
     micro_size: int = MISSING
 
 
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class SpeedConfig:
     """Switches for the GPU throughput of training (the others: model.attn_implementation, optim.fused)."""
@@ -149,6 +152,11 @@ class SpeedConfig:
     # (LanguageModel.setup). Generation stays eager: its sequence length changes every token, and each new
     # shape would be a recompilation.
     compile: Optional[bool] = None
+    # torch.compile's mode when compiled; None: its default. "max-autotune-no-cudagraphs" times Triton matmul
+    # templates against cuBLAS for each shape and can fuse the GELU, dropout and residual adds into the
+    # matmuls, which Inductor's default leaves as separate kernels (238 ms of a 1.263 s 1.3B step on an H100,
+    # BENCHMARKS.md), for minutes more compilation. "reduce-overhead" and "max-autotune" add CUDA graphs.
+    compile_mode: Optional[str] = None
     # liger-kernel's fused linear cross-entropy: the LM head and the loss in chunks, so the logits of a
     # micro-batch (tokens × 51,200 × 4 bytes in fp32: 1.7 GB for 4 × 2048 tokens) never exist at once. CUDA only.
     fused_cross_entropy: bool = False
@@ -611,6 +619,8 @@ def validate(cfg: DictConfig) -> Plan:
         ("batch.global_size", cfg.batch.global_size > 0, "must be > 0"),
         ("batch.micro_size", cfg.batch.micro_size > 0, "must be > 0"),
         ("trainer.num_nodes", cfg.trainer.num_nodes > 0, "must be > 0"),
+        ("speed.compile_mode", cfg.speed.compile_mode in COMPILE_MODES,
+         f"must be null (torch.compile's default) or one of torch.compile's modes: {', '.join(COMPILE_MODES[1:])}"),
         ("speed.fused_cross_entropy", not cfg.speed.fused_cross_entropy or cfg.trainer.accelerator in ("gpu", "cuda"),
          f"needs a CUDA GPU (liger-kernel's Triton kernels); trainer.accelerator is {cfg.trainer.accelerator!r}"),
         ("speed.fused_cross_entropy",

@@ -125,7 +125,9 @@ class LanguageModel(L.LightningModule):
 
     def _compile(self) -> None:
         if self._logits == self.model.forward:  # the eager bound method: not compiled yet
-            self._logits, self._hidden = torch.compile(self._logits), torch.compile(self._hidden)
+            mode = (self.cfg.get("speed") or {}).get("compile_mode")
+            self._logits = torch.compile(self._logits, mode=mode)
+            self._hidden = torch.compile(self._hidden, mode=mode)
 
     def setup(self, stage: str) -> None:
         # speed.compile=null: compiled on a CUDA GPU. Measured on one H100 (BENCHMARKS.md): 1.3B 24.6K -> 39.0K
