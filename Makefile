@@ -3,24 +3,36 @@
 # a local torch 2.13.0 wheel; on a GPU machine use e.g. `make demo TORCH=torch`.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+# LOCK=requirements.lock installs the versions the README's numbers were measured with (Python 3.11, Linux);
+# empty (the default): the newest versions pyproject.toml allows, what `pip install` gives.
+LOCK ?=
 VENV := .venv
 BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed$(if $(LOCK),-$(notdir $(LOCK)))
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install demo train filter test clean
+.PHONY: install lock demo train filter test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# The stamp names the lock, so that switching LOCK reinstalls.
+$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
-	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt $(if $(LOCK),-c $(LOCK)) -e ".[dev]"
+	rm -f $(VENV)/.installed*
 	touch $@
 
-install: $(VENV)/.installed
+install: $(STAMP)
+
+# Rewrites requirements.lock from .venv: every package but torch (TORCH picks that) and the project itself.
+lock: install
+	printf '%s\n' "# The versions behind the README's and BENCHMARKS.md's CPU numbers (Python 3.11, Linux x86_64)." \
+	  "# make demo LOCK=requirements.lock installs them; make lock rewrites this file from .venv." > requirements.lock
+	$(BIN)/pip freeze --exclude-editable --exclude torch --exclude phi1 >> requirements.lock
 
 # The mini reproduction (README): Figure 2.1 in miniature, offline on a 2-core CPU in ~12 minutes. The quality
 # filter on the standard library, six training runs ({tiny, tiny_wide} × {unfiltered, filtered, filtered →

@@ -257,3 +257,28 @@ def test_deepspeed_trains_for_real_on_a_gpu(small_cfg):
 
     metrics = train(small_cfg("trainer=deepspeed_bf16", "trainer.devices=1"))
     assert metrics["train/loss"] < metrics["train/loss_first"]
+
+
+def test_the_lock_pins_every_dependency_within_pyproject_ranges():
+    """requirements.lock (make demo LOCK=requirements.lock) must install: a range changed in pyproject.toml
+    without `make lock` would make pip refuse the pins, or leave a new dependency unpinned."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11's; the lock is for 3.11")
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for number, line in enumerate((ROOT / "requirements.lock").read_text().splitlines(), 1):
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version, f"requirements.lock:{number}: not a name==version pin: {line!r}"
+            pins[canonicalize_name(name)] = version
+    assert "torch" not in pins, "torch is chosen by TORCH (CPU or CUDA build), not by the lock"
+    for spec in project["dependencies"] + project["optional-dependencies"]["dev"]:
+        req = Requirement(spec)
+        name = canonicalize_name(req.name)
+        if name == "torch":
+            continue
+        assert name in pins, f"{req.name} is a dependency in pyproject.toml but not pinned in requirements.lock"
+        assert req.specifier.contains(pins[name], prereleases=True), \
+            f"requirements.lock pins {req.name}=={pins[name]}, outside pyproject.toml's {req.specifier}"
