@@ -305,6 +305,35 @@ def test_a_fresh_run_refuses_a_folder_that_holds_checkpoints(pretrained, small_c
     assert all(p.read_bytes() == data for p, data in kept.items())
 
 
+def test_a_resume_with_other_training_settings_is_refused_naming_them(pretrained, small_cfg, tmp_path, caplog):
+    """`ckpt_path=last` with the run's overrides forgotten or changed would train on with other settings under the
+    run's name. Budget (training on), micro-batch and kernels may change; model, data, optimizer and seed not."""
+    from phi1.errors import InputError
+
+    run = tmp_path / "resumed"
+    shutil.copytree(pretrained[0], run)
+    kept = {p: p.read_bytes() for p in (run / "checkpoints" / "last.ckpt", run / "config.yaml", run / "metrics.json")}
+    with pytest.raises(InputError) as e:
+        train(small_cfg(*FAST, "budget.max_steps=28", "ckpt_path=last", "optim.lr=0.01", "seed=7",
+                        "data.sources.0.limit=100", run_dir=run))
+    message = str(e.value)
+    assert "optim.lr: 0.003 in the checkpoint, 0.01 now" in message
+    assert "seed: 1234 in the checkpoint, 7 now" in message
+    assert "data.sources.0.limit: 250 in the checkpoint, 100 now" in message
+    assert "resume_check=false" in message
+    assert all(p.read_bytes() == data for p, data in kept.items())  # refused before anything was written
+    # What may change: the budget (training on), the micro-batch, the attention kernel.
+    resumed = train(small_cfg(*FAST, "budget.max_steps=28", "ckpt_path=last", "batch.micro_size=8",
+                              "model.attn_implementation=sdpa", "evaluation.enabled=false", run_dir=run))
+    assert resumed["steps"] == 28
+    # resume_check=false: a warning naming the change, and training goes on.
+    with caplog.at_level("WARNING", logger="phi1.train"):
+        again = train(small_cfg(*FAST, "budget.max_steps=30", "ckpt_path=last", "optim.lr=0.01", "resume_check=false",
+                                "evaluation.enabled=false", run_dir=run))
+    assert again["steps"] == 30
+    assert "optim.lr: 0.003 in the checkpoint, 0.01 now" in caplog.text
+
+
 def test_resuming_without_a_checkpoint_is_an_error(small_cfg):
     with pytest.raises(FileNotFoundError, match="ckpt_path=last: no checkpoint"):
         train(small_cfg("ckpt_path=last"))

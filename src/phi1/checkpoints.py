@@ -39,17 +39,33 @@ def read_checkpoint(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     if not is_deepspeed(path):
         raise MissingInputError(f"{path}: not a checkpoint (a file, or a DeepSpeed folder with a 'latest' file)")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, get_model_state_files
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag = (path / "latest").read_text().strip()
     # Rank 0's model-states file holds Lightning's state beside the engine's; "module" (the weights in the
     # precision of the run) and "optimizer" are dropped, as the weights come from the shards.
-    state = torch.load(sorted(get_model_state_files(str(path / tag)))[0], map_location="cpu", weights_only=False)
+    state = torch.load(_lightning_state_file(path), map_location="cpu", weights_only=False)
     checkpoint = {k: v for k, v in state.items() if k not in ("module", "optimizer")}
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(path), tag)
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(path), (path / "latest").read_text().strip())
     # Lightning before 2.1 wrapped the module: its keys start with "_forward_module.".
     checkpoint["state_dict"] = {k.removeprefix("_forward_module."): v for k, v in weights.items()}
     return checkpoint
+
+
+def _lightning_state_file(folder: Path) -> Path:
+    """The file of a DeepSpeed folder that holds Lightning's state: rank 0's model states."""
+    from deepspeed.utils.zero_to_fp32 import get_model_state_files
+
+    tag = (folder / "latest").read_text().strip()
+    return Path(sorted(get_model_state_files(str(folder / tag)))[0])
+
+
+def read_config(path: str | Path) -> dict | None:
+    """The config a checkpoint of train.py was trained with (LanguageModel's hyper_parameters), read without
+    loading its tensors (memory-mapped: a 1.3B checkpoint with its optimizer is ~17 GB). None if it has none."""
+    path = Path(path)
+    checkpoint = torch.load(path if path.is_file() else _lightning_state_file(path), map_location="cpu",
+                            weights_only=False, mmap=True)
+    return (checkpoint.get("hyper_parameters") or {}).get("cfg")
 
 
 class ModelCheckpoint(LightningModelCheckpoint):

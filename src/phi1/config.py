@@ -322,6 +322,9 @@ class TrainConfig:
     tau: Optional[float] = None
     # Resume: a checkpoint path, `last` (this run dir's last.ckpt, an error if absent) or `auto` (last if any).
     ckpt_path: Optional[str] = None
+    # A resumed run with other training settings than its checkpoint's (model, data, optimizer, seed, global
+    # batch: phi1.train.RESUME_KEYS) is refused, naming them; false: a warning, and it trains on with the new ones.
+    resume_check: bool = True
     evaluation: TrainEvalConfig = field(default_factory=TrainEvalConfig)
     eval_every_steps: int = 100
     val_batches: int = 20

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from phi1 import config as phi_config
 from phi1 import environment, runs
-from phi1.checkpoints import is_checkpoint, read_checkpoint
+from phi1.checkpoints import is_checkpoint, read_checkpoint, read_config
 from phi1.data import pack
 from phi1.data.datamodule import PackedData
 from phi1.errors import InputError, MissingInputError
@@ -83,6 +83,48 @@ def resolve_ckpt_path(ckpt_path: str | None, callbacks: list) -> str | None:
     return ckpt_path
 
 
+# What a resumed run shares with its checkpoint: a change to any of these would train another run under its name
+# (another model, data or optimizer, or another data order: that is a function of seed and step). The budget
+# (training on), devices, micro-batch, speed switches, logging and evaluation may change; so may a source's
+# path (a moved data_dir) and the attention kernel (the same attention).
+RESUME_KEYS = ("seed", "phase", "batch.global_size", "model", "tokenizer.name", "tokenizer.vocab_size", "data.name",
+               "data.seq_len", "data.val_fraction", "data.dedup", "data.sources", "optim")
+MAY_CHANGE = ("model.attn_implementation", ".path", ".made_by")
+
+
+def _flat(value, prefix: str = "") -> dict:
+    """{dotted key: leaf}; a list also gives its length (key `<list>.#`), so that an added entry counts."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    if isinstance(value, list):
+        return {f"{prefix}#": len(value), **{k: v for i, item in enumerate(value)
+                                              for k, v in _flat(item, f"{prefix}{i}.").items()}}
+    return {prefix[:-1]: value}
+
+
+def check_resume(cfg: DictConfig, ckpt_path: str) -> None:
+    """Refuse to resume a checkpoint with other training settings (RESUME_KEYS) than it was trained with, naming
+    each: `python train.py run_name=myrun ckpt_path=last` without the run's first overrides (experiment=...,
+    data=...) would otherwise train on with the defaults. Keys the checkpoint's code did not have are skipped."""
+    saved = read_config(ckpt_path)
+    if saved is None:  # not written by train.py's LanguageModel
+        return
+    before, now = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
+    changed = [f"{key}: {before[key]!r} in the checkpoint, {now.get(key, '(absent)')!r} now" for key in before
+               if any(key == k or key.startswith(k + ".") for k in RESUME_KEYS)
+               and not any(m in key for m in MAY_CHANGE) and now.get(key, "(absent)") != before[key]]
+    if not changed:
+        return
+    listed = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+    if cfg.resume_check:
+        raise InputError(
+            f"ckpt_path={cfg.ckpt_path}: {ckpt_path} was trained with other settings than this command's: {listed}. "
+            "Give the run's own overrides again (experiment=..., data=...; the checkpoint's config is its "
+            "hyper_parameters, and the run's config.yaml), or resume_check=false to train on with these.")
+    log.warning("resuming %s with other settings than it was trained with (resume_check=false): %s", ckpt_path,
+                listed)
+
+
 def _finished(run_dir: Path, max_steps: int) -> dict | None:
     """The metrics of a run that completed these steps (train.py writes metrics.json last, after the final
     evaluation and the export): resuming it has nothing to do, and Lightning would skip its final evaluation."""
@@ -115,6 +157,8 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, callbacks)  # before anything is written into run_dir
     if ckpt_path and (finished := _finished(run_dir, plan.max_steps)):
         return finished
+    if ckpt_path:
+        check_resume(cfg, ckpt_path)
     # Before the model is built (~20 s for 1.3B on a CPU) and the data packed: a missing base stops the run at
     # once, and a sweep's finetune waits for its base (init_wait_min) holding no memory.
     init_from = None
