@@ -134,6 +134,19 @@ def test_finetuning_starts_from_the_base_weights(pretrained, small_cfg, tmp_path
     assert tuned["train/loss_first"] < base["train/loss_first"] - 1.0
 
 
+@pytest.mark.parametrize("source", ["checkpoint", "hf export"])
+def test_a_base_trained_with_another_tokenizer_of_the_same_size_is_refused(pretrained, small_cfg, tmp_path, source):
+    # Another corpus, the same 4,096 tokens: the weights would load, each id meaning another token.
+    from phi1.errors import InputError
+
+    run = pretrained[0]
+    init = run / "checkpoints" / "last.ckpt" if source == "checkpoint" else run / "hf"
+    with pytest.raises(InputError, match=r"its weights were trained with .*not this run's tokenizer=stdlib-bpe4k"):
+        train(small_cfg("phase=finetune", f"init_from={init}", "tokenizer.corpus.limit=149",
+                        run_dir=tmp_path / "tuned"))
+    assert not (tmp_path / "tuned").exists()  # refused before the run folder was made
+
+
 def test_init_from_names_what_it_could_not_read(pretrained, tmp_path):
     from phi1.errors import MissingInputError
 

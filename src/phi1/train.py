@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from phi1 import config as phi_config
 from phi1 import environment, runs
+from phi1 import tokenizer as tokenizers
 from phi1.checkpoints import is_checkpoint, read_checkpoint, read_config
 from phi1.data import pack
 from phi1.data.datamodule import PackedData
@@ -125,6 +126,32 @@ def check_resume(cfg: DictConfig, ckpt_path: str) -> None:
                 listed)
 
 
+def check_init_tokenizer(cfg: DictConfig, init_from: str) -> None:
+    """Weights trained with another tokenizer of the same size load without an error, and each token id then
+    means another token: refused. A checkpoint of train.py is compared by its tokenizer config (paths aside), an
+    HF folder by its tokenizer.json's vocabulary; a hub id is not checked."""
+    source = Path(init_from).expanduser()
+    if is_checkpoint(source):
+        saved = (read_config(source) or {}).get("tokenizer")
+        mine = _flat(OmegaConf.to_container(cfg.tokenizer, resolve=True))
+        # Keys that one side's code did not have are skipped, as in check_resume.
+        changed = saved is not None and any(k in mine and mine[k] != v for k, v in _flat(saved).items()
+                                            if not k.endswith("path"))
+        theirs = f"tokenizer {saved.get('name') if saved else None!r}"
+    elif (source / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        vocab = Tokenizer.from_file(str(tokenizers.ensure(cfg) / "tokenizer.json")).get_vocab()
+        changed = Tokenizer.from_file(str(source / "tokenizer.json")).get_vocab() != vocab
+        theirs = f"the tokenizer in {source / 'tokenizer.json'}"
+    else:
+        return
+    if changed:
+        raise InputError(f"init_from={cfg.init_from}: its weights were trained with {theirs}, not this run's "
+                         f"tokenizer={cfg.tokenizer.name}: every token id would mean another token. Use the base run's "
+                         "tokenizer (the same tokenizer=... as its command).")
+
+
 def _finished(run_dir: Path, max_steps: int) -> dict | None:
     """The metrics of a run that completed these steps (train.py writes metrics.json last, after the final
     evaluation and the export): resuming it has nothing to do, and Lightning would skip its final evaluation."""
@@ -164,6 +191,7 @@ def train(cfg: DictConfig) -> dict:
     init_from = None
     if cfg.init_from and ckpt_path is None:  # a resumed run has its weights in the checkpoint
         init_from = runs.resolve(cfg.init_from, cfg.paths.output_dir, cfg.paths.data_dir, cfg.init_wait_min)
+        check_init_tokenizer(cfg, init_from)
     run_dir.mkdir(parents=True, exist_ok=True)
     # What report.py reads to place this run in a figure: the config with every interpolation resolved.
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
