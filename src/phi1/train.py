@@ -103,27 +103,35 @@ def _flat(value, prefix: str = "") -> dict:
     return {prefix[:-1]: value}
 
 
+def _differences(saved: dict, now: dict, prefixes: tuple[str, ...] = ("",)) -> list[str]:
+    """`key: saved value in the checkpoint, new value now` for each leaf under `prefixes` that differs (MAY_CHANGE
+    aside). Keys the checkpoint's code did not have are skipped; one the run no longer has counts."""
+    before, after = _flat(saved), _flat(now)
+    return [f"{key}: {before[key]!r} in the checkpoint, {after.get(key, '(absent)')!r} now" for key in before
+            if any(not p or key == p or key.startswith(p + ".") for p in prefixes)
+            and not any(m in key for m in MAY_CHANGE) and after.get(key, "(absent)") != before[key]]
+
+
+def _listed(changed: list[str]) -> str:
+    return "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+
+
 def check_resume(cfg: DictConfig, ckpt_path: str) -> None:
     """Refuse to resume a checkpoint with other training settings (RESUME_KEYS) than it was trained with, naming
     each: `python train.py run_name=myrun ckpt_path=last` without the run's first overrides (experiment=...,
-    data=...) would otherwise train on with the defaults. Keys the checkpoint's code did not have are skipped."""
+    data=...) would otherwise train on with the defaults."""
     saved = read_config(ckpt_path)
     if saved is None:  # not written by train.py's LanguageModel
         return
-    before, now = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
-    changed = [f"{key}: {before[key]!r} in the checkpoint, {now.get(key, '(absent)')!r} now" for key in before
-               if any(key == k or key.startswith(k + ".") for k in RESUME_KEYS)
-               and not any(m in key for m in MAY_CHANGE) and now.get(key, "(absent)") != before[key]]
-    if not changed:
-        return
-    listed = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
-    if cfg.resume_check:
+    changed = _differences(saved, OmegaConf.to_container(cfg, resolve=True), RESUME_KEYS)
+    if changed and cfg.resume_check:
         raise InputError(
-            f"ckpt_path={cfg.ckpt_path}: {ckpt_path} was trained with other settings than this command's: {listed}. "
-            "Give the run's own overrides again (experiment=..., data=...; the checkpoint's config is its "
-            "hyper_parameters, and the run's config.yaml), or resume_check=false to train on with these.")
-    log.warning("resuming %s with other settings than it was trained with (resume_check=false): %s", ckpt_path,
-                listed)
+            f"ckpt_path={cfg.ckpt_path}: {ckpt_path} was trained with other settings than this command's: "
+            f"{_listed(changed)}. Give the run's own overrides again (experiment=..., data=...; the checkpoint's "
+            "config is its hyper_parameters, and the run's config.yaml), or resume_check=false to train on with these.")
+    if changed:
+        log.warning("resuming %s with other settings than it was trained with (resume_check=false): %s", ckpt_path,
+                    _listed(changed))
 
 
 def check_init_tokenizer(cfg: DictConfig, init_from: str) -> None:
@@ -133,23 +141,24 @@ def check_init_tokenizer(cfg: DictConfig, init_from: str) -> None:
     source = Path(init_from).expanduser()
     if is_checkpoint(source):
         saved = (read_config(source) or {}).get("tokenizer")
-        mine = _flat(OmegaConf.to_container(cfg.tokenizer, resolve=True))
-        # Keys that one side's code did not have are skipped, as in check_resume.
-        changed = saved is not None and any(k in mine and mine[k] != v for k, v in _flat(saved).items()
-                                            if not k.endswith("path"))
-        theirs = f"tokenizer {saved.get('name') if saved else None!r}"
+        mine = OmegaConf.to_container(cfg.tokenizer, resolve=True)
+        changed = _differences({"tokenizer": saved}, {"tokenizer": mine}) if saved else []
+        how = _listed(changed)
     elif (source / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
 
-        vocab = Tokenizer.from_file(str(tokenizers.ensure(cfg) / "tokenizer.json")).get_vocab()
-        changed = Tokenizer.from_file(str(source / "tokenizer.json")).get_vocab() != vocab
-        theirs = f"the tokenizer in {source / 'tokenizer.json'}"
+        theirs = Tokenizer.from_file(str(source / "tokenizer.json")).get_vocab()
+        mine = Tokenizer.from_file(str(tokenizers.ensure(cfg) / "tokenizer.json")).get_vocab()
+        changed = theirs != mine
+        moved = len(theirs.items() - mine.items())
+        how = (f"{source / 'tokenizer.json'} has {len(theirs):,} tokens, {moved:,} of them with an id this run's "
+               "tokenizer gives another token or none")
     else:
         return
     if changed:
-        raise InputError(f"init_from={cfg.init_from}: its weights were trained with {theirs}, not this run's "
-                         f"tokenizer={cfg.tokenizer.name}: every token id would mean another token. Use the base run's "
-                         "tokenizer (the same tokenizer=... as its command).")
+        raise InputError(f"init_from={cfg.init_from}: its weights were trained with another tokenizer than this "
+                         f"run's tokenizer={cfg.tokenizer.name} ({how}): every token id would mean another token. "
+                         "Use the base run's tokenizer (the same tokenizer=... as its command).")
 
 
 def _finished(run_dir: Path, max_steps: int) -> dict | None:
