@@ -331,11 +331,12 @@ def test_a_resume_with_other_training_settings_is_refused_naming_them(pretrained
     kept = {p: p.read_bytes() for p in (run / "checkpoints" / "last.ckpt", run / "config.yaml", run / "metrics.json")}
     with pytest.raises(InputError) as e:
         train(small_cfg(*FAST, "budget.max_steps=28", "ckpt_path=last", "optim.lr=0.01", "seed=7",
-                        "data.sources.0.limit=100", run_dir=run))
+                        "data.sources.0.limit=100", "tokenizer.corpus.limit=149", run_dir=run))
     message = str(e.value)
     assert "optim.lr: 0.003 in the checkpoint, 0.01 now" in message
     assert "seed: 1234 in the checkpoint, 7 now" in message
     assert "data.sources.0.limit: 250 in the checkpoint, 100 now" in message
+    assert "tokenizer.corpus.limit: 150 in the checkpoint, 149 now" in message  # same size, other ids
     assert "resume_check=false" in message
     assert all(p.read_bytes() == data for p, data in kept.items())  # refused before anything was written
     # What may change: the budget (training on), the micro-batch, the attention kernel.

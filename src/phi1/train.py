@@ -88,8 +88,8 @@ def resolve_ckpt_path(ckpt_path: str | None, callbacks: list) -> str | None:
 # (another model, data or optimizer, or another data order: that is a function of seed and step). The budget
 # (training on), devices, micro-batch, speed switches, logging and evaluation may change; so may a source's
 # path (a moved data_dir) and the attention kernel (the same attention).
-RESUME_KEYS = ("seed", "phase", "batch.global_size", "model", "tokenizer.name", "tokenizer.vocab_size", "data.name",
-               "data.seq_len", "data.val_fraction", "data.dedup", "data.sources", "optim")
+RESUME_KEYS = ("seed", "phase", "batch.global_size", "model", "tokenizer", "data.name", "data.seq_len",
+               "data.val_fraction", "data.dedup", "data.sources", "optim")
 MAY_CHANGE = ("model.attn_implementation", ".path", ".made_by")
 
 
