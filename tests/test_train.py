@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -349,6 +350,28 @@ def test_a_resume_with_other_training_settings_is_refused_naming_them(pretrained
                                 "evaluation.enabled=false", run_dir=run))
     assert again["steps"] == 30
     assert "optim.lr: 0.003 in the checkpoint, 0.01 now" in caplog.text
+
+
+def test_a_refused_resume_keeps_the_first_launch_and_names_its_command(tmp_path, data_dir):
+    """Hydra writes each launch's overrides before train.py checks anything: in one `.hydra/` the refused resume
+    replaced the first launch's, the very overrides it must repeat. Each launch has its own folder now, and the
+    refusal names the command that resumes the run; that command, with a longer budget after it, trains on."""
+    first = [*SMALL, *FAST, f"paths.output_dir={tmp_path}", f"paths.data_dir={data_dir}", "run_name=r",
+             "budget.max_steps=8", "optim.lr=0.002", "evaluation.enabled=false"]
+    subprocess.run([sys.executable, "train.py", *first], cwd=ROOT, env=_env(), check=True, capture_output=True)
+    [launch] = (tmp_path / "r" / ".hydra").iterdir()
+    kept = (launch / "overrides.yaml").read_bytes()
+    refused = subprocess.run([sys.executable, "train.py", *first[:-3], "budget.max_steps=12", "ckpt_path=last"],
+                             cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert refused.returncode == 1 and "optim.lr: 0.002 in the checkpoint, 0.003 now" in refused.stderr
+    assert (launch / "overrides.yaml").read_bytes() == kept
+    command = re.search(r"resumes as `python train.py (.*?)`", refused.stderr)
+    assert command, refused.stderr[-2000:]
+    assert shlex.split(command[1]) == [*first, "ckpt_path=last"]
+    subprocess.run([sys.executable, "train.py", *shlex.split(command[1]), "budget.max_steps=12"], cwd=ROOT,
+                   env=_env(), check=True, capture_output=True)
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["steps"] == 12
+    assert len(list((tmp_path / "r" / ".hydra").iterdir())) == 3
 
 
 def test_resuming_without_a_checkpoint_is_an_error(small_cfg):

@@ -53,6 +53,23 @@ def _other_names(name: str, output_dir: Path) -> str:
     return f" Runs with close names there: {', '.join(close)}." if close else ""
 
 
+def first_launch(run_dir: Path) -> tuple[Path, list[str]] | None:
+    """The overrides that first launched the run in run_dir, and their file: Hydra keeps each launch's in
+    `.hydra/<time>/overrides.yaml` (conf/hydra/runs.yaml). This launch's own are skipped; None for a run from
+    before launches had a folder each, or one never launched through Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    this = None
+    if HydraConfig.initialized():
+        hydra = HydraConfig.get()
+        this = Path(hydra.runtime.output_dir, hydra.output_subdir or "").resolve()
+    for path in sorted(Path(run_dir).glob(".hydra/*/overrides.yaml")):  # <time> sorts as it reads
+        if path.parent.resolve() != this:
+            return path, list(OmegaConf.load(path))
+    return None
+
+
 def is_path(ref: str) -> bool:
     """A local path rather than a hub id ("org/name"): one that exists, starts with /, . or ~, or has more than
     one slash."""

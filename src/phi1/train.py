@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import time
 from pathlib import Path
 
@@ -125,10 +126,16 @@ def check_resume(cfg: DictConfig, ckpt_path: str) -> None:
         return
     changed = _differences(saved, OmegaConf.to_container(cfg, resolve=True), RESUME_KEYS)
     if changed and cfg.resume_check:
+        how = ("Give the run's own overrides again (experiment=..., data=...; the checkpoint's config is its "
+               "hyper_parameters, and the run's config.yaml)")
+        if first := runs.first_launch(Path(cfg.paths.run_dir)):
+            path, overrides = first
+            kept = [o for o in overrides if not o.startswith(("ckpt_path=", "resume_check="))]
+            how = (f"Its first launch ({path}) resumes as `python train.py {shlex.join(kept)} ckpt_path=last` (a "
+                   "budget, micro-batch or device count given after these overrides theirs)")
         raise InputError(
             f"ckpt_path={cfg.ckpt_path}: {ckpt_path} was trained with other settings than this command's: "
-            f"{_listed(changed)}. Give the run's own overrides again (experiment=..., data=...; the checkpoint's "
-            "config is its hyper_parameters, and the run's config.yaml), or resume_check=false to train on with these.")
+            f"{_listed(changed)}. {how}; or resume_check=false trains on with this command's.")
     if changed:
         log.warning("resuming %s with other settings than it was trained with (resume_check=false): %s", ckpt_path,
                     _listed(changed))
