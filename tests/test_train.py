@@ -374,6 +374,17 @@ def test_a_refused_resume_keeps_the_first_launch_and_names_its_command(tmp_path,
     assert len(list((tmp_path / "r" / ".hydra").iterdir())) == 3
 
 
+def test_a_setting_removed_from_the_config_since_the_checkpoint_does_not_stop_its_resume():
+    """A key that a newer phi1 dropped from the schema cannot be given again: it is no difference. A source
+    dropped from the list still is (its length)."""
+    from phi1.train import _differences
+
+    saved = {"optim": {"lr": 0.003, "retired_knob": 1},
+             "data": {"sources": [{"path": "a", "limit": 5}, {"path": "b", "limit": 6}]}}
+    now = {"optim": {"lr": 0.003}, "data": {"sources": [{"path": "a", "limit": 5}]}}
+    assert _differences(saved, now, ("optim", "data.sources")) == ["data.sources.#: 2 in the checkpoint, 1 now"]
+
+
 def test_resuming_without_a_checkpoint_is_an_error(small_cfg):
     with pytest.raises(FileNotFoundError, match="ckpt_path=last: no checkpoint"):
         train(small_cfg("ckpt_path=last"))

@@ -106,11 +106,12 @@ def _flat(value, prefix: str = "") -> dict:
 
 def _differences(saved: dict, now: dict, prefixes: tuple[str, ...] = ("",)) -> list[str]:
     """`key: saved value in the checkpoint, new value now` for each leaf under `prefixes` that differs (MAY_CHANGE
-    aside). Keys the checkpoint's code did not have are skipped; one the run no longer has counts."""
+    aside). Keys that one side lacks are skipped: a setting added to the config or removed from it since the
+    checkpoint (the config is a schema: a run cannot drop a key, and a list's length counts its entries)."""
     before, after = _flat(saved), _flat(now)
-    return [f"{key}: {before[key]!r} in the checkpoint, {after.get(key, '(absent)')!r} now" for key in before
-            if any(not p or key == p or key.startswith(p + ".") for p in prefixes)
-            and not any(m in key for m in MAY_CHANGE) and after.get(key, "(absent)") != before[key]]
+    return [f"{key}: {before[key]!r} in the checkpoint, {after[key]!r} now" for key in before
+            if key in after and any(not p or key == p or key.startswith(p + ".") for p in prefixes)
+            and not any(m in key for m in MAY_CHANGE) and after[key] != before[key]]
 
 
 def _listed(changed: list[str]) -> str:
