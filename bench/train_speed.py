@@ -14,6 +14,8 @@ Variants (--gpu; each is train.py's config plus these overrides, and the plain l
   fused_ce    speed.fused_cross_entropy=true             (liger-kernel; skipped when it is not installed)
   best        compile + fused_ce
   autotune    compile + speed.compile_mode=max-autotune-no-cudagraphs (Triton matmuls with fused epilogues)
+  coord       compile + speed.compile_options.coordinate_descent_tuning=true (tuned elementwise kernels)
+  autotune_coord  both: compile_options max_autotune, triton.cudagraphs=false, coordinate_descent_tuning
   nodrop      compile + model.dropout=0.0                 (what the paper's dropout of 0.1 costs; not a speed switch)
   zero1/zero2 trainer=deepspeed_bf16 with ZeRO stage 1/2 on one GPU, eager (train.py only)
   zero2_compile  the same with speed.compile=true
@@ -61,6 +63,10 @@ VARIANTS = {
     "fused_ce": [*EAGER, "speed.fused_cross_entropy=true"],
     "best": ["speed.compile=true", "speed.fused_cross_entropy=true"],
     "autotune": ["speed.compile=true", "speed.compile_mode=max-autotune-no-cudagraphs"],
+    "coord": ["speed.compile=true", "+speed.compile_options.coordinate_descent_tuning=true"],
+    "autotune_coord": ["speed.compile=true", "+speed.compile_options.max_autotune=true",
+                       "+speed.compile_options.triton.cudagraphs=false",
+                       "+speed.compile_options.coordinate_descent_tuning=true"],
     "nodrop": ["speed.compile=true", "model.dropout=0.0"],
     "zero1": [*EAGER, "trainer=deepspeed_bf16", "trainer.devices=1", "trainer.strategy.stage=1"],
     "zero2": [*EAGER, "trainer=deepspeed_bf16", "trainer.devices=1", "trainer.strategy.stage=2"],

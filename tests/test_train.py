@@ -633,18 +633,22 @@ def test_data_wait_is_the_share_of_time_spent_waiting_for_batches(small_cfg, tmp
     assert column(read_csv(tmp_path / "slow"), "perf/data_wait")  # logged along the way, not only at the end
 
 
-@pytest.mark.parametrize("mode", ["null", "max-autotune-no-cudagraphs"])
-def test_compiled_training_matches_eager(small_cfg, tmp_path, monkeypatch, mode):
+@pytest.mark.parametrize("how", [{"mode": None}, {"mode": "max-autotune-no-cudagraphs"},
+                                 {"options": {"coordinate_descent_tuning": True, "triton.cudagraphs": False}}],
+                         ids=["default", "mode", "options"])
+def test_compiled_training_matches_eager(small_cfg, tmp_path, monkeypatch, how):
     # No dropout: compiled code draws its masks from another generator. The same losses, the same state_dict
-    # keys (a compiled run's checkpoints and exports load like any other), in each speed.compile_mode.
-    modes = []
+    # keys (a compiled run's checkpoints and exports load like any other), with a speed.compile_mode or
+    # speed.compile_options.
+    calls = []
     real = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw.get("mode")) or real(fn, **kw))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or real(fn, **kw))
     common = (*FAST, "model.dropout=0", "budget.max_steps=3", "evaluation.enabled=false", "val_batches=0")
     eager = train(small_cfg(*common, run_dir=tmp_path / "eager"))
-    compiled = train(small_cfg(*common, "speed.compile=true", f"speed.compile_mode={mode}",
-                               run_dir=tmp_path / "compiled"))
-    assert modes == [None if mode == "null" else mode] * 2
+    switches = [f"speed.compile_mode={how['mode'] or 'null'}"] if "mode" in how else \
+        [f"+speed.compile_options.{key}={value}" for key, value in how["options"].items()]
+    compiled = train(small_cfg(*common, "speed.compile=true", *switches, run_dir=tmp_path / "compiled"))
+    assert calls == [how] * 2
     assert compiled["train/loss"] == pytest.approx(eager["train/loss"], rel=1e-4)
     assert compiled["train/loss_first"] == pytest.approx(eager["train/loss_first"], rel=1e-4)
     keys = [set(torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"])
@@ -661,6 +665,15 @@ def test_training_on_the_cpu_stays_eager_by_default(small_cfg, tmp_path, monkeyp
     assert compiled == []
     LanguageModel(OmegaConf.to_container(small_cfg("speed.compile=true"), resolve=True), 2, 1)
     assert len(compiled) == 2
+
+
+def test_compile_options_are_inductor_options_and_exclude_a_mode(small_cfg):
+    from phi1.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"speed.compile_options.coordinate_descent: not an option of torch's"):
+        train(small_cfg("+speed.compile_options.coordinate_descent=true"))
+    with pytest.raises(ConfigError, match="speed.compile_options: torch.compile takes a mode or options, not both"):
+        train(small_cfg("+speed.compile_options.coordinate_descent_tuning=true", "speed.compile_mode=default"))
 
 
 def test_fused_cross_entropy_needs_a_gpu(small_cfg):

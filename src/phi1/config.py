@@ -144,6 +144,24 @@ class BatchConfig:
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def _inductor_options() -> list[str]:
+    import torch._inductor  # here: ~1 s of imports that only a run with compile_options needs
+
+    return torch._inductor.list_options()
+
+
+def compile_options(options, prefix: str = "") -> dict:
+    """speed.compile_options as torch.compile takes them: `+speed.compile_options.triton.cudagraphs=false`
+    nests in the config ({"triton": {"cudagraphs": false}}), and Inductor names the option "triton.cudagraphs"."""
+    flat = {}
+    for key, value in (options or {}).items():
+        if isinstance(value, (dict, DictConfig)):
+            flat.update(compile_options(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 @dataclass
 class SpeedConfig:
     """Switches for the GPU throughput of training (the others: model.attn_implementation, optim.fused)."""
@@ -157,6 +175,10 @@ class SpeedConfig:
     # matmuls, which Inductor's default leaves as separate kernels (238 ms of a 1.263 s 1.3B step on an H100,
     # BENCHMARKS.md), for minutes more compilation. "reduce-overhead" and "max-autotune" add CUDA graphs.
     compile_mode: Optional[str] = None
+    # Inductor options instead of a mode (torch.compile takes one or the other), e.g.
+    # `+speed.compile_options.coordinate_descent_tuning=true`: tunes each Triton elementwise and reduction
+    # kernel's launch configuration at compile time, the kernels a mode leaves as they are.
+    compile_options: dict[str, Any] = field(default_factory=dict)
     # liger-kernel's fused linear cross-entropy: the LM head and the loss in chunks, so the logits of a
     # micro-batch (tokens × 51,200 × 4 bytes in fp32: 1.7 GB for 4 × 2048 tokens) never exist at once. CUDA only.
     fused_cross_entropy: bool = False
@@ -624,6 +646,10 @@ def validate(cfg: DictConfig) -> Plan:
         ("trainer.num_nodes", cfg.trainer.num_nodes > 0, "must be > 0"),
         ("speed.compile_mode", cfg.speed.compile_mode in COMPILE_MODES,
          f"must be null (torch.compile's default) or one of torch.compile's modes: {', '.join(COMPILE_MODES[1:])}"),
+        ("speed.compile_options", not (cfg.speed.compile_options and cfg.speed.compile_mode),
+         f"torch.compile takes a mode or options, not both; speed.compile_mode is {cfg.speed.compile_mode!r}"),
+        *[(f"speed.compile_options.{key}", key in _inductor_options(), "not an option of torch's Inductor "
+           "(torch._inductor.list_options())") for key in compile_options(cfg.speed.compile_options)],
         ("speed.fused_cross_entropy", not cfg.speed.fused_cross_entropy or cfg.trainer.accelerator in ("gpu", "cuda"),
          f"needs a CUDA GPU (liger-kernel's Triton kernels); trainer.accelerator is {cfg.trainer.accelerator!r}"),
         ("speed.fused_cross_entropy",

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from phi1 import model as phi_model
 from phi1 import runs
 from phi1.checkpoints import is_checkpoint, read_checkpoint
-from phi1.config import ConfigError
+from phi1.config import ConfigError, compile_options
 from phi1.errors import InputError, MissingInputError, Phi1Error
 from phi1.model import padded_vocab
 
@@ -125,9 +125,11 @@ class LanguageModel(L.LightningModule):
 
     def _compile(self) -> None:
         if self._logits == self.model.forward:  # the eager bound method: not compiled yet
-            mode = (self.cfg.get("speed") or {}).get("compile_mode")
-            self._logits = torch.compile(self._logits, mode=mode)
-            self._hidden = torch.compile(self._hidden, mode=mode)
+            speed = self.cfg.get("speed") or {}
+            options = compile_options(speed.get("compile_options"))
+            how = {"options": options} if options else {"mode": speed.get("compile_mode")}
+            self._logits = torch.compile(self._logits, **how)
+            self._hidden = torch.compile(self._hidden, **how)
 
     def setup(self, stage: str) -> None:
         # speed.compile=null: compiled on a CUDA GPU. Measured on one H100 (BENCHMARKS.md): 1.3B 24.6K -> 39.0K
