@@ -352,26 +352,30 @@ def test_a_resume_with_other_training_settings_is_refused_naming_them(pretrained
     assert "optim.lr: 0.003 in the checkpoint, 0.01 now" in caplog.text
 
 
-def test_a_refused_resume_keeps_the_first_launch_and_names_its_command(tmp_path, data_dir):
-    """Hydra writes each launch's overrides before train.py checks anything: in one `.hydra/` the refused resume
-    replaced the first launch's, the very overrides it must repeat. Each launch has its own folder now, and the
-    refusal names the command that resumes the run; that command, with a longer budget after it, trains on."""
+def test_a_refused_resume_names_the_command_that_started_the_run_and_keeps_every_launch(tmp_path, data_dir):
+    """Hydra writes each launch's overrides before train.py checks anything: in one `.hydra/` a refused resume
+    replaced those of the launch that started the run, the very overrides it must repeat. Each launch has its own
+    folder now, the run keeps the overrides that started it (not those of a launch refused before training),
+    and a refused resume names the command that resumes the run; that command, given a longer budget, trains on."""
     first = [*SMALL, *FAST, f"paths.output_dir={tmp_path}", f"paths.data_dir={data_dir}", "run_name=r",
              "budget.max_steps=8", "optim.lr=0.002", "evaluation.enabled=false"]
+    typo = subprocess.run([sys.executable, "train.py", *first, "optim.lr=-1"], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True)
+    assert typo.returncode == 1 and "optim.lr" in typo.stderr
     subprocess.run([sys.executable, "train.py", *first], cwd=ROOT, env=_env(), check=True, capture_output=True)
-    [launch] = (tmp_path / "r" / ".hydra").iterdir()
-    kept = (launch / "overrides.yaml").read_bytes()
+    launches = sorted((tmp_path / "r" / ".hydra").iterdir())
+    kept = [(launch / "overrides.yaml").read_bytes() for launch in launches]
     refused = subprocess.run([sys.executable, "train.py", *first[:-3], "budget.max_steps=12", "ckpt_path=last"],
                              cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert refused.returncode == 1 and "optim.lr: 0.002 in the checkpoint, 0.003 now" in refused.stderr
-    assert (launch / "overrides.yaml").read_bytes() == kept
-    command = re.search(r"resumes as `python train.py (.*?)`", refused.stderr)
+    assert [(launch / "overrides.yaml").read_bytes() for launch in launches] == kept
+    command = re.search(r"resumes it as `python train.py (.*?)`", refused.stderr)
     assert command, refused.stderr[-2000:]
     assert shlex.split(command[1]) == [*first, "ckpt_path=last"]
     subprocess.run([sys.executable, "train.py", *shlex.split(command[1]), "budget.max_steps=12"], cwd=ROOT,
                    env=_env(), check=True, capture_output=True)
     assert json.loads((tmp_path / "r" / "metrics.json").read_text())["steps"] == 12
-    assert len(list((tmp_path / "r" / ".hydra").iterdir())) == 3
+    assert len(list((tmp_path / "r" / ".hydra").iterdir())) == 4
 
 
 def test_a_setting_removed_from_the_config_since_the_checkpoint_does_not_stop_its_resume():

@@ -53,21 +53,26 @@ def _other_names(name: str, output_dir: Path) -> str:
     return f" Runs with close names there: {', '.join(close)}." if close else ""
 
 
-def first_launch(run_dir: Path) -> tuple[Path, list[str]] | None:
-    """The overrides that first launched the run in run_dir, and their file: Hydra keeps each launch's in
-    `.hydra/<time>/overrides.yaml` (conf/hydra/runs.yaml). This launch's own are skipped; None for a run from
-    before launches had a folder each, or one never launched through Hydra."""
+STARTED_BY = "overrides.yaml"
+
+
+def record_start(run_dir: Path) -> None:
+    """Keep the overrides of the launch that starts the run in run_dir (fresh, past every check) in
+    `<run_dir>/overrides.yaml`: what a resume must repeat. Hydra keeps every launch's in `.hydra/<time>/`
+    (conf/hydra/runs.yaml), launches refused before training and resumes among them."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    this = None
-    if HydraConfig.initialized():
-        hydra = HydraConfig.get()
-        this = Path(hydra.runtime.output_dir, hydra.output_subdir or "").resolve()
-    for path in sorted(Path(run_dir).glob(".hydra/*/overrides.yaml")):  # <time> sorts as it reads
-        if path.parent.resolve() != this:
-            return path, list(OmegaConf.load(path))
-    return None
+    if HydraConfig.initialized():  # not for train(cfg) called from Python
+        OmegaConf.save(HydraConfig.get().overrides.task, Path(run_dir) / STARTED_BY)
+
+
+def started_by(run_dir: Path) -> tuple[Path, list[str]] | None:
+    """The overrides that started the run in run_dir, and their file (record_start); None where there are none."""
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / STARTED_BY
+    return (path, list(OmegaConf.load(path))) if path.is_file() else None
 
 
 def is_path(ref: str) -> bool:

@@ -129,11 +129,11 @@ def check_resume(cfg: DictConfig, ckpt_path: str) -> None:
     if changed and cfg.resume_check:
         how = ("Give the run's own overrides again (experiment=..., data=...; the checkpoint's config is its "
                "hyper_parameters, and the run's config.yaml)")
-        if first := runs.first_launch(Path(cfg.paths.run_dir)):
-            path, overrides = first
+        if started := runs.started_by(Path(cfg.paths.run_dir)):
+            path, overrides = started
             kept = [o for o in overrides if not o.startswith(("ckpt_path=", "resume_check="))]
-            how = (f"Its first launch ({path}) resumes as `python train.py {shlex.join(kept)} ckpt_path=last` (a "
-                   "budget, micro-batch or device count given after these overrides theirs)")
+            how = (f"The command that started it ({path}) resumes it as `python train.py {shlex.join(kept)} "
+                   "ckpt_path=last` (a budget, micro-batch or device count given after these overrides theirs)")
         raise InputError(
             f"ckpt_path={cfg.ckpt_path}: {ckpt_path} was trained with other settings than this command's: "
             f"{_listed(changed)}. {how}; or resume_check=false trains on with this command's.")
@@ -210,6 +210,8 @@ def train(cfg: DictConfig) -> dict:
         init_from = runs.resolve(cfg.init_from, cfg.paths.output_dir, cfg.paths.data_dir, cfg.init_wait_min)
         check_init_tokenizer(cfg, init_from)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if ckpt_path is None:
+        runs.record_start(run_dir)  # the overrides a resume must give again (check_resume names them)
     # What report.py reads to place this run in a figure: the config with every interpolation resolved.
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     env = environment.record(run_dir)  # and what it ran on: the library versions behind its numbers
