@@ -409,6 +409,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_cfg, tmp
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
 
 
+def test_a_run_that_raises_closes_its_sandbox(small_cfg, tmp_path, monkeypatch):
+    """Lightning skips the callbacks' teardown when fit raises: the sandbox's workers lived on in the process."""
+    from phi1.eval.sandbox import Sandbox
+
+    original, closed = LanguageModel._loss, []
+    monkeypatch.setattr(LanguageModel, "_loss", lambda self, batch: original(self, batch) * float("nan"))
+    real_close = Sandbox.close
+    monkeypatch.setattr(Sandbox, "close", lambda self: closed.append(self) or real_close(self))
+    with pytest.raises(NonFiniteLossError):
+        train(small_cfg(*FAST, "evaluation.allow_code_execution=true", run_dir=tmp_path / "run"))
+    assert len(closed) == 1 and closed[0]._idle.empty()
+
+
 def test_a_crash_mid_save_leaves_the_previous_checkpoint(pretrained, monkeypatch):
     # Lightning's TorchCheckpointIO writes every checkpoint through _atomic_save: to a temporary file that is
     # renamed over the target only when complete. Die half-way through writing and check the old file.

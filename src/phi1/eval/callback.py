@@ -68,6 +68,11 @@ class Evaluation(Callback):
             self.sandbox.close()
             self.sandbox = None
 
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        # A fit that raises (a non-finite loss, SIGTERM's exit) skips the teardown hooks: the sandbox's workers
+        # would live on in this process, through the next jobs of a multirun.
+        self.teardown(trainer, pl_module, "fit")
+
     def _ranks(self, trainer):
         """Every rank of a multi-device run generates for a share of the problems, and rank 0 scores them: on
         a node of 8, rank 0 alone would take 8 times as long while the other 7 wait at a collective (whose
