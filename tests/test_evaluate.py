@@ -146,6 +146,10 @@ def test_benchmark_files_and_keys_are_checked_before_any_model_is_loaded(tmp_pat
     with pytest.raises(bench.BenchmarkError, match=r"MBPP template .*KeyError: 'prompt'; it may use \{text\}"):
         evaluate(eval_cfg(tmp_path / "run", ckpt, *mbpp, f"benchmarks.mbpp.path={bad}",
                           "benchmarks.mbpp.template='{prompt}'"))
+    # No path and no hub (HF_HUB_OFFLINE=1 here): the key to set, for evaluate.py and for train.py.
+    with pytest.raises(bench.BenchmarkError, match=r"cannot load MBPP from the hub .*; set benchmarks.mbpp.path "
+                                                   r"\(evaluation.benchmarks.mbpp.path for train.py\)"):
+        evaluate(eval_cfg(tmp_path / "run", ckpt, *mbpp))
     assert not (tmp_path / "run").exists()
 
 

@@ -104,8 +104,9 @@ def _mbpp_problem(row: dict, template: str, where: str) -> Problem:
     )
 
 
-def mbpp(path: str | None = None, template: str = MBPP_TEMPLATE) -> list[Problem]:
-    """The 500 test problems; from `path` (the original mbpp.jsonl) or else the hub."""
+def mbpp(path: str | None = None, template: str = MBPP_TEMPLATE, key: str = "the benchmark's path") -> list[Problem]:
+    """The 500 test problems; from `path` (the original mbpp.jsonl) or else the hub; `key` names the path's
+    config key in an error."""
     try:
         template.format(text="", first_test="")
     except (KeyError, IndexError, ValueError) as e:
@@ -120,7 +121,8 @@ def mbpp(path: str | None = None, template: str = MBPP_TEMPLATE) -> list[Problem
             hub = datasets.load_dataset("google-research-datasets/mbpp", "full", split="test")
         except Exception as e:  # the hub raises many types for "unreachable"
             raise BenchmarkError(f"cannot load MBPP from the hub ({type(e).__name__}: {e}); "
-                                 "set the benchmark's path to a local mbpp.jsonl") from e
+                                 f"set {key} to a local copy of the original mbpp.jsonl (974 rows; google-research's"
+                                 " repository, mbpp/mbpp.jsonl)") from e
         rows = [(f"google-research-datasets/mbpp row {i}", row) for i, row in enumerate(hub)]
     problems = [_mbpp_problem(r, template, where) for where, r in rows if r.get("task_id") in MBPP_TEST_IDS]
     if len(problems) != len(MBPP_TEST_IDS):
@@ -144,7 +146,8 @@ def load(spec) -> list[Problem]:
     if spec.kind == "humaneval":
         problems = humaneval()
     elif spec.kind == "mbpp":
-        problems = mbpp(spec.get("path"), spec.get("template") or MBPP_TEMPLATE)
+        key = f"benchmarks.{spec.name}.path (evaluation.benchmarks.{spec.name}.path for train.py)"
+        problems = mbpp(spec.get("path"), spec.get("template") or MBPP_TEMPLATE, key)
     elif spec.kind == "jsonl":
         problems = read_jsonl(spec.path)
     elif spec.kind == "unconventional":
