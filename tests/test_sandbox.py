@@ -205,8 +205,8 @@ def test_process_isolation_fallback_still_judges_and_limits(tmp_path):
 
 def test_a_bwrap_out_of_nobodys_reach_is_copied_with_its_own_libraries_and_removed_at_exit(tmp_path):
     """A venv inside a private folder (a clone under a 0700 `mktemp -d`): as root, bwrap is copied where `nobody`
-    can run it. The copy took every wheel's libraries beside it (72 MB), and a process that left without close()
-    (a run stopped by SIGTERM) left it in /tmp."""
+    can run it. The copy took every wheel's libraries beside it (72 MB), and a process that exited with a sandbox
+    open left it in /tmp (a fresh clone's test suite left one)."""
     import json
     import shutil
     import sys
