@@ -138,8 +138,10 @@ def test_slurm_allocation_flows_into_the_batch_arithmetic(tmp_path, monkeypatch)
 def test_run_reference_waits_for_its_base_then_resolves(tmp_path):
     out = tmp_path / "outputs"
     (out / "base" / "hf").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="run 'base' has not finished"):
+    with pytest.raises(FileNotFoundError, match="run 'base' has not finished.*or set init_wait_min to wait"):
         runs.resolve("run:base", out, tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"the command\)\.$"):  # evaluate.py's ckpt= has no wait to set
+        runs.resolve("run:base", out, tmp_path, what="ckpt")
     # The base finishes (train.py writes metrics.json last) while the finetune waits for it.
     timer = threading.Timer(1.0, lambda: (out / "base" / "metrics.json").write_text("{}"))
     timer.start()

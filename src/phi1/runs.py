@@ -99,8 +99,9 @@ def resolve(ref: str | None, output_dir: str | Path, data_dir: str | Path, wait_
         if time.monotonic() >= deadline:
             raise MissingInputError(
                 f"{what}={ref}: {ready} does not exist: run {name!r} has not finished (or not reached that"
-                f" checkpoint) under {output_dir}. Run it first (its experiment config names the command),"
-                " or set init_wait_min to wait for it (sweeps do)." + _other_names(name, Path(output_dir))
+                f" checkpoint) under {output_dir}. Run it first (its experiment config names the command)"
+                + (", or set init_wait_min to wait for it (sweeps do)." if what == "init_from" else ".")
+                + _other_names(name, Path(output_dir))
             )
         if not announced:
             log.info("%s=%s: waiting up to %.0f min for %s", what, ref, wait_min, ready)
