@@ -217,3 +217,27 @@ def test_batch_api_sends_what_the_budget_allows(make_llm, server):
     assert server.count() == 3 and llm.stats.dollars <= 0.005
     assert len(make_llm(**batched).map(items, grade)) == 20  # the rest, on a larger budget
     assert server.count() == 20
+
+
+def test_an_unreachable_server_stops_the_run_instead_of_retrying_every_request(make_llm, tmp_path):
+    """A mistyped base_url: each request retried to the end and quarantined, one after another (at the defaults
+    ~1 min each: days for a 100K-request annotation), and the stage ended "done" with nothing. As many requests
+    in a row without an answer as are sent at once stop the run, naming the error."""
+    import socket
+
+    with socket.socket() as s:  # a port with nothing listening: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    llm = make_llm(base_url=f"http://127.0.0.1:{port}/v1", concurrency=2, max_retries=2)
+    items = [(f"d{i}", ask(f"doc {i}")) for i in range(40)]
+    with pytest.raises(LLMError, match=r"2 requests in a row got no answer \(the last: gpt-test: no answer after 3 "
+                                       r"attempts \(the last: APIConnectionError: .*llm.base_url and llm.model right"):
+        llm.map(items, grade)
+    # One that started as the first failed is given up at its next retry; the rest are never sent.
+    assert 2 <= llm.stats.failed <= 3 and llm.stats.requests <= 3 * llm.stats.failed + 2
+
+
+def test_a_request_the_server_cannot_answer_does_not_stop_the_others(make_llm, server):
+    # One hopeless request between answered ones: quarantined, and the run goes on (the count resets).
+    items = [("bad1", ask("[500:99]")), ("ok1", ask("fine")), ("bad2", ask("[500:99] again")), ("ok2", ask("fine 2"))]
+    assert make_llm(concurrency=1, max_retries=1).map(items, grade) == {"ok1": 7, "ok2": 7}

@@ -70,6 +70,15 @@ class AuthError(LLMError):
     pass
 
 
+class Unreachable(LLMError):
+    """Request after request got no answer however often it was retried: the server is down or llm.base_url
+    is wrong. Trying the remaining requests would take minutes each (the retries' backoff) and answer none."""
+
+
+class _Stopped(Exception):
+    """A request given up between two retries because the run stopped: not sent again, not quarantined."""
+
+
 class BatchPending(LLMError):
     """Batches sent to OpenAI are still being processed; the same command run again collects them."""
 
@@ -220,7 +229,9 @@ class LLM:
     def _client(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(api_key=self._api_key(), base_url=self.base_url, max_retries=0, timeout=self.timeout)
 
-    async def _request(self, client: openai.AsyncOpenAI, messages: list[dict]) -> dict:
+    async def _request(self, client: openai.AsyncOpenAI, messages: list[dict], stop: list | None = None) -> dict:
+        """The answer, retried as the error allows; a run that stopped meanwhile (`stop`) ends the retries."""
+        error = ""
         for attempt in range(self.max_retries + 1):
             try:
                 self.stats.requests += 1
@@ -230,6 +241,7 @@ class LLM:
                         "prompt_tokens": usage.prompt_tokens if usage else 0,
                         "completion_tokens": usage.completion_tokens if usage else 0}
             except openai.RateLimitError as e:
+                error = f"RateLimitError: {e.message}"
                 if getattr(e, "code", None) == "insufficient_quota":
                     raise QuotaExceeded(f"{self.model}: insufficient quota ({e.message}); nothing more is sent") from e
                 wait = _retry_after(e) or self._backoff(attempt)
@@ -237,17 +249,21 @@ class LLM:
                 raise AuthError(f"{self.model} at {self.base_url or 'OpenAI'}: {e.message}") from e
             except (openai.APITimeoutError, openai.APIConnectionError, openai.InternalServerError) as e:
                 wait = self._backoff(attempt)
-                log.debug("retrying after %s", type(e).__name__)
+                error = f"{type(e).__name__}: {e}"
+                log.debug("retrying after %s", error)
             except openai.APIStatusError as e:
+                error = f"HTTP {e.status_code}: {e.message}"
                 if e.status_code >= 500 or e.status_code == 408:
                     wait = self._backoff(attempt)
                 else:
                     raise LLMError(f"{self.model}: HTTP {e.status_code}: {e.message}") from e
             if attempt == self.max_retries:
                 break
-            self.stats.retries += 1
             await asyncio.sleep(wait)
-        raise LLMError(f"{self.model}: no answer after {self.max_retries + 1} attempts")
+            if stop:  # the run stopped while this request waited for its retry
+                raise _Stopped
+            self.stats.retries += 1
+        raise LLMError(f"{self.model}: no answer after {self.max_retries + 1} attempts (the last: {error})")
 
     def _backoff(self, attempt: int) -> float:
         # 1, 2, 4, ... s with ±25% jitter so that many clients do not retry in step
@@ -280,6 +296,10 @@ class LLM:
         t0 = time.perf_counter()
         bar = tqdm(total=len(items), desc=desc, unit="req", dynamic_ncols=True)
         stop: list[BaseException] = []
+        # Requests that got no answer after every retry, since the last one answered: as many in a row as are
+        # sent at once is an outage or a wrong base_url, not a request the server cannot answer. Without this
+        # stop a 100K-request annotation at a mistyped base_url spent ~1 min of retries on each request.
+        unanswered: list[str] = []
 
         async def one(item_id: str, messages: list[dict]) -> None:
             key = self.key(messages, prompt_version)
@@ -296,17 +316,27 @@ class LLM:
                         stop.append(e)
                         return
                     try:
-                        response = await self._request(client, messages)
+                        response = await self._request(client, messages, stop)
                     except (QuotaExceeded, AuthError) as e:
                         stop.append(e)
+                        return
+                    except _Stopped:
                         return
                     except LLMError as e:
                         self.stats.failed += 1
                         self._quarantine(item_id, str(e), None)
+                        unanswered.append(str(e))
+                        if len(unanswered) >= max(self.concurrency, 2) and not stop:
+                            stop.append(Unreachable(
+                                f"{self.model} at {self.base_url or 'OpenAI'}: {len(unanswered)} requests in a row got "
+                                f"no answer (the last: {unanswered[-1]}); stopped rather than send the rest. Is the "
+                                "server up, and llm.base_url and llm.model right? The answers received are cached: "
+                                "the same command sends only the others."))
                         return
                     finally:
                         self._reserved_tokens -= tokens
                         self._reserved_dollars -= dollars
+                    unanswered.clear()
                     s = self.stats
                     s.prompt_tokens += response["prompt_tokens"]
                     s.completion_tokens += response["completion_tokens"]
