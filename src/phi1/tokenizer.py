@@ -15,7 +15,6 @@ import shutil
 import socket
 import time
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig

@@ -25,7 +25,6 @@ from phi1.config import Plan
 from phi1.data import pack
 from phi1.errors import Phi1Error
 
-
 log = logging.getLogger(__name__)
 
 

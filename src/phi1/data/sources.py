@@ -24,13 +24,13 @@ import json
 import logging
 import os
 import sys
-from types import SimpleNamespace
 import sysconfig
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from functools import partial
 from itertools import islice
 from pathlib import Path
+from types import SimpleNamespace
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -242,9 +242,8 @@ def _jsonl(path: Path, source, on_error: str, skipped: list[str]) -> Iterator[tu
 
 
 def _parquet(path: Path, source, on_error: str, skipped: list[str]) -> Iterator[tuple[str, str, dict]]:
-    import pyarrow.parquet as pq
-
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     try:
         batches = pq.ParquetFile(path).iter_batches(batch_size=1024)

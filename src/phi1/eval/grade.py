@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from phi1.llm import LLM, last_grade
 from phi1.errors import MissingInputError
+from phi1.llm import LLM, last_grade
 
 PROMPTS = Path(__file__).parent / "prompts"
 _GRADE = re.compile(r"grade\s*[:=]?\s*\**\s*(\d{1,2})(?:\.\d+)?\s*(?:/|out of)\s*10", re.IGNORECASE)

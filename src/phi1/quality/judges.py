@@ -20,8 +20,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from phi1.llm import LLM, last_grade
 from phi1.errors import MissingInputError
+from phi1.llm import LLM, last_grade
 
 PROMPTS = Path(__file__).parent / "prompts"
 _GRADE = re.compile(r"educational value\s*[:=]?\s*\**\s*(\d{1,2})(?:\.\d+)?\s*/\s*10", re.IGNORECASE)
