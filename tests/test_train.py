@@ -564,6 +564,9 @@ def test_two_ranks_see_the_same_sequences_as_one_and_share_the_evaluation(tmp_pa
                          cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=600)
     one, two_losses = (column(read_csv(tmp_path / name), "train/loss") for name in ("one", "two"))
     assert len(one) == len(two_losses) == 8
+    # Both ranks record the command that started the run: one whole file, no temporary left.
+    assert "trainer.devices=2" in OmegaConf.load(tmp_path / "two" / "overrides.yaml")
+    assert not list((tmp_path / "two").glob("*.tmp-*"))
     for step in one:
         assert two_losses[step] == pytest.approx(one[step], abs=1e-4)
     # The final evaluation: the completions and NLL evaluate.py gets from the exported weights in one process.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -64,7 +65,10 @@ def record_start(run_dir: Path) -> None:
     from omegaconf import OmegaConf
 
     if HydraConfig.initialized():  # not for train(cfg) called from Python
-        OmegaConf.save(HydraConfig.get().overrides.task, Path(run_dir) / STARTED_BY)
+        # Every rank writes it: under a temporary name, renamed, so that ranks writing at once leave one whole file.
+        tmp = Path(run_dir) / f"{STARTED_BY}.tmp-{os.getpid()}"
+        OmegaConf.save(HydraConfig.get().overrides.task, tmp)
+        tmp.replace(Path(run_dir) / STARTED_BY)
 
 
 def started_by(run_dir: Path) -> tuple[Path, list[str]] | None:
