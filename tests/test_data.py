@@ -1,6 +1,7 @@
 """Packing: deterministic, mixed by weight, split stably; bad input named; the sampler resumes exactly."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -191,6 +192,22 @@ def test_data_packed_with_another_tokenizer_is_refused(small_cfg):
             PackedData(cfg, plan(cfg)).setup("fit")
     finally:
         manifest_path.write_text(saved)
+
+
+def test_a_validation_split_of_few_documents_is_named_at_setup(small_cfg, caplog):
+    """1% of 250 documents held out is a handful: val/loss is then those files' loss, and the run says so."""
+    for fraction, warned in (("0.01", True), ("0.1", False)):
+        cfg = small_cfg(f"data.val_fraction={fraction}")
+        directory = _pack(cfg)
+        held_out = json.loads((directory / "manifest.json").read_text())["sources"][0]["val"]["documents"]
+        assert (held_out < 10) == warned, held_out
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="phi1.data.datamodule"):
+            PackedData(cfg, plan(cfg)).setup("fit")
+        message = f"the validation split of {directory.name} holds {held_out} documents"
+        assert (message in caplog.text) == warned, caplog.text
+        if warned:
+            assert "data.val_fraction=0.01 sets the share held out" in caplog.text
 
 
 def test_sampler_resumes_where_it_stopped_and_shards_ranks():

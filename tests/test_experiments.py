@@ -327,6 +327,86 @@ def test_report_averages_a_cells_seeds_and_counts_each_ordering_seed_by_seed(tmp
     assert result["environment_differences"] == {"transformers": "5.22.0 (1 run), 5.23.0 (17 runs)"}
 
 
+def _csv_log(run_dir, version: int, text: str):
+    d = run_dir / "csv" / f"version_{version}"
+    d.mkdir(parents=True)
+    (d / "metrics.csv").write_text(text)
+
+
+def test_report_draws_each_runs_losses_a_resumed_segment_replacing_the_steps_it_took_again(tmp_path):
+    """mini_fig2_1_curves.png from the runs' CSV logs: a run killed after step 5 with its checkpoint at step 3
+    logged steps 0-5 and a validation at 5; its resumed segment (version_1) took steps 4-5 again, and only that
+    second time counts. A finetune's line starts where its base run's ended (or at the step of the checkpoint
+    it names); a log a kill cut into garbage is named and left out, not a crash."""
+    out = tmp_path / "outputs"
+
+    def run(name, data, seed, **config):
+        return _fake_run(out, name, {"experiment_name": "mini", "model": {"name": "tiny"}, "budget": {"name": "mini"},
+                                     "data": {"name": data, "seq_len": 256}, "batch": {"global_size": 32},
+                                     "seed": seed, **config},
+                         {"eval/humaneval/solution_nll": 5.0, "params": 2e6, "tokens": 10 * 32 * 256})
+
+    header = "epoch,step,train/loss,val/loss\n"
+    base = run("mini-tiny-stdlib_filtered-s1", "stdlib_filtered", 1)
+    _csv_log(base, 0, header + "".join(f"0,{s},{8 - 0.1 * s},\n" for s in range(6)) + "0,5,,7.9\n")
+    _csv_log(base, 1, header + "".join(f"0,{s},{7 - 0.1 * s},\n" for s in range(4, 10)) + "0,9,,6.5\n")
+    fine = run("mini-tiny-stdlib_exercises-s1", "stdlib_exercises", 1, phase="finetune",
+               init_from="run:mini-tiny-stdlib_filtered-s1")
+    _csv_log(fine, 0, header + "0,0,6.0,\n0,1,5.9,\n")
+    at_step = run("mini-tiny-stdlib_exercises-s2", "stdlib_exercises", 2, phase="finetune",
+                  init_from="run:mini-tiny-stdlib_filtered-s1/step000004.ckpt")
+    _csv_log(at_step, 0, header + "0,0,6.0,\n")
+    broken = run("mini-tiny-stdlib-s1", "stdlib", 1)
+    _csv_log(broken, 0, header + "0,0,8.0,\n0,1,7.5,\n")
+    _csv_log(broken, 1, header + "0,not a step,7.0,\n")
+
+    from phi1.report import losses
+
+    assert losses(base) == {"train/loss": [(s, pytest.approx(8 - 0.1 * s)) for s in range(4)]
+                            + [(s, pytest.approx(7 - 0.1 * s)) for s in range(4, 10)],
+                            "val/loss": [(9, 6.5)]}
+    env = {**os.environ, "PHI1_ROOT": str(tmp_path), "PHI1_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.run([sys.executable, "report.py"], cwd=ROOT, env=env, check=True, capture_output=True,
+                          text=True)
+    assert "version_1/metrics.csv: unreadable (ValueError" in proc.stdout + proc.stderr
+    figure = out / "report" / "mini_fig2_1_curves.png"
+    assert figure.stat().st_size > 10_000
+    curves = json.loads((out / "report" / "report.json").read_text())["mini_fig2_1"]["curves"]
+    assert curves["figure"] == figure.name
+    drawn = curves["runs"]
+    assert (drawn[base.name]["train_points"], drawn[base.name]["val_points"]) == (10, 1)
+    assert drawn[base.name]["start_tokens"] == 0
+    assert drawn[fine.name]["start_tokens"] == 10 * 32 * 256  # the base run's tokens
+    assert drawn[at_step.name]["start_tokens"] == 4 * 32 * 256  # the step of the checkpoint it started from
+    assert (drawn[broken.name]["train_points"], drawn[broken.name]["val_points"]) == (2, 0)
+
+
+def test_report_compares_the_emergence_runs_problem_by_problem(tmp_path):
+    """emergence_problems.md (paper §3): phi-1 against phi-1-base and phi-1-small on the problems both were
+    scored on, counted, with the completions of the problems one passes alone side by side."""
+    out = tmp_path / "outputs"
+    passes = {"run:phi1": {0, 1, 2}, "run:phi1_base/base-step024000.ckpt": {2, 3}, "run:phi1_small": {0}}
+    for ref, passed in passes.items():
+        d = _fake_run(out, f"emergence-{ref.replace(':', '-').replace('/', '-')}",
+                      {"experiment_name": "emergence", "ckpt": ref}, {"eval/humaneval/pass@1": len(passed) / 5})
+        (d / "humaneval").mkdir()
+        (d / "humaneval" / "samples.jsonl").write_text("".join(json.dumps(
+            {"task_id": f"HumanEval/{i}", "completion": f"    return {i}  # {ref}\n", "passed": i in passed,
+             "result": "passed" if i in passed else "failed: AssertionError"}) + "\n" for i in range(5)))
+    result = json.loads((_report(tmp_path) / "report.json").read_text())["emergence_problems"]
+    base = result["phi-1 vs phi-1-base/humaneval"]
+    assert (base["problems"], base["both"], base["only phi-1"], base["only phi-1-base"], base["neither"]) == \
+        (5, 1, 2, 1, 1)
+    small = result["phi-1 vs phi-1-small/humaneval"]
+    assert (small["both"], small["only phi-1"], small["only phi-1-small"], small["neither"]) == (1, 2, 0, 2)
+    assert set(result) == {"phi-1 vs phi-1-base/humaneval", "phi-1 vs phi-1-small/humaneval"}  # no MBPP samples
+    md = (out / "report" / "emergence_problems.md").read_text()
+    assert "| humaneval | phi-1 vs phi-1-base | 5 | 1 | 2 | 1 | 1 |" in md
+    example = md.split("### humaneval HumanEval/3: phi-1-base passes, phi-1 fails")[1].split("###")[0]
+    assert "return 3  # run:phi1_base/base-step024000.ckpt" in example
+    assert "phi-1 (emergence-run-phi1), failed: AssertionError" in example and "return 3  # run:phi1\n" in example
+
+
 def test_report_bounds_a_single_seed_pass1_difference_over_the_problems(tmp_path):
     """With one seed per cell, a pass@1 ordering gets a 95% bootstrap interval over the problems from the
     runs' samples: 6 more of 20 problems solved is clear of zero; the same count solved on other problems

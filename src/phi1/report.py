@@ -6,8 +6,13 @@ train.py and evaluate.py) and, with `wandb=<entity>/<project>`, the runs logged 
                       (runs of experiment scaling; the mini reproduction's runs as mini_fig2_1.*); a cell
                       run with several seeds is their mean, with each seed's value and the orderings the
                       paper claims counted seed by seed
+  fig2_1_curves.png   the training and validation loss of each of those runs against the tokens it has seen
+                      since its pretraining began (a finetune continues its base run's line), from the runs'
+                      CSV logs
   emergence.{png,md}  phi-1-small / phi-1-base / phi-1 on HumanEval, MBPP, unconventional (experiment emergence)
   table2.{png,md}     Table 2: unconventional-problem score and HumanEval, the paper's other models beside
+  emergence_problems.md  the same runs problem by problem (paper §3): what finetuning (phi-1 against
+                      phi-1-base) and scale (phi-1 against phi-1-small) changed, with completions side by side
   table3.{png,md}     Table 3: pass@1 on similar / non-similar HumanEval problems per τ (experiment pruning)
   report.json         every number above with the runs it came from
 Each table names the run behind each number; a section without runs says which command makes them.
@@ -15,9 +20,11 @@ Each table names the run behind each number; a section without runs says which c
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import logging
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +65,9 @@ ARMS = {
 PRIMARY = {"scaling": ("pass@1", True), "mini": ("solution_nll", False)}
 # The evaluated run an emergence run points at (ckpt=run:<name>...) -> the paper's model name.
 EMERGENCE_MODELS = {"phi1_small": "phi-1-small", "phi1_base": "phi-1-base", "phi1": "phi-1"}
+# Paper §3's two comparisons: what finetuning on CodeExercises changed (phi-1 against phi-1-base, its weights
+# before), and what parameters changed (phi-1 against phi-1-small, the same pipeline at 350M).
+EMERGENCE_PAIRS = (("phi-1", "phi-1-base"), ("phi-1", "phi-1-small"))
 COLORS = ["#f28e2b", "#8cd17d", "#2e7d32"]  # the paper's orange, light green, dark green
 
 
@@ -196,7 +206,8 @@ def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
     (out / f"{prefix}fig2_1.md").write_text("\n".join(md + env_lines) + "\n")
     labels = [_group_label(cells, g, paper_hours.get(g)) for g in groups]
     _bars(out / f"{prefix}fig2_1.png", title, groups, labels, arms, table, show_nll=experiment != "scaling")
-    return {"cells": table, "orderings": orderings, "environment_differences": env_diffs}
+    curves = _curves(out / f"{prefix}fig2_1_curves.png", experiment, groups, labels, arms, cells, runs)
+    return {"cells": table, "orderings": orderings, "environment_differences": env_diffs, "curves": curves}
 
 
 def _by_seed(seeds: dict) -> dict:
@@ -389,6 +400,95 @@ def _bars(path: Path, title: str, groups, labels, arms: dict, table: dict, show_
     plt.close(fig)
 
 
+def losses(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """A run's logged train/loss and val/loss as [(step, value)], from its CSV logs: one
+    csv/version_<k>/metrics.csv per segment (a resumed run starts a new version). A segment replaces what the
+    segments before it logged from its first step on: the steps a killed run took past its last checkpoint
+    were taken again, and only the second time counts."""
+    curves: dict[str, list[tuple[int, float]]] = {"train/loss": [], "val/loss": []}
+    def version(path: Path) -> int:  # version_10 after version_9
+        number = path.parent.name.removeprefix("version_")
+        return int(number) if number.isdigit() else -1
+
+    for path in sorted(Path(run_dir).glob("csv/version_*/metrics.csv"), key=version):
+        try:
+            with path.open(newline="") as f:
+                rows = [(int(row["step"]), key, float(row[key])) for row in csv.DictReader(f)
+                        for key in curves if row.get(key)]
+        except (OSError, ValueError, KeyError, TypeError, csv.Error) as e:  # a log cut short by a kill, say
+            log.warning("%s: unreadable (%s: %s); its losses are left out of the curves", path, type(e).__name__, e)
+            continue
+        if rows:
+            start = min(step for step, _, _ in rows)
+            for key in curves:
+                curves[key] = [point for point in curves[key] if point[0] < start]
+            for step, key, value in rows:
+                curves[key].append((step, value))
+    return curves
+
+
+def _start_tokens(run: Run, by_name: dict[str, Run]) -> int:
+    """Tokens the run's weights had seen when it began: a finetune started from `run:<base>` has seen its base's
+    tokens (up to the step of the checkpoint it names, e.g. phi-1 from phi-1-base's step 24,000: 24,000 × 1024 ×
+    2048 = 50.3B, the paper's "51B"); 0 for a run from scratch or from weights this report cannot place."""
+    ref = str(run.get("init_from") or "")
+    if not ref.startswith("run:"):
+        return 0
+    name, _, file = ref.removeprefix("run:").partition("/")
+    base = by_name.get(name)
+    if base is None:
+        return 0
+    step = re.search(r"step(\d+)", file)
+    per_step = (base.get("batch.global_size") or 0) * (base.get("data.seq_len") or 0)
+    if step and per_step:
+        return int(step.group(1)) * per_step
+    return int(base.metrics.get("tokens") or 0)
+
+
+def _curves(path: Path, experiment: str, groups, labels, arms: dict, cells: dict, runs: list[Run]) -> dict | None:
+    """Figure 2.1's runs as loss curves, one panel per (model, tokens) group, one colour per training data,
+    one line per seed: the training loss (solid) and the validation loss (dashed, dots). Each run's loss is on
+    its own data, so the levels of two colours are not comparable (HumanEval in fig2_1 is the common yardstick);
+    the shapes say whether a run converged, diverged or spiked. None when no run has CSV logs (W&B runs)."""
+    by_name = {r.name: r for r in runs}
+    drawn: dict[str, dict] = {}
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups) + 0.6, 4.2), squeeze=False)
+    for ax, group, label in zip(axes[0], groups, labels):
+        for i, arm in enumerate(arms):
+            for r in _by_seed(cells.get((*group, arm), {})).values():
+                per_step = (r.get("batch.global_size") or 0) * (r.get("data.seq_len") or 0)
+                logged = losses(r.dir) if r.dir is not None and per_step else {}
+                if not any(logged.values()):
+                    continue
+                start = _start_tokens(r, by_name)
+                # A loss logged at step s was that of the (s+1)-th optimizer step: (s+1) batches seen.
+                for key, style in (("train/loss", {"lw": 1.2}), ("val/loss", {"ls": "--", "marker": "o", "ms": 3})):
+                    points = logged[key]
+                    if points:
+                        ax.plot([start + (s + 1) * per_step for s, _ in points], [v for _, v in points],
+                                color=COLORS[i % 3], alpha=0.8, **style)
+                drawn[r.name] = {"start_tokens": start, "train_points": len(logged["train/loss"]),
+                                 "val_points": len(logged["val/loss"]), "run": r.where}
+        ax.set_title(label.replace("\n", ", "), fontsize=8)
+        ax.set_xlabel("tokens seen since pretraining began")
+        ax.xaxis.set_major_formatter(lambda x, _: _human(x) if x > 0 else "0")
+        ax.grid(alpha=0.3)
+    if not drawn:
+        plt.close(fig)
+        return None
+    axes[0][0].set_ylabel("loss (nats per token)")
+    handles = [plt.Line2D([], [], color=COLORS[i % 3], label=label) for i, label in enumerate(arms.values())]
+    handles += [plt.Line2D([], [], color="gray", label="train"),
+                plt.Line2D([], [], color="gray", ls="--", marker="o", ms=3, label="validation")]
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="upper right")
+    fig.suptitle(f"Figure 2.1's runs ({experiment}): loss against tokens seen, each run on its own data "
+                 "(levels of two colours are not comparable; one line per seed)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return {"figure": path.name, "runs": drawn}
+
+
 # ----------------------------------------------------------------------------------- emergence and Table 2
 
 def _emergence_model(run: Run) -> str:
@@ -452,6 +552,65 @@ def emergence(runs: list[Run], out: Path) -> dict | None:
     fig.savefig(out / "emergence.png", dpi=120)
     plt.close(fig)
     return table
+
+
+def _first_samples(path: Path) -> dict[str, dict]:
+    """task_id -> the problem's first sample (greedy decoding, the paper's setting, writes only one)."""
+    first: dict[str, dict] = {}
+    with path.open() as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                first.setdefault(row["task_id"], row)
+    return first
+
+
+def _code(sample: dict) -> str:
+    return sample.get("completion", "").rstrip("\n")
+
+
+def emergence_problems(runs: list[Run], out: Path, examples: int = 3) -> dict | None:
+    """The emergence runs problem by problem: for each pair of EMERGENCE_PAIRS and each benchmark both were
+    scored on, how many problems pass under both models, only one, neither, and the first `examples` problems
+    each passes alone, both completions side by side (the failing one's error). Where a pass@1 gain comes
+    from, which the totals hide: two models at 30% can pass different problems."""
+    evals = {_emergence_model(r): r for r in runs if r.get("experiment_name") == "emergence"}
+    if not evals:  # emergence() said how to make them
+        return None
+    lines = ["# Emergence problem by problem (paper §3)", "",
+             "Each problem's first sample under both models (greedy: its only one). Counts, then the first "
+             f"{examples} problems each model passes alone, with both completions.", "",
+             "| benchmark | models | problems | both pass | only the first | only the second | neither |",
+             "|---|---|---|---|---|---|---|"]
+    details, result = [], {}
+    for a, b in EMERGENCE_PAIRS:
+        for bench in ("humaneval", "mbpp", "unconventional"):
+            paths = [_samples(evals[m], bench) if m in evals else None for m in (a, b)]
+            if None in paths:
+                continue
+            sa, sb = (_first_samples(p) for p in paths)
+            common = [t for t in sa if t in sb]
+            alone = {a: [t for t in common if sa[t].get("passed") and not sb[t].get("passed")],
+                     b: [t for t in common if sb[t].get("passed") and not sa[t].get("passed")]}
+            both = sum(1 for t in common if sa[t].get("passed") and sb[t].get("passed"))
+            neither = len(common) - both - len(alone[a]) - len(alone[b])
+            result[f"{a} vs {b}/{bench}"] = {"problems": len(common), "both": both, f"only {a}": len(alone[a]),
+                                             f"only {b}": len(alone[b]), "neither": neither,
+                                             "runs": [evals[a].where, evals[b].where]}
+            lines.append(f"| {bench} | {a} vs {b} | {len(common)} | {both} | {len(alone[a])} | {len(alone[b])} | "
+                         f"{neither} |")
+            for winner, loser, won, lost in ((a, b, sa, sb), (b, a, sb, sa)):
+                for t in alone[winner][:examples]:
+                    details += [f"### {bench} {t}: {winner} passes, {loser} fails", "",
+                                f"{winner} ({evals[winner].name}):", "", "```python", _code(won[t]), "```", "",
+                                f"{loser} ({evals[loser].name}), {lost[t].get('result', 'failed')}:", "",
+                                "```python", _code(lost[t]), "```", ""]
+    if not result:
+        log.info("emergence problem by problem: no pair of phi-1 with phi-1-base or phi-1-small with samples; "
+                 "make them with `python evaluate.py +sweep=emergence`")
+        return None
+    (out / "emergence_problems.md").write_text("\n".join(lines + ["", *details]).rstrip() + "\n")
+    return result
 
 
 def _table2_png(path: Path, table: dict) -> None:
@@ -545,7 +704,8 @@ def report(cfg: DictConfig) -> dict:
         runs += wandb_runs(cfg.wandb)
     log.info("%d finished runs (%s%s)", len(runs), cfg.runs_dir, f", wandb:{cfg.wandb}" if cfg.wandb else "")
     result = {"fig2_1": scaling(runs, "scaling", out), "mini_fig2_1": scaling(runs, "mini", out),
-              "emergence": emergence(runs, out), "table3": table3(runs, Path(cfg.decontaminate_dir), out)}
+              "emergence": emergence(runs, out), "emergence_problems": emergence_problems(runs, out),
+              "table3": table3(runs, Path(cfg.decontaminate_dir), out)}
     (out / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     # Named by whether this call wrote them: a figure left from an earlier report whose runs are gone (or not
     # under this runs_dir) is not passed off as this one's. Earlier files are kept, not deleted.
