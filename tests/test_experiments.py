@@ -502,6 +502,26 @@ def test_report_without_runs_says_how_to_make_them(tmp_path):
     assert "report in" in log and "nothing (no finished runs" in log
 
 
+def test_report_names_a_run_folder_it_cannot_read_and_draws_the_others(tmp_path):
+    out = tmp_path / "outputs"
+    config = {"experiment_name": "mini", "model": {"name": "tiny"}, "budget": {"name": "mini"}, "seed": 1}
+    for data in ("stdlib", "stdlib_filtered"):
+        _fake_run(out, f"mini-tiny-{data}-s1", {**config, "data": {"name": data}},
+                  {"eval/humaneval/solution_nll": 5.0, "params": 2e6})
+    _fake_run(out, "cut", {**config, "data": {"name": "stdlib_exercises"}}, {}).joinpath("metrics.json").write_text("{")
+    _fake_run(out, "edited", {}, {}).joinpath("config.yaml").write_text("run_name: [unclosed\n")
+    env = {**os.environ, "PHI1_ROOT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "report.py"], cwd=ROOT, env=env, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    assert f"{out}/cut/metrics.json: unreadable (JSONDecodeError" in log
+    assert f"{out}/edited/config.yaml: unreadable (ParserError" in log
+    assert "2 finished runs" in log
+    cells = json.loads((out / "report" / "report.json").read_text())["mini_fig2_1"]["cells"]
+    assert cells["tiny/mini/stdlib_filtered"]["solution_nll"] == 5.0
+    assert cells["tiny/mini/stdlib_exercises"]["seeds"] == []  # the unreadable run's cell is empty
+
+
 def test_report_names_only_what_it_drew_and_refuses_a_missing_runs_dir(tmp_path):
     out = tmp_path / "outputs" / "report"
     out.mkdir(parents=True)

@@ -33,6 +33,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from phi1 import environment  # noqa: E402
@@ -90,15 +91,28 @@ class Run:
 
 
 def local_runs(runs_dir: Path) -> list[Run]:
-    """Every finished run under runs_dir: a folder with config.yaml and metrics.json."""
+    """Every finished run under runs_dir: a folder with config.yaml and metrics.json. A folder whose files do not
+    parse (edited by hand, say) is named and left out: the other runs' figures are still drawn."""
     runs = []
     for metrics_path in sorted(Path(runs_dir).glob("*/metrics.json")):
         d = metrics_path.parent
         if not (d / "config.yaml").exists():
             continue
-        config = OmegaConf.to_container(OmegaConf.load(d / "config.yaml"))
-        runs.append(Run(config.get("run_name", d.name), config, json.loads(metrics_path.read_text()), str(d), d,
-                        environment.read(d)))
+        read = {}
+        for path, load in ((d / "config.yaml", lambda p: OmegaConf.to_container(OmegaConf.load(p))),
+                           (metrics_path, lambda p: json.loads(p.read_text()))):
+            try:
+                read[path.name] = load(path)
+                if not isinstance(read[path.name], dict):
+                    raise ValueError(f"a {type(read[path.name]).__name__}, not a mapping")
+            except (OSError, ValueError, yaml.YAMLError) as e:
+                log.warning("%s: unreadable (%s: %s); this run is left out of the report", path,
+                            type(e).__name__, " ".join(str(e).split()))
+                break
+        else:
+            config = read["config.yaml"]
+            runs.append(Run(config.get("run_name", d.name), config, read["metrics.json"], str(d), d,
+                            environment.read(d)))
     return runs
 
 
