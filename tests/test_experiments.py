@@ -502,6 +502,30 @@ def test_report_without_runs_says_how_to_make_them(tmp_path):
     assert "report in" in log and "nothing (no finished runs" in log
 
 
+def test_report_draws_each_runs_evaluations_during_training_and_the_checkpoint_it_kept(tmp_path):
+    """experiment=phi1 evaluates each 1000-step checkpoint and keeps the best (paper §2.3): evaluations.{png,md}
+    show every evaluation, the kept one starred; a run evaluated once (at its end) is not drawn."""
+    out = tmp_path / "outputs"
+    history = [{"step": s, "eval/humaneval/pass@1": p, "eval/humaneval/solution_nll": n, "eval/humaneval/samples": 164}
+               for s, p, n in ((1000, 0.40, 0.52), (2000, 0.48, 0.50), (3000, 0.45, 0.49))]
+    d = _fake_run(out, "phi1", {"experiment_name": "phi1"},
+                  {"eval/humaneval/pass@1": 0.45, "eval/best": {"step": 2000, "eval/humaneval/pass@1": 0.48}})
+    (d / "eval").mkdir()
+    (d / "eval" / "history.json").write_text(json.dumps(history))
+    once = _fake_run(out, "phi1_base", {"experiment_name": "phi1_base"}, {"eval/humaneval/pass@1": 0.29})
+    (once / "eval").mkdir()
+    (once / "eval" / "history.json").write_text(json.dumps(history[:1]))
+
+    report = _report(tmp_path)
+    result = json.loads((report / "report.json").read_text())["evaluations"]
+    assert list(result) == ["phi1"] and result["phi1"]["best_step"] == 2000
+    assert [e["step"] for e in result["phi1"]["history"]] == [1000, 2000, 3000]
+    md = (report / "evaluations.md").read_text()
+    assert "| step | eval/humaneval/pass@1 | eval/humaneval/solution_nll |" in md
+    assert "| 2000 ★ | 48.0 | 0.500 |" in md and "| 3000 | 45.0 | 0.490 |" in md and "phi1_base" not in md
+    assert (report / "evaluations.png").stat().st_size > 10_000
+
+
 def test_report_names_a_run_folder_it_cannot_read_and_draws_the_others(tmp_path):
     out = tmp_path / "outputs"
     config = {"experiment_name": "mini", "model": {"name": "tiny"}, "budget": {"name": "mini"}, "seed": 1}

@@ -14,6 +14,8 @@ train.py and evaluate.py) and, with `wandb=<entity>/<project>`, the runs logged 
   emergence_problems.md  the same runs problem by problem (paper §3): what finetuning (phi-1 against
                       phi-1-base) and scale (phi-1 against phi-1-small) changed, with completions side by side
   table3.{png,md}     Table 3: pass@1 on similar / non-similar HumanEval problems per τ (experiment pruning)
+  evaluations.{png,md}  every run evaluated more than once while training (a finetune at each checkpoint,
+                      paper §2.3): pass@1 and solution NLL per evaluation, the checkpoint it kept marked
   report.json         every number above with the runs it came from
 Each table names the run behind each number; a section without runs says which command makes them.
 """
@@ -701,6 +703,68 @@ def table3(runs: list[Run], decontaminate_dir: Path, out: Path) -> dict | None:
     return table
 
 
+# ------------------------------------------------------------------------------- evaluations during training
+
+def evaluations(runs: list[Run], out: Path) -> dict | None:
+    """Runs evaluated at least twice during training (`evaluation.every_n_steps`; experiment=phi1 at each of its
+    6 checkpoints, the best by pass@1 kept, paper §2.3): each evaluation's pass@1 and solution NLL per benchmark,
+    from the run's eval/history.json (kept in its checkpoints, so a resumed run's history is whole), with the
+    step of the checkpoint it kept (`best.ckpt`). Whether the kept checkpoint is a peak or one point of a
+    plateau the seeds' noise could reorder is what the curve shows and the final number does not."""
+    histories = {}
+    for r in runs:
+        path = r.dir / "eval" / "history.json" if r.dir is not None else None
+        if path is None or not path.exists():
+            continue
+        try:
+            history = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            log.warning("%s: unreadable (%s: %s); left out of evaluations.png", path, type(e).__name__, e)
+            continue
+        if isinstance(history, list) and len(history) >= 2:
+            histories[r.name] = (r, history)
+    if not histories:
+        return None
+    panels = [(suffix, label) for suffix, label in (("pass@1", "pass@1 (%)"), ("solution_nll", "solution NLL"))
+              if any(k.endswith("/" + suffix) for _, h in histories.values() for e in h for k in e)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 0.5, 4), squeeze=False)
+    md = ["# Evaluations during training", "",
+          "The runs evaluated more than once while training, each evaluation (pass@1 in %); ★ = the checkpoint "
+          "a run kept (`checkpoints/best.ckpt`, by `evaluation.keep_best`).", ""]
+    result = {}
+    for name, (r, history) in histories.items():
+        best = r.metrics.get("eval/best")
+        best_step = best.get("step") if isinstance(best, dict) else None
+        keys = sorted({k for e in history for k in e
+                       if k.startswith("eval/") and k.endswith(("/pass@1", "/solution_nll"))})
+        md += [f"## {name}", "", "| step | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for e in history:
+            cells = [_fmt(_pct(e.get(k)) if k.endswith("pass@1") else e.get(k), 1 if k.endswith("pass@1") else 3)
+                     for k in keys]
+            md.append(f"| {e['step']}{' ★' if e['step'] == best_step else ''} | " + " | ".join(cells) + " |")
+        md.append("")
+        for ax, (suffix, label) in zip(axes[0], panels):
+            for k in (k for k in keys if k.endswith("/" + suffix)):
+                points = [(e["step"], e[k]) for e in history if e.get(k) is not None]
+                scale = 100 if suffix == "pass@1" else 1
+                line, = ax.plot([s for s, _ in points], [v * scale for _, v in points], marker="o", ms=3,
+                                label=f"{name} ({k.split('/')[1]})")
+                kept = [v for s, v in points if s == best_step]
+                if kept:
+                    ax.scatter([best_step], [kept[0] * scale], marker="*", s=160, color=line.get_color(), zorder=3)
+            ax.set_xlabel("step")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        result[name] = {"history": history, "best_step": best_step, "run": r.where}
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Evaluations during training (★ the checkpoint kept)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "evaluations.png", dpi=120)
+    plt.close(fig)
+    (out / "evaluations.md").write_text("\n".join(md).rstrip() + "\n")
+    return result
+
+
 def _figures(out: Path) -> dict[str, int]:
     """The figures and tables in out, with their modification times (ns)."""
     return {p.name: p.stat().st_mtime_ns for p in sorted(out.iterdir()) if p.suffix in (".png", ".md")}
@@ -719,7 +783,7 @@ def report(cfg: DictConfig) -> dict:
     log.info("%d finished runs (%s%s)", len(runs), cfg.runs_dir, f", wandb:{cfg.wandb}" if cfg.wandb else "")
     result = {"fig2_1": scaling(runs, "scaling", out), "mini_fig2_1": scaling(runs, "mini", out),
               "emergence": emergence(runs, out), "emergence_problems": emergence_problems(runs, out),
-              "table3": table3(runs, Path(cfg.decontaminate_dir), out)}
+              "table3": table3(runs, Path(cfg.decontaminate_dir), out), "evaluations": evaluations(runs, out)}
     (out / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     # Named by whether this call wrote them: a figure left from an earlier report whose runs are gone (or not
     # under this runs_dir) is not passed off as this one's. Earlier files are kept, not deleted.
