@@ -284,6 +284,37 @@ def test_a_missing_checkpoint_path_is_named_as_such(tmp_path):
             generate.load(str(ckpt), "cpu")
 
 
+def test_an_hf_folder_without_its_tokenizer_or_with_another_models_is_refused(tmp_path, tiny_model_dir):
+    """transformers loads a folder of weights alone with a tokenizer of 1 token (generation then fails on the
+    stop strings, naming neither the folder nor the tokenizer); a tokenizer larger than the embedding table
+    fails mid-generation."""
+    import shutil
+
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from phi1.errors import InputError
+    from phi1.eval import generate
+    from phi1.model import build
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model_dir, bare)
+    for f in bare.glob("tokenizer*"):
+        f.unlink()
+    assert len(AutoTokenizer.from_pretrained(str(bare))) == 1  # what the check stands in front of
+    with pytest.raises(FileNotFoundError, match=rf"ckpt={bare}: no tokenizer in the folder \(none of tokenizer"):
+        generate.load(str(bare), "cpu")
+
+    cfg = OmegaConf.load(CONF / "model" / "tiny.yaml")
+    cfg.update(embd_dropout=0.0, layer_norm_eps=1e-5, activation="gelu_new", init_std=0.02, attn_implementation="sdpa")
+    smaller = tmp_path / "smaller"
+    build(cfg, 256, 0).save_pretrained(smaller)
+    for f in tiny_model_dir.glob("tokenizer*"):
+        shutil.copy(f, smaller)
+    with pytest.raises(InputError, match="its tokenizer has 512 tokens, more than the model's 256 embeddings"):
+        generate.load(str(smaller), "cpu")
+
+
 def test_stop_strings_end_rows_early_and_their_matcher_is_built_once(tiny_model_dir, monkeypatch):
     from transformers import StopStringCriteria
 

@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 
 
+# What AutoTokenizer reads from a folder: the fast tokenizer, its config, or a slow one's vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
 def load(ckpt: str, device: str | None = None):
     """(model, tokenizer) in eval mode on `device` (default: CUDA when available)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -43,12 +47,22 @@ def load(ckpt: str, device: str | None = None):
     elif runs.is_path(str(ckpt)) and not path.exists():
         raise MissingInputError(f"ckpt={ckpt}: no such file or folder")
     else:  # an HF folder or a hub id
+        # A folder of weights alone (config.json, model.safetensors) loads without complaint with a tokenizer
+        # of 1 token: generation then stops on transformers' "Stop string preprocessing was unable to identify
+        # tokens", or, without stop strings, every completion is empty.
+        if path.is_dir() and not any((path / name).exists() for name in TOKENIZER_FILES):
+            raise MissingInputError(f"ckpt={ckpt}: no tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)})"
+                                    "; train.py's hf/ export has one: copy the model's tokenizer files beside it")
         try:
             model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(ckpt)
         except OSError as e:
             raise MissingInputError(f"ckpt={ckpt}: not a checkpoint file, an HF export folder or a reachable hub id"
                                     f" ({e})") from e
+        embeddings = model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > embeddings:  # ids past the embedding table: an index error mid-generation
+            raise InputError(f"ckpt={ckpt}: its tokenizer has {len(tokenizer):,} tokens, more than the model's "
+                             f"{embeddings:,} embeddings: the two are not from the same model")
     return model.to(device).eval(), tokenizer
 
 
