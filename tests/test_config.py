@@ -72,6 +72,37 @@ def test_a_stage_source_key_its_kind_ignores_is_refused_before_any_work(stage, o
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.parametrize("override,message", [
+    ("generation.n=5", "generation.n: is 5 with generation.temperature=0: greedy decoding writes the same completion"),
+    ("generation.temperature=-0.2", "generation.temperature: must be a finite number >= 0"),
+    ("generation.max_new_tokens=0", "generation.max_new_tokens: must be > 0"),
+    ("generation.batch_size=0", "generation.batch_size: must be > 0"),
+    ("generation.top_p=1.5", r"generation.top_p: must be in \(0, 1\]"),
+    ("ks=[1,0]", "ks: must list the k of pass@k, each > 0"),
+    ("sandbox.timeout=0", "sandbox.timeout: must be > 0"),
+    ("benchmarks.humaneval.limit=0", "benchmarks.humaneval.limit: must be > 0"),
+])
+def test_an_evaluation_setting_out_of_range_is_refused_before_any_work(override, message, tmp_path):
+    """Before: n=5 at temperature 0 scored five copies of each greedy completion as pass@5, a negative
+    temperature or a limit of 0 ran and reported nothing, max_new_tokens=0 failed in transformers after the
+    model was loaded."""
+    from hydra import compose, initialize_config_dir
+
+    from phi1.evaluate import evaluate
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides=["ckpt=model", "benchmark=humaneval", "allow_code_execution=true",
+                                             override, f"paths.run_dir={tmp_path}/run"])
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        evaluate(cfg)
+    assert not (tmp_path / "run").exists()
+    train = make_cfg([f"evaluation.{override}"], run_dir=tmp_path, data_dir=tmp_path)
+    in_train = message.replace("with generation", "with evaluation.generation")
+    with pytest.raises(ConfigError, match=f"^evaluation.{in_train}"):
+        validate(train)
+    validate(make_cfg([f"evaluation.{override}", "evaluation.enabled=false"], run_dir=tmp_path, data_dir=tmp_path))
+
+
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_composes_and_validates(experiment, tmp_path):
     cfg = make_cfg([f"experiment={experiment}", "init_from=base.ckpt"], run_dir=tmp_path, data_dir=tmp_path)

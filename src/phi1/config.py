@@ -676,13 +676,45 @@ def validate(cfg: DictConfig) -> Plan:
              "budget.tokens=null" if cfg.budget.tokens is not None and cfg.budget.max_steps is not None else "")),
         ("budget.tokens", cfg.budget.tokens is None or cfg.budget.tokens > 0, "must be > 0"),
         ("budget.max_steps", cfg.budget.max_steps is None or cfg.budget.max_steps > 0, "must be > 0"),
-    ] + data_checks(cfg)
+    ] + data_checks(cfg) + (evaluation_checks(cfg.evaluation, "evaluation.") if cfg.evaluation.enabled else [])
     for key, ok, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message}")
     if cfg.phase == "finetune" and not cfg.init_from:
         raise ConfigError("init_from: finetuning needs the base weights (a checkpoint or an HF export dir)")
     return plan(cfg)
+
+
+def evaluation_checks(cfg: DictConfig, prefix: str = "") -> list[tuple[str, bool, str]]:
+    """(key, ok, message) for what evaluate.py reads (prefix "") and train.py's evaluation (prefix
+    "evaluation."): checked before a model is loaded, where transformers or the sandbox would fail later with a
+    message naming none of these keys, or not fail at all (n samples of greedy decoding are n copies of one)."""
+    g, sandbox = cfg.generation, cfg.sandbox
+    checks = [
+        (f"{prefix}generation.n", g.n > 0, "must be > 0"),
+        (f"{prefix}generation.temperature", math.isfinite(g.temperature) and g.temperature >= 0,
+         "must be a finite number >= 0 (0: greedy decoding)"),
+        # The Codex paper (Chen et al. 2021) found temperature 0.2 best for pass@1 and 0.8 for pass@100.
+        (f"{prefix}generation.n", g.n == 1 or g.temperature > 0,
+         f"is {g.n} with {prefix}generation.temperature=0: greedy decoding writes the same completion {g.n} "
+         "times; sample with a temperature > 0 (the Codex paper: 0.2 for pass@1, 0.8 for pass@100)"),
+        (f"{prefix}generation.top_p", 0 < g.top_p <= 1, "must be in (0, 1]"),
+        (f"{prefix}generation.max_new_tokens", g.max_new_tokens > 0, "must be > 0"),
+        (f"{prefix}generation.batch_size", g.batch_size > 0, "must be > 0"),
+        (f"{prefix}generation.backend", g.backend in ("auto", "transformers", "vllm"),
+         "must be auto, transformers or vllm"),
+        (f"{prefix}ks", len(cfg.ks) > 0 and all(k > 0 for k in cfg.ks), "must list the k of pass@k, each > 0"),
+        (f"{prefix}sandbox.workers", sandbox.workers is None or sandbox.workers > 0,
+         "must be > 0 (null: one per core)"),
+        (f"{prefix}sandbox.timeout", sandbox.timeout > 0, "must be > 0 (seconds per sample)"),
+        (f"{prefix}sandbox.memory_mb", sandbox.memory_mb > 0, "must be > 0"),
+        (f"{prefix}sandbox.isolation", sandbox.isolation in ("auto", "bwrap", "process"),
+         "must be auto, bwrap or process"),
+    ]
+    for name, spec in cfg.benchmarks.items():
+        checks.append((f"{prefix}benchmarks.{name}.limit", spec.get("limit") is None or spec.limit > 0,
+                       "must be > 0 (null: every problem)"))
+    return checks
 
 
 def _strategy(cfg: DictConfig) -> str:
