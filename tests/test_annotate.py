@@ -76,6 +76,46 @@ def test_heuristic_annotation_of_the_stdlib_is_seeded_and_resumable(tmp_path):
     assert other_ids != {r["id"] for r in rows}
 
 
+def test_a_rerun_relabels_at_its_threshold_and_refuses_another_judges_rows(tmp_path):
+    """A label is a function of the score: a rerun at another stage.label_threshold relabels the whole file
+    (it kept the old labels and added rows under the new threshold: two thresholds in one file). Rows judged by
+    another judge or prompt are refused with the file untouched; a line a kill cut short is judged again; a
+    malformed line is named."""
+    from phi1.config import ConfigError
+    from phi1.errors import InputError
+
+    out = tmp_path / "annotations" / "stdlib-heuristic.jsonl"
+    first = run(prepare_cfg(tmp_path, "stage.n=40", "stage.seed=3"))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["label"] for r in rows} == {"high", "low"}
+    more = run(prepare_cfg(tmp_path, "stage.n=60", "stage.seed=3", "stage.label_threshold=8"))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert more["annotated"] == len(rows) and more["new"] == len(rows) - 40
+    assert any(r["score"] in (6, 7) for r in rows[:40])  # rows of the first run that were high at 6
+    assert all(r["label"] == ("high" if r["score"] >= 8 else "low") for r in rows)
+    assert sum(r["label"] == "high" for r in rows) == more["labels"].get("high", 0) < first["labels"]["high"]
+
+    with pytest.raises(ConfigError, match=r"stage.label_threshold: must be in \(0, 10\]"):
+        run(prepare_cfg(tmp_path, "stage.label_threshold=11"))
+
+    whole = out.read_text()
+    lines = whole.splitlines()
+    out.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:25])  # the last row cut short
+    again = run(prepare_cfg(tmp_path, "stage.n=60", "stage.seed=3", "stage.label_threshold=8"))
+    assert again["new"] == 1 and out.read_text() == whole
+
+    other = json.loads(lines[0]) | {"judge": "gpt-4-0613", "prompt_version": "v1"}
+    out.write_text(json.dumps(other) + "\n" + "\n".join(lines[1:]) + "\n")
+    kept = out.read_text()
+    with pytest.raises(InputError, match=rf"{out}: 1 rows were judged by gpt-4-0613 with prompt v1 .* this run's "
+                                         "judge is heuristic with prompt rules-v1"):
+        run(prepare_cfg(tmp_path, "stage.n=60", "stage.seed=3"))
+    assert out.read_text() == kept
+    out.write_text(lines[0] + "\n{not json\n" + "\n".join(lines[2:]) + "\n")
+    with pytest.raises(InputError, match=rf"{out}:2: not a JSON row"):
+        run(prepare_cfg(tmp_path, "stage.n=60", "stage.seed=3"))
+
+
 def test_llm_judge_asks_the_papers_question_and_pays_once(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
 

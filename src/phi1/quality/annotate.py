@@ -13,7 +13,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from phi1.config import check
 from phi1.data import sources
+from phi1.errors import InputError
 from phi1.llm import LLM
 from phi1.quality.judges import HeuristicJudge, LLMJudge, label
 
@@ -33,18 +35,52 @@ def sample(source, n: int, seed: int) -> list[tuple[str, str]]:
     return [(doc_id, text) for _, doc_id, text in sorted(reservoir)]
 
 
+def written(out: Path, judge, threshold: int) -> list[dict]:
+    """The rows an earlier run wrote to `out`, each labelled again from its score at this run's threshold (a
+    label is a function of the score: a rerun with another stage.label_threshold relabels the file when it
+    rewrites it, rather than mixing two thresholds in it). A last line cut short (a kill while an earlier
+    version appended to the file) is dropped and judged again, from the LLM cache: nothing is paid twice.
+    Rows of another judge or prompt version are refused, not mixed with this run's."""
+    if not out.exists():
+        return []
+    text = out.read_text()
+    lines = text.splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n == len(lines) and not text.endswith("\n"):
+                log.warning("annotate: %s:%d was cut short (a killed run); that document is judged again", out, n)
+                continue
+            raise InputError(f"{out}:{n}: not a JSON row ({e}); fix or delete the line") from e
+    others = Counter((r.get("judge"), r.get("prompt_version")) for r in rows
+                     if (r.get("judge"), r.get("prompt_version")) != (judge.name, judge.prompt_version))
+    if others:
+        (their_judge, their_prompt), count = others.most_common(1)[0]
+        raise InputError(f"{out}: {sum(others.values())} rows were judged by {their_judge} with prompt "
+                         f"{their_prompt} (e.g. {count}), this run's judge is {judge.name} with prompt "
+                         f"{judge.prompt_version}: one file would mix two judgements. Set stage.output to another "
+                         "file, or move this one")
+    relabelled = 0
+    for r in rows:
+        if r["label"] != (new := label(r["score"], threshold)):
+            r["label"], relabelled = new, relabelled + 1
+    if relabelled:
+        log.info("annotate: %d rows of %s relabelled at stage.label_threshold=%d", relabelled, out, threshold)
+    return rows
+
+
 def run(cfg: DictConfig) -> dict:
     stage = cfg.stage
+    # Scores are 0-10 (the prompt asks for N/10): a threshold outside (0, 10] labels every document alike, and
+    # the classifier has one class to learn.
+    check([("stage.n", stage.n > 0, "must be > 0"),
+           ("stage.label_threshold", 0 < stage.label_threshold <= 10, "must be in (0, 10]: scores are 0-10")])
     out = Path(stage.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    docs = sample(stage.source, stage.n, stage.seed)
-    done = set()
-    if out.exists():
-        done = {json.loads(line)["id"] for line in out.read_text().splitlines() if line.strip()}
-    todo = [(i, t) for i, t in docs if i not in done]
-    log.info("annotate: %d documents sampled from %s, %d already in %s, %d to judge",
-             len(docs), stage.source.name, len(docs) - len(todo), out, len(todo))
-
     if cfg.llm.kind == "heuristic":
         judge = HeuristicJudge()
         llm = None
@@ -52,6 +88,14 @@ def run(cfg: DictConfig) -> dict:
         llm = LLM.from_config(cfg.llm, cache_path=Path(cfg.paths.data_dir) / "llm_cache.sqlite",
                               quarantine_path=out.parent / "quarantine.jsonl")
         judge = LLMJudge(llm, stage.prompt_version, stage.max_chars)
+    rows = written(out, judge, stage.label_threshold)
+    done = {r["id"] for r in rows}
+    docs = sample(stage.source, stage.n, stage.seed)
+    todo = [(i, t) for i, t in docs if i not in done]
+    log.info("annotate: %d documents sampled from %s, %d already in %s, %d to judge",
+             len(docs), stage.source.name, len(docs) - len(todo), out, len(todo))
+
+    if llm is not None:
         estimate = llm.estimate([judge.messages(t) for _, t in todo], stage.expected_output_tokens,
                                 stage.prompt_version)
         log.info("annotate: estimated %s", estimate)
@@ -59,14 +103,13 @@ def run(cfg: DictConfig) -> dict:
             return {"dry_run": estimate}
 
     judgements = judge.judge_many(todo)
-    with open(out, "a") as f:
-        for doc_id, _ in todo:
-            if doc_id in judgements:
-                j = judgements[doc_id]
-                f.write(json.dumps({"id": doc_id, "label": label(j.score, stage.label_threshold), "score": j.score,
-                                    "rationale": j.rationale, "judge": judge.name,
-                                    "prompt_version": judge.prompt_version}) + "\n")
-    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    rows += [{"id": doc_id, "label": label(j.score, stage.label_threshold), "score": j.score,
+              "rationale": j.rationale, "judge": judge.name, "prompt_version": judge.prompt_version}
+             for doc_id, _ in todo if (j := judgements.get(doc_id)) is not None]
+    # Whole, under a temporary name then renamed: a kill leaves the previous file, never a cut line.
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(out)
     summary = {
         "output": str(out), "annotated": len(rows), "sampled": len(docs), "new": len(judgements),
         "unanswered": len(todo) - len(judgements), "labels": dict(Counter(r["label"] for r in rows)),
