@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from phi1.config import check
 from phi1.contamination import measures
 from phi1.data import sources
 from phi1.eval import benchmarks
@@ -199,6 +200,9 @@ def _score(stage, problems) -> dict:
 
 def run(cfg: DictConfig) -> dict:
     stage = cfg.stage
+    # τ is a match rate (1 - distance / length, §5.2): a threshold outside (0, 1] prunes everything or nothing.
+    check([("stage.taus", len(stage.taus) > 0 and all(0 < t <= 1 for t in stage.taus),
+            "must list thresholds in (0, 1] (the paper's: 0.95, 0.9, 0.85, 0.8)")])
     out = Path(stage.output)
     out.mkdir(parents=True, exist_ok=True)
     problems = benchmarks.load(stage.benchmark)

@@ -16,7 +16,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from phi1 import environment
-from phi1.config import ConfigError
+from phi1.config import ConfigError, check
 from phi1.data import sources
 from phi1.errors import InputError, MissingInputError
 from phi1.quality.classify import load_embeddings
@@ -30,6 +30,10 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"shard={cfg.shard}: must be in [0, num_shards={cfg.num_shards})")
     if (stage.threshold is None) == (stage.top_fraction is None):
         raise ConfigError("set exactly one of stage.threshold and stage.top_fraction")
+    # The forest's score is a probability (the share of trees voting "high"): a threshold outside [0, 1] keeps
+    # every document or none.
+    check([("stage.threshold", stage.threshold is None or 0 <= stage.threshold <= 1, "must be in [0, 1]"),
+           ("stage.top_fraction", stage.top_fraction is None or 0 < stage.top_fraction <= 1, "must be in (0, 1]")])
     ids, embeddings = load_embeddings(stage.embeddings)
     classifier = Path(stage.classifier) / "classifier.joblib"
     if not classifier.is_file():
