@@ -85,6 +85,8 @@ def test_a_stage_key_its_kind_ignores_or_out_of_range_is_refused_before_any_work
     ("generation.top_p=1.5", r"generation.top_p: must be in \(0, 1\]"),
     ("ks=[1,0]", "ks: must list the k of pass@k, each > 0"),
     ("sandbox.timeout=0", "sandbox.timeout: must be > 0"),
+    ("generation.backend=vlm", "generation.backend: must be auto, transformers, vllm"),
+    ("sandbox.isolation=none", "sandbox.isolation: must be auto, bwrap, process"),
     ("benchmarks.humaneval.limit=0", "benchmarks.humaneval.limit: must be > 0"),
 ])
 def test_an_evaluation_setting_out_of_range_is_refused_before_any_work(override, message, tmp_path):

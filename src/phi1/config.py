@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from phi1.errors import InputError
+from phi1.eval.sandbox import ISOLATIONS
 
 
 @dataclass
@@ -685,6 +686,9 @@ def validate(cfg: DictConfig) -> Plan:
     return plan(cfg)
 
 
+GENERATION_BACKENDS = ("auto", "transformers", "vllm")  # auto: vLLM when installed and a GPU is present
+
+
 def evaluation_checks(cfg: DictConfig, prefix: str = "") -> list[tuple[str, bool, str]]:
     """(key, ok, message) for what evaluate.py reads (prefix "") and train.py's evaluation (prefix
     "evaluation."): checked before a model is loaded, where transformers or the sandbox would fail later with a
@@ -701,15 +705,13 @@ def evaluation_checks(cfg: DictConfig, prefix: str = "") -> list[tuple[str, bool
         (f"{prefix}generation.top_p", 0 < g.top_p <= 1, "must be in (0, 1]"),
         (f"{prefix}generation.max_new_tokens", g.max_new_tokens > 0, "must be > 0"),
         (f"{prefix}generation.batch_size", g.batch_size > 0, "must be > 0"),
-        (f"{prefix}generation.backend", g.backend in ("auto", "transformers", "vllm"),
-         "must be auto, transformers or vllm"),
+        (f"{prefix}generation.backend", g.backend in GENERATION_BACKENDS, f"must be {', '.join(GENERATION_BACKENDS)}"),
         (f"{prefix}ks", len(cfg.ks) > 0 and all(k > 0 for k in cfg.ks), "must list the k of pass@k, each > 0"),
         (f"{prefix}sandbox.workers", sandbox.workers is None or sandbox.workers > 0,
          "must be > 0 (null: one per core)"),
         (f"{prefix}sandbox.timeout", sandbox.timeout > 0, "must be > 0 (seconds per sample)"),
         (f"{prefix}sandbox.memory_mb", sandbox.memory_mb > 0, "must be > 0"),
-        (f"{prefix}sandbox.isolation", sandbox.isolation in ("auto", "bwrap", "process"),
-         "must be auto, bwrap or process"),
+        (f"{prefix}sandbox.isolation", sandbox.isolation in ISOLATIONS, f"must be {', '.join(ISOLATIONS)}"),
     ]
     for name, spec in cfg.benchmarks.items():
         checks.append((f"{prefix}benchmarks.{name}.limit", spec.get("limit") is None or spec.limit > 0,

@@ -72,6 +72,7 @@ def score(sandbox: Sandbox, problems: list[bench.Problem], completions: dict[str
 
 
 def _backend(name: str) -> str:
+    """The backend that generates: `name` (checked against config.GENERATION_BACKENDS first), auto resolved."""
     import importlib.util
 
     import torch
@@ -79,8 +80,6 @@ def _backend(name: str) -> str:
     has_vllm, has_gpu = importlib.util.find_spec("vllm") is not None, torch.cuda.is_available()
     if name == "auto":
         return "vllm" if has_vllm and has_gpu else "transformers"
-    if name not in ("transformers", "vllm"):
-        raise EvaluationError(f"generation.backend={name!r}: expected auto, transformers or vllm")
     if name == "vllm" and not (has_vllm and has_gpu):
         why = "vllm is not installed" if not has_vllm else "no GPU is visible"
         raise EvaluationError(f"generation.backend=vllm: needs the vllm package and a CUDA GPU ({why});"

@@ -443,6 +443,10 @@ def losses(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
+def _tokens_per_step(run: Run) -> int:
+    return (run.get("batch.global_size") or 0) * (run.get("data.seq_len") or 0)
+
+
 def _start_tokens(run: Run, by_name: dict[str, Run]) -> int:
     """Tokens the run's weights had seen when it began: a finetune started from `run:<base>` has seen its base's
     tokens (up to the step of the checkpoint it names, e.g. phi-1 from phi-1-base's step 24,000: 24,000 × 1024 ×
@@ -455,9 +459,8 @@ def _start_tokens(run: Run, by_name: dict[str, Run]) -> int:
     if base is None:
         return 0
     step = re.search(r"step(\d+)", file)
-    per_step = (base.get("batch.global_size") or 0) * (base.get("data.seq_len") or 0)
-    if step and per_step:
-        return int(step.group(1)) * per_step
+    if step and _tokens_per_step(base):
+        return int(step.group(1)) * _tokens_per_step(base)
     return int(base.metrics.get("tokens") or 0)
 
 
@@ -472,7 +475,7 @@ def _curves(path: Path, experiment: str, groups, labels, arms: dict, cells: dict
     for ax, group, label in zip(axes[0], groups, labels):
         for i, arm in enumerate(arms):
             for r in _by_seed(cells.get((*group, arm), {})).values():
-                per_step = (r.get("batch.global_size") or 0) * (r.get("data.seq_len") or 0)
+                per_step = _tokens_per_step(r)
                 logged = losses(r.dir) if r.dir is not None and per_step else {}
                 if not any(logged.values()):
                     continue
@@ -739,8 +742,10 @@ def evaluations(runs: list[Run], out: Path) -> dict | None:
         except (OSError, ValueError) as e:
             log.warning("%s: unreadable (%s: %s); left out of evaluations.png", path, type(e).__name__, e)
             continue
-        if isinstance(history, list) and len(history) >= 2:
-            histories[r.name] = (r, history)
+        drawn = [e for e in history if isinstance(e, dict) and any(
+            k.endswith(("/pass@1", "/solution_nll")) for k in e)] if isinstance(history, list) else []
+        if len(drawn) >= 2:
+            histories[r.name] = (r, drawn)
     if not histories:
         return None
     panels = [(suffix, label) for suffix, label in (("pass@1", "pass@1 (%)"), ("solution_nll", "solution NLL"))

@@ -173,12 +173,16 @@ class _Worker:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+# auto: bubblewrap where the OS allows namespaces, else per-process limits only (and it says so).
+ISOLATIONS = ("auto", "bwrap", "process")
+
+
 class Sandbox:
     """`with Sandbox(workers=2) as sb: verdicts = sb.run_many(programs)`."""
 
     def __init__(self, workers: int | None = None, limits: Limits | None = None, isolation: str = "auto",
                  python: str | None = None):
-        if isolation not in ("auto", "bwrap", "process"):
+        if isolation not in ISOLATIONS:
             raise SandboxError(f"isolation={isolation!r}: expected auto, bwrap or process")
         self.limits = limits or Limits()
         self.n = workers or os.cpu_count() or 1

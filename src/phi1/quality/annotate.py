@@ -59,9 +59,8 @@ def written(out: Path, judge, threshold: int) -> list[dict]:
     others = Counter((r.get("judge"), r.get("prompt_version")) for r in rows
                      if (r.get("judge"), r.get("prompt_version")) != (judge.name, judge.prompt_version))
     if others:
-        (their_judge, their_prompt), count = others.most_common(1)[0]
-        raise InputError(f"{out}: {sum(others.values())} rows were judged by {their_judge} with prompt "
-                         f"{their_prompt} (e.g. {count}), this run's judge is {judge.name} with prompt "
+        theirs = ", ".join(f"{n} by {j} with prompt {v}" for (j, v), n in others.most_common())
+        raise InputError(f"{out}: rows judged {theirs}; this run's judge is {judge.name} with prompt "
                          f"{judge.prompt_version}: one file would mix two judgements. Set stage.output to another "
                          "file, or move this one")
     relabelled = 0
