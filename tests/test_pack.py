@@ -334,6 +334,26 @@ def test_hub_code_path_streams_a_local_dataset_folder(small_cfg, tmp_path):
     assert manifest["sources"][0]["read"]["documents"] == 40
 
 
+def test_codeexercises_hub_reads_jinaais_layout_as_prompt_then_body(small_cfg, tmp_path):
+    """data=codeexercises_hub as shipped (text_field, split) on a local copy in jinaai/code_exercises' hub layout
+    (data/train-*.parquet with `problem` and `solution` columns): each row becomes one document, the signature and
+    docstring followed by the body, as phi-1 was finetuned on it; rows are numbered across the files."""
+    import datasets
+
+    folder = tmp_path / "code_exercises" / "data"
+    folder.mkdir(parents=True)
+    rows = [{"problem": f'def f{i}(x):\n    """Return x plus {i}."""\n', "solution": f"    return x + {i}\n"}
+            for i in range(12)]
+    for f in range(2):
+        datasets.Dataset.from_list(rows[f * 6:(f + 1) * 6]).to_parquet(str(folder / f"train-{f:05d}-of-00002.parquet"))
+    cfg = small_cfg("data=codeexercises_hub", f"data.sources.0.path={tmp_path / 'code_exercises'}")
+    docs = list(documents(cfg.data.sources[0]))
+    assert [d[1] for d in docs] == [r["problem"] + r["solution"] for r in rows]
+    assert docs[7][0] == "code_exercises:7"
+    namespace = {}
+    exec(docs[3][1], namespace)  # a whole function: the prompt's signature with the solution's body
+    assert namespace["f3"](1) == 4
+
 def test_empty_sources_and_bad_parquet_are_clear_errors(small_cfg, tmp_path):
     bad = tmp_path / "bad.parquet"
     bad.write_text("not parquet")
