@@ -56,5 +56,8 @@ filter: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Removes the caches any command rebuilds from its inputs (packed tokens, trained tokenizers). Never outputs/
+# (trained runs: days of GPUs for phi-1-base) nor the rest of data/: the LLM's annotations, synthetic sets and
+# answer cache are paid API calls (GPT-4 on the paper's 100K samples), and embeddings take a GPU to redo.
 clean:
-	rm -rf outputs data wandb
+	rm -rf data/packed data/tokenizers wandb
