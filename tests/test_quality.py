@@ -109,6 +109,29 @@ def test_classifier_learns_a_separable_label_and_reports_held_out_metrics(tmp_pa
     assert "scikit-learn" in json.loads((tmp_path / "clf" / "environment.json").read_text())[0]["packages"]
 
 
+def test_the_forest_grown_a_few_trees_at_a_time_is_the_forest_of_one_fit(tmp_path):
+    """classify grows its forest in steps of a few trees (a progress bar over minutes of fitting at the paper's
+    scale); the probabilities must be those of one fit of all the trees, to the bit."""
+    import numpy as np
+    from omegaconf import OmegaConf
+    from sklearn.ensemble import RandomForestClassifier
+
+    from phi1.quality.classify import _fit_forest
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    y = x[:, 0] + 0.5 * rng.standard_normal(300) > 0.3  # unbalanced: class_weight matters
+    stage = OmegaConf.create({"n_estimators": 23, "min_samples_leaf": 2, "seed": 7})
+    grown = _fit_forest(x, y, stage, trees_per_update=5)
+    whole = RandomForestClassifier(n_estimators=23, min_samples_leaf=2, class_weight="balanced", n_jobs=-1,
+                                   random_state=7).fit(x, y)
+    assert len(grown.estimators_) == 23
+    assert all(np.array_equal(a.predict_proba(x), b.predict_proba(x))
+               for a, b in zip(grown.estimators_, whole.estimators_))
+    grown.n_jobs = whole.n_jobs = 1  # threads would add the trees' probabilities in the order they finish
+    assert np.array_equal(grown.predict_proba(x), whole.predict_proba(x))
+
+
 def test_missing_or_malformed_inputs_of_classify_and_filter_are_named(tmp_path):
     from phi1.errors import InputError, MissingInputError
 

@@ -32,7 +32,6 @@ def load_embeddings(folder: str | Path) -> tuple[list[str], np.ndarray]:
 
 
 def run(cfg: DictConfig) -> dict:
-    from sklearn.ensemble import RandomForestClassifier
     from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
     from sklearn.model_selection import train_test_split
 
@@ -65,9 +64,7 @@ def run(cfg: DictConfig) -> dict:
         raise InputError(f"{stage.annotations}: the labels are all {'high' if y[0] else 'low'}; nothing to learn")
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=stage.test_fraction, stratify=y,
                                                         random_state=stage.seed)
-    forest = RandomForestClassifier(n_estimators=stage.n_estimators, min_samples_leaf=stage.min_samples_leaf,
-                                    class_weight="balanced", n_jobs=-1, random_state=stage.seed)
-    forest.fit(x_train, y_train)
+    forest = _fit_forest(x_train, y_train, stage)
     proba = forest.predict_proba(x_test)[:, 1]
     precision, recall, f1, _ = precision_recall_fscore_support(y_test, proba >= 0.5, average="binary",
                                                                zero_division=0)
@@ -86,6 +83,29 @@ def run(cfg: DictConfig) -> dict:
     log.info("classify: %s; the test split's scores; metrics.json and curves.png in %s",
              ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), out)
     return metrics
+
+
+def _fit_forest(x, y, stage, trees_per_update: int = 10):
+    """The forest grown a few trees at a time (warm_start), with a progress bar: at the paper's scale (80K
+    training embeddings of 1024 dimensions) a tree takes ~1.6 s on 2 cores, 300 trees ~8 minutes. The same
+    forest as one fit: sklearn draws the seeds of the trees already grown before seeding new ones."""
+    import warnings
+
+    from sklearn.ensemble import RandomForestClassifier
+    from tqdm.auto import tqdm
+
+    forest = RandomForestClassifier(n_estimators=0, min_samples_leaf=stage.min_samples_leaf, class_weight="balanced",
+                                    n_jobs=-1, random_state=stage.seed, warm_start=True)
+    with tqdm(total=stage.n_estimators, desc="classify", unit="tree", dynamic_ncols=True) as bar, \
+            warnings.catch_warnings():
+        # sklearn warns that class_weight="balanced" weighs each warm start's data alone: here it is the same data.
+        warnings.filterwarnings("ignore", message=".*class_weight presets.*", category=UserWarning)
+        while forest.n_estimators < stage.n_estimators:
+            forest.n_estimators = min(forest.n_estimators + trees_per_update, stage.n_estimators)
+            forest.fit(x, y)
+            bar.update(forest.n_estimators - bar.n)
+    forest.warm_start = False
+    return forest
 
 
 def _plot(y_test, proba, metrics: dict, path: Path) -> None:
