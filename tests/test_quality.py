@@ -78,6 +78,58 @@ def test_embed_stage_writes_a_memory_map_and_resumes_after_a_kill(tmp_path, monk
         run(cfg(tmp_path, "stage=embed", f"stage.source={STDLIB}", "stage.max_tokens=64"))
 
 
+def test_embed_in_shards_gives_the_rows_of_one_run_and_classify_reads_them_together(tmp_path, monkeypatch):
+    """num_shards=3: shard 1 embedded alone (a Slurm job), then the rest here; the stacked shards hold the
+    unsharded run's ids and rows. A missing shard is named; stages that do not shard refuse num_shards."""
+    from phi1.config import ConfigError
+    from phi1.errors import MissingInputError
+    from phi1.quality import embed
+
+    code = tmp_path / "code"
+    code.mkdir()
+    for i in range(12):
+        (code / f"m{i:02d}.py").write_text(f"def f{i}(x):\n    return x * {i} + {'1' * (i + 1)}\n" * (1 + i % 4))
+    source = f"stage.source={{name: code, kind: dir, path: '{code}'}}"
+    one = run(cfg(tmp_path, "stage=embed", source, "stage.output=" + str(tmp_path / "one")))
+    sharded = ["stage=embed", source, f"stage.output={tmp_path / 'three'}", "num_shards=3"]
+    run(cfg(tmp_path, *sharded, "shard=1"))
+    with pytest.raises(MissingInputError, match=r"three: shards \[0, 2\] of 3 not embedded"):
+        embed.load(tmp_path / "three")
+    first = (tmp_path / "three" / "shards-3" / "00001" / "embeddings.npy").stat().st_mtime_ns
+    assert run(cfg(tmp_path, *sharded))["documents"] == one["documents"] == 12
+    assert (tmp_path / "three" / "shards-3" / "00001" / "embeddings.npy").stat().st_mtime_ns == first  # not redone
+    ids_one, rows_one = embed.load(tmp_path / "one")
+    ids_three, rows_three = embed.load(tmp_path / "three")
+    assert ids_three == ids_one and len(rows_three) == 12 and [len(a) for a in rows_three.arrays] == [4, 4, 4]
+    # Other batches pad to other lengths: the rows agree to float16's precision, not to the bit.
+    assert np.allclose(rows_three.rows(range(12)), rows_one.rows(range(12)), atol=2e-3)
+    picked = [11, 0, 5, 4, 7]  # across shard boundaries, in any order
+    assert np.array_equal(rows_three.rows(picked), np.concatenate(list(rows_three.chunks(5)))[picked])
+    with pytest.raises(ConfigError, match="stage=classify is not sharded"):
+        run(cfg(tmp_path, "stage=classify", "num_shards=2"))
+
+
+def test_classify_and_filter_read_sharded_embeddings_as_one_folder(tmp_path):
+    """The same embeddings in one folder and in 3 shard folders: the same forest metrics, the same kept set."""
+    folder, annotations, src, _ = _fake_inputs(tmp_path)
+    x, ids = np.load(folder / "embeddings.npy"), (folder / "ids.txt").read_text().splitlines()
+    for k, (a, b) in enumerate([(0, 150), (150, 151), (151, 400)]):
+        part = tmp_path / "sharded" / "shards-3" / f"{k:05d}"
+        part.mkdir(parents=True)
+        np.save(part / "embeddings.npy", x[a:b])
+        (part / "ids.txt").write_text("".join(i + "\n" for i in ids[a:b]))
+        (part / "progress.json").write_text(json.dumps({"model": "fake", "done": b - a}))
+    kept = {}
+    for name, embeddings in (("one", folder), ("sharded", tmp_path / "sharded")):
+        common = [f"stage.embeddings={embeddings}", f"stage.classifier={tmp_path}/clf-{name}"]
+        metrics = run(cfg(tmp_path, "stage=classify", f"stage.annotations={annotations}", "stage.n_estimators=20",
+                          *common[:1], f"stage.output={tmp_path}/clf-{name}"))
+        summary = run(cfg(tmp_path, "stage=filter", f"stage.source={{name: docs, kind: jsonl, path: '{src}'}}",
+                          *common, f"stage.output={tmp_path}/out-{name}"))
+        kept[name] = (metrics, open(summary["output"]).read())
+    assert kept["one"] == kept["sharded"] and kept["one"][1].count("\n") > 100
+
+
 def _fake_inputs(tmp_path, n=400, dim=16, seed=0):
     """Embeddings where 'high' documents lie along one direction: a forest must find it."""
     rng = np.random.default_rng(seed)

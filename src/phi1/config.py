@@ -500,8 +500,8 @@ class PrepareConfig:
     # What stage=pack packs, and with which tokenizer (the same groups as train.py's).
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    # Sharded stages (pack, filter): this process does shard `shard` of `num_shards`, or every shard when
-    # null (pack: finished shards are skipped, then all are merged).
+    # Sharded stages (pack, embed, filter; phi1.stages.SHARDED): this process does shard `shard` of
+    # `num_shards`, or every shard when null (finished shards are skipped; pack then merges them).
     shard: Optional[int] = None
     num_shards: int = 1
     run_name: str = MISSING

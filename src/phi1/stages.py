@@ -21,10 +21,19 @@ STAGES = {
 }
 
 
+# The stages that split their corpus into `num_shards` slices, one process (or Slurm job) each.
+SHARDED = ("pack", "embed", "filter")
+
+
 def run(cfg: DictConfig):
     name = cfg.stage.name
     if name not in STAGES:
         raise ConfigError(f"stage={name}: unknown stage (known: {', '.join(STAGES)})")
+    check([("num_shards", cfg.num_shards >= 1, "must be >= 1"),
+           ("shard", cfg.shard is None or 0 <= cfg.shard < cfg.num_shards,
+            f"must be in [0, num_shards={cfg.num_shards})"),
+           ("num_shards", cfg.num_shards == 1 or name in SHARDED,
+            f"stage={name} is not sharded (sharded: {', '.join(SHARDED)}); it would do the whole job in each shard")])
     for key in ("source", "train"):  # the stages' SourceConfigs: checked as data.sources are
         if key in cfg.stage:
             check(source_checks(f"stage.{key}", cfg.stage[key]))

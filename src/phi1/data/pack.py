@@ -111,10 +111,7 @@ def run(cfg: DictConfig) -> Path | None:
     """`prepare.py stage=pack [shard=k] [num_shards=n]`: one shard, or all of them and the merge."""
     from phi1.config import check, data_checks
 
-    check(data_checks(cfg) + [
-        ("num_shards", cfg.num_shards >= 1, "must be >= 1"),
-        ("shard", cfg.shard is None or 0 <= cfg.shard < cfg.num_shards, f"must be in [0, num_shards={cfg.num_shards})"),
-    ])
+    check(data_checks(cfg))  # shard and num_shards: phi1.stages
     require_sources(cfg)
     tokenizer_dir = tokenizers.ensure(cfg)
     if cfg.shard is not None:

@@ -16,19 +16,9 @@ from omegaconf import DictConfig
 from phi1 import environment
 from phi1.config import check
 from phi1.errors import InputError, MissingInputError
+from phi1.quality import embed
 
 log = logging.getLogger(__name__)
-
-
-def load_embeddings(folder: str | Path) -> tuple[list[str], np.ndarray]:
-    folder = Path(folder)
-    if not (folder / "embeddings.npy").exists():
-        raise MissingInputError(f"{folder}: no embeddings.npy (run prepare.py stage=embed first)")
-    progress = json.loads((folder / "progress.json").read_text())
-    ids = (folder / "ids.txt").read_text().splitlines()
-    if progress["done"] != len(ids):
-        raise InputError(f"{folder}: embeddings incomplete ({progress['done']} of {len(ids)}); rerun the embed stage")
-    return ids, np.load(folder / "embeddings.npy", mmap_mode="r")
 
 
 def run(cfg: DictConfig) -> dict:
@@ -41,7 +31,7 @@ def run(cfg: DictConfig) -> dict:
            ("stage.min_samples_leaf", stage.min_samples_leaf > 0, "must be > 0")])
     out = Path(stage.output)
     out.mkdir(parents=True, exist_ok=True)
-    ids, embeddings = load_embeddings(stage.embeddings)
+    ids, embeddings = embed.load(stage.embeddings)
     row = {doc_id: i for i, doc_id in enumerate(ids)}
     annotations = Path(stage.annotations)
     if not annotations.is_file():
@@ -58,7 +48,7 @@ def run(cfg: DictConfig) -> dict:
     known = [doc_id for doc_id in labels if doc_id in row]
     if len(known) < len(labels):
         log.warning("classify: %d annotated documents have no embedding", len(labels) - len(known))
-    x = np.asarray(embeddings[[row[d] for d in known]], dtype=np.float32)
+    x = embeddings.rows([row[d] for d in known])
     y = np.array([labels[d] == "high" for d in known])
     if len(set(y)) < 2:
         raise InputError(f"{stage.annotations}: the labels are all {'high' if y[0] else 'low'}; nothing to learn")

