@@ -107,6 +107,8 @@ def test_embed_in_shards_gives_the_rows_of_one_run_and_classify_reads_them_toget
     assert np.array_equal(rows_three.rows(picked), np.concatenate(list(rows_three.chunks(5)))[picked])
     with pytest.raises(ConfigError, match="stage=classify is not sharded"):
         run(cfg(tmp_path, "stage=classify", "num_shards=2"))
+    with pytest.raises(ConfigError, match="^stage.source.limit: cannot be used with num_shards > 1"):
+        run(cfg(tmp_path, "stage=embed", f"stage.source={STDLIB}", "num_shards=2"))  # 60 per shard, not 60
 
 
 def test_classify_and_filter_read_sharded_embeddings_as_one_folder(tmp_path):

@@ -37,4 +37,10 @@ def run(cfg: DictConfig):
     for key in ("source", "train"):  # the stages' SourceConfigs: checked as data.sources are
         if key in cfg.stage:
             check(source_checks(f"stage.{key}", cfg.stage[key]))
+    if cfg.num_shards > 1 and name != "pack":  # pack's merge keeps the first N of the shards it joins
+        # `limit` takes the first N documents of a source; a shard reads its own slice of the files and cannot know
+        # how many came before it, so each shard would take N of its own (n × N in all, other documents).
+        source = cfg.stage.get("source")
+        check([("stage.source.limit", source is None or source.limit is None, "cannot be used with num_shards > 1: "
+                "each shard would take the first N of its own slice; limit the corpus another way (a smaller folder)")])
     return importlib.import_module(STAGES[name]).run(cfg)
