@@ -130,6 +130,14 @@ def test_classify_and_filter_read_sharded_embeddings_as_one_folder(tmp_path):
                           *common, f"stage.output={tmp_path}/out-{name}"))
         kept[name] = (metrics, open(summary["output"]).read())
     assert kept["one"] == kept["sharded"] and kept["one"][1].count("\n") > 100
+    from phi1.errors import InputError
+
+    src.write_text(src.read_text() + json.dumps({"id": "new", "text": "never embedded"}) + "\n")
+    with pytest.raises(InputError, match=r"^docs:new: not in .*sharded; embed the same source first"):
+        run(cfg(tmp_path, "stage=filter", f"stage.source={{name: docs, kind: jsonl, path: '{src}'}}",
+                f"stage.embeddings={tmp_path}/sharded", f"stage.classifier={tmp_path}/clf-sharded",
+                f"stage.output={tmp_path}/out-new"))
+    assert not list((tmp_path / "out-new").glob("*.jsonl"))  # nothing half-written
 
 
 def _fake_inputs(tmp_path, n=400, dim=16, seed=0):

@@ -66,7 +66,8 @@ def _write_shard(stage, shard: int, num_shards: int, position: dict, scores, kee
         for doc_id, text in sources.documents(stage.source, shard=shard, num_shards=num_shards):
             i = position.get(doc_id)
             if i is None:
-                raise InputError(f"{doc_id}: not in {stage.embeddings}; embed the same source first")
+                raise InputError(f"{doc_id}: not in {stage.embeddings}; embed the same source first (a hub source "
+                                 "streamed without id_field numbers its rows per shard: use embed's num_shards)")
             in_shard += 1
             if not keep[i]:
                 continue
