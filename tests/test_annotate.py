@@ -76,6 +76,33 @@ def test_heuristic_annotation_of_the_stdlib_is_seeded_and_resumable(tmp_path):
     assert other_ids != {r["id"] for r in rows}
 
 
+def test_the_sample_is_drawn_in_one_pass_and_kept_for_the_paid_run_and_its_resumes(tmp_path, monkeypatch):
+    """Sampling reads the whole source (The Stack from the hub: hours): the dry run's sample serves the runs after
+    it without another pass; a source that changed, another n or another seed is sampled again."""
+    import phi1.data.sources
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"id": f"d{i}", "text": ALGORITHM.replace("target", f"t{i}")}) + "\n"
+                           for i in range(50)))
+    args = [f"stage.source={{name: docs, kind: jsonl, path: '{src}'}}", "stage.n=10"]
+    first = run(prepare_cfg(tmp_path, *args))
+    out = tmp_path / "annotations" / "docs-heuristic.jsonl"
+    cache = tmp_path / "annotations" / "docs-heuristic.sample.jsonl"
+    head = json.loads(cache.read_text().splitlines()[0])
+    assert (head["sampled"], head["read"], head["n"], head["seed"]) == (10, 50, 10, 0)
+    real = phi1.data.sources.documents
+    monkeypatch.setattr(phi1.data.sources, "documents", lambda *a, **k: pytest.fail("the source was read again"))
+    assert run(prepare_cfg(tmp_path, *args))["new"] == 0 and out.read_text().count("\n") == first["annotated"]
+    monkeypatch.setattr(phi1.data.sources, "documents", real)
+    with open(src, "a") as f:  # the source changed: its fingerprint (sizes, mtimes) with it
+        f.write(json.dumps({"id": "d50", "text": CONFIGURATION}) + "\n")
+    run(prepare_cfg(tmp_path, *args))
+    assert json.loads(cache.read_text().splitlines()[0])["read"] == 51
+    fresh = run(prepare_cfg(tmp_path / "fresh", *args))  # the same draw as sampling anew
+    assert cache.read_text() == (tmp_path / "fresh" / "annotations" / "docs-heuristic.sample.jsonl").read_text()
+    assert fresh["sampled"] == 10
+
+
 def test_a_rerun_relabels_at_its_threshold_and_refuses_another_judges_rows(tmp_path):
     """A label is a function of the score: a rerun at another stage.label_threshold relabels the whole file
     (it kept the old labels and added rows under the new threshold: two thresholds in one file). Rows judged by

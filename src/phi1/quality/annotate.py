@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 from phi1.config import check
 from phi1.data import sources
@@ -22,17 +23,35 @@ from phi1.quality.judges import HeuristicJudge, LLMJudge, label
 log = logging.getLogger(__name__)
 
 
-def sample(source, n: int, seed: int) -> list[tuple[str, str]]:
-    """n documents drawn uniformly in one pass (reservoir sampling, seeded), in source order."""
+def sample(source, n: int, seed: int, cache: Path | None = None) -> list[tuple[str, str]]:
+    """n documents drawn uniformly in one pass (reservoir sampling, seeded), in source order. The pass reads the
+    whole source (The Stack streamed from the hub: hours), so the sample is kept in `cache`, headed by what it
+    was drawn from (the source's fingerprint, n, seed): the dry run's pass serves the paid run and its resumes."""
+    key = {"source": sources.fingerprint(source), "n": n, "seed": seed}
+    if cache is not None and cache.exists():
+        with open(cache) as f:
+            head = json.loads(f.readline())
+            if {k: head.get(k) for k in key} == key:
+                log.info("annotate: the sample of %d documents (of %d) from %s", head["sampled"], head["read"], cache)
+                return [tuple(json.loads(line)) for line in f]
     rng = random.Random(seed)
     reservoir: list[tuple[int, str, str]] = []
-    for i, (doc_id, text) in enumerate(sources.documents(source)):
+    i = -1
+    for i, (doc_id, text) in enumerate(tqdm(sources.documents(source), desc="annotate: sampling", unit="doc",
+                                            dynamic_ncols=True)):
         item = (i, doc_id, text)
         if len(reservoir) < n:
             reservoir.append(item)
         elif (j := rng.randint(0, i)) < n:
             reservoir[j] = item
-    return [(doc_id, text) for _, doc_id, text in sorted(reservoir)]
+    docs = [(doc_id, text) for _, doc_id, text in sorted(reservoir)]
+    if cache is not None:
+        tmp = cache.with_name(cache.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps({**key, "sampled": len(docs), "read": i + 1}) + "\n")
+            f.writelines(json.dumps(d) + "\n" for d in docs)
+        tmp.replace(cache)
+    return docs
 
 
 def written(out: Path, judge, threshold: int) -> list[dict]:
@@ -89,7 +108,7 @@ def run(cfg: DictConfig) -> dict:
         judge = LLMJudge(llm, stage.prompt_version, stage.max_chars)
     rows = written(out, judge, stage.label_threshold)
     done = {r["id"] for r in rows}
-    docs = sample(stage.source, stage.n, stage.seed)
+    docs = sample(stage.source, stage.n, stage.seed, cache=out.with_name(out.stem + ".sample.jsonl"))
     todo = [(i, t) for i, t in docs if i not in done]
     log.info("annotate: %d documents sampled from %s, %d already in %s, %d to judge",
              len(docs), stage.source.name, len(docs) - len(todo), out, len(todo))
