@@ -205,6 +205,11 @@ def test_missing_or_malformed_inputs_of_classify_and_filter_are_named(tmp_path):
     annotations.write_text("\n".join([lines[0], '{"id": "docs:doc1"}', *lines[2:]]) + "\n")
     with pytest.raises(InputError, match=r"ann.jsonl:2: KeyError: 'label' \(expected a JSON object with id and"):
         run(cfg(tmp_path, *classify, f"stage.annotations={annotations}"))
+    other = tmp_path / "other.jsonl"  # annotations of another source: no id in common with the embeddings
+    other.write_text('{"id": "stdlib:os.py", "label": "high"}\n{"id": "stdlib:re.py", "label": "low"}\n')
+    with pytest.raises(InputError, match=r"other.jsonl: none of its 2 documents has an embedding in .*emb \(ids such "
+                                         r"as 'stdlib:os.py' vs 'docs:doc0'\); annotate and embed the same source"):
+        run(cfg(tmp_path, *classify, f"stage.annotations={other}"))
     with pytest.raises(MissingInputError, match=r"classifier.joblib: no classifier \(run prepare.py stage=classify"):
         run(cfg(tmp_path, "stage=filter", f"stage.source={{name: docs, kind: jsonl, path: '{src}'}}",
                 f"stage.embeddings={folder}", f"stage.classifier={tmp_path}/clf", f"stage.output={tmp_path}/out"))

@@ -46,6 +46,10 @@ def run(cfg: DictConfig) -> dict:
                 raise InputError(f"{annotations}:{line_no}: {type(e).__name__}: {e} (expected a JSON object with"
                                  " id and label)") from e
     known = [doc_id for doc_id in labels if doc_id in row]
+    if not known:
+        raise InputError(f"{annotations}: none of its {len(labels)} documents has an embedding in {stage.embeddings} "
+                         f"(ids such as {next(iter(labels), None)!r} vs {ids[0] if ids else None!r}); annotate and "
+                         "embed the same source")
     if len(known) < len(labels):
         log.warning("classify: %d annotated documents have no embedding", len(labels) - len(known))
     x = embeddings.rows([row[d] for d in known])
