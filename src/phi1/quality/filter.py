@@ -16,6 +16,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 from phi1 import environment
 from phi1.config import ConfigError, check
@@ -40,7 +41,12 @@ def run(cfg: DictConfig) -> dict:
         raise MissingInputError(f"{classifier}: no classifier (run prepare.py stage=classify first)")
     forest = joblib.load(classifier)
     # Scores for the whole corpus are needed for a top fraction; they are small (8 bytes a document).
-    scores = np.concatenate([forest.predict_proba(chunk)[:, 1] for chunk in embeddings.chunks(65536)])
+    scores = []
+    with tqdm(total=len(embeddings), desc="filter: scoring", unit="doc", dynamic_ncols=True) as bar:
+        for chunk in embeddings.chunks(65536):
+            scores.append(forest.predict_proba(chunk)[:, 1])
+            bar.update(len(chunk))
+    scores = np.concatenate(scores)
     if stage.threshold is not None:
         keep, cut = scores >= stage.threshold, stage.threshold
     else:
@@ -63,7 +69,9 @@ def _write_shard(stage, shard: int, num_shards: int, position: dict, scores, kee
     name = f"filtered-{shard:05d}-of-{num_shards:05d}.jsonl"
     kept = in_shard = 0
     with open(out / f"{name}.tmp", "w") as f:
-        for doc_id, text in sources.documents(stage.source, shard=shard, num_shards=num_shards):
+        docs = sources.documents(stage.source, shard=shard, num_shards=num_shards)
+        for doc_id, text in tqdm(docs, desc=f"filter: shard {shard} of {num_shards}", unit="doc", dynamic_ncols=True,
+                                 total=len(position) if num_shards == 1 else None):
             i = position.get(doc_id)
             if i is None:
                 raise InputError(f"{doc_id}: not in {stage.embeddings}; embed the same source first (a hub source "
