@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONF
 from phi1.config import SourceConfig
+from phi1.errors import InputError
 from phi1.data.sources import documents
 from phi1.quality.embed import embed_texts, load_encoder
 from phi1.stages import run
@@ -138,6 +139,35 @@ def test_classify_and_filter_read_sharded_embeddings_as_one_folder(tmp_path):
                 f"stage.embeddings={tmp_path}/sharded", f"stage.classifier={tmp_path}/clf-sharded",
                 f"stage.output={tmp_path}/out-new"))
     assert not list((tmp_path / "out-new").glob("*.jsonl"))  # nothing half-written
+
+
+def test_an_embed_rerun_reads_its_ids_instead_of_another_pass_and_checks_them_against_the_texts(tmp_path,
+                                                                                                monkeypatch):
+    """The ids pass reads the whole source (The Stack from the hub: hours): a finished rerun makes none, a resume
+    only the texts' pass, which finds a source that changed under the embeddings."""
+    import phi1.data.sources
+
+    code = tmp_path / "code"
+    code.mkdir()
+    for i in range(10):
+        (code / f"m{i}.py").write_text(f"x = {i}\n")
+    c = cfg(tmp_path, "stage=embed", f"stage.source={{name: code, kind: dir, path: '{code}'}}", "stage.batch_size=4")
+    run(c)
+    out = tmp_path / "embeddings" / "code"
+    whole = np.load(out / "embeddings.npy")
+    real, passes = phi1.data.sources.documents, []
+    monkeypatch.setattr(phi1.data.sources, "documents", lambda *a, **k: passes.append(1) or real(*a, **k))
+    assert run(c)["documents"] == 10 and passes == []  # finished: no pass at all
+    progress = json.loads((out / "progress.json").read_text())
+    (out / "progress.json").write_text(json.dumps({**progress, "done": 4}))  # killed after the first batch
+    run(c)
+    assert passes == [1] and np.array_equal(np.load(out / "embeddings.npy"), whole)
+    (out / "progress.json").write_text(json.dumps({**progress, "done": 4}))
+    (code / "m05.py").write_text("y = 5\n")  # a file added, the fingerprint kept (as a hub dataset's would be)
+    monkeypatch.setattr(phi1.data.sources, "fingerprint", lambda source: progress["source"])
+    with pytest.raises(InputError, match=r"^code: document 1 is 'code:m05.py', where .*ids.txt has 'code:m1.py': the "
+                                         r"source changed under the embeddings"):  # files are read in sorted order
+        run(c)
 
 
 def _fake_inputs(tmp_path, n=400, dim=16, seed=0):

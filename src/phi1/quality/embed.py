@@ -159,24 +159,34 @@ def run(cfg: DictConfig) -> dict:
 def _embed(stage, out: Path, shard: int, num_shards: int) -> dict:
     """Embed slice `shard` of `num_shards` of the source into `out`, resuming what a killed run left."""
     out.mkdir(parents=True, exist_ok=True)
-    # Two streaming passes, so memory stays flat in corpus size: ids (to size the array), then texts.
-    ids = [doc_id for doc_id, _ in sources.documents(stage.source, shard=shard, num_shards=num_shards)]
     progress_path = out / "progress.json"
     ids_path = out / "ids.txt"
+    progress = json.loads(progress_path.read_text()) if progress_path.exists() else None
+    other = InputError(f"{out} holds embeddings of other documents, another model or another max_tokens "
+                       f"({progress_path}); delete the folder to redo, or set stage.output elsewhere")
+    # max_tokens cuts each document: embeddings made with another cut are other embeddings.
+    if progress and (progress["model"], progress.get("max_tokens", stage.max_tokens)) != (stage.model,
+                                                                                         stage.max_tokens):
+        raise other
+    # Two streaming passes, so memory stays flat in corpus size: ids (to size the array), then texts. A rerun of
+    # the same source (its fingerprint: files, sizes, mtimes; a hub dataset's coordinates) reads the ids it wrote
+    # instead of another pass (The Stack from the hub: hours); the texts' pass checks each id against them.
+    fingerprint = sources.fingerprint(stage.source)
+    if progress and progress.get("source") == fingerprint:
+        ids = ids_path.read_text().splitlines()
+    else:
+        ids = [doc_id for doc_id, _ in sources.documents(stage.source, shard=shard, num_shards=num_shards)]
+        if progress and ids_path.read_text().splitlines() != ids:
+            raise other
     if not ids:  # a slice without documents (a source of fewer files than shards): done, with no array
         ids_path.write_text("")
-        progress_path.write_text(json.dumps({"model": stage.model, "max_tokens": stage.max_tokens, "done": 0}))
+        progress_path.write_text(json.dumps({"model": stage.model, "max_tokens": stage.max_tokens, "done": 0,
+                                             "source": fingerprint}))
         return {"documents": 0, "dim": None, "output": str(out)}
-    done = 0
-    if progress_path.exists():
-        progress = json.loads(progress_path.read_text())
-        # max_tokens cuts each document: embeddings made with another cut are other embeddings.
-        if (progress["model"], progress.get("max_tokens", stage.max_tokens)) != (stage.model, stage.max_tokens) \
-                or ids_path.read_text().splitlines() != ids:
-            raise InputError(f"{out} holds embeddings of other documents, another model or another max_tokens "
-                             f"({progress_path}); delete the folder to redo, or set stage.output elsewhere")
-        done = progress["done"]
+    done = progress["done"] if progress else 0
     if done == len(ids):
+        if progress.get("source") != fingerprint:  # ids checked by a pass: the next rerun need not make one
+            progress_path.write_text(json.dumps({**progress, "source": fingerprint}))
         log.info("embed: %s already holds the %d embeddings", out, done)
         return {"documents": len(ids), "dim": int(np.load(out / "embeddings.npy", mmap_mode="r").shape[1]),
                 "output": str(out)}
@@ -196,12 +206,17 @@ def _embed(stage, out: Path, shard: int, num_shards: int) -> dict:
         array[start : start + len(texts)] = embed_texts(model, tokenizer, texts, stage.max_tokens)
         array.flush()
         progress_path.write_text(json.dumps({"model": stage.model, "max_tokens": stage.max_tokens,
-                                             "done": start + len(texts)}))
+                                             "done": start + len(texts), "source": fingerprint}))
         bar.update(len(texts))
 
     with tqdm(total=len(ids), initial=done, desc="embed", unit="doc", dynamic_ncols=True) as bar:
         batch, start = [], done
-        for i, (_, text) in enumerate(sources.documents(stage.source, shard=shard, num_shards=num_shards)):
+        changed = f"the source changed under the embeddings in {out}; delete the folder to redo"
+        i = -1
+        for i, (doc_id, text) in enumerate(sources.documents(stage.source, shard=shard, num_shards=num_shards)):
+            if i >= len(ids) or doc_id != ids[i]:
+                raise InputError(f"{stage.source.name}: document {i} is {doc_id!r}, where {ids_path} has "
+                                 f"{ids[i] if i < len(ids) else 'no more'!r}: {changed}")
             if i < done:
                 continue
             batch.append(text)
@@ -210,5 +225,7 @@ def _embed(stage, out: Path, shard: int, num_shards: int) -> dict:
                 batch, start = [], i + 1
         if batch:
             write(start, batch)
+        if i + 1 != len(ids):
+            raise InputError(f"{stage.source.name}: {i + 1} documents, where {ids_path} has {len(ids)}: {changed}")
     log.info("embed: %d × %d float16 embeddings from %s -> %s", len(ids), dim, stage.model, array_path)
     return {"documents": len(ids), "dim": dim, "output": str(out)}
