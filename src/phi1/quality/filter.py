@@ -4,8 +4,8 @@ threshold (or the top fraction) are kept, written as documents JSONL ({"id", "te
 the scores. `shard=k num_shards=n` writes the documents of the source's k-th slice (phi1.data.sources' shards,
 as embed's), for clusters (without `shard`, every shard here): each shard streams only its slice of the corpus
 and writes its own file, and the files together are the source (`filtered/*.jsonl`). Each shard scores the
-whole corpus, which a top fraction needs (~0.5 h on 2 cores for The Stack's ~35M files and 300 trees, minutes
-on a node); streaming the corpus is what takes hours."""
+whole corpus, which a top fraction needs (~0.5 h on 2 cores for The Stack's ~35M files and 300 trees,
+extrapolated from 65,536 rows; minutes on a node); streaming the corpus is what takes hours."""
 
 from __future__ import annotations
 
