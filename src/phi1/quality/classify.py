@@ -82,8 +82,8 @@ def run(cfg: DictConfig) -> dict:
 def _fit_forest(x, y, stage, trees_per_update: int = 10):
     """The forest grown a few trees at a time (warm_start), with a progress bar: at the paper's scale (80K
     training embeddings of 1024 dimensions; random ones measured) a tree takes ~1.6 s on 2 cores, 300 trees
-    ~8 minutes. The same
-    forest as one fit: sklearn draws the seeds of the trees already grown before seeding new ones."""
+    ~8 minutes. The same forest as one fit: sklearn draws the seeds of the trees already grown before seeding
+    new ones."""
     import warnings
 
     from sklearn.ensemble import RandomForestClassifier
