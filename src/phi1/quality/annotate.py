@@ -46,12 +46,16 @@ def sample(source, n: int, seed: int, cache: Path | None = None) -> list[tuple[s
             reservoir[j] = item
     docs = [(doc_id, text) for _, doc_id, text in sorted(reservoir)]
     if cache is not None:
-        tmp = cache.with_name(cache.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(json.dumps({**key, "sampled": len(docs), "read": i + 1}) + "\n")
-            f.writelines(json.dumps(d) + "\n" for d in docs)
-        tmp.replace(cache)
+        _write_jsonl(cache, [{**key, "sampled": len(docs), "read": i + 1}, *docs])
     return docs
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    """Whole, under a temporary name then renamed: a kill leaves the previous file, never a cut line."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    tmp.replace(path)
 
 
 def written(out: Path, judge, threshold: int) -> list[dict]:
@@ -124,10 +128,7 @@ def run(cfg: DictConfig) -> dict:
     rows += [{"id": doc_id, "label": label(j.score, stage.label_threshold), "score": j.score,
               "rationale": j.rationale, "judge": judge.name, "prompt_version": judge.prompt_version}
              for doc_id, _ in todo if (j := judgements.get(doc_id)) is not None]
-    # Whole, under a temporary name then renamed: a kill leaves the previous file, never a cut line.
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(out)
+    _write_jsonl(out, rows)
     summary = {
         "output": str(out), "annotated": len(rows), "sampled": len(docs), "new": len(judgements),
         "unanswered": len(todo) - len(judgements), "labels": dict(Counter(r["label"] for r in rows)),
