@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -657,6 +658,61 @@ def test_report_places_wandb_runs_like_run_dirs(monkeypatch):
     assert (run.name, run.get("data.name"), run.metrics, run.where) == (
         "scaling-phi-1-26b-stack", "stack", {"eval/humaneval/pass@1": 0.125}, "wandb:me/phi1/abc123")
     assert run.environments == [{"python": "3.11.9", "packages": {"torch": "2.13.0"}}]
+
+
+def test_report_draws_the_losses_of_wandb_runs_from_their_history(tmp_path, monkeypatch, caplog):
+    """A W&B run has no CSV logs here: its curves come from its history. A run preempted after step 5 and
+    resumed online from its step-3 checkpoint logged steps 4-5 again into the same W&B run; only the second
+    time counts, as with CSV segments. A history W&B cannot serve is named and that run's line left out."""
+    import types
+
+    import wandb
+
+    from phi1 import report
+
+    asked = []
+
+    def history(name, rows):
+        def scan_history(keys, **_):
+            asked.append((name, tuple(keys)))
+            if rows is None:
+                raise wandb.errors.CommError("502 Bad Gateway")
+            return [{"_step": i, **row} for i, row in enumerate(rows) if all(k in {"_step", *row} for k in keys)]
+        return scan_history
+
+    def train(s, v):
+        return {"trainer/global_step": s, "train/loss": v}
+
+    preempted = [train(s, 8 - 0.1 * s) for s in range(6)] + [{"trainer/global_step": 5, "val/loss": 7.9}]
+    preempted += [train(s, 7 - 0.1 * s) for s in range(4, 10)] + [{"trainer/global_step": 9, "val/loss": 6.5}]
+
+    def run(id, data, rows):
+        cfg = {"run_name": f"mini-tiny-{data}-s1", "experiment_name": "mini", "model": {"name": "tiny"},
+               "budget": {"name": "mini"}, "data": {"name": data, "seq_len": 256}, "batch": {"global_size": 32},
+               "seed": 1}
+        return types.SimpleNamespace(id=id, name=id, config={"cfg": cfg}, scan_history=history(id, rows),
+                                     summary={"eval/humaneval/solution_nll": 5.0, "tokens": 10 * 32 * 256})
+
+    class Api:
+        def runs(self, path, filters):
+            return [run("a1", "stdlib_filtered", preempted), run("b2", "stdlib", None)]
+
+    monkeypatch.setattr(wandb, "Api", Api)
+    (tmp_path / "outputs").mkdir()
+    cfg = OmegaConf.create({"runs_dir": str(tmp_path / "outputs"), "out": str(tmp_path / "report"),
+                            "decontaminate_dir": str(tmp_path / "none"), "wandb": "me/phi1"})
+    (a1, _) = report.wandb_runs("me/phi1")
+    assert a1.losses() == {"train/loss": [(s, pytest.approx(8 - 0.1 * s)) for s in range(4)]
+                           + [(s, pytest.approx(7 - 0.1 * s)) for s in range(4, 10)], "val/loss": [(9, 6.5)]}
+    assert ("a1", ("_step", "trainer/global_step", "val/loss")) in asked  # the full history, key by key
+    with caplog.at_level(logging.WARNING, logger=report.log.name):
+        result = report.report(cfg)
+    drawn = result["mini_fig2_1"]["curves"]["runs"]
+    assert list(drawn) == ["mini-tiny-stdlib_filtered-s1"]
+    assert (drawn["mini-tiny-stdlib_filtered-s1"]["train_points"], drawn["mini-tiny-stdlib_filtered-s1"]["val_points"],
+            drawn["mini-tiny-stdlib_filtered-s1"]["run"]) == (10, 1, "wandb:me/phi1/a1")
+    assert (tmp_path / "report" / "mini_fig2_1_curves.png").stat().st_size > 10_000
+    assert "wandb:me/phi1/b2: history unreadable (CommError: 502 Bad Gateway)" in caplog.text
 
 
 def test_wandb_without_a_key_is_named_not_a_traceback(tmp_path, monkeypatch):

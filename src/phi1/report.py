@@ -8,7 +8,7 @@ train.py and evaluate.py) and, with `wandb=<entity>/<project>`, the runs logged 
                       paper claims counted seed by seed
   fig2_1_curves.png   the training and validation loss of each of those runs against the tokens it has seen
                       since its pretraining began (a finetune continues its base run's line), from the runs'
-                      CSV logs
+                      CSV logs (or, for a W&B run, its history)
   emergence.{png,md}  phi-1-small / phi-1-base / phi-1 on HumanEval, MBPP, unconventional (experiment emergence)
   table2.{png,md}     Table 2: unconventional-problem score and HumanEval, the paper's other models beside
   emergence_problems.md  the same runs problem by problem (paper §3): what finetuning (phi-1 against
@@ -82,6 +82,16 @@ class Run:
     where: str  # a run directory, or wandb:<entity>/<project>/<id>
     dir: Path | None = None
     environments: list = field(default_factory=list)  # what it ran on (phi1.environment), oldest first
+    history: object = None  # a W&B run (wandb.apis.public.Run), whose history holds the losses
+
+    def losses(self) -> dict[str, list[tuple[int, float]]]:
+        """The logged train/loss and val/loss as [(step, value)]: from the run dir's CSV logs, or from the W&B
+        run's history (read when a figure asks for it: one request per loss per run)."""
+        if self.dir is not None:
+            return losses(self.dir)
+        if self.history is not None:
+            return wandb_losses(self.history, self.where)
+        return {key: [] for key in LOSSES}
 
     def get(self, dotted: str, default=None):
         node = self.config
@@ -130,7 +140,7 @@ def wandb_runs(path: str) -> list[Run]:
             metrics = {k: v for k, v in r.summary.items() if isinstance(v, (int, float))}
             env = r.config.get("environment")
             runs.append(Run(config.get("run_name", r.name), config, metrics, f"wandb:{path}/{r.id}",
-                            environments=[env] if isinstance(env, dict) else []))
+                            environments=[env] if isinstance(env, dict) else [], history=r))
     except wandb.errors.Error as e:  # no API key, no network, no such project: the user's to fix
         raise Phi1Error(f"wandb={path}: {e}") from e
     return runs
@@ -416,12 +426,25 @@ def _bars(path: Path, title: str, groups, labels, arms: dict, table: dict, show_
     plt.close(fig)
 
 
+LOSSES = ("train/loss", "val/loss")
+
+
+def _splice(curves: dict, rows: list[tuple[int, str, float]]) -> None:
+    """Add one segment's (step, key, value) rows to the curves. A segment replaces what the segments before it
+    logged from its first step on: the steps a killed run took past its last checkpoint were taken again, and
+    only the second time counts."""
+    if rows:
+        start = min(step for step, _, _ in rows)
+        for key in curves:
+            curves[key] = [point for point in curves[key] if point[0] < start]
+        for step, key, value in rows:
+            curves[key].append((step, value))
+
+
 def losses(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """A run's logged train/loss and val/loss as [(step, value)], from its CSV logs: one
-    csv/version_<k>/metrics.csv per segment (a resumed run starts a new version). A segment replaces what the
-    segments before it logged from its first step on: the steps a killed run took past its last checkpoint
-    were taken again, and only the second time counts."""
-    curves: dict[str, list[tuple[int, float]]] = {"train/loss": [], "val/loss": []}
+    csv/version_<k>/metrics.csv per segment (a resumed run starts a new version), spliced by `_splice`."""
+    curves: dict[str, list[tuple[int, float]]] = {key: [] for key in LOSSES}
     def version(path: Path) -> int:  # version_10 after version_9
         number = path.parent.name.removeprefix("version_")
         return int(number) if number.isdigit() else -1
@@ -434,12 +457,36 @@ def losses(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         except (OSError, ValueError, KeyError, TypeError, csv.Error) as e:  # a log cut short by a kill, say
             log.warning("%s: unreadable (%s: %s); its losses are left out of the curves", path, type(e).__name__, e)
             continue
-        if rows:
-            start = min(step for step, _, _ in rows)
-            for key in curves:
-                curves[key] = [point for point in curves[key] if point[0] < start]
-            for step, key, value in rows:
-                curves[key].append((step, value))
+        _splice(curves, rows)
+    return curves
+
+
+def wandb_losses(run, where: str) -> dict[str, list[tuple[int, float]]]:
+    """A W&B run's train/loss and val/loss as [(step, value)], from its full history (not `history()`, which
+    samples 500 rows). Lightning logs each row with `trainer/global_step`. A run resumed online logs into the
+    same W&B run (phi1.monitoring), so its history holds both segments in the order they ran: a new segment
+    begins where a loss's step goes back, and is spliced as a CSV segment is."""
+    import wandb
+
+    step = "trainer/global_step"
+    rows = []
+    try:
+        for key in LOSSES:
+            rows += [(int(row["_step"]), int(row[step]), key, float(row[key]))
+                     for row in run.scan_history(keys=["_step", step, key])]
+    except (wandb.errors.Error, ValueError, TypeError, KeyError) as e:
+        log.warning("%s: history unreadable (%s: %s); its losses are left out of the curves", where,
+                    type(e).__name__, e)
+        return {key: [] for key in LOSSES}
+    curves: dict[str, list[tuple[int, float]]] = {key: [] for key in LOSSES}
+    segment, last = [], {}
+    for _, s, key, value in sorted(rows):
+        if s <= last.get(key, -1):
+            _splice(curves, segment)
+            segment, last = [], {}
+        segment.append((s, key, value))
+        last[key] = s
+    _splice(curves, segment)
     return curves
 
 
@@ -468,7 +515,7 @@ def _curves(path: Path, experiment: str, groups, labels, arms: dict, cells: dict
     """Figure 2.1's runs as loss curves, one panel per (model, tokens) group, one colour per training data,
     one line per seed: the training loss (solid) and the validation loss (dashed, dots). Each run's loss is on
     its own data, so the levels of two colours are not comparable (HumanEval in fig2_1 is the common yardstick);
-    the shapes say whether a run converged, diverged or spiked. None when no run has CSV logs (W&B runs)."""
+    the shapes say whether a run converged, diverged or spiked. None when no run logged a loss."""
     by_name = {r.name: r for r in runs}
     drawn: dict[str, dict] = {}
     fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups) + 0.6, 4.2), squeeze=False)
@@ -476,7 +523,7 @@ def _curves(path: Path, experiment: str, groups, labels, arms: dict, cells: dict
         for i, arm in enumerate(arms):
             for r in _by_seed(cells.get((*group, arm), {})).values():
                 per_step = _tokens_per_step(r)
-                logged = losses(r.dir) if r.dir is not None and per_step else {}
+                logged = r.losses() if per_step else {}
                 if not any(logged.values()):
                     continue
                 start = _start_tokens(r, by_name)
