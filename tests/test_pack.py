@@ -360,8 +360,12 @@ def test_empty_sources_and_bad_parquet_are_clear_errors(small_cfg, tmp_path):
     with pytest.raises(SourceError, match=rf"{bad}: cannot read as Parquet"):
         _pack(small_cfg(f"data.sources=[{{name: p, kind: parquet, path: '{bad}'}}]"))
     rows = _jsonl(tmp_path / "short.jsonl", [{"id": i, "text": "x"} for i in range(5)])
+    cfg = small_cfg(f"data.sources=[{{name: s, kind: jsonl, path: '{rows}', min_chars: 10}}]")
     with pytest.raises(SourceError, match=r"yielded no documents \(\{'min_chars': 5\} filtered out\)"):
-        _pack(small_cfg(f"data.sources=[{{name: s, kind: jsonl, path: '{rows}', min_chars: 10}}]"))
+        _pack(cfg)
+    # Nothing is left behind: not the shard's build folder, nor the shards' folder it was the only one in.
+    packed = pack.location(cfg, tokenizers.ensure(cfg))
+    assert list(packed.parent.iterdir()) == []
 
 
 def test_training_refuses_a_pack_with_a_larger_vocabulary_than_the_model(small_cfg):

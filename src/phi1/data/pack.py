@@ -30,6 +30,7 @@ Output folder (written under a temporary name and renamed when complete):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -161,12 +162,17 @@ def pack_shard(cfg: DictConfig, tokenizer_dir: Path, shard: int, num_shards: int
         with _encoding(tokenizer_dir, tokenizer) as encode:
             return pack_shard(cfg, tokenizer_dir, shard, num_shards, directory, tokenizer, encode)
     dtype = _dtype(tokenizer)
-    with _build_dir(out) as tmp:
-        stats = [
-            _encode_source(source, j, encode, tokenizer[1], cfg.data, dtype, tmp, shard, num_shards)
-            for j, source in enumerate(cfg.data.sources)
-        ]
-        (tmp / "stats.json").write_text(json.dumps({"shard": shard, "num_shards": num_shards, "sources": stats}))
+    try:
+        with _build_dir(out) as tmp:
+            stats = [
+                _encode_source(source, j, encode, tokenizer[1], cfg.data, dtype, tmp, shard, num_shards)
+                for j, source in enumerate(cfg.data.sources)
+            ]
+            (tmp / "stats.json").write_text(json.dumps({"shard": shard, "num_shards": num_shards, "sources": stats}))
+    except BaseException:
+        with contextlib.suppress(OSError):  # the shards' folder, if this failed shard was its only content
+            out.parent.rmdir()
+        raise
     return out
 
 
