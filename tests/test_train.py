@@ -249,6 +249,11 @@ def test_sigterm_saves_the_step_in_progress_and_stops(uninterrupted, tmp_path, d
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step000004.ckpt"]
     assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 7
     assert not (tmp_path / "stopped" / "metrics.json").exists()
+    # Every step it took is in its log, the signalled one too: the resume starts at step 7, so a loss not
+    # logged before the stop would be a hole in the curve.
+    logged = column(read_csv(tmp_path / "stopped"), "train/loss")
+    assert sorted(logged) == list(range(7))
+    assert logged == {s: loss for s, loss in column(read_csv(uninterrupted), "train/loss").items() if s < 7}
     _resumes_to_the_uninterrupted_run(tmp_path / "stopped", uninterrupted, data_dir, 7)
 
 

@@ -135,6 +135,9 @@ class ModelCheckpoint(LightningModelCheckpoint):
                 self._save_last_checkpoint(trainer, candidates)
             else:
                 self._save_checkpoint(trainer, self.format_checkpoint_name(candidates))
+        # Lightning logs a step's metrics after its on_train_batch_end hooks, which this stop cuts short: without
+        # this, the loss of the step saved (the resume starts after it) would be a hole in the run's curves.
+        trainer._logger_connector.update_train_step_metrics()
         names = ", ".join(signal.Signals(s).name for s in self._received) or "a signal to another rank"
         self._pass_on_signals()
         raise SystemExit(f"stopped by {names} after step {trainer.global_step}, saved in {self.dirpath}: "
