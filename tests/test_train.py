@@ -606,13 +606,25 @@ def test_training_ends_with_an_evaluation(pretrained):
 
 def test_finetuning_keeps_and_exports_the_best_checkpoint(pretrained, small_cfg, tmp_path, monkeypatch):
     # Scripted scores at steps 4, 8, 12: the best is step 8, and the HF export must hold step 8's weights.
+    import wandb.sdk.wandb_summary
+
     seen = scripted_scores(monkeypatch, [0.1, 0.3, 0.2])
+    summaries, update = [], wandb.sdk.wandb_summary.Summary.update  # offline, W&B writes no summary file to read
+    monkeypatch.setattr(wandb.sdk.wandb_summary.Summary, "update",
+                        lambda self, d, *a, **k: (summaries.append(dict(d)), update(self, d, *a, **k))[1])
     run, _ = pretrained
     metrics = train(small_cfg(*FAST, "phase=finetune", f"init_from={run / 'checkpoints' / 'last.ckpt'}",
                               "optim=finetune", "budget.max_steps=12", "evaluation.every_n_steps=4",
                               "evaluation.allow_code_execution=true", "evaluation.keep_best=eval/humaneval/pass@1",
-                              "evaluation.generation.max_new_tokens=8", run_dir=tmp_path / "ft"))
+                              "evaluation.generation.max_new_tokens=8", "logger=wandb", run_dir=tmp_path / "ft"))
     assert metrics["eval/best"] == {"step": 8, "eval/humaneval/pass@1": 0.3}
+    # The run's numbers are those of the model it kept and exported; the last evaluation's are kept beside them.
+    history = json.loads((tmp_path / "ft" / "eval" / "history.json").read_text())
+    assert metrics["eval/humaneval/pass@1"] == 0.3 and metrics["eval/last"]["eval/humaneval/pass@1"] == 0.2
+    assert metrics["eval/humaneval/solution_nll"] == history[1]["eval/humaneval/solution_nll"]
+    assert metrics["eval/last"] == history[2] and history[1]["step"] == 8
+    # W&B's run table shows the summary, which was the last evaluation's: now the kept checkpoint's.
+    assert {"eval/humaneval/pass@1": 0.3, "eval/best_step": 8}.items() <= summaries[-1].items()
     best = torch.load(tmp_path / "ft" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     assert best["global_step"] == 8
     from transformers import AutoModelForCausalLM

@@ -276,6 +276,12 @@ def train(cfg: DictConfig) -> dict:
                     "python evaluate.py ckpt=%s evaluates the export", trainer.global_step, run_dir / "hf")
     if evaluation and evaluation.best:
         metrics["eval/best"] = evaluation.best
+        if kept := evaluation.kept_evaluation():
+            # The run's model is the checkpoint it kept (the export below; paper §2.3: the best of phi-1's
+            # checkpoints), so its numbers are the run's, for report.py as for a reader; the final step's
+            # evaluation stays under eval/last and in eval/history.json.
+            metrics["eval/last"] = evaluation.history[-1]
+            metrics.update(kept)
     if trainer.is_global_zero:
         if cfg.export_hf:
             if evaluation and evaluation.best:

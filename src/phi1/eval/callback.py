@@ -61,6 +61,18 @@ class Evaluation(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._evaluate(trainer, pl_module)
+        kept = self.kept_evaluation()
+        if kept and trainer.is_global_zero:  # W&B's run table shows the summary: the kept checkpoint's numbers
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.experiment.summary.update({**kept, "eval/best_step": self.best["step"]})
+
+    def kept_evaluation(self) -> dict | None:
+        """The metrics of the checkpoint kept by `keep_best`, when it is not the last one evaluated."""
+        if not self.best or not self.history or self.history[-1]["step"] == self.best["step"]:
+            return None
+        kept = [e for e in self.history if e["step"] == self.best["step"]]
+        return {k: v for k, v in kept[-1].items() if k != "step"} if kept else None
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         # Here rather than in on_train_end, which a run resumed after its final step never reaches.
