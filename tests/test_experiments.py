@@ -660,10 +660,11 @@ def test_report_places_wandb_runs_like_run_dirs(monkeypatch):
     assert run.environments == [{"python": "3.11.9", "packages": {"torch": "2.13.0"}}]
 
 
-def test_report_draws_the_losses_of_wandb_runs_from_their_history(tmp_path, monkeypatch, caplog):
-    """A W&B run has no CSV logs here: its curves come from its history. A run preempted after step 5 and
-    resumed online from its step-3 checkpoint logged steps 4-5 again into the same W&B run; only the second
-    time counts, as with CSV segments. A history W&B cannot serve is named and that run's line left out."""
+def test_report_draws_the_losses_and_evaluations_of_wandb_runs_from_their_history(tmp_path, monkeypatch, caplog):
+    """A W&B run has no CSV logs here: its curves and its evaluations during training come from its history.
+    A run preempted after step 5 and resumed online from its step-3 checkpoint logged steps 4-5 again into the
+    same W&B run; only the second time counts, as with CSV segments. A history W&B cannot serve is named and
+    that run's line left out."""
     import types
 
     import wandb
@@ -693,15 +694,23 @@ def test_report_draws_the_losses_of_wandb_runs_from_their_history(tmp_path, monk
         return types.SimpleNamespace(id=id, name=id, config={"cfg": cfg}, scan_history=history(id, rows),
                                      summary={"eval/humaneval/solution_nll": 5.0, "tokens": 10 * 32 * 256})
 
+    # A finetune evaluated at each checkpoint, the best (step 2000) kept; step 3000 evaluated again after a resume.
+    evaluated = [{"trainer/global_step": s, "eval/humaneval/pass@1": p, "eval/humaneval/solution_nll": n}
+                 for s, p, n in ((1000, 0.40, 0.52), (2000, 0.48, 0.50), (3000, 0.30, 0.60), (3000, 0.45, 0.49))]
+    phi1 = types.SimpleNamespace(id="c3", name="c3", scan_history=history("c3", evaluated),
+                                 config={"cfg": {"run_name": "phi1", "experiment_name": "phi1"}},
+                                 summary={"eval/humaneval/pass@1": 0.48, "eval/humaneval/solution_nll": 0.50,
+                                          "eval/best_step": 2000})
+
     class Api:
         def runs(self, path, filters):
-            return [run("a1", "stdlib_filtered", preempted), run("b2", "stdlib", None)]
+            return [run("a1", "stdlib_filtered", preempted), run("b2", "stdlib", None), phi1]
 
     monkeypatch.setattr(wandb, "Api", Api)
     (tmp_path / "outputs").mkdir()
     cfg = OmegaConf.create({"runs_dir": str(tmp_path / "outputs"), "out": str(tmp_path / "report"),
                             "decontaminate_dir": str(tmp_path / "none"), "wandb": "me/phi1"})
-    (a1, _) = report.wandb_runs("me/phi1")
+    (a1, _, _) = report.wandb_runs("me/phi1")
     assert a1.losses() == {"train/loss": [(s, pytest.approx(8 - 0.1 * s)) for s in range(4)]
                            + [(s, pytest.approx(7 - 0.1 * s)) for s in range(4, 10)], "val/loss": [(9, 6.5)]}
     assert ("a1", ("_step", "trainer/global_step", "val/loss")) in asked  # the full history, key by key
@@ -713,6 +722,13 @@ def test_report_draws_the_losses_of_wandb_runs_from_their_history(tmp_path, monk
             drawn["mini-tiny-stdlib_filtered-s1"]["run"]) == (10, 1, "wandb:me/phi1/a1")
     assert (tmp_path / "report" / "mini_fig2_1_curves.png").stat().st_size > 10_000
     assert "wandb:me/phi1/b2: history unreadable (CommError: 502 Bad Gateway)" in caplog.text
+    evaluations = result["evaluations"]
+    assert list(evaluations) == ["phi1"] and evaluations["phi1"]["best_step"] == 2000
+    assert evaluations["phi1"]["history"] == [
+        {"step": 1000, "eval/humaneval/pass@1": 0.40, "eval/humaneval/solution_nll": 0.52},
+        {"step": 2000, "eval/humaneval/pass@1": 0.48, "eval/humaneval/solution_nll": 0.50},
+        {"step": 3000, "eval/humaneval/pass@1": 0.45, "eval/humaneval/solution_nll": 0.49}]
+    assert "| 2000 ★ | 48.0 | 0.500 |" in (tmp_path / "report" / "evaluations.md").read_text()
 
 
 def test_wandb_without_a_key_is_named_not_a_traceback(tmp_path, monkeypatch):

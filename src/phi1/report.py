@@ -82,16 +82,31 @@ class Run:
     where: str  # a run directory, or wandb:<entity>/<project>/<id>
     dir: Path | None = None
     environments: list = field(default_factory=list)  # what it ran on (phi1.environment), oldest first
-    history: object = None  # a W&B run (wandb.apis.public.Run), whose history holds the losses
+    wandb_run: object = None  # a W&B run (wandb.apis.public.Run): its history holds the losses and evaluations
 
     def losses(self) -> dict[str, list[tuple[int, float]]]:
         """The logged train/loss and val/loss as [(step, value)]: from the run dir's CSV logs, or from the W&B
         run's history (read when a figure asks for it: one request per loss per run)."""
         if self.dir is not None:
             return losses(self.dir)
-        if self.history is not None:
-            return wandb_losses(self.history, self.where)
+        if self.wandb_run is not None:
+            return wandb_losses(self.wandb_run, self.where)
         return {key: [] for key in LOSSES}
+
+    def eval_history(self) -> list | None:
+        """The evaluations made while training, [{"step", "eval/<benchmark>/<metric>": value}]: the run dir's
+        eval/history.json, or the W&B run's history of the eval/ metrics its summary names."""
+        if self.dir is not None:
+            path = self.dir / "eval" / "history.json"
+            try:
+                return json.loads(path.read_text()) if path.exists() else None
+            except (OSError, ValueError) as e:
+                log.warning("%s: unreadable (%s: %s); left out of evaluations.png", path, type(e).__name__, e)
+                return None
+        if self.wandb_run is not None:
+            keys = sorted(k for k in self.metrics if k.startswith("eval/") and k.endswith(EVAL_METRICS))
+            return wandb_evaluations(self.wandb_run, self.where, keys) if keys else None
+        return None
 
     def get(self, dotted: str, default=None):
         node = self.config
@@ -140,7 +155,7 @@ def wandb_runs(path: str) -> list[Run]:
             metrics = {k: v for k, v in r.summary.items() if isinstance(v, (int, float))}
             env = r.config.get("environment")
             runs.append(Run(config.get("run_name", r.name), config, metrics, f"wandb:{path}/{r.id}",
-                            environments=[env] if isinstance(env, dict) else [], history=r))
+                            environments=[env] if isinstance(env, dict) else [], wandb_run=r))
     except wandb.errors.Error as e:  # no API key, no network, no such project: the user's to fix
         raise Phi1Error(f"wandb={path}: {e}") from e
     return runs
@@ -427,6 +442,7 @@ def _bars(path: Path, title: str, groups, labels, arms: dict, table: dict, show_
 
 
 LOSSES = ("train/loss", "val/loss")
+EVAL_METRICS = ("/pass@1", "/solution_nll")  # what evaluations.png draws of each benchmark
 
 
 def _splice(curves: dict, rows: list[tuple[int, str, float]]) -> None:
@@ -459,6 +475,22 @@ def losses(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
             continue
         _splice(curves, rows)
     return curves
+
+
+def wandb_evaluations(run, where: str, keys: list[str]) -> list[dict] | None:
+    """A W&B run's evaluations during training, one entry per step (a step evaluated again after a resume: the
+    later one), as eval/history.json holds them."""
+    import wandb
+
+    step, by_step = "trainer/global_step", {}
+    try:
+        for key in keys:
+            for row in run.scan_history(keys=[step, key]):
+                by_step.setdefault(int(row[step]), {"step": int(row[step])})[key] = float(row[key])
+    except (wandb.errors.Error, ValueError, TypeError, KeyError) as e:
+        log.warning("%s: history unreadable (%s: %s); left out of evaluations.png", where, type(e).__name__, e)
+        return None
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def wandb_losses(run, where: str) -> dict[str, list[tuple[int, float]]]:
@@ -776,21 +808,15 @@ def table3(runs: list[Run], decontaminate_dir: Path, out: Path) -> dict | None:
 def evaluations(runs: list[Run], out: Path) -> dict | None:
     """Runs evaluated at least twice during training (`evaluation.every_n_steps`; experiment=phi1 at each of its
     6 checkpoints, the best by pass@1 kept, paper §2.3): each evaluation's pass@1 and solution NLL per benchmark,
-    from the run's eval/history.json (kept in its checkpoints, so a resumed run's history is whole), with the
+    from the run's eval/history.json (kept in its checkpoints, so a resumed run's history is whole) or its W&B
+    history, with the
     step of the checkpoint it kept (`best.ckpt`). Whether the kept checkpoint is a peak or one point of a
     plateau the seeds' noise could reorder is what the curve shows and the final number does not."""
     histories = {}
     for r in runs:
-        path = r.dir / "eval" / "history.json" if r.dir is not None else None
-        if path is None or not path.exists():
-            continue
-        try:
-            history = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            log.warning("%s: unreadable (%s: %s); left out of evaluations.png", path, type(e).__name__, e)
-            continue
+        history = r.eval_history()
         drawn = [e for e in history if isinstance(e, dict) and any(
-            k.endswith(("/pass@1", "/solution_nll")) for k in e)] if isinstance(history, list) else []
+            k.endswith(EVAL_METRICS) for k in e)] if isinstance(history, list) else []
         if len(drawn) >= 2:
             histories[r.name] = (r, drawn)
     if not histories:
@@ -803,10 +829,10 @@ def evaluations(runs: list[Run], out: Path) -> dict | None:
           "a run kept (`checkpoints/best.ckpt`, by `evaluation.keep_best`).", ""]
     result = {}
     for name, (r, history) in histories.items():
-        best = r.metrics.get("eval/best")
-        best_step = best.get("step") if isinstance(best, dict) else None
+        best = r.metrics.get("eval/best")  # a W&B run's summary has its step alone
+        best_step = best.get("step") if isinstance(best, dict) else r.metrics.get("eval/best_step")
         keys = sorted({k for e in history for k in e
-                       if k.startswith("eval/") and k.endswith(("/pass@1", "/solution_nll"))})
+                       if k.startswith("eval/") and k.endswith(EVAL_METRICS)})
         md += [f"## {name}", "", "| step | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         for e in history:
             cells = [_fmt(_pct(e.get(k)) if k.endswith("pass@1") else e.get(k), 1 if k.endswith("pass@1") else 3)
