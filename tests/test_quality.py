@@ -134,11 +134,63 @@ def test_classify_and_filter_read_sharded_embeddings_as_one_folder(tmp_path):
     from phi1.errors import InputError
 
     src.write_text(src.read_text() + json.dumps({"id": "new", "text": "never embedded"}) + "\n")
-    with pytest.raises(InputError, match=r"^docs:new: not in .*sharded; embed the same source first"):
+    with pytest.raises(InputError, match=r"^docs:new: not in .*sharded .*; embed the same source first"):
         run(cfg(tmp_path, "stage=filter", f"stage.source={{name: docs, kind: jsonl, path: '{src}'}}",
                 f"stage.embeddings={tmp_path}/sharded", f"stage.classifier={tmp_path}/clf-sharded",
                 f"stage.output={tmp_path}/out-new"))
     assert not list((tmp_path / "out-new").glob("*.jsonl"))  # nothing half-written
+
+
+def test_a_filter_shard_on_embeddings_sharded_alike_reads_and_scores_its_own_slice(tmp_path, monkeypatch):
+    """On a cluster embed and filter run with the same num_shards: shard k's rows are slice k's documents in
+    order, so a threshold job reads the ids of its part alone and scores its rows alone (not the ~35M of The
+    Stack, with gigabytes of ids per job); a top-fraction job scores every part and still reads only its ids.
+    The kept files are those of the unsharded filter, and a slice without documents writes an empty file."""
+    from phi1.quality import embed
+
+    folder, annotations, _, _ = _fake_inputs(tmp_path)
+    x, ids = np.load(folder / "embeddings.npy"), (folder / "ids.txt").read_text().splitlines()
+    files = tmp_path / "docs"
+    files.mkdir()
+    for f in range(3):  # 3 files (a source is sliced by files): one of the 4 slices gets none
+        (files / f"part{f}.jsonl").write_text("".join(json.dumps({"id": f"doc{i}", "text": f"document {i}"}) + "\n"
+                                                     for i in range(f * 150, min(400, f * 150 + 150))))
+    source = f"stage.source={{name: docs, kind: jsonl, path: '{files}/*.jsonl'}}"
+    src = OmegaConf.structured(SourceConfig(name="docs", kind="jsonl", path=f"{files}/*.jsonl"))
+    in_slice = []
+    for k in range(4):
+        part = embed.shard_dir(tmp_path / "sharded", k, 4)
+        part.mkdir(parents=True)
+        rows = [ids.index(doc_id) for doc_id, _ in documents(src, shard=k, num_shards=4)]
+        in_slice.append(len(rows))
+        if rows:
+            np.save(part / "embeddings.npy", x[rows])
+        (part / "ids.txt").write_text("".join(ids[i] + "\n" for i in rows))
+        (part / "progress.json").write_text(json.dumps({"model": "fake", "done": len(rows)}))
+    run(cfg(tmp_path, "stage=classify", f"stage.annotations={annotations}", f"stage.embeddings={folder}",
+            f"stage.output={tmp_path}/clf", "stage.n_estimators=20"))
+    reads, real = [], embed.read_part
+    monkeypatch.setattr(embed, "read_part", lambda part, with_ids=True: reads.append((part.name, with_ids))
+                        or real(part, with_ids))
+    for mode, selection in (("threshold", []), ("top", ["stage.threshold=null", "stage.top_fraction=0.3"])):
+        common = ["stage=filter", source, f"stage.classifier={tmp_path}/clf", *selection]
+        one = run(cfg(tmp_path, *common, f"stage.embeddings={folder}", f"stage.output={tmp_path}/{mode}-one"))
+        kept = open(one["output"]).read().splitlines()
+        parts = []
+        for k in range(4):
+            reads.clear()
+            summary = run(cfg(tmp_path, *common, f"stage.embeddings={tmp_path}/sharded",
+                              f"stage.output={tmp_path}/{mode}-sharded", f"shard={k}", "num_shards=4"))
+            parts += open(summary["output"]).read().splitlines()
+            assert summary["documents"] == in_slice[k]
+            if mode == "threshold":
+                assert reads == [(f"{k:05d}", True)] and summary["scored"] == in_slice[k]
+            else:
+                assert sorted(reads) == sorted((f"{j:05d}", j == k) for j in range(4)) and summary["scored"] == 400
+        assert sorted(parts) == sorted(kept) and len(kept) > 50, mode
+    assert sorted(in_slice) == [0, 100, 150, 150]
+    assert (tmp_path / "threshold-sharded" / "scores-00001-of-00004.png").exists()
+    assert (tmp_path / "top-sharded" / "scores.png").exists()
 
 
 def test_an_embed_rerun_reads_its_ids_instead_of_another_pass_and_checks_them_against_the_texts(tmp_path,

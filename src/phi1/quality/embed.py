@@ -107,34 +107,46 @@ class Embeddings:
                 yield np.asarray(array[i : i + size], dtype=np.float32)
 
 
-def load(folder: str | Path) -> tuple[list[str], Embeddings]:
-    """(ids, embeddings) of an embed output: one folder, or every shard of its `shards-<n>/`, all complete."""
+def parts(folder: str | Path) -> list[Path]:
+    """The folders of an embed output, in row order: the folder itself, or every shard of its `shards-<n>/`."""
     folder = Path(folder)
     if (folder / "embeddings.npy").exists():
-        parts = [folder]
-    else:
-        layouts = sorted(folder.glob("shards-*"))
-        if not layouts:
-            raise MissingInputError(f"{folder}: no embeddings.npy (run prepare.py stage=embed first)")
-        if len(layouts) > 1:
-            raise InputError(f"{folder}: embeddings in {len(layouts)} shard layouts "
-                             f"({', '.join(p.name for p in layouts)}); keep the one of the num_shards you use")
-        num_shards = int(layouts[0].name.split("-", 1)[1])
-        parts = [shard_dir(folder, k, num_shards) for k in range(num_shards)]
-        missing = [k for k, part in enumerate(parts) if not (part / "progress.json").exists()]
-        if missing:
-            raise MissingInputError(f"{folder}: shards {missing} of {num_shards} not embedded (prepare.py stage=embed "
-                                    f"num_shards={num_shards} shard=<k>, or without shard for all here)")
+        return [folder]
+    layouts = sorted(folder.glob("shards-*"))
+    if not layouts:
+        raise MissingInputError(f"{folder}: no embeddings.npy (run prepare.py stage=embed first)")
+    if len(layouts) > 1:
+        raise InputError(f"{folder}: embeddings in {len(layouts)} shard layouts "
+                         f"({', '.join(p.name for p in layouts)}); keep the one of the num_shards you use")
+    num_shards = int(layouts[0].name.split("-", 1)[1])
+    found = [shard_dir(folder, k, num_shards) for k in range(num_shards)]
+    missing = [k for k, part in enumerate(found) if not (part / "progress.json").exists()]
+    if missing:
+        raise MissingInputError(f"{folder}: shards {missing} of {num_shards} not embedded (prepare.py stage=embed "
+                                f"num_shards={num_shards} shard=<k>, or without shard for all here)")
+    return found
+
+
+def read_part(part: Path, with_ids: bool = True) -> tuple[list[str] | None, np.ndarray | None]:
+    """One folder of an embed output, complete: its ids (only if asked: The Stack's 35M are gigabytes of
+    strings) and its rows, memory-mapped (None for a slice without documents)."""
+    progress = json.loads((part / "progress.json").read_text())
+    ids = (part / "ids.txt").read_text().splitlines() if with_ids else None
+    with (part / "ids.txt").open() as f:
+        count = len(ids) if with_ids else sum(1 for _ in f)
+    if progress["done"] != count:
+        raise InputError(f"{part}: embeddings incomplete ({progress['done']} of {count}); rerun the embed stage")
+    return ids, np.load(part / "embeddings.npy", mmap_mode="r") if count else None
+
+
+def load(folder: str | Path) -> tuple[list[str], Embeddings]:
+    """(ids, embeddings) of an embed output: one folder, or every shard of its `shards-<n>/`, all complete."""
     ids, arrays = [], []
-    for part in parts:
-        progress = json.loads((part / "progress.json").read_text())
-        part_ids = (part / "ids.txt").read_text().splitlines()
-        if progress["done"] != len(part_ids):
-            raise InputError(f"{part}: embeddings incomplete ({progress['done']} of {len(part_ids)}); rerun the "
-                             "embed stage")
+    for part in parts(folder):
+        part_ids, array = read_part(part)
         ids += part_ids
-        if part_ids:
-            arrays.append(np.load(part / "embeddings.npy", mmap_mode="r"))
+        if array is not None:
+            arrays.append(array)
     if not arrays:
         raise InputError(f"{folder}: no documents were embedded (the source yielded none)")
     return ids, Embeddings(arrays)

@@ -3,14 +3,19 @@ threshold (or the top fraction) are kept, written as documents JSONL ({"id", "te
 {"score"}}, DESIGN §5) that data configs read as a source (CodeTextbook's filtered half), with a histogram of
 the scores. `shard=k num_shards=n` writes the documents of the source's k-th slice (phi1.data.sources' shards,
 as embed's), for clusters (without `shard`, every shard here): each shard streams only its slice of the corpus
-and writes its own file, and the files together are the source (`filtered/*.jsonl`). Each shard scores the
-whole corpus, which a top fraction needs (~0.5 h on 2 cores for The Stack's ~35M files and 300 trees,
+and writes its own file, and the files together are the source (`filtered/*.jsonl`).
+
+When embed ran with the same num_shards (the cluster's case), slice k's embeddings are shard k's folder, in
+the order the slice streams: a shard job reads that folder's ids alone and, with a threshold, scores its rows
+alone. Otherwise each job maps every id of the corpus to its row (The Stack's ~35M: gigabytes of strings per
+job) and scores every row, as a top fraction always needs (~0.5 h on 2 cores for ~35M files and 300 trees,
 extrapolated from 65,536 rows; minutes on a node); streaming the corpus is what takes hours."""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import joblib
@@ -35,18 +40,46 @@ def run(cfg: DictConfig) -> dict:
     # every document or none.
     check([("stage.threshold", stage.threshold is None or 0 <= stage.threshold <= 1, "must be in [0, 1]"),
            ("stage.top_fraction", stage.top_fraction is None or 0 < stage.top_fraction <= 1, "must be in (0, 1]")])
-    ids, embeddings = embed.load(stage.embeddings)
+    parts = embed.parts(stage.embeddings)
     classifier = Path(stage.classifier) / "classifier.joblib"
     if not classifier.is_file():
         raise MissingInputError(f"{classifier}: no classifier (run prepare.py stage=classify first)")
     forest = joblib.load(classifier)
-    # Scores for the whole corpus are needed for a top fraction; they are small (8 bytes a document).
-    scores = []
+    out = Path(stage.output)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = [cfg.shard] if cfg.shard is not None else list(range(cfg.num_shards))
+    if len(parts) != cfg.num_shards:  # rows and slices do not line up: find each document's row by its id
+        ids, embeddings = embed.load(stage.embeddings)
+        scores, keep, cut = _score(stage, forest, embeddings, out / "scores.png")
+        position = {doc_id: i for i, doc_id in enumerate(ids)}
+        summaries = [_write_shard(stage, k, cfg.num_shards, position.get, scores, keep, cut, out, len(ids))
+                     for k in shards]
+    else:
+        # Slice k is part k, row by row. Every part is scored for a top fraction (a rank over the corpus) or
+        # when every shard is written here; a threshold job of one shard scores its own part.
+        whole = stage.top_fraction is not None or cfg.shard is None
+        scored = range(len(parts)) if whole else shards
+        read = {k: embed.read_part(parts[k], with_ids=k in shards) for k in scored}
+        sizes = [len(read[k][1]) if read[k][1] is not None else 0 for k in scored]
+        if whole and not any(sizes):
+            raise InputError(f"{stage.embeddings}: no documents were embedded (the source yielded none)")
+        figure = out / ("scores.png" if whole else f"scores-{cfg.shard:05d}-of-{cfg.num_shards:05d}.png")
+        scores, keep, cut = _score(stage, forest, embed.Embeddings([a for _, a in read.values() if a is not None]),
+                                   figure)
+        offsets = dict(zip(scored, np.cumsum([0, *sizes]).tolist()))
+        summaries = [_write_shard(stage, k, cfg.num_shards, _in_order(read[k][0], offsets[k]), scores, keep, cut,
+                                  out, sum(sizes)) for k in shards]
+    return summaries[0] if len(summaries) == 1 else {"shards": summaries}
+
+
+def _score(stage, forest, embeddings: embed.Embeddings, figure: Path) -> tuple[np.ndarray, np.ndarray, float]:
+    """(scores, keep, cut) over the rows given; the histogram of the scores into `figure`."""
+    scores = []  # 8 bytes a document: all of them fit
     with tqdm(total=len(embeddings), desc="filter: scoring", unit="doc", dynamic_ncols=True) as bar:
         for chunk in embeddings.chunks(65536):
             scores.append(forest.predict_proba(chunk)[:, 1])
             bar.update(len(chunk))
-    scores = np.concatenate(scores)
+    scores = np.concatenate(scores) if scores else np.zeros(0)  # a slice without documents: nothing to keep
     if stage.threshold is not None:
         keep, cut = scores >= stage.threshold, stage.threshold
     else:
@@ -56,26 +89,37 @@ def run(cfg: DictConfig) -> dict:
         keep = np.zeros(len(scores), dtype=bool)
         keep[order] = True
         cut = float(scores[order[-1]]) if len(order) else 1.0
-    out = Path(stage.output)
-    out.mkdir(parents=True, exist_ok=True)
-    _histogram(scores, cut, keep.mean(), out / "scores.png")
-    position = {doc_id: i for i, doc_id in enumerate(ids)}
-    shards = [cfg.shard] if cfg.shard is not None else range(cfg.num_shards)
-    summaries = [_write_shard(stage, k, cfg.num_shards, position, scores, keep, cut, out) for k in shards]
-    return summaries[0] if len(summaries) == 1 else {"shards": summaries}
+    if len(scores):
+        _histogram(scores, cut, keep.mean(), figure)
+    return scores, keep, cut
 
 
-def _write_shard(stage, shard: int, num_shards: int, position: dict, scores, keep, cut: float, out: Path) -> dict:
+def _in_order(ids: list[str], offset: int) -> Callable[[str], int | None]:
+    """Row of each document of a slice streamed in the order its part was embedded, from `offset` on. A source
+    filtered more than embed's (a `where`, say) skips rows; a document not found in what follows is None."""
+    rows = iter(enumerate(ids))
+
+    def locate(doc_id: str) -> int | None:
+        for i, embedded in rows:
+            if embedded == doc_id:
+                return offset + i
+        return None
+    return locate
+
+
+def _write_shard(stage, shard: int, num_shards: int, locate, scores, keep, cut: float, out: Path,
+                 scored: int) -> dict:
     name = f"filtered-{shard:05d}-of-{num_shards:05d}.jsonl"
     kept = in_shard = 0
     with open(out / f"{name}.tmp", "w") as f:
         docs = sources.documents(stage.source, shard=shard, num_shards=num_shards)
         for doc_id, text in tqdm(docs, desc=f"filter: shard {shard} of {num_shards}", unit="doc", dynamic_ncols=True,
-                                 total=len(position) if num_shards == 1 else None):
-            i = position.get(doc_id)
+                                 total=len(scores) if num_shards == 1 else None):
+            i = locate(doc_id)
             if i is None:
-                raise InputError(f"{doc_id}: not in {stage.embeddings}; embed the same source first (a hub source "
-                                 "streamed without id_field numbers its rows per shard: use embed's num_shards)")
+                raise InputError(f"{doc_id}: not in {stage.embeddings} (or not in the order embed read the source); "
+                                 "embed the same source first (a hub source streamed without id_field numbers its "
+                                 "rows per shard: use embed's num_shards)")
             in_shard += 1
             if not keep[i]:
                 continue
@@ -84,7 +128,7 @@ def _write_shard(stage, shard: int, num_shards: int, position: dict, scores, kee
             kept += 1
     (out / f"{name}.tmp").rename(out / name)  # complete or absent: a killed shard is simply redone
     summary = {"documents": in_shard, "kept": kept, "kept_share": kept / max(in_shard, 1), "cut": cut,
-               "output": str(out / name), "environment": environment.current()}
+               "scored": scored, "output": str(out / name), "environment": environment.current()}
     (out / f"{name}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("filter: kept %d of %d documents (%.1f%%) scoring >= %.3f -> %s", kept, in_shard,
              100 * summary["kept_share"], cut, summary["output"])
