@@ -809,9 +809,9 @@ def evaluations(runs: list[Run], out: Path) -> dict | None:
     """Runs evaluated at least twice during training (`evaluation.every_n_steps`; experiment=phi1 at each of its
     6 checkpoints, the best by pass@1 kept, paper §2.3): each evaluation's pass@1 and solution NLL per benchmark,
     from the run's eval/history.json (kept in its checkpoints, so a resumed run's history is whole) or its W&B
-    history, with the
-    step of the checkpoint it kept (`best.ckpt`). Whether the kept checkpoint is a peak or one point of a
-    plateau the seeds' noise could reorder is what the curve shows and the final number does not."""
+    history, with the step of the checkpoint it kept (`best.ckpt`). Whether the kept checkpoint is a peak or
+    one point of a plateau the seeds' noise could reorder is what the curve shows and the final number does
+    not."""
     histories = {}
     for r in runs:
         history = r.eval_history()
