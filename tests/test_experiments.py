@@ -722,6 +722,8 @@ def test_report_draws_the_losses_and_evaluations_of_wandb_runs_from_their_histor
             drawn["mini-tiny-stdlib_filtered-s1"]["run"]) == (10, 1, "wandb:me/phi1/a1")
     assert (tmp_path / "report" / "mini_fig2_1_curves.png").stat().st_size > 10_000
     assert "wandb:me/phi1/b2: history unreadable (CommError: 502 Bad Gateway)" in caplog.text
+    # Samples live in W&B tables: what needs them says so, once per run, rather than leaving cells blank.
+    assert caplog.text.count("wandb:me/phi1/a1 (mini-tiny-stdlib_filtered-s1): a W&B run, whose samples") == 1
     evaluations = result["evaluations"]
     assert list(evaluations) == ["phi1"] and evaluations["phi1"]["best_step"] == 2000
     assert evaluations["phi1"]["history"] == [

@@ -23,6 +23,7 @@ Each table names the run behind each number; a section without runs says which c
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import json
 import logging
@@ -185,11 +186,19 @@ def _fmt(v, digits=1):
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
 def _samples(run: Run, bench: str, file: str = "samples.jsonl") -> Path | None:
     """A benchmark's samples (or per-problem solution NLLs: file=solution_nll.jsonl) of a train run's
     evaluation: of its best checkpoint when one was kept, else the last; an evaluate.py run keeps them in
     <run>/<bench>/."""
     if run.dir is None:
+        _warn_once(f"{run.where} ({run.name}): a W&B run, whose samples are W&B tables this report does not read: "
+                   "its per-problem numbers (bootstrap intervals, Table 3, emergence problem by problem) need its "
+                   "run folder (report.py runs_dir=<the folder of run folders>)")
         return None
     if (run.dir / bench / file).exists():
         return run.dir / bench / file
