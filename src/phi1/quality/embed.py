@@ -132,8 +132,11 @@ def read_part(part: Path, with_ids: bool = True) -> tuple[list[str] | None, np.n
     strings) and its rows, memory-mapped (None for a slice without documents)."""
     progress = json.loads((part / "progress.json").read_text())
     ids = (part / "ids.txt").read_text().splitlines() if with_ids else None
-    with (part / "ids.txt").open() as f:
-        count = len(ids) if with_ids else sum(1 for _ in f)
+    if ids is None:
+        with (part / "ids.txt").open() as f:
+            count = sum(1 for _ in f)
+    else:
+        count = len(ids)
     if progress["done"] != count:
         raise InputError(f"{part}: embeddings incomplete ({progress['done']} of {count}); rerun the embed stage")
     return ids, np.load(part / "embeddings.npy", mmap_mode="r") if count else None

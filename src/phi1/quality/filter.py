@@ -52,8 +52,7 @@ def run(cfg: DictConfig) -> dict:
         ids, embeddings = embed.load(stage.embeddings)
         scores, keep, cut = _score(stage, forest, embeddings, out / "scores.png")
         position = {doc_id: i for i, doc_id in enumerate(ids)}
-        summaries = [_write_shard(stage, k, cfg.num_shards, position.get, scores, keep, cut, out, len(ids))
-                     for k in shards]
+        summaries = [_write_shard(stage, k, cfg.num_shards, position.get, scores, keep, cut, out) for k in shards]
     else:
         # Slice k is part k, row by row. Every part is scored for a top fraction (a rank over the corpus) or
         # when every shard is written here; a threshold job of one shard scores its own part.
@@ -68,7 +67,7 @@ def run(cfg: DictConfig) -> dict:
                                    figure)
         offsets = dict(zip(scored, np.cumsum([0, *sizes]).tolist()))
         summaries = [_write_shard(stage, k, cfg.num_shards, _in_order(read[k][0], offsets[k]), scores, keep, cut,
-                                  out, sum(sizes)) for k in shards]
+                                  out) for k in shards]
     return summaries[0] if len(summaries) == 1 else {"shards": summaries}
 
 
@@ -107,8 +106,7 @@ def _in_order(ids: list[str], offset: int) -> Callable[[str], int | None]:
     return locate
 
 
-def _write_shard(stage, shard: int, num_shards: int, locate, scores, keep, cut: float, out: Path,
-                 scored: int) -> dict:
+def _write_shard(stage, shard: int, num_shards: int, locate, scores, keep, cut: float, out: Path) -> dict:
     name = f"filtered-{shard:05d}-of-{num_shards:05d}.jsonl"
     kept = in_shard = 0
     with open(out / f"{name}.tmp", "w") as f:
@@ -128,7 +126,7 @@ def _write_shard(stage, shard: int, num_shards: int, locate, scores, keep, cut: 
             kept += 1
     (out / f"{name}.tmp").rename(out / name)  # complete or absent: a killed shard is simply redone
     summary = {"documents": in_shard, "kept": kept, "kept_share": kept / max(in_shard, 1), "cut": cut,
-               "scored": scored, "output": str(out / name), "environment": environment.current()}
+               "scored": len(scores), "output": str(out / name), "environment": environment.current()}
     (out / f"{name}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("filter: kept %d of %d documents (%.1f%%) scoring >= %.3f -> %s", kept, in_shard,
              100 * summary["kept_share"], cut, summary["output"])
