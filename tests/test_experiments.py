@@ -722,8 +722,9 @@ def test_report_draws_the_losses_and_evaluations_of_wandb_runs_from_their_histor
             drawn["mini-tiny-stdlib_filtered-s1"]["run"]) == (10, 1, "wandb:me/phi1/a1")
     assert (tmp_path / "report" / "mini_fig2_1_curves.png").stat().st_size > 10_000
     assert "wandb:me/phi1/b2: history unreadable (CommError: 502 Bad Gateway)" in caplog.text
-    # Samples live in W&B tables: what needs them says so, once per run, rather than leaving cells blank.
-    assert caplog.text.count("wandb:me/phi1/a1 (mini-tiny-stdlib_filtered-s1): a W&B run, whose samples") == 1
+    # Per-problem solution NLLs are not logged to W&B: what needs them says so, once per run, not a blank cell.
+    assert caplog.text.count("wandb:me/phi1/a1 (mini-tiny-stdlib_filtered-s1): a W&B run, which keeps no "
+                             "solution_nll.jsonl") == 1
     evaluations = result["evaluations"]
     assert list(evaluations) == ["phi1"] and evaluations["phi1"]["best_step"] == 2000
     assert evaluations["phi1"]["history"] == [
@@ -731,6 +732,100 @@ def test_report_draws_the_losses_and_evaluations_of_wandb_runs_from_their_histor
         {"step": 2000, "eval/humaneval/pass@1": 0.48, "eval/humaneval/solution_nll": 0.50},
         {"step": 3000, "eval/humaneval/pass@1": 0.45, "eval/humaneval/solution_nll": 0.49}]
     assert "| 2000 ★ | 48.0 | 0.500 |" in (tmp_path / "report" / "evaluations.md").read_text()
+
+
+def test_report_reads_the_samples_of_wandb_runs_from_their_tables(tmp_path, monkeypatch, caplog):
+    """Per-problem numbers need samples, which a W&B run keeps as tables (evaluate.py logs one per benchmark,
+    train.py one per evaluation). The report downloads the one it needs, once: the kept checkpoint's for a
+    finetune, and emergence_problems.md compares W&B runs problem by problem as it compares run folders."""
+    import types
+
+    import wandb
+
+    from phi1 import report
+
+    downloads = []
+
+    def wandb_run(id, name, cfg, summary, tables):
+        """tables: [(trainer/global_step or None, {task: passed})], in the order they were logged."""
+        files, rows = {}, []
+        for i, (step, passed) in enumerate(tables):
+            path = f"media/table/eval/humaneval/samples_table_{i}_{id}{i}.table.json"
+            files[path] = {"columns": ["task_id", "completion", "passed", "result"],
+                           "data": [[t, f"    return {t[-1]}  # {name}\n", ok, "passed" if ok else "failed: x"]
+                                    for t, ok in passed.items()]}
+            rows.append({"_step": i, **({"trainer/global_step": step} if step is not None else {}),
+                         "eval/humaneval/samples_table": {"_type": "table-file", "path": path, "nrows": len(passed)}})
+
+        def scan_history(keys, **_):
+            return [row for row in rows if all(k in row for k in keys)]
+
+        def file(name):
+            def download(root, replace=False):
+                downloads.append((id, name))
+                if name not in files:
+                    raise wandb.errors.CommError("404 Not Found")
+                target = Path(root) / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(json.dumps(files[name]))
+                return target.open()
+            return types.SimpleNamespace(download=download)
+
+        return types.SimpleNamespace(id=id, name=id, config={"cfg": {"run_name": name, **cfg}}, summary=summary,
+                                     scan_history=scan_history, file=file)
+
+    humaneval = {"benchmarks": {"humaneval": {"name": "humaneval", "kind": "humaneval"}}}
+    tasks = [f"HumanEval/{i}" for i in range(5)]
+
+    def evaluated(id, ref, passed):
+        return wandb_run(id, f"emergence-{id}", {"experiment_name": "emergence", "ckpt": ref, **humaneval},
+                         {"eval/humaneval/pass@1": len(passed) / 5},
+                         [(None, {t: i in passed for i, t in enumerate(tasks)})])
+
+    # A finetune evaluated at steps 1000 and 2000, step 2000 kept, then 3000; its emergence evaluation was lost.
+    finetune = wandb_run("f1", "phi1", {"experiment_name": "phi1"},
+                         {"eval/humaneval/pass@1": 0.6, "eval/best_step": 2000},
+                         [(s, {t: i < n for i, t in enumerate(tasks)}) for s, n in ((1000, 1), (2000, 3), (3000, 2))])
+    listed = [evaluated("e1", "run:phi1", {0, 1, 2}), evaluated("e2", "run:phi1_base/base-step024000.ckpt", {2, 3}),
+              evaluated("e3", "run:phi1_small", {0}), finetune]
+
+    class Api:
+        def runs(self, path, filters):
+            return listed
+
+    monkeypatch.setattr(wandb, "Api", Api)
+    (tmp_path / "outputs").mkdir()
+    cfg = OmegaConf.create({"runs_dir": str(tmp_path / "outputs"), "out": str(tmp_path / "report"),
+                            "decontaminate_dir": str(tmp_path / "none"), "wandb": "me/phi1"})
+    result = report.report(cfg)
+    base = result["emergence_problems"]["phi-1 vs phi-1-base/humaneval"]
+    assert (base["problems"], base["both"], base["only phi-1"], base["only phi-1-base"], base["neither"]) == \
+        (5, 1, 2, 1, 1)
+    md = (tmp_path / "report" / "emergence_problems.md").read_text()
+    assert "return 3  # emergence-e2" in md.split("### humaneval HumanEval/3: phi-1-base passes, phi-1 fails")[1]
+    assert sorted(downloads) == [("e1", "media/table/eval/humaneval/samples_table_0_e10.table.json"),
+                                 ("e2", "media/table/eval/humaneval/samples_table_0_e20.table.json"),
+                                 ("e3", "media/table/eval/humaneval/samples_table_0_e30.table.json")]
+
+    # The finetune's samples are those of its kept step (3 of 5 passed), not its last (2 of 5).
+    (_, _, _, f1) = report.wandb_runs("me/phi1", tmp_path / "report" / "wandb")
+    assert report.pass_rates(str(report._samples(f1, "humaneval"))) == {t: float(i < 3) for i, t in enumerate(tasks)}
+    # A report made again reads what it downloaded: no request for a table it has.
+    downloads.clear()
+    report.report(cfg)
+    assert (tmp_path / "report" / "emergence_problems.md").read_text() == md and downloads == []
+    assert not list((tmp_path / "report" / "wandb").rglob("*.table.json"))  # converted, not kept twice
+
+    # A table W&B cannot serve is named once, and the numbers that need it are left out.
+    listed[1] = evaluated("e4", "run:phi1_base/base-step024000.ckpt", {2, 3})
+    listed[1].file = lambda name: types.SimpleNamespace(download=lambda root, replace: (_ for _ in ()).throw(
+        wandb.errors.CommError("502 Bad Gateway")))
+    report._warn_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger=report.log.name):
+        result = report.report(cfg)
+    assert "wandb:me/phi1/e4 (emergence-e4): eval/humaneval/samples_table unreadable (CommError: 502 Bad Gateway)" \
+        in caplog.text
+    assert set(result["emergence_problems"]) == {"phi-1 vs phi-1-small/humaneval"}  # phi-1-base's left out
 
 
 def test_wandb_without_a_key_is_named_not_a_traceback(tmp_path, monkeypatch):

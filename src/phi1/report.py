@@ -17,6 +17,7 @@ train.py and evaluate.py) and, with `wandb=<entity>/<project>`, the runs logged 
   evaluations.{png,md}  every run evaluated more than once while training (a finetune at each checkpoint,
                       paper §2.3): pass@1 and solution NLL per evaluation, the checkpoint it kept marked
   report.json         every number above with the runs it came from
+  wandb/<run id>/     the samples tables of W&B runs that a per-problem number needed, downloaded once
 Each table names the run behind each number; a section without runs says which command makes them.
 """
 
@@ -84,6 +85,8 @@ class Run:
     dir: Path | None = None
     environments: list = field(default_factory=list)  # what it ran on (phi1.environment), oldest first
     wandb_run: object = None  # a W&B run (wandb.apis.public.Run): its history holds the losses and evaluations
+    cache: Path | None = None  # where a W&B run's samples tables are downloaded to (the report's folder)
+    tables: dict = field(default_factory=dict)  # benchmark -> its samples found there (one lookup per report)
 
     def losses(self) -> dict[str, list[tuple[int, float]]]:
         """The logged train/loss and val/loss as [(step, value)]: from the run dir's CSV logs, or from the W&B
@@ -144,9 +147,10 @@ def local_runs(runs_dir: Path) -> list[Run]:
     return runs
 
 
-def wandb_runs(path: str) -> list[Run]:
+def wandb_runs(path: str, cache: Path | None = None) -> list[Run]:
     """Finished runs of a W&B project (train.py and evaluate.py log the resolved config under `cfg`, and
-    the environment of the run's last segment under `environment`)."""
+    the environment of the run's last segment under `environment`); their samples tables, when a section
+    needs them, are downloaded into `cache`."""
     import wandb
 
     runs = []
@@ -156,7 +160,8 @@ def wandb_runs(path: str) -> list[Run]:
             metrics = {k: v for k, v in r.summary.items() if isinstance(v, (int, float))}
             env = r.config.get("environment")
             runs.append(Run(config.get("run_name", r.name), config, metrics, f"wandb:{path}/{r.id}",
-                            environments=[env] if isinstance(env, dict) else [], wandb_run=r))
+                            environments=[env] if isinstance(env, dict) else [], wandb_run=r,
+                            cache=cache and cache / r.id))
     except wandb.errors.Error as e:  # no API key, no network, no such project: the user's to fix
         raise Phi1Error(f"wandb={path}: {e}") from e
     return runs
@@ -196,9 +201,12 @@ def _samples(run: Run, bench: str, file: str = "samples.jsonl") -> Path | None:
     evaluation: of its best checkpoint when one was kept, else the last; an evaluate.py run keeps them in
     <run>/<bench>/."""
     if run.dir is None:
-        _warn_once(f"{run.where} ({run.name}): a W&B run, whose samples are W&B tables this report does not read: "
-                   "its per-problem numbers (bootstrap intervals, Table 3, emergence problem by problem) need its "
-                   "run folder (report.py runs_dir=<the folder of run folders>)")
+        if run.wandb_run is not None and file == "samples.jsonl":
+            if bench not in run.tables:
+                run.tables[bench] = wandb_samples(run, bench)
+            return run.tables[bench]
+        _warn_once(f"{run.where} ({run.name}): a W&B run, which keeps no {file}: its per-problem numbers that need "
+                   "it need its run folder (report.py runs_dir=<the folder of run folders>)")
         return None
     if (run.dir / bench / file).exists():
         return run.dir / bench / file
@@ -500,6 +508,39 @@ def wandb_evaluations(run, where: str, keys: list[str]) -> list[dict] | None:
         log.warning("%s: history unreadable (%s: %s); left out of evaluations.png", where, type(e).__name__, e)
         return None
     return [by_step[s] for s in sorted(by_step)]
+
+
+def wandb_samples(run: Run, bench: str) -> Path | None:
+    """A W&B run's samples of `bench` as samples.jsonl: the table logged at its kept checkpoint's step when it
+    kept one (`eval/best_step`), else the last one logged (train.py logs one per evaluation, evaluate.py one).
+    Downloaded once into the run's cache folder under the table's W&B name, which holds its step and hash: a
+    step evaluated again after a resume logged another table, and a report run again reads the file it has."""
+    import wandb
+
+    key, step = f"eval/{bench}/samples_table", "trainer/global_step"
+    if run.cache is None:
+        return None
+    try:
+        rows = list(run.wandb_run.scan_history(keys=[step, key])) or list(run.wandb_run.scan_history(keys=[key]))
+        if not rows:
+            return None
+        best = run.metrics.get("eval/best_step")
+        table = next((r for r in reversed(rows) if best is not None and r.get(step) == best), rows[-1])[key]
+        path = run.cache / table["path"].replace(".table.json", ".samples.jsonl")
+        if not path.exists():
+            run.wandb_run.file(table["path"]).download(root=str(run.cache), replace=True).close()
+            logged = json.loads((run.cache / table["path"]).read_text())
+            samples = [dict(zip(logged["columns"], row)) for row in logged["data"]]
+            part = path.with_suffix(".part")  # a report killed here leaves no half file to be read next time
+            part.write_text("".join(json.dumps(sample) + "\n" for sample in samples))
+            part.replace(path)
+            (run.cache / table["path"]).unlink()
+            log.info("%s: %d %s samples downloaded into %s", run.where, len(samples), bench, path)
+    except (wandb.errors.Error, OSError, ValueError, TypeError, KeyError) as e:
+        _warn_once(f"{run.where} ({run.name}): {key} unreadable ({type(e).__name__}: {e}); the per-problem numbers "
+                   "that need it are left out")
+        return None
+    return path
 
 
 def wandb_losses(run, where: str) -> dict[str, list[tuple[int, float]]]:
@@ -884,7 +925,7 @@ def report(cfg: DictConfig) -> dict:
     before = _figures(out)
     runs = local_runs(Path(cfg.runs_dir))
     if cfg.wandb:
-        runs += wandb_runs(cfg.wandb)
+        runs += wandb_runs(cfg.wandb, out / "wandb")
     log.info("%d finished runs (%s%s)", len(runs), cfg.runs_dir, f", wandb:{cfg.wandb}" if cfg.wandb else "")
     result = {"fig2_1": scaling(runs, "scaling", out), "mini_fig2_1": scaling(runs, "mini", out),
               "emergence": emergence(runs, out), "emergence_problems": emergence_problems(runs, out),
