@@ -132,6 +132,25 @@ def test_pruning_counts_and_subsets(planted):
     assert "(71)" in table and "(42,500)" in table  # the paper's numbers beside ours
 
 
+def test_similarity_figure_counts_what_the_pruning_removes(planted):
+    """similarity.png draws, τ by τ, the similar problems and the share of items pruned: at each configured τ
+    its curves say what similar-tau*.txt and the pruned sets hold."""
+    from phi1.contamination.decontaminate import similarity_curves
+
+    summary, neighbours, out, n, _ = planted
+    problem_best = [max((a["tau"] for a in r["ast"]), default=0.0) for r in neighbours.values()]
+    item_best = json.loads((out / "scores.json").read_text())["best"]  # each item's best τ, as the stage scored
+    curves = similarity_curves(problem_best, item_best)
+    for tau in ("0.95", "0.90", "0.85", "0.80"):
+        at = curves["tau"].index(float(tau))
+        assert curves["similar"][at] == summary["per_tau"][tau]["similar"] == \
+            len((out / f"similar-tau{tau}.txt").read_text().split())
+        assert curves["removed_share"][at] == pytest.approx(100 * summary["per_tau"][tau]["removed"] / n)
+    assert curves["similar"][-1] == 1 and curves["removed_share"][-1] == pytest.approx(100 * 2 / n)
+    assert curves["similar"] == sorted(curves["similar"], reverse=True)  # a lower τ finds at least as many
+    assert (out / "similarity.png").stat().st_size > 20_000
+
+
 def test_a_rerun_reuses_the_scores_unless_what_they_depend_on_changed(planted, monkeypatch):
     from phi1.contamination import decontaminate
 

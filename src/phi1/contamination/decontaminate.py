@@ -18,6 +18,8 @@ Outputs in `stage.output/`:
   pruned-tau<τ>.jsonl    the training set without the items whose best τ ≥ τ (documents: {"id", "text"})
   similar-tau<τ>.txt / nonsimilar-tau<τ>.txt   benchmark task ids with / without such an item
                          (evaluate.py benchmark.<name>.task_ids=<file> scores a subset)
+  similarity.png         how close the set is, τ by τ: the problems with an item at τ or above and the share of
+                         items pruned there, the paper's points beside (and each problem's nearest embedding)
   table3.md + summary.json   paper Table 3's layout: counts per τ, pass@1 per subset for the evaluation runs
                          named in `stage.samples`, the paper's numbers beside
   scores.json            the scoring pass's result, reused by a rerun while the problems, the training set and
@@ -249,6 +251,9 @@ def run(cfg: DictConfig) -> dict:
         "per_tau": {f"{t:.2f}": v for t, v in per_tau.items()},
     }
     summary["table3"] = _table3(out, taus, per_tau, similar_by_tau, problems, stage, len(best))
+    problem_best = [max(h)[0] if h else 0.0 for h in top_tau]
+    _plot(out / "similarity.png", similarity_curves(problem_best, best), taus, stage, len(best),
+          None if nearest_l2 is None else [pairs[0][1] for pairs in nearest_l2 if pairs])
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _report(out / "report.md", problems, rows, keep_text, top_tau, stage, summary)
     log.info("decontaminate: %d items × %d problems %s in %.1f s (%.0f items/s); per τ %s", len(best),
@@ -320,6 +325,50 @@ def _table3(out: Path, taus, per_tau, similar_by_tau, problems, stage, n_train: 
             lines.append("| " + " | ".join(cells) + " |")
     (out / "table3.md").write_text("\n".join(lines) + "\n")
     return table
+
+
+def similarity_curves(problem_best: list[float], item_best, step: float = 0.005) -> dict[str, list[float]]:
+    """For τ from 0.7 to 1 (the paper reports 0.8-0.95): how many problems have a training item with an AST
+    match rate ≥ τ (Table 3's similar count), and what share of the items has one with a problem (the share
+    pruned at τ). A pair that was no LSH candidate counts as τ = 0, so both are lower bounds, close ones where
+    the candidates' recall was measured (98.4% of the pairs at τ ≥ 0.8, BENCHMARKS.md); lower τ is not drawn."""
+    taus = np.round(np.arange(0.7, 1 + step / 2, step), 4)
+    problem_best, item_best = np.sort(np.asarray(problem_best)), np.sort(np.asarray(item_best))
+    at_least = lambda values: len(values) - np.searchsorted(values, taus, side="left")  # noqa: E731
+    return {"tau": taus.tolist(), "similar": at_least(problem_best).tolist(),
+            "removed_share": (100 * at_least(item_best) / max(len(item_best), 1)).tolist()}
+
+
+def _plot(path: Path, curves: dict, taus: list[float], stage, n_train: int, nearest_l2: list[float] | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3 if nearest_l2 else 2, figsize=(15 if nearest_l2 else 10, 4.5))
+    paper = sorted(PAPER_TABLE3.items())
+    panels = [("similar", f"{stage.benchmark.name} problems with an item at τ or above",
+               [(t, v[0][0]) for t, v in paper], "paper: of HumanEval's 164"),
+              ("removed_share", f"{stage.train.name} items pruned at τ (% of {n_train:,})",
+               [(t, 100 * v[3] / 879_500) for t, v in paper if v[3]], "paper: of CodeExercises' 879.5K")]
+    for ax, (key, title, points, label) in zip(axes, panels):
+        ax.step(curves["tau"], curves[key], where="post", color="#2e7d32", label="ours")
+        ax.scatter(*zip(*points), color="#f28e2b", zorder=3, label=label)
+        for tau in taus:
+            ax.axvline(tau, color="grey", ls=":", lw=1)
+        ax.set(title=title, xlabel="AST match rate τ (§5.2)", xlim=(0.7, 1.0))
+        ax.legend(fontsize=8)
+    if nearest_l2:
+        ax = axes[2]
+        ax.hist(nearest_l2, bins=40, color="#8cd17d")
+        ax.axvline(stage.embed.threshold, color="grey", ls=":", lw=1)
+        ax.set(title="each problem's nearest item by embedding", xlabel="L2 distance of unit embeddings (§5.2)",
+               ylabel="problems")
+    fig.suptitle(f"Contamination: {stage.benchmark.name} vs {stage.train.name} (paper §5); dotted: stage.taus"
+                 + (", embed.threshold" if nearest_l2 else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _report(path: Path, problems, rows, keep_text, top_tau, stage, summary) -> None:
