@@ -230,7 +230,8 @@ def test_report_draws_every_figure_and_table_from_run_dirs(tmp_path):
                       {"experiment_name": "scaling", "model": {"name": model}, "budget": {"name": "76b"},
                        "data": {"name": data}, "phase": phase},
                       {"eval/humaneval/pass@1": p1 + (0.05 if model == "phi-1" else 0), "params": params,
-                       "eval/humaneval/solution_nll": 1.0 - p1, "device_hours": 10 * p1 * params / 1e8})
+                       "eval/humaneval/solution_nll": 1.0 - p1, "device_hours": 10 * p1 * params / 1e8,
+                       "data/epochs": 8.25 if data == "codetextbook" else 2.0})
     for ref, he, score in (("run:phi1_small", 0.3, 4.0), ("run:phi1_base/base-step024000.ckpt", 0.2, 3.1),
                            ("run:phi1", 0.5, 5.5)):
         _fake_run(out, f"emergence-{ref.replace(':', '-').replace('/', '-')}",
@@ -265,11 +266,11 @@ def test_report_draws_every_figure_and_table_from_run_dirs(tmp_path):
     assert (t3["similar"]["count"], t3["similar"]["phi-1"], t3["similar"]["retrained"]) == (4, 75.0, 25.0)
     assert t3["non-similar"]["phi-1"] == pytest.approx(100 / 6) and t3["non-similar"]["retrained"] == pytest.approx(200 / 6)
     fig = (report / "fig2_1.md").read_text()
-    assert ("| phi-1 | 76b | CodeTextbook → CodeExercises | 45.0 | 0.600 | 56 | 50.6 | 1 | "
+    assert ("| phi-1 | 76b | CodeTextbook → CodeExercises | 45.0 | 0.600 | 56 | 2.00 | 50.6 | 1 | "
             "scaling-phi-1-76b-codeexercises |" in fig)
     assert "- 76b tokens, CodeTextbook: phi-1 beats phi-1-small: in 1 of 1 seed (pass@1 +5.0)" in fig
     assert "phi-1 on 76b tokens took 1,090 GPU-hours" in fig and cell["device_hours"] == pytest.approx(56.0)
-    assert "| phi-1 | 76b | CodeTextbook | 25.0 |" in fig  # 0.2 + 0.05
+    assert "| phi-1 | 76b | CodeTextbook | 25.0 | 0.800 | 28 | 8.25 |" in fig  # 0.2 + 0.05; read ~8 times
     assert "phi-1-small (ours) | 40.0 | 30.0 |" in (report / "table2.md").read_text()
     assert "| 0.90 | similar | 4 (93) | 75.0 (63.4) | 25.0 (51.6) | 48.4 | phi1, pruning-phi-1-tau0.90 |" in \
         (report / "table3.md").read_text()

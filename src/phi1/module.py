@@ -151,9 +151,12 @@ class LanguageModel(L.LightningModule):
 
     def on_train_end(self) -> None:
         # Logged for W&B, whose run is finished when training ends, before train.py writes metrics.json: report.py
-        # reads a W&B run's device-hours from its summary.
+        # reads a W&B run's device-hours and passes over its data from its summary.
+        final = {"device_hours": self.device_hours()}
+        if (data := self.trainer.datamodule) is not None and hasattr(data, "passes"):
+            final["data/epochs"] = data.passes(self.global_step)
         for logger in self.loggers:
-            logger.log_metrics({"device_hours": self.device_hours()}, step=self.global_step)
+            logger.log_metrics(final, step=self.global_step)
 
     # The losses logged so far travel in the checkpoint: a resumed run reports the run's first loss, not the first
     # after its resume, and one resumed after its final step (which trains nothing) still has its final losses.

@@ -241,7 +241,8 @@ def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
             cell["paper_pass@1"] = PAPER_FIG21.get((m, b, arm)) if experiment == "scaling" else None
             table[f"{m}/{b}/{arm}"] = cell
             rows.append(f"| {m} | {b} | {label} | {_fmt_sd(cell, 'pass@1', 1)} | {_fmt_sd(cell, 'solution_nll', 3)} "
-                        f"| {_hours(cell['device_hours'])} | {_fmt(cell['paper_pass@1'])} | {len(seeds) or '–'} | "
+                        f"| {_hours(cell['device_hours'])} | {_fmt(cell['passes'], 2)} | {_fmt(cell['paper_pass@1'])} "
+                        f"| {len(seeds) or '–'} | "
                         f"{', '.join(r.name for r in _by_seed(seeds).values()) or '–'} |")
     metric, higher = PRIMARY[experiment]
     orderings = _orderings(cells, groups, arms, metric, higher)
@@ -250,12 +251,14 @@ def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
     paper_hours = {g: PAPER_FIG21_GPU_HOURS.get(g) for g in groups} if experiment == "scaling" else {}
     md = [f"# {title}", "",
           "pass@1 in %, greedy; solution NLL = mean per-token negative log-likelihood of the canonical solutions "
-          "(lower is better); device-hours = the run's training wall clock × devices, over all its resumes. "
+          "(lower is better); device-hours = the run's training wall clock × devices, over all its resumes; "
+          "passes = how many times the run read its training data (a finetune: its own data), the repetition "
+          "the paper's budgets imply (phi-1-base: 51B tokens, ~8 passes over CodeTextbook's ~7B). "
           "A cell run with several seeds: their mean ± sample standard deviation. "
           "Paper: the values its text gives (DESIGN §3)"
           + "".join(f"; {m} on {b} tokens took {h:,} GPU-hours" for (m, b), h in paper_hours.items() if h) + ".", "",
-          "| model | tokens | data | pass@1 | solution NLL | device-hours | paper pass@1 | seeds | runs |",
-          "|---|---|---|---|---|---|---|---|---|", *rows, "",
+          "| model | tokens | data | pass@1 | solution NLL | device-hours | passes | paper pass@1 | seeds | runs |",
+          "|---|---|---|---|---|---|---|---|---|---|", *rows, "",
           f"## Orderings, seed by seed ({'pass@1' if metric == 'pass@1' else 'solution NLL'})", "",
           "Each comparison pairs the two cells' runs of the same seed (same initialisation and data order) and "
           "counts the seeds where the paper's ordering holds; the difference is the mean ± sd over those seeds.",
@@ -276,7 +279,7 @@ def _by_seed(seeds: dict) -> dict:
 def _values(run: Run) -> dict:
     return {"pass@1": _pct(run.metrics.get("eval/humaneval/pass@1")),
             "solution_nll": run.metrics.get("eval/humaneval/solution_nll"),
-            "device_hours": run.metrics.get("device_hours")}
+            "device_hours": run.metrics.get("device_hours"), "passes": run.metrics.get("data/epochs")}
 
 
 def _mean_sd(values: list) -> tuple[float | None, float | None]:
@@ -290,9 +293,9 @@ def _cell(seeds: dict) -> dict:
     """A cell's numbers: the mean over its seeds (sd where there are several), each seed's, and the runs."""
     per_seed = {s: _values(r) for s, r in _by_seed(seeds).items()}
     cell = {}
-    for key in ("pass@1", "solution_nll", "device_hours"):
+    for key in ("pass@1", "solution_nll", "device_hours", "passes"):
         cell[key], sd = _mean_sd([v[key] for v in per_seed.values()])
-        if key != "device_hours":
+        if key in ("pass@1", "solution_nll"):
             cell[f"{key}_sd"] = sd
     cell.update(seeds=list(per_seed), per_seed=per_seed, runs=[r.where for r in _by_seed(seeds).values()])
     return cell

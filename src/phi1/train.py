@@ -261,7 +261,7 @@ def train(cfg: DictConfig) -> dict:
         "steps": trainer.global_step,
         "tokens": trainer.global_step * plan.tokens_per_step,
         "params": p["total"],
-        "data/epochs": round(trainer.global_step * cfg.batch.global_size / len(data.train_set), 4),
+        "data/epochs": data.passes(trainer.global_step),
         "elapsed_s": round(time.perf_counter() - t0, 1),
         "device_hours": module.device_hours(),
     })
