@@ -688,12 +688,13 @@ def test_report_draws_the_losses_and_evaluations_of_wandb_runs_from_their_histor
     preempted = [train(s, 8 - 0.1 * s) for s in range(6)] + [{"trainer/global_step": 5, "val/loss": 7.9}]
     preempted += [train(s, 7 - 0.1 * s) for s in range(4, 10)] + [{"trainer/global_step": 9, "val/loss": 6.5}]
 
-    def run(id, data, rows):
+    def run(id, data, rows, **extra):
         cfg = {"run_name": f"mini-tiny-{data}-s1", "experiment_name": "mini", "model": {"name": "tiny"},
                "budget": {"name": "mini"}, "data": {"name": data, "seq_len": 256}, "batch": {"global_size": 32},
-               "seed": 1}
+               "seed": 1, **extra}
+        # As W&B keeps it: the last step Lightning logged, no `tokens` (metrics.json's).
         return types.SimpleNamespace(id=id, name=id, config={"cfg": cfg}, scan_history=history(id, rows),
-                                     summary={"eval/humaneval/solution_nll": 5.0, "tokens": 10 * 32 * 256})
+                                     summary={"eval/humaneval/solution_nll": 5.0, "trainer/global_step": 10})
 
     # A finetune evaluated at each checkpoint, the best (step 2000) kept; step 3000 evaluated again after a resume.
     evaluated = [{"trainer/global_step": s, "eval/humaneval/pass@1": p, "eval/humaneval/solution_nll": n}
@@ -705,20 +706,24 @@ def test_report_draws_the_losses_and_evaluations_of_wandb_runs_from_their_histor
 
     class Api:
         def runs(self, path, filters):
-            return [run("a1", "stdlib_filtered", preempted), run("b2", "stdlib", None), phi1]
+            return [run("a1", "stdlib_filtered", preempted), run("b2", "stdlib", None), phi1,
+                    run("f3", "stdlib_exercises", [train(s, 5 - 0.1 * s) for s in range(3)],
+                        init_from="run:mini-tiny-stdlib_filtered-s1")]
 
     monkeypatch.setattr(wandb, "Api", Api)
     (tmp_path / "outputs").mkdir()
     cfg = OmegaConf.create({"runs_dir": str(tmp_path / "outputs"), "out": str(tmp_path / "report"),
                             "decontaminate_dir": str(tmp_path / "none"), "wandb": "me/phi1"})
-    (a1, _, _) = report.wandb_runs("me/phi1")
+    (a1, *_) = report.wandb_runs("me/phi1")
     assert a1.losses() == {"train/loss": [(s, pytest.approx(8 - 0.1 * s)) for s in range(4)]
                            + [(s, pytest.approx(7 - 0.1 * s)) for s in range(4, 10)], "val/loss": [(9, 6.5)]}
     assert ("a1", ("_step", "trainer/global_step", "val/loss")) in asked  # the full history, key by key
     with caplog.at_level(logging.WARNING, logger=report.log.name):
         result = report.report(cfg)
     drawn = result["mini_fig2_1"]["curves"]["runs"]
-    assert list(drawn) == ["mini-tiny-stdlib_filtered-s1"]
+    assert list(drawn) == ["mini-tiny-stdlib_filtered-s1", "mini-tiny-stdlib_exercises-s1"]
+    # The finetune's line continues its base's: 10 steps × 32 × 256 tokens in.
+    assert drawn["mini-tiny-stdlib_exercises-s1"]["start_tokens"] == 10 * 32 * 256
     assert (drawn["mini-tiny-stdlib_filtered-s1"]["train_points"], drawn["mini-tiny-stdlib_filtered-s1"]["val_points"],
             drawn["mini-tiny-stdlib_filtered-s1"]["run"]) == (10, 1, "wandb:me/phi1/a1")
     assert (tmp_path / "report" / "mini_fig2_1_curves.png").stat().st_size > 10_000

@@ -593,7 +593,8 @@ def _start_tokens(run: Run, by_name: dict[str, Run]) -> int:
     step = re.search(r"step(\d+)", file)
     if step and _tokens_per_step(base):
         return int(step.group(1)) * _tokens_per_step(base)
-    return int(base.metrics.get("tokens") or 0)
+    # A W&B run's summary has no `tokens` (metrics.json has): its last step, which Lightning logs with every metric.
+    return int(base.metrics.get("tokens") or (base.metrics.get("trainer/global_step") or 0) * _tokens_per_step(base))
 
 
 def _curves(path: Path, experiment: str, groups, labels, arms: dict, cells: dict, runs: list[Run]) -> dict | None:
