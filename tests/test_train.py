@@ -87,7 +87,8 @@ def test_pretraining_loss_falls_and_writes_its_outputs(pretrained):
     assert max(lr.values()) == pytest.approx(3e-3) and lr[max(lr)] < 3e-4
     hours = column(rows, "device_hours")  # also what W&B's summary gets: its run is finished before metrics.json
     assert list(hours) == [24] and 0 < hours[24] <= metrics["device_hours"] < hours[24] + 5 / 3600
-    assert column(rows, "data/epochs") == {24: pytest.approx(metrics["data/epochs"])}  # and the passes
+    for key in ("data/epochs", "tokens", "params"):  # and what report.py places and labels a W&B run by
+        assert column(rows, key) == {24: pytest.approx(metrics[key])}, key
 
 
 def test_hf_export_gives_the_checkpoints_logits(pretrained, tmp_path):

@@ -151,8 +151,9 @@ class LanguageModel(L.LightningModule):
 
     def on_train_end(self) -> None:
         # Logged for W&B, whose run is finished when training ends, before train.py writes metrics.json: report.py
-        # reads a W&B run's device-hours and passes over its data from its summary.
-        final = {"device_hours": self.device_hours()}
+        # reads what it places and labels a W&B run by from its summary (metrics.json's names).
+        tokens = self.global_step * self.cfg.batch.global_size * self.cfg.data.seq_len
+        final = {"device_hours": self.device_hours(), "tokens": tokens, "params": self.params["total"]}
         if (data := self.trainer.datamodule) is not None and hasattr(data, "passes"):
             final["data/epochs"] = data.passes(self.global_step)
         for logger in self.loggers:

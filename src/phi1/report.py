@@ -401,7 +401,7 @@ def _group_label(cells, group, paper_hours: float | None = None) -> str:
     rs = _group_runs(cells, group)
     params = max((r.metrics.get("params", 0) for r in rs), default=0)
     pretraining = [r for r in rs if r.get("phase") != "finetune"]
-    tokens = max((r.metrics.get("tokens", 0) for r in pretraining), default=0)
+    tokens = max((_tokens(r) for r in pretraining), default=0)
     hours = max((r.metrics["device_hours"] for r in pretraining if "device_hours" in r.metrics), default=None)
     return (f"{group[0]}" + (f" ({_human(params)} params)" if params else "") + "\n"
             + (f"{_human(tokens)} tokens" if tokens else f"{group[1]} tokens")
@@ -593,8 +593,13 @@ def _start_tokens(run: Run, by_name: dict[str, Run]) -> int:
     step = re.search(r"step(\d+)", file)
     if step and _tokens_per_step(base):
         return int(step.group(1)) * _tokens_per_step(base)
-    # A W&B run's summary has no `tokens` (metrics.json has): its last step, which Lightning logs with every metric.
-    return int(base.metrics.get("tokens") or (base.metrics.get("trainer/global_step") or 0) * _tokens_per_step(base))
+    return _tokens(base)
+
+
+def _tokens(run: Run) -> int:
+    """Tokens the run trained on: metrics.json's, or a W&B summary's (logged since 2026-11-23; before, its last
+    step, which Lightning logs with every metric, × tokens per step)."""
+    return int(run.metrics.get("tokens") or (run.metrics.get("trainer/global_step") or 0) * _tokens_per_step(run))
 
 
 def _curves(path: Path, experiment: str, groups, labels, arms: dict, cells: dict, runs: list[Run]) -> dict | None:
