@@ -252,7 +252,7 @@ def run(cfg: DictConfig) -> dict:
     }
     summary["table3"] = _table3(out, taus, per_tau, similar_by_tau, problems, stage, len(best))
     problem_best = [max(h)[0] if h else 0.0 for h in top_tau]
-    _plot(out / "similarity.png", similarity_curves(problem_best, best), taus, stage, len(best),
+    _plot(out / "similarity.png", similarity_curves(problem_best, best, min(0.7, *taus)), taus, stage, len(best),
           None if nearest_l2 is None else [pairs[0][1] for pairs in nearest_l2 if pairs])
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _report(out / "report.md", problems, rows, keep_text, top_tau, stage, summary)
@@ -327,12 +327,12 @@ def _table3(out: Path, taus, per_tau, similar_by_tau, problems, stage, n_train: 
     return table
 
 
-def similarity_curves(problem_best: list[float], item_best, step: float = 0.005) -> dict[str, list[float]]:
-    """For τ from 0.7 to 1 (the paper reports 0.8-0.95): how many problems have a training item with an AST
-    match rate ≥ τ (Table 3's similar count), and what share of the items has one with a problem (the share
-    pruned at τ). A pair that was no LSH candidate counts as τ = 0, so both are lower bounds, close ones where
-    the candidates' recall was measured (98.4% of the pairs at τ ≥ 0.8, BENCHMARKS.md); lower τ is not drawn."""
-    taus = np.round(np.arange(0.7, 1 + step / 2, step), 4)
+def similarity_curves(problem_best: list[float], item_best, low: float = 0.7, step: float = 0.005) -> dict:
+    """For τ from `low` (0.7, or a lower stage.taus) to 1 (the paper reports 0.8-0.95): how many problems have
+    a training item with an AST match rate ≥ τ (Table 3's similar count), and what share of the items has one
+    with a problem (the share pruned at τ). A pair that was no LSH candidate counts as τ = 0, so both are lower
+    bounds, close ones where the candidates' recall was measured (98.4% of the pairs at τ ≥ 0.8, BENCHMARKS.md)."""
+    taus = np.round(np.arange(low, 1 + step / 2, step), 4)
     problem_best, item_best = np.sort(np.asarray(problem_best)), np.sort(np.asarray(item_best))
     at_least = lambda values: len(values) - np.searchsorted(values, taus, side="left")  # noqa: E731
     return {"tau": taus.tolist(), "similar": at_least(problem_best).tolist(),
@@ -356,7 +356,7 @@ def _plot(path: Path, curves: dict, taus: list[float], stage, n_train: int, near
         ax.scatter(*zip(*points), color="#f28e2b", zorder=3, label=label)
         for tau in taus:
             ax.axvline(tau, color="grey", ls=":", lw=1)
-        ax.set(title=title, xlabel="AST match rate τ (§5.2)", xlim=(0.7, 1.0))
+        ax.set(title=title, xlabel="AST match rate τ (§5.2)", xlim=(curves["tau"][0], 1.0))
         ax.legend(fontsize=8)
     if nearest_l2:
         ax = axes[2]
