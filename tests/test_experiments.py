@@ -834,6 +834,38 @@ def test_report_reads_the_samples_of_wandb_runs_from_their_tables(tmp_path, monk
     assert set(result["emergence_problems"]) == {"phi-1 vs phi-1-small/humaneval"}  # phi-1-base's left out
 
 
+def test_report_reads_a_run_logged_to_wandb_from_its_folder_when_it_has_one(tmp_path, monkeypatch):
+    """`report.py wandb=...` with the default runs_dir: a run logged online from a folder under it is in both
+    places. It counts once, read from its folder (CSV logs, per-problem NLLs: more than W&B holds)."""
+    import types
+
+    import wandb
+
+    from phi1 import report
+
+    out = tmp_path / "outputs"
+    cfg = {"experiment_name": "mini", "model": {"name": "tiny"}, "budget": {"name": "mini"}, "seed": 1}
+    here = _fake_run(out, "mini-tiny-stdlib-s1", {**cfg, "data": {"name": "stdlib"}},
+                     {"eval/humaneval/solution_nll": 5.5})
+    (here / "wandb" / "run-20261123_101500-abc123").mkdir(parents=True)
+
+    def remote(id, data, nll):
+        config = {"cfg": {**cfg, "run_name": f"mini-tiny-{data}-s1", "data": {"name": data}}}
+        return types.SimpleNamespace(id=id, name=id, summary={"eval/humaneval/solution_nll": nll}, config=config,
+                                     scan_history=lambda keys, **_: [])
+
+    class Api:
+        def runs(self, path, filters):
+            return [remote("abc123", "stdlib", 9.9), remote("def456", "stdlib_filtered", 5.4)]
+
+    monkeypatch.setattr(wandb, "Api", Api)
+    result = report.report(OmegaConf.create({"runs_dir": str(out), "out": str(tmp_path / "report"),
+                                             "decontaminate_dir": str(tmp_path / "none"), "wandb": "me/phi1"}))
+    cells = result["mini_fig2_1"]["cells"]
+    assert (cells["tiny/mini/stdlib"]["solution_nll"], cells["tiny/mini/stdlib"]["runs"]) == (5.5, [str(here)])
+    assert cells["tiny/mini/stdlib_filtered"]["runs"] == ["wandb:me/phi1/def456"]
+
+
 def test_wandb_without_a_key_is_named_not_a_traceback(tmp_path, monkeypatch):
     """report.py wandb=... and a wandb: checkpoint reference need W&B's API; without a key the user is told so
     in one line (phi1.errors), not in W&B's stack."""

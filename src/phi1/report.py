@@ -934,7 +934,13 @@ def report(cfg: DictConfig) -> dict:
     before = _figures(out)
     runs = local_runs(Path(cfg.runs_dir))
     if cfg.wandb:
-        runs += wandb_runs(cfg.wandb, out / "wandb")
+        # A run logged to W&B from a folder under runs_dir is read from its folder, which holds more (CSV logs,
+        # per-problem solution NLLs): its W&B ids are the suffixes of its wandb/(offline-)run-<time>-<id>.
+        here = {folder.name.rsplit("-", 1)[1] for r in runs for folder in (r.dir / "wandb").glob("*run-*-*")}
+        remote = wandb_runs(cfg.wandb, out / "wandb")
+        runs += [r for r in remote if r.wandb_run.id not in here]
+        if skipped := sum(r.wandb_run.id in here for r in remote):
+            log.info("%d W&B runs are run folders under %s too: read from their folders", skipped, cfg.runs_dir)
     log.info("%d finished runs (%s%s)", len(runs), cfg.runs_dir, f", wandb:{cfg.wandb}" if cfg.wandb else "")
     result = {"fig2_1": scaling(runs, "scaling", out), "mini_fig2_1": scaling(runs, "mini", out),
               "emergence": emergence(runs, out), "emergence_problems": emergence_problems(runs, out),
