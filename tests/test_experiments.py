@@ -728,9 +728,9 @@ def test_report_draws_the_losses_and_evaluations_of_wandb_runs_from_their_histor
             drawn["mini-tiny-stdlib_filtered-s1"]["run"]) == (10, 1, "wandb:me/phi1/a1")
     assert (tmp_path / "report" / "mini_fig2_1_curves.png").stat().st_size > 10_000
     assert "wandb:me/phi1/b2: history unreadable (CommError: 502 Bad Gateway)" in caplog.text
-    # Per-problem solution NLLs are not logged to W&B: what needs them says so, once per run, not a blank cell.
-    assert caplog.text.count("wandb:me/phi1/a1 (mini-tiny-stdlib_filtered-s1): a W&B run, which keeps no "
-                             "solution_nll.jsonl") == 1
+    # A run logged before its per-problem NLLs went to W&B: what needs them says so, once per run, not a blank cell.
+    assert caplog.text.count("wandb:me/phi1/a1 (mini-tiny-stdlib_filtered-s1): no eval/humaneval/solution_nll_table "
+                             "in its W&B history") == 1
     evaluations = result["evaluations"]
     assert list(evaluations) == ["phi1"] and evaluations["phi1"]["best_step"] == 2000
     assert evaluations["phi1"]["history"] == [
@@ -753,15 +753,21 @@ def test_report_reads_the_samples_of_wandb_runs_from_their_tables(tmp_path, monk
     downloads = []
 
     def wandb_run(id, name, cfg, summary, tables):
-        """tables: [(trainer/global_step or None, {task: passed})], in the order they were logged."""
+        """tables: [(trainer/global_step or None, {task: passed})], in the order they were logged, each with the
+        per-problem NLL terms: 1 + passed nats over 2 tokens."""
         files, rows = {}, []
         for i, (step, passed) in enumerate(tables):
-            path = f"media/table/eval/humaneval/samples_table_{i}_{id}{i}.table.json"
-            files[path] = {"columns": ["task_id", "completion", "passed", "result"],
-                           "data": [[t, f"    return {t[-1]}  # {name}\n", ok, "passed" if ok else "failed: x"]
-                                    for t, ok in passed.items()]}
-            rows.append({"_step": i, **({"trainer/global_step": step} if step is not None else {}),
-                         "eval/humaneval/samples_table": {"_type": "table-file", "path": path, "nrows": len(passed)}})
+            row = {"_step": i, **({"trainer/global_step": step} if step is not None else {})}
+            for table, columns, data in (
+                    ("samples_table", ["task_id", "completion", "passed", "result"],
+                     [[t, f"    return {t[-1]}  # {name}\n", ok, "passed" if ok else "failed: x"]
+                      for t, ok in passed.items()]),
+                    ("solution_nll_table", ["task_id", "nats", "tokens"],
+                     [[t, 1.0 + ok, 2] for t, ok in passed.items()])):
+                path = f"media/table/eval/humaneval/{table}_{i}_{id}{i}.table.json"
+                files[path] = {"columns": columns, "data": data}
+                row[f"eval/humaneval/{table}"] = {"_type": "table-file", "path": path, "nrows": len(data)}
+            rows.append(row)
 
         def scan_history(keys, **_):
             return [row for row in rows if all(k in row for k in keys)]
@@ -816,6 +822,8 @@ def test_report_reads_the_samples_of_wandb_runs_from_their_tables(tmp_path, monk
     # The finetune's samples are those of its kept step (3 of 5 passed), not its last (2 of 5).
     (_, _, _, f1) = report.wandb_runs("me/phi1", tmp_path / "report" / "wandb")
     assert report.pass_rates(str(report._samples(f1, "humaneval"))) == {t: float(i < 3) for i, t in enumerate(tasks)}
+    # and its per-problem solution NLL terms, those of the same step
+    assert report._per_problem(f1, "solution_nll") == {t: (1.0 + (i < 3), 2) for i, t in enumerate(tasks)}
     # A report made again reads what it downloaded: no request for a table it has.
     downloads.clear()
     report.report(cfg)

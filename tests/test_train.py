@@ -478,6 +478,21 @@ def test_runs_in_one_process_log_to_their_own_wandb_runs(small_cfg, tmp_path):
     assert all((folder / f"run-{i}.wandb").stat().st_size > 0 for folder, i in zip((first, second), ids))
 
 
+def test_an_evaluation_logs_its_per_problem_terms_to_wandb(small_cfg, tmp_path):
+    """What report.py reads of a W&B run problem by problem: each evaluation's samples table and its solution NLL
+    terms, row for row those of the run folder's solution_nll.jsonl."""
+    train(small_cfg(*FAST, "logger=wandb", "budget.max_steps=2", run_dir=tmp_path / "run"))
+    (folder,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    tables = folder / "files" / "media" / "table" / "eval" / "humaneval"
+    (nll,) = tables.glob("solution_nll_table_*.table.json")
+    logged = json.loads(nll.read_text())
+    terms = [json.loads(line) for line in (tmp_path / "run" / "eval" / "step000002" / "humaneval" /
+                                           "solution_nll.jsonl").read_text().splitlines()]
+    assert logged["columns"] == ["task_id", "nats", "tokens"] and len(terms) == 4  # the test config's problems
+    assert [dict(zip(logged["columns"], row)) for row in logged["data"]] == terms
+    assert len(list(tables.glob("samples_table_*.table.json"))) == 1
+
+
 def test_a_resumed_run_continues_its_online_wandb_run(small_cfg, tmp_path, monkeypatch):
     """A preempted run is one W&B run: the resume passes the previous online segment's id to wandb.init. Nothing
     reaches a server here, so wandb.init records its arguments and stops the run."""

@@ -298,9 +298,21 @@ def _grade(cfg: DictConfig, problem_sets: dict, tables: dict, run_dir: Path) -> 
 SAMPLE_COLUMNS = ["task_id", "completion", "passed", "result"]
 
 
-def samples_table(rows: list[dict]) -> tuple[list[str], list[list]]:
-    """(columns, data) of a W&B table of scored samples."""
-    return SAMPLE_COLUMNS, [[r[c] for c in SAMPLE_COLUMNS] for r in rows]
+NLL_COLUMNS = ["task_id", "nats", "tokens"]
+
+
+def wandb_tables(tables: dict[str, list[dict]], out_dir: Path) -> dict[str, tuple[list[str], list[list]]]:
+    """{key: (columns, data)} of an evaluation's W&B tables: each benchmark's scored samples and, where it was
+    computed, its per-problem solution NLL terms: what report.py reads of a W&B run problem by problem
+    (Table 3, emergence, the bootstrap intervals of pass@1 and of the NLL)."""
+    result = {}
+    for name, rows in tables.items():
+        result[f"eval/{name}/samples_table"] = (SAMPLE_COLUMNS, [[r[c] for c in SAMPLE_COLUMNS] for r in rows])
+        path = out_dir / name / "solution_nll.jsonl"
+        if path.exists():
+            terms = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            result[f"eval/{name}/solution_nll_table"] = (NLL_COLUMNS, [[t[c] for c in NLL_COLUMNS] for t in terms])
+    return result
 
 
 def _log_wandb(cfg: DictConfig, metrics: dict, tables: dict, env: dict) -> None:
@@ -317,6 +329,5 @@ def _log_wandb(cfg: DictConfig, metrics: dict, tables: dict, env: dict) -> None:
                     config={"cfg": OmegaConf.to_container(cfg, resolve=True),
                             "environment": env}) as run:
         run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        for name, rows in tables.items():
-            columns, data = samples_table(rows)
-            run.log({f"eval/{name}/samples_table": wandb.Table(columns=columns, data=data)})
+        for key, (columns, data) in wandb_tables(tables, Path(cfg.paths.run_dir)).items():
+            run.log({key: wandb.Table(columns=columns, data=data)})

@@ -17,7 +17,7 @@ train.py and evaluate.py) and, with `wandb=<entity>/<project>`, the runs logged 
   evaluations.{png,md}  every run evaluated more than once while training (a finetune at each checkpoint,
                       paper §2.3): pass@1 and solution NLL per evaluation, the checkpoint it kept marked
   report.json         every number above with the runs it came from
-  wandb/<run id>/     the samples tables of W&B runs that a per-problem number needed, downloaded once
+  wandb/<run id>/     the tables of W&B runs (samples, per-problem NLLs) a per-problem number needed, downloaded once
 Each table names the run behind each number; a section without runs says which command makes them.
 """
 
@@ -86,7 +86,7 @@ class Run:
     environments: list = field(default_factory=list)  # what it ran on (phi1.environment), oldest first
     wandb_run: object = None  # a W&B run (wandb.apis.public.Run): its history holds the losses and evaluations
     cache: Path | None = None  # where a W&B run's samples tables are downloaded to (the report's folder)
-    tables: dict = field(default_factory=dict)  # benchmark -> its samples found there (one lookup per report)
+    tables: dict = field(default_factory=dict)  # (benchmark, file) -> the file made of its W&B table, or None
 
     def losses(self) -> dict[str, list[tuple[int, float]]]:
         """The logged train/loss and val/loss as [(step, value)]: from the run dir's CSV logs, or from the W&B
@@ -201,13 +201,11 @@ def _samples(run: Run, bench: str, file: str = "samples.jsonl") -> Path | None:
     evaluation: of its best checkpoint when one was kept, else the last; an evaluate.py run keeps them in
     <run>/<bench>/."""
     if run.dir is None:
-        if run.wandb_run is not None and file == "samples.jsonl":
-            if bench not in run.tables:
-                run.tables[bench] = wandb_samples(run, bench)
-            return run.tables[bench]
-        _warn_once(f"{run.where} ({run.name}): a W&B run, which keeps no {file}: its per-problem numbers that need "
-                   "it need its run folder (report.py runs_dir=<the folder of run folders>)")
-        return None
+        if run.wandb_run is None:
+            return None
+        if (bench, file) not in run.tables:
+            run.tables[bench, file] = wandb_table(run, bench, file)
+        return run.tables[bench, file]
     if (run.dir / bench / file).exists():
         return run.dir / bench / file
     best = run.metrics.get("eval/best")
@@ -513,32 +511,39 @@ def wandb_evaluations(run, where: str, keys: list[str]) -> list[dict] | None:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def wandb_samples(run: Run, bench: str) -> Path | None:
-    """A W&B run's samples of `bench` as samples.jsonl: the table logged at its kept checkpoint's step when it
-    kept one (`eval/best_step`), else the last one logged (train.py logs one per evaluation, evaluate.py one).
-    Downloaded once into the run's cache folder under the table's W&B name, which holds its step and hash: a
-    step evaluated again after a resume logged another table, and a report run again reads the file it has."""
+# The W&B table an evaluation logs (phi1.evaluate.wandb_tables) for each file it writes in a run folder.
+WANDB_TABLES = {"samples.jsonl": "samples_table", "solution_nll.jsonl": "solution_nll_table"}
+
+
+def wandb_table(run: Run, bench: str, file: str) -> Path | None:
+    """A W&B run's `file` of `bench` (samples.jsonl, solution_nll.jsonl) made of the table it logged: at its kept
+    checkpoint's step when it kept one (`eval/best_step`), else the last one (train.py logs one per evaluation,
+    evaluate.py one). Downloaded once into the run's cache folder under the table's W&B name, which holds its
+    step and hash: a step evaluated again after a resume logged another table, and a report made again reads
+    the file it has."""
     import wandb
 
-    key, step = f"eval/{bench}/samples_table", "trainer/global_step"
+    key, step = f"eval/{bench}/{WANDB_TABLES[file]}", "trainer/global_step"
     if run.cache is None:
         return None
     try:
         rows = list(run.wandb_run.scan_history(keys=[step, key])) or list(run.wandb_run.scan_history(keys=[key]))
         if not rows:
+            _warn_once(f"{run.where} ({run.name}): no {key} in its W&B history (logged since 2026-11-23): the "
+                       "per-problem numbers that need it need the run's folder (report.py runs_dir=...)")
             return None
         best = run.metrics.get("eval/best_step")
         table = next((r for r in reversed(rows) if best is not None and r.get(step) == best), rows[-1])[key]
-        path = run.cache / table["path"].replace(".table.json", ".samples.jsonl")
+        path = run.cache / table["path"].replace(".table.json", ".jsonl")
         if not path.exists():
             run.wandb_run.file(table["path"]).download(root=str(run.cache), replace=True).close()
             logged = json.loads((run.cache / table["path"]).read_text())
-            samples = [dict(zip(logged["columns"], row)) for row in logged["data"]]
+            rows = [dict(zip(logged["columns"], row)) for row in logged["data"]]
             part = path.with_suffix(".part")  # a report killed here leaves no half file to be read next time
-            part.write_text("".join(json.dumps(sample) + "\n" for sample in samples))
+            part.write_text("".join(json.dumps(row) + "\n" for row in rows))
             part.replace(path)
             (run.cache / table["path"]).unlink()
-            log.info("%s: %d %s samples downloaded into %s", run.where, len(samples), bench, path)
+            log.info("%s: %s of %s (%d rows) downloaded into %s", run.where, file, bench, len(rows), path)
     except (wandb.errors.Error, OSError, ValueError, TypeError, KeyError) as e:
         _warn_once(f"{run.where} ({run.name}): {key} unreadable ({type(e).__name__}: {e}); the per-problem numbers "
                    "that need it are left out")

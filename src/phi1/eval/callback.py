@@ -106,25 +106,24 @@ class Evaluation(Callback):
         if step == self._last_step:
             return
         self._last_step = step
-        from phi1.evaluate import evaluate_model, samples_table
+        from phi1.evaluate import evaluate_model, wandb_tables
 
         model = pl_module.model
         training = model.training
         model.eval()
+        out_dir = self.run_dir / "eval" / f"step{step:06d}"
         with torch.no_grad(), trainer.precision_plugin.forward_context():
             metrics, tables = evaluate_model(
                 model, trainer.datamodule.tokenizer, self.cfg.benchmarks, self.problems, self.cfg.generation,
-                self.sandbox, self.cfg.ks, self.run_dir / "eval" / f"step{step:06d}", self.cfg.solution_nll,
-                ranks=self._ranks(trainer),
+                self.sandbox, self.cfg.ks, out_dir, self.cfg.solution_nll, ranks=self._ranks(trainer),
             )
         model.train(training)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
                 if isinstance(logger, WandbLogger):
-                    for name, rows in tables.items():
-                        columns, data = samples_table(rows)
-                        logger.log_table(f"eval/{name}/samples_table", columns=columns, data=data, step=step)
+                    for key, (columns, data) in wandb_tables(tables, out_dir).items():
+                        logger.log_table(key, columns=columns, data=data, step=step)
             self.history.append({"step": step, **metrics})
             (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "eval" / "history.json").write_text(json.dumps(self.history, indent=2) + "\n")
