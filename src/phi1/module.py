@@ -154,7 +154,7 @@ class LanguageModel(L.LightningModule):
         # reads what it places and labels a W&B run by from its summary (metrics.json's names).
         tokens = self.global_step * self.cfg.batch.global_size * self.cfg.data.seq_len
         final = {"device_hours": self.device_hours(), "tokens": tokens, "params": self.params["total"]}
-        if (data := self.trainer.datamodule) is not None and hasattr(data, "passes"):
+        if (data := self.trainer.datamodule) is not None:
             final["data/epochs"] = data.passes(self.global_step)
         for logger in self.loggers:
             logger.log_metrics(final, step=self.global_step)

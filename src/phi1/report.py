@@ -495,17 +495,24 @@ def losses(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
+def _wandb_errors() -> tuple[type[Exception], ...]:
+    """What reading a W&B run's history or files can raise: the API's errors (a 502, a run deleted), an answer
+    not shaped as logged, a download that cannot be written."""
+    import wandb
+
+    return wandb.errors.Error, OSError, ValueError, TypeError, KeyError
+
+
 def wandb_evaluations(run, where: str, keys: list[str]) -> list[dict] | None:
     """A W&B run's evaluations during training, one entry per step (a step evaluated again after a resume: the
     later one), as eval/history.json holds them."""
-    import wandb
 
     step, by_step = "trainer/global_step", {}
     try:
         for key in keys:
             for row in run.scan_history(keys=[step, key]):
                 by_step.setdefault(int(row[step]), {"step": int(row[step])})[key] = float(row[key])
-    except (wandb.errors.Error, ValueError, TypeError, KeyError) as e:
+    except _wandb_errors() as e:
         log.warning("%s: history unreadable (%s: %s); left out of evaluations.png", where, type(e).__name__, e)
         return None
     return [by_step[s] for s in sorted(by_step)]
@@ -521,7 +528,6 @@ def wandb_table(run: Run, bench: str, file: str) -> Path | None:
     evaluate.py one). Downloaded once into the run's cache folder under the table's W&B name, which holds its
     step and hash: a step evaluated again after a resume logged another table, and a report made again reads
     the file it has."""
-    import wandb
 
     key, step = f"eval/{bench}/{WANDB_TABLES[file]}", "trainer/global_step"
     if run.cache is None:
@@ -538,13 +544,12 @@ def wandb_table(run: Run, bench: str, file: str) -> Path | None:
         if not path.exists():
             run.wandb_run.file(table["path"]).download(root=str(run.cache), replace=True).close()
             logged = json.loads((run.cache / table["path"]).read_text())
-            rows = [dict(zip(logged["columns"], row)) for row in logged["data"]]
             part = path.with_suffix(".part")  # a report killed here leaves no half file to be read next time
-            part.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            part.write_text("".join(json.dumps(dict(zip(logged["columns"], row))) + "\n" for row in logged["data"]))
             part.replace(path)
             (run.cache / table["path"]).unlink()
-            log.info("%s: %s of %s (%d rows) downloaded into %s", run.where, file, bench, len(rows), path)
-    except (wandb.errors.Error, OSError, ValueError, TypeError, KeyError) as e:
+            log.info("%s: %s of %s (%d rows) downloaded into %s", run.where, file, bench, len(logged["data"]), path)
+    except _wandb_errors() as e:
         _warn_once(f"{run.where} ({run.name}): {key} unreadable ({type(e).__name__}: {e}); the per-problem numbers "
                    "that need it are left out")
         return None
@@ -556,7 +561,6 @@ def wandb_losses(run, where: str) -> dict[str, list[tuple[int, float]]]:
     samples 500 rows). Lightning logs each row with `trainer/global_step`. A run resumed online logs into the
     same W&B run (phi1.monitoring), so its history holds both segments in the order they ran: a new segment
     begins where a loss's step goes back, and is spliced as a CSV segment is."""
-    import wandb
 
     step = "trainer/global_step"
     rows = []
@@ -564,7 +568,7 @@ def wandb_losses(run, where: str) -> dict[str, list[tuple[int, float]]]:
         for key in LOSSES:
             rows += [(int(row["_step"]), int(row[step]), key, float(row[key]))
                      for row in run.scan_history(keys=["_step", step, key])]
-    except (wandb.errors.Error, ValueError, TypeError, KeyError) as e:
+    except _wandb_errors() as e:
         log.warning("%s: history unreadable (%s: %s); its losses are left out of the curves", where,
                     type(e).__name__, e)
         return {key: [] for key in LOSSES}
