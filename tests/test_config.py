@@ -175,6 +175,20 @@ def test_budget_and_batch_arithmetic_is_derived(tmp_path):
     assert (p.max_steps, p.accumulate, p.tokens) == (100, 8, 1_638_400)
 
 
+
+def test_a_warmup_as_long_as_the_run_is_named(tmp_path, caplog):
+    # budget=smoke: 819,200 / (32 × 256) = 100 steps; warmup 400 reaches 100 / 400 of the peak LR 3e-3.
+    cfg = make_cfg(["optim.warmup_steps=400"], run_dir=tmp_path, data_dir=tmp_path)
+    with caplog.at_level("WARNING", logger="phi1.config"):
+        validate(cfg)
+    assert "optim.warmup_steps=400 is not shorter than the run's 100 steps: the LR rises to 0.00075 (25.0% of" \
+        in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="phi1.config"):
+        validate(make_cfg(["optim.warmup_steps=99"], run_dir=tmp_path, data_dir=tmp_path))
+    assert "warmup" not in caplog.text
+
+
 @pytest.mark.parametrize("override,key", [
     ("optim.lr=-0.001", "optim.lr"),
     ("optim.weight_decay=-1", "optim.weight_decay"),
@@ -188,6 +202,7 @@ def test_budget_and_batch_arithmetic_is_derived(tmp_path):
     ("speed.compile_mode=max-autotune-no-cudagraph", "speed.compile_mode: must be null (torch.compile's default) or"
      " one of torch.compile's modes: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs"),
     ("phase=distill", "phase"),
+    ("seed=-1", "seed: must be in [0, 2**32 - 1]"),
     ("data.sources.0.weight=0", "data.sources[0].weight"),
     ("data.sources.0.path=/my/code", "data.sources[0].path: kind=stdlib reads this interpreter's standard library"),
     ("tokenizer.corpus.kind=dir", "tokenizer.corpus.path: is required for kind=dir"),

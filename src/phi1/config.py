@@ -9,6 +9,7 @@ does not divide, a budget given twice) are checked by `validate`, before any wor
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from phi1.errors import InputError
 from phi1.eval.sandbox import ISOLATIONS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -665,6 +668,8 @@ def validate(cfg: DictConfig) -> Plan:
          "file: it fails when the run ends. Leave it false and upload the HF export: wandb artifact put --type "
          f"model --name <project>/{cfg.run_name} {cfg.paths.run_dir}/hf (init_from=wandb:... reads it)"),
         ("phase", cfg.phase in ("pretrain", "finetune"), "must be 'pretrain' or 'finetune'"),
+        # Lightning's seed_everything seeds numpy too, whose seeds are unsigned 32-bit integers.
+        ("seed", 0 <= cfg.seed < 2**32, "must be in [0, 2**32 - 1]"),
         ("eval_every_steps", cfg.eval_every_steps > 0, "must be > 0"),
         ("evaluation.every_n_steps", (cfg.evaluation.every_n_steps or 1) > 0, "must be > 0"),
         ("evaluation.keep_best", not cfg.evaluation.keep_best or (
@@ -683,7 +688,15 @@ def validate(cfg: DictConfig) -> Plan:
             raise ConfigError(f"{key}: {message}")
     if cfg.phase == "finetune" and not cfg.init_from:
         raise ConfigError("init_from: finetuning needs the base weights (a checkpoint or an HF export dir)")
-    return plan(cfg)
+    p = plan(cfg)
+    if cfg.optim.warmup_steps >= p.max_steps:
+        # Legal (a short trial of a paper config), but the schedule is then warmup alone: the LR climbs to
+        # max_steps / warmup_steps of its peak and never decays (phi1_base for 100 steps: 100 / 750 = 13%).
+        log.warning("optim.warmup_steps=%d is not shorter than the run's %d steps: the LR rises to %.3g (%.1f%% of "
+                    "optim.lr) and never decays", cfg.optim.warmup_steps, p.max_steps,
+                    cfg.optim.lr * p.max_steps / max(cfg.optim.warmup_steps, 1),
+                    100 * p.max_steps / max(cfg.optim.warmup_steps, 1))
+    return p
 
 
 GENERATION_BACKENDS = ("auto", "transformers", "vllm")  # auto: vLLM when installed and a GPU is present
