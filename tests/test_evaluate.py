@@ -142,6 +142,10 @@ def test_samples_file_errors_name_the_line(tmp_path):
     bad.write_text('{"task_id": "HumanEval/0", "completion": \n')
     with pytest.raises(EvaluationError, match=r"bad.jsonl:1: expected a JSON object"):
         evaluate(eval_cfg(tmp_path / "run", f"samples={bad}"))
+    bad.write_text("\n")  # else scored as a benchmark of no problems: a metrics.json without pass@1
+    with pytest.raises(EvaluationError, match=r"bad.jsonl: no samples \(an empty file\)"):
+        evaluate(eval_cfg(tmp_path / "run", f"samples={bad}"))
+    assert not (tmp_path / "run").exists()  # each refused before the run folder or the sandbox
 
 
 MBPP_ROW = {"task_id": 11, "text": "Add one.", "code": "def f(x):\n    return x + 1",

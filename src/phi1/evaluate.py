@@ -54,6 +54,8 @@ def read_samples(path: str, problems: list[bench.Problem]) -> dict[str, list[str
             if task_id not in known:
                 raise EvaluationError(f"{path}:{line_no}: task_id {task_id!r} is not in this benchmark")
             out[task_id].append(completion)
+    if not out:  # else a metrics.json without a pass@k, as if the benchmark had been scored
+        raise EvaluationError(f"{path}: no samples (an empty file); expected JSON lines with task_id and completion")
     return out
 
 
@@ -224,6 +226,8 @@ def evaluate(cfg: DictConfig) -> dict:
             " resource limits), and only with allow_code_execution=true"
         )
     problem_sets = load_benchmarks(cfg.benchmarks)
+    # A samples file is read whole before the run folder and the sandbox: a bad line stops the run at once.
+    completions = read_samples(cfg.samples, next(iter(problem_sets.values()))) if cfg.samples else None
     log.warning("allow_code_execution=true: running model-written code in the sandbox")
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -236,7 +240,6 @@ def evaluate(cfg: DictConfig) -> dict:
     try:
         if cfg.samples:
             ((name, problems),) = problem_sets.items()
-            completions = read_samples(cfg.samples, problems)
             missing = [p.task_id for p in problems if p.task_id not in completions]
             if missing:
                 log.warning("%s: %d of %d problems have no sample (e.g. %s); scored over the rest",
