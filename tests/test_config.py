@@ -54,6 +54,29 @@ def test_every_prepare_option_composes(group, option, tmp_path):
             check(source_checks(f"stage.{key}", cfg.stage[key]))
 
 
+
+def test_the_filter_stages_find_each_others_files_for_a_named_corpus(tmp_path):
+    """annotate → embed → classify → filter on a corpus other than the stdlib, naming it once per stage: each
+    default path is the one the stage before wrote. (The filter used to read embeddings/stdlib and the stdlib's
+    classifier whatever its source, so a user's corpus was scored with another corpus's embeddings or refused.)"""
+    from hydra import compose, initialize_config_dir
+
+    def stage(name, *overrides):
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = compose("prepare", overrides=[f"stage={name}", "llm=gpt4", f"paths.data_dir={tmp_path}",
+                                                f"paths.run_dir={tmp_path}", *overrides])
+        return OmegaConf.to_container(cfg, resolve=True)["stage"]
+
+    annotate, embed = (stage(name, "stage.source.name=stack") for name in ("annotate", "embed"))
+    classify = stage("classify", "stage.corpus=stack")
+    filter_ = stage("filter", "stage.source.name=stack")
+    assert annotate["output"] == classify["annotations"] == f"{tmp_path}/annotations/stack-gpt4.jsonl"
+    assert embed["output"] == classify["embeddings"] == filter_["embeddings"] == f"{tmp_path}/embeddings/stack"
+    assert classify["output"] == filter_["classifier"] == f"{tmp_path}/classifier/stack-gpt4"
+    # and `make filter` (no overrides) still chains on the stdlib
+    assert stage("filter")["classifier"] == stage("classify")["output"] == f"{tmp_path}/classifier/stdlib-gpt4"
+
+
 @pytest.mark.parametrize("stage,override,message", [
     ("annotate", "stage.source.path=/my/code", "stage.source.path: kind=stdlib reads this interpreter's"),
     ("embed", "stage.source.text_field=content", "stage.source.text_field: kind=stdlib reads whole .py files"),

@@ -580,7 +580,7 @@ def test_two_cell_multirun_chains_the_finetune_and_report_draws_it(tmp_path):
     filtered = data_dir / "filtered"
     filtered.mkdir(parents=True)
     stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:120]
-    filtered.joinpath("filtered-00000-of-00001.jsonl").write_text("".join(
+    filtered.joinpath("filtered-stdlib-00000-of-00001.jsonl").write_text("".join(
         json.dumps({"id": p.name, "text": p.read_text(errors="replace")}) + "\n" for p in stdlib))
     env = {**os.environ, "PHI1_ROOT": str(tmp_path), "PHI1_DATA_DIR": str(data_dir)}
     # budget.max_steps overrides both cells' budgets (the finetune's own is max_steps already).
@@ -615,7 +615,8 @@ def test_data_configs_read_the_kept_rows_not_the_stages_by_products(tmp_path):
     quarantine: none of them may end up in the training mix."""
     import glob
 
-    files = ["filtered/filtered-00000-of-00002.jsonl", "filtered/filtered-00000-of-00002.jsonl.summary.json",
+    files = ["filtered/filtered-stack-00000-of-00002.jsonl",
+             "filtered/filtered-stack-00000-of-00002.jsonl.summary.json", "filtered/filtered-stdlib-00000-of-00001.jsonl",
              "synthetic/textbooks/textbooks-s0.jsonl", "synthetic/textbooks/textbooks-s12.jsonl",
              "synthetic/textbooks/textbooks-s0.rejected.jsonl", "synthetic/textbooks/quarantine.jsonl",
              "synthetic/textbooks/textbooks-s0.report.json", "synthetic/exercises/exercises-s3.jsonl",
@@ -623,13 +624,15 @@ def test_data_configs_read_the_kept_rows_not_the_stages_by_products(tmp_path):
     for f in files:
         (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / f).write_text("")
-    read = set()
+    read = {}
     for data in ("codetextbook", "codeexercises", "stdlib_filtered"):
         cfg = make_cfg([f"data={data}"], run_dir=tmp_path, data_dir=tmp_path)
-        for source in cfg.data.sources:
-            read |= {str(Path(p).relative_to(tmp_path)) for p in glob.glob(source.path)}
-    assert read == {"filtered/filtered-00000-of-00002.jsonl", "synthetic/textbooks/textbooks-s0.jsonl",
-                    "synthetic/textbooks/textbooks-s12.jsonl", "synthetic/exercises/exercises-s3.jsonl"}
+        read[data] = {str(Path(p).relative_to(tmp_path)) for source in cfg.data.sources for p in glob.glob(source.path)}
+    assert read == {  # the mini reproduction's filtered stdlib reads the stdlib's files alone
+        "codetextbook": {"filtered/filtered-stack-00000-of-00002.jsonl",
+                         "filtered/filtered-stdlib-00000-of-00001.jsonl", "synthetic/textbooks/textbooks-s0.jsonl", "synthetic/textbooks/textbooks-s12.jsonl"},
+        "codeexercises": {"synthetic/exercises/exercises-s3.jsonl"},
+        "stdlib_filtered": {"filtered/filtered-stdlib-00000-of-00001.jsonl"}}
 
 
 def test_report_places_wandb_runs_like_run_dirs(monkeypatch):

@@ -1,6 +1,8 @@
 """The quality filter's embed, classify and filter stages (paper §2.1), and the embedded pipeline end to end."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,8 +191,8 @@ def test_a_filter_shard_on_embeddings_sharded_alike_reads_and_scores_its_own_sli
                 assert sorted(reads) == sorted((f"{j:05d}", j == k) for j in range(4)) and summary["scored"] == 400
         assert sorted(parts) == sorted(kept) and len(kept) > 50, mode
     assert sorted(in_slice) == [0, 100, 150, 150]
-    assert (tmp_path / "threshold-sharded" / "scores-00001-of-00004.png").exists()
-    assert (tmp_path / "top-sharded" / "scores.png").exists()
+    assert (tmp_path / "threshold-sharded" / "scores-docs-00001-of-00004.png").exists()
+    assert (tmp_path / "top-sharded" / "scores-docs.png").exists()
 
 
 def test_an_embed_rerun_reads_its_ids_instead_of_another_pass_and_checks_them_against_the_texts(tmp_path,
@@ -316,6 +318,16 @@ def test_filter_keeps_the_educational_documents_and_shards_partition_them(tmp_pa
     # The output is a source the data configs read.
     source = OmegaConf.structured(SourceConfig(name="filtered", kind="jsonl", path=f"{tmp_path}/one/*.jsonl"))
     assert {i.split(":", 1)[1] for i, _ in documents(source)} == kept
+    # A second corpus filtered into the same folder (the paper filters StackOverflow as well as The Stack) is
+    # written beside the first one's files, not over them: here the same texts under the source name "more".
+    more = tmp_path / "emb-more"
+    shutil.copytree(folder, more)
+    (more / "ids.txt").write_text((folder / "ids.txt").read_text().replace("docs:", "more:"))
+    other = run(cfg(tmp_path, *common, "stage.source.name=more", f"stage.embeddings={more}",
+                    f"stage.output={tmp_path}/one"))
+    assert Path(other["output"]).name == "filtered-more-00000-of-00001.jsonl"
+    assert Path(whole["output"]).name == "filtered-docs-00000-of-00001.jsonl"
+    assert {i.split(":", 1)[1] for i, _ in documents(source)} == kept | {i.replace("docs:", "more:") for i in kept}
 
 
 def test_embedded_filter_end_to_end(tmp_path):
@@ -326,4 +338,4 @@ def test_embedded_filter_end_to_end(tmp_path):
     metrics = run(cfg(tmp_path, "stage=classify", "stage.n_estimators=100"))
     assert 0.0 <= metrics["roc_auc"] <= 1.0 and metrics["test"] == 48  # reported, whatever it is
     summary = run(cfg(tmp_path, "stage=filter", f"stage.source={src}"))
-    assert 0 < summary["kept"] < 240 and (tmp_path / "filtered" / "scores.png").exists()
+    assert 0 < summary["kept"] < 240 and (tmp_path / "filtered" / "scores-stdlib.png").exists()

@@ -391,6 +391,8 @@ class EmbedConfig:
 @dataclass
 class ClassifyConfig:
     name: str = "classify"
+    # The stage.source.name of the annotate and embed runs it reads: the default paths below are named after it.
+    corpus: str = "stdlib"
     annotations: str = MISSING
     embeddings: str = MISSING
     test_fraction: float = 0.2

@@ -3,7 +3,7 @@ threshold (or the top fraction) are kept, written as documents JSONL ({"id", "te
 {"score"}}, DESIGN §5) that data configs read as a source (CodeTextbook's filtered half), with a histogram of
 the scores. `shard=k num_shards=n` writes the documents of the source's k-th slice (phi1.data.sources' shards,
 as embed's), for clusters (without `shard`, every shard here): each shard streams only its slice of the corpus
-and writes its own file, and the files together are the source (`filtered/*.jsonl`).
+and writes its own file, and the files together are the source (`filtered/filtered-<source name>-*.jsonl`).
 
 When embed ran with the same num_shards (the cluster's case), slice k's embeddings are shard k's folder, in
 the order the slice streams: a shard job reads that folder's ids alone and, with a threshold, scores its rows
@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> dict:
     shards = [cfg.shard] if cfg.shard is not None else list(range(cfg.num_shards))
     if len(parts) != cfg.num_shards:  # rows and slices do not line up: find each document's row by its id
         ids, embeddings = embed.load(stage.embeddings)
-        scores, keep, cut = _score(stage, forest, embeddings, out / "scores.png")
+        scores, keep, cut = _score(stage, forest, embeddings, out / f"scores-{stage.source.name}.png")
         position = {doc_id: i for i, doc_id in enumerate(ids)}
         summaries = [_write_shard(stage, k, cfg.num_shards, position.get, scores, keep, cut, out) for k in shards]
     else:
@@ -62,7 +62,8 @@ def run(cfg: DictConfig) -> dict:
         sizes = [len(read[k][1]) if read[k][1] is not None else 0 for k in scored]
         if whole and not any(sizes):
             raise InputError(f"{stage.embeddings}: no documents were embedded (the source yielded none)")
-        figure = out / ("scores.png" if whole else f"scores-{cfg.shard:05d}-of-{cfg.num_shards:05d}.png")
+        figure = out / (f"scores-{stage.source.name}.png" if whole
+                        else f"scores-{stage.source.name}-{cfg.shard:05d}-of-{cfg.num_shards:05d}.png")
         scores, keep, cut = _score(stage, forest, embed.Embeddings([a for _, a in read.values() if a is not None]),
                                    figure)
         offsets = dict(zip(scored, np.cumsum([0, *sizes]).tolist()))
@@ -107,7 +108,9 @@ def _in_order(ids: list[str], offset: int) -> Callable[[str], int | None]:
 
 
 def _write_shard(stage, shard: int, num_shards: int, locate, scores, keep, cut: float, out: Path) -> dict:
-    name = f"filtered-{shard:05d}-of-{num_shards:05d}.jsonl"
+    # Named after the corpus: filtering another one into the same folder (the paper's StackOverflow after The
+    # Stack) adds its files beside the first one's instead of writing over those of the same shard numbers.
+    name = f"filtered-{stage.source.name}-{shard:05d}-of-{num_shards:05d}.jsonl"
     kept = in_shard = 0
     with open(out / f"{name}.tmp", "w") as f:
         docs = sources.documents(stage.source, shard=shard, num_shards=num_shards)
