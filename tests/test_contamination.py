@@ -243,3 +243,21 @@ def test_evaluate_scores_and_grades_the_unconventional_benchmark(tmp_path):
     assert metrics["eval/unconventional/score"] == 3.5 and metrics["eval/unconventional/graded"] == 50
     grades = [json.loads(line) for line in open(tmp_path / "run" / "unconventional" / "grades.jsonl")]
     assert len(grades) == 50 and {g["grade"] for g in grades} == {0, 7}
+
+
+def test_grading_without_the_graders_key_stops_before_the_model_generates(tmp_path, monkeypatch):
+    """llm=gpt4 grades after generation and execution (minutes for phi-1 on a GPU): a missing key used to be
+    found only then, with the completions unscored."""
+    from phi1.eval import generate
+    from phi1.evaluate import evaluate
+    from phi1.llm import AuthError
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setattr(generate, "load", lambda *a, **k: pytest.fail("the model was loaded before the key check"))
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[
+            f"paths.run_dir={tmp_path}/run", f"paths.data_dir={tmp_path}", "wandb_mode=disabled",
+            "allow_code_execution=true", "benchmark=unconventional", f"ckpt={tmp_path}", "llm=gpt4"])
+    with pytest.raises(AuthError, match="no API key: set OPENAI_API_KEY"):
+        evaluate(cfg)
+    assert not (tmp_path / "run").exists()

@@ -87,6 +87,14 @@ class ParseError(ValueError):
     """Raised by a stage's parser when an answer does not have the expected form."""
 
 
+def api_key(api_key_env: str, base_url: str | None) -> str:
+    """The key in $api_key_env; a server at base_url may need none. Raises AuthError naming the variable."""
+    key = os.environ.get(api_key_env) or ("unused" if base_url else None)
+    if key is None:
+        raise AuthError(f"no API key: set {api_key_env} (or point base_url at a server that needs none)")
+    return key
+
+
 def last_grade(pattern, answer: str, expected: str) -> tuple[int, str]:
     """(N, the text before it) for the last match of `pattern` (one group: an N/10 grade) in a judge's answer.
     An answer without one, or with N outside 0-10, raises ParseError naming `expected`: never guessed."""
@@ -221,10 +229,7 @@ class LLM:
     # -- requests -------------------------------------------------------------------------------------------
 
     def _api_key(self) -> str:
-        api_key = os.environ.get(self.api_key_env) or ("unused" if self.base_url else None)
-        if api_key is None:
-            raise AuthError(f"no API key: set {self.api_key_env} (or point base_url at a server that needs none)")
-        return api_key
+        return api_key(self.api_key_env, self.base_url)
 
     def _client(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(api_key=self._api_key(), base_url=self.base_url, max_retries=0, timeout=self.timeout)
