@@ -836,3 +836,24 @@ def test_fused_adamw_under_fp16_clips_the_unscaled_gradients(small_cfg):
     assert norm > 0.5  # the clipping mattered
     for a, b in zip(fused.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_weights_of_another_model_are_refused_in_one_line_naming_what_they_were(small_cfg, tmp_path):
+    """torch's own error lists every tensor (~200 lines for phi-1) and not the model the weights were trained as."""
+    from phi1.errors import InputError
+
+    tiny = OmegaConf.to_container(small_cfg(), resolve=True)
+    wide = LanguageModel(OmegaConf.to_container(small_cfg("model=tiny_wide"), resolve=True), 2, 1)
+    base = LanguageModel(tiny, 2, 1)
+    base.model.save_pretrained(tmp_path / "hf")
+    torch.save({"state_dict": base.state_dict(), "hyper_parameters": {"cfg": tiny}}, tmp_path / "base.ckpt")
+    n = len(wide.model.state_dict())
+    for source, was in (("hf", "its config.json: 4 layers, hidden size 128, vocabulary 4096"),
+                        ("base.ckpt", "it was trained as model=tiny")):
+        with pytest.raises(InputError) as e:
+            wide.load_weights(str(tmp_path / source))
+        assert str(e.value) == (
+            f"init_from: {tmp_path / source} does not fit model=tiny_wide (4 layers, d_model 256, vocabulary 4096): "
+            f"{n - 1} of {n} tensors have another shape (model.embed_tokens.weight: [4096, 128] there, [4096, 256] "
+            f"here); {was}. Choose the model= it was trained as.")
+    base.load_weights(str(tmp_path / "base.ckpt"))  # the same architecture loads

@@ -5,6 +5,7 @@ Both stages are the same objective (paper §2.3); they differ in data, hyperpara
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from phi1 import model as phi_model
 from phi1 import runs
-from phi1.checkpoints import is_checkpoint, read_checkpoint
+from phi1.checkpoints import is_checkpoint, read_checkpoint, read_config
 from phi1.config import ConfigError, compile_options
 from phi1.errors import InputError, MissingInputError, Phi1Error
 from phi1.model import padded_vocab
@@ -117,11 +118,39 @@ class LanguageModel(L.LightningModule):
                     raise
                 raise MissingInputError(f"init_from={path}: no such file or folder, and not a reachable hub id"
                                         f" ({e})") from e
-        try:
-            self.model.load_state_dict(state)
-        except RuntimeError as e:
-            raise InputError(f"init_from: {path} does not fit model={self.cfg.model.name}: {e}") from e
+        self._check_fit(path, state)
+        self.model.load_state_dict(state)
         log.info("initialised weights from %s", path)
+
+    def _check_fit(self, path: str, state: dict) -> None:
+        """Weights of another architecture, named in one line: torch's own error lists every tensor (~200 lines for
+        phi-1's 24 layers), and says nothing of the model they were trained as."""
+        mine = self.model.state_dict()
+        shapes = [(k, tuple(v.shape), tuple(mine[k].shape)) for k, v in state.items()
+                  if k in mine and v.shape != mine[k].shape]
+        missing, extra = [k for k in mine if k not in state], [k for k in state if k not in mine]
+        if not (shapes or missing or extra):
+            return
+        found = []
+        if shapes:
+            key, theirs, ours = shapes[0]
+            found.append(f"{len(shapes)} of {len(mine)} tensors have another shape ({key}: {list(theirs)} there, "
+                         f"{list(ours)} here)")
+        if missing:
+            found.append(f"{len(missing)} tensors missing ({missing[0]}, ...)")
+        if extra:
+            found.append(f"{len(extra)} tensors this model does not have ({extra[0]}, ...)")
+        source, was = Path(path).expanduser(), ""
+        if is_checkpoint(source) and (saved := (read_config(source) or {}).get("model")):
+            was = f"; it was trained as model={saved.get('name')}"
+        elif (source / "config.json").is_file():
+            c = json.loads((source / "config.json").read_text())
+            was = (f"; its config.json: {c.get('num_hidden_layers')} layers, hidden size {c.get('hidden_size')}, "
+                   f"vocabulary {c.get('vocab_size')}")
+        m = self.cfg.model
+        raise InputError(f"init_from: {path} does not fit model={m.name} ({m.n_layer} layers, d_model {m.d_model}, "
+                         f"vocabulary {self.model.config.vocab_size}): {'; '.join(found)}{was}. Choose the model= "
+                         "it was trained as.")
 
     def _compile(self) -> None:
         if self._logits == self.model.forward:  # the eager bound method: not compiled yet
