@@ -3,18 +3,20 @@
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import ROOT, make_cfg
 from phi1 import tokenizer as tokenizers
 from phi1.data import pack, sources
 from phi1.data.datamodule import DataMismatchError, PackedData, StepSampler
-from phi1.data.sources import SourceError
-from phi1.config import plan
+from phi1.data.sources import SourceError, documents
+from phi1.config import SourceConfig, plan
 
 
 def _jsonl(path, rows):
@@ -84,6 +86,29 @@ def test_malformed_jsonl_line_is_named(small_cfg, tmp_path):
     manifest = json.loads((_pack(skip) / "manifest.json").read_text())
     source = manifest["sources"][0]
     assert source["skipped"] == 1 and source["train"]["documents"] + source["val"]["documents"] == 2
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_a_row_without_the_text_field_names_the_fields_it_has(tmp_path, kind):
+    """One's own data usually keeps its text under another name (The Stack: content)."""
+    import datasets
+
+    rows = [{"content": "x = 1\n", "path": "a.py"}, {"content": "y = 2\n", "path": "b.py"}]
+    path = tmp_path / f"mine.{kind}"
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    where = f"{path}:1" if kind == "jsonl" else f"{path} row 1"
+    source = OmegaConf.structured(SourceConfig(name="mine", kind=kind, path=str(path)))
+    with pytest.raises(SourceError, match=re.escape(f"{where}: MissingField: no field 'text' (text_field='text'); the "
+                                                    "row has ['content', 'path']: set the source's text_field")):
+        list(documents(source))
+    source.text_field = "# {path}\n{content}"
+    assert [text for _, text in documents(source)] == ["# a.py\nx = 1\n", "# b.py\ny = 2\n"]
+    source.text_field = "{content}{license}"
+    with pytest.raises(SourceError, match=re.escape("no field 'license' (text_field='{content}{license}')")):
+        list(documents(source))
 
 
 def test_the_command_line_prints_an_input_error_without_a_traceback(tmp_path):

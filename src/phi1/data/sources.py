@@ -202,8 +202,7 @@ def _documents(source, on_error: str, skipped: list[str], shard: int, num_shards
             try:
                 text = _text(row, source.text_field)
             except (KeyError, TypeError, IndexError) as e:
-                _bad_input(f"{source.path} row {i}: {type(e).__name__}: {e} (the row has {sorted(row)})", on_error,
-                           skipped, e)
+                _bad_input(f"{source.path} row {i}: {type(e).__name__}: {e}", on_error, skipped, e)
                 continue
             yield f"{source.name}:{row.get(source.id_field, i)}", text, row
     else:
@@ -268,11 +267,20 @@ def _bad_input(reason: str, on_error: str, skipped: list[str], cause: Exception)
     skipped.append(reason)
 
 
+class MissingField(KeyError):
+    def __str__(self) -> str:  # KeyError's own quotes the whole message
+        return self.args[0]
+
+
 def _text(row: dict, text_field: str) -> str:
     """The row's text: one field, or a format string over several ("{problem}{solution}")."""
-    if "{" in text_field:
-        return text_field.format_map(row)
-    text = row[text_field]
+    if not isinstance(row, dict):
+        raise TypeError(f"a row is a JSON object, not {type(row).__name__}")
+    try:
+        text = text_field.format_map(row) if "{" in text_field else row[text_field]
+    except KeyError as e:  # the usual first mistake with one's own data: another field name
+        raise MissingField(f"no field {e.args[0]!r} (text_field={text_field!r}); the row has {sorted(row)}: set the "
+                           "source's text_field") from None
     if not isinstance(text, str):
         raise TypeError(f"field {text_field!r} is {type(text).__name__}, not a string")
     return text
