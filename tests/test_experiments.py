@@ -200,6 +200,15 @@ def test_dashboards_build_one_view_per_figure():
     assert out.count("panels") == 4
 
 
+def test_saving_the_dashboards_without_a_wandb_key_says_what_to_do(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    proc = subprocess.run([sys.executable, "-m", "phi1.dashboards", "--entity", "x"], capture_output=True, text=True,
+                          env={**env, "HOME": str(tmp_path), "NETRC": str(tmp_path / "netrc")}, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "W&B did not save the view 'Figure 2.1: scaling': UsageError" in proc.stderr
+    assert "The views need `wandb login` (or WANDB_API_KEY) and a reachable server; --dry-run" in proc.stderr
+
+
 # --------------------------------------------------------------------------------------------- report.py
 
 def _fake_run(out, name, config: dict, metrics: dict, samples: dict | None = None, step: int = 30):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+import wandb
 import wandb_workspaces.reports.v2 as wr
 import wandb_workspaces.workspaces as ws
 from wandb_workspaces.expr import Config
@@ -91,7 +92,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.dry_run:
             print(f"{view.name}: {len(panels)} panels: {'; '.join(panels)}")
         else:
-            print(f"{view.name}: {view.save().url}")
+            try:
+                url = view.save().url
+            except wandb.errors.Error as e:  # no key (UsageError), a key the server refuses, no server
+                raise SystemExit(f"W&B did not save the view {view.name!r}: {type(e).__name__}: {e}\nThe views need "
+                                 "`wandb login` (or WANDB_API_KEY) and a reachable server; --dry-run lists them "
+                                 "without either.") from None
+            print(f"{view.name}: {url}")
 
 
 if __name__ == "__main__":
