@@ -17,6 +17,7 @@ Variants (--gpu; each is train.py's config plus these overrides, and the plain l
   coord       compile + speed.compile_options.coordinate_descent_tuning=true (tuned elementwise kernels)
   autotune_coord  both: compile_options max_autotune, triton.cudagraphs=false, coordinate_descent_tuning
   nodrop      compile + model.dropout=0.0                 (what the paper's dropout of 0.1 costs; not a speed switch)
+  actckpt     compile + speed.activation_checkpointing=true (memory freed, compute paid; micro given with --micro)
   zero1/zero2 trainer=deepspeed_bf16 with ZeRO stage 1/2 on one GPU, eager (train.py only)
   zero2_compile  the same with speed.compile=true
 Steps: the first --warmup optimizer steps (compilation, allocator warm-up) are left out of the timing. Each
@@ -68,6 +69,7 @@ VARIANTS = {
                        "+speed.compile_options.triton.cudagraphs=false",
                        "+speed.compile_options.coordinate_descent_tuning=true"],
     "nodrop": ["speed.compile=true", "model.dropout=0.0"],
+    "actckpt": ["speed.compile=true", "speed.activation_checkpointing=true"],  # memory for ~1/3 more compute
     "zero1": [*EAGER, "trainer=deepspeed_bf16", "trainer.devices=1", "trainer.strategy.stage=1"],
     "zero2": [*EAGER, "trainer=deepspeed_bf16", "trainer.devices=1", "trainer.strategy.stage=2"],
     "zero2_compile": ["speed.compile=true", "trainer=deepspeed_bf16", "trainer.devices=1", "trainer.strategy.stage=2"],

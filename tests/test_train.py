@@ -857,3 +857,39 @@ def test_weights_of_another_model_are_refused_in_one_line_naming_what_they_were(
             f"{n - 1} of {n} tensors have another shape (model.embed_tokens.weight: [4096, 128] there, [4096, 256] "
             f"here); {was}. Choose the model= it was trained as.")
     base.load_weights(str(tmp_path / "base.ckpt"))  # the same architecture loads
+
+
+def test_activation_checkpointing_recomputes_the_same_loss_and_gradients(small_cfg, monkeypatch, caplog):
+    """speed.activation_checkpointing: a memory switch, not another model. Each decoder layer's forward runs
+    again in the backward pass (counted), and the loss and every gradient are those of the plain run. No loss
+    builds the KV cache that PhiForCausalLM makes by default (validation held every layer's keys and values)."""
+    import transformers.models.phi.modeling_phi as modeling_phi
+
+    monkeypatch.setattr(modeling_phi, "DynamicCache", lambda *a, **k: pytest.fail("a loss built a KV cache"))
+    cfg = OmegaConf.to_container(small_cfg("model.dropout=0"), resolve=True)
+    torch.manual_seed(0)
+    plain = LanguageModel(cfg, 2, 1)
+    cfg["speed"]["activation_checkpointing"] = True
+    checkpointed = LanguageModel(cfg, 2, 1)
+    checkpointed.load_state_dict(plain.state_dict())
+    assert checkpointed.model.is_activation_checkpointing and not plain.model.is_activation_checkpointing
+    calls = []
+    for module in (plain, checkpointed):  # a pre-hook: a recomputation stops once it has what the backward needs
+        module.model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    batch = torch.randint(0, plain.model.config.vocab_size, (2, 33))
+    losses = []
+    for module in (plain, checkpointed):
+        calls.clear()
+        module.train()
+        loss = module._loss(batch)
+        loss.backward()
+        losses.append((loss.item(), len(calls)))
+    assert losses[0][1] == 1 and losses[1][1] == 2  # layer 0's MLP ran once, then again in the checkpointed backward
+    assert losses[0][0] == losses[1][0]
+    for a, b in zip(plain.parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    assert set(plain.state_dict()) == set(checkpointed.state_dict())  # checkpoints and exports are unchanged
+    with torch.no_grad():
+        checkpointed.eval()
+        assert checkpointed._loss(batch).item() == pytest.approx(losses[0][0], rel=1e-6)  # validation's loss
+    assert "use_cache" not in caplog.text  # transformers' "incompatible with gradient checkpointing" warning

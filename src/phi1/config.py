@@ -186,6 +186,9 @@ class SpeedConfig:
     # liger-kernel's fused linear cross-entropy: the LM head and the loss in chunks, so the logits of a
     # micro-batch (tokens × 51,200 × 4 bytes in fp32: 1.7 GB for 4 × 2048 tokens) never exist at once. CUDA only.
     fused_cross_entropy: bool = False
+    # Keep each layer's input only and recompute the rest of its activations in the backward pass: for GPUs
+    # where the micro-batch needed does not fit (an A100 40GB, a 24 GB card), for one more forward of compute.
+    activation_checkpointing: bool = False
 
 
 @dataclass

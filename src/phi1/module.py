@@ -88,6 +88,16 @@ class LanguageModel(L.LightningModule):
         if speed.get("compile"):  # None (auto) is decided in setup, where the device is known
             self._compile()
         self._fused_ce = _liger_cross_entropy() if speed.get("fused_cross_entropy") else None
+        if speed.get("activation_checkpointing"):
+            # A layer keeps ~34·s·d bytes of activations per sequence in bf16 (Korthikanti et al. 2022, without
+            # the attention scores SDPA never stores): 34 × 2048 × 2048 × 24 layers = 3.4 GB per sequence for
+            # phi-1. Checkpointed, only each layer's input stays (2·s·d: 0.2 GB), and the backward pass runs
+            # each layer's forward again (~1/3 more compute: 2 forwards and a backward of 2). Training mode only:
+            # generation and validation are unchanged. Non-reentrant: the variant torch.compile traces.
+            # (transformers 5 renamed gradient_ to activation_checkpointing_enable; both take the kwargs first.)
+            enable = getattr(self.model, "activation_checkpointing_enable", None) or \
+                self.model.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> LanguageModel:
@@ -200,17 +210,22 @@ class LanguageModel(L.LightningModule):
         self.hours_before = state.get("device_hours", 0.0)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids).logits
+        return self.model(input_ids=input_ids, use_cache=False).logits
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
         # Inputs are the first T tokens of the window, targets the last T. Under autocast, cross_entropy
         # runs in fp32.
+        # use_cache=False: PhiForCausalLM otherwise builds a KV cache (config.use_cache, for generation) that
+        # no loss reads. Under no_grad (validation) it keeps every layer's keys and values until the logits
+        # exist, 2 × 8 × 2048 × 2048 × 2 bytes × 24 layers = 3.2 GB for phi-1 at 8 × 2048 tokens, and activation
+        # checkpointing turns it off with a warning.
         inputs, targets = batch[:, :-1], batch[:, 1:].flatten()
         if self._fused_ce is not None:  # the LM head inside the loss, chunk by chunk
-            hidden = self._hidden(input_ids=inputs).last_hidden_state.flatten(0, 1)
+            hidden = self._hidden(input_ids=inputs, use_cache=False).last_hidden_state.flatten(0, 1)
             head = self.model.lm_head
             return self._fused_ce(head.weight, hidden, targets, head.bias)
-        return torch.nn.functional.cross_entropy(self._logits(input_ids=inputs).logits.flatten(0, 1), targets)
+        logits = self._logits(input_ids=inputs, use_cache=False).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Dropout masks as a function of (seed, rank, step, micro-batch): a resumed run draws the same masks

@@ -221,7 +221,7 @@ def solution_nll_terms(model, tokenizer, problems, progress: bool = True) -> dic
         if solution.numel() == 0:
             continue
         ids = torch.cat([prompt, solution], dim=1).to(model.device)
-        logits = model(input_ids=ids).logits[0, prompt.shape[1] - 1 : -1].float()
+        logits = model(input_ids=ids, use_cache=False).logits[0, prompt.shape[1] - 1 : -1].float()
         nats = torch.nn.functional.cross_entropy(logits, ids[0, prompt.shape[1]:], reduction="sum").item()
         terms[p.task_id] = (nats, solution.numel())
     return terms
