@@ -261,3 +261,31 @@ def test_grading_without_the_graders_key_stops_before_the_model_generates(tmp_pa
     with pytest.raises(AuthError, match="no API key: set OPENAI_API_KEY"):
         evaluate(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_table3_samples_are_checked_before_the_scoring_and_counted_per_subset(planted, monkeypatch, tmp_path):
+    """stage.samples: a missing file, another benchmark's samples or a malformed line used to surface after the
+    scoring pass (hours for CodeExercises), or not at all (another benchmark's tasks: every cell 0)."""
+    from phi1.contamination import decontaminate
+    from phi1.errors import InputError
+
+    summary, _, out, _, cfg = planted
+    samples = tmp_path / "samples.jsonl"
+    other = copy.deepcopy(cfg)
+    other.stage.samples = {"mine": str(samples)}
+    real = decontaminate._scores
+    monkeypatch.setattr(decontaminate, "_scores", lambda *a: pytest.fail("scored before the samples were read"))
+    with pytest.raises(FileNotFoundError, match=rf"stage.samples.mine={samples}: no such file"):
+        run(other)
+    samples.write_text('{"task_id": "HumanEval/0", "passed": true}\n{"task_id": 11, "passed": false}\n')
+    with pytest.raises(InputError, match=r"samples.jsonl:2: task_id 11 is not a problem of the benchmark compared"):
+        run(other)
+    samples.write_text('{"task_id": "HumanEval/0", "passed": true}\n{"task_id": "HumanEval/1"}\n')
+    with pytest.raises(InputError, match=r"samples.jsonl:2: expected a JSON object with task_id and passed"):
+        run(other)
+    # HumanEval/0 passes (similar at 0.95: its planted copies), the rest fail: 1 of the similar problems.
+    samples.write_text("".join(json.dumps({"task_id": f"HumanEval/{i}", "passed": i == 0}) + "\n" for i in range(164)))
+    monkeypatch.setattr(decontaminate, "_scores", real)
+    table = run(other)["table3"]["0.95"]
+    assert table["similar"]["mine"] == round(100 / table["similar"]["count"], 1)
+    assert table["nonsimilar"]["mine"] == 0.0

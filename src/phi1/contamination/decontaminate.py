@@ -47,6 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from phi1.config import check
 from phi1.contamination import measures
 from phi1.data import sources
+from phi1.errors import InputError, MissingInputError
 from phi1.eval import benchmarks
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,7 @@ def run(cfg: DictConfig) -> dict:
     out = Path(stage.output)
     out.mkdir(parents=True, exist_ok=True)
     problems = benchmarks.load(stage.benchmark)
+    runs = {name: pass_rates(path, problems, f"stage.samples.{name}") for name, path in (stage.samples or {}).items()}
     taus = sorted(stage.taus, reverse=True)
     scores = _scores(stage, problems, out / "scores.json")
     best, top_tau, ngram_matches = np.asarray(scores["best"]), scores["top_tau"], scores["ngram_matches"]
@@ -250,7 +252,7 @@ def run(cfg: DictConfig) -> dict:
             1 for pairs in nearest_l2 if pairs and pairs[0][1] < stage.embed.threshold),
         "per_tau": {f"{t:.2f}": v for t, v in per_tau.items()},
     }
-    summary["table3"] = _table3(out, taus, per_tau, similar_by_tau, problems, stage, len(best))
+    summary["table3"] = _table3(out, taus, per_tau, similar_by_tau, problems, stage, len(best), runs)
     problem_best = [max(h)[0] if h else 0.0 for h in top_tau]
     _plot(out / "similarity.png", similarity_curves(problem_best, best, min(0.7, *taus)), taus, stage, len(best),
           None if nearest_l2 is None else [pairs[0][1] for pairs in nearest_l2 if pairs])
@@ -287,19 +289,38 @@ def _write_pruned(source, best: np.ndarray, taus: list[float], out: Path) -> Non
         (out / f".pruned-tau{tau:.2f}.jsonl.tmp").rename(out / f"pruned-tau{tau:.2f}.jsonl")
 
 
-def pass_rates(samples_path: str) -> dict[str, float]:
-    """task_id -> fraction of samples passed, from an evaluation run's samples.jsonl."""
+def pass_rates(samples_path: str, problems: list | None = None, key: str = "samples") -> dict[str, float]:
+    """task_id -> fraction of samples passed, from an evaluation run's samples.jsonl (of `problems` when given:
+    a task of another benchmark is refused). The stage reads them before its scoring (hours at the paper's
+    scale), so that a wrong path or file stops it at once."""
+    path = Path(samples_path).expanduser()
+    known = {p.task_id for p in problems} if problems is not None else None
+    if not path.is_file():
+        raise MissingInputError(f"{key}={samples_path}: no such file (an evaluation run's <benchmark>/samples.jsonl)")
     totals: dict[str, list[int]] = {}
-    with open(samples_path) as f:
-        for line in f:
-            if line.strip():
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
                 row = json.loads(line)
-                totals.setdefault(row["task_id"], []).append(bool(row.get("passed")))
+                task_id, passed = row["task_id"], row["passed"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise InputError(f"{path}:{line_no}: expected a JSON object with task_id and passed "
+                                 f"({type(e).__name__}: {e})") from None
+            if known is not None and task_id not in known:  # e.g. an MBPP run's samples: every HumanEval cell would read 0
+                raise InputError(f"{path}:{line_no}: task_id {task_id!r} is not a problem of the benchmark compared "
+                                 f"({next(iter(known))}, ...): {key} takes samples of that benchmark")
+            totals.setdefault(task_id, []).append(bool(passed))
+    if not totals:
+        raise InputError(f"{path}: no samples (an empty file)")
+    if known is not None and (missing := len(known - totals.keys())):
+        log.warning("%s: %d of %d problems have no sample; they count as failed in table3.md", path, missing,
+                    len(known))
     return {t: sum(v) / len(v) for t, v in totals.items()}
 
 
-def _table3(out: Path, taus, per_tau, similar_by_tau, problems, stage, n_train: int) -> dict:
-    runs = {name: pass_rates(path) for name, path in (stage.samples or {}).items()}
+def _table3(out: Path, taus, per_tau, similar_by_tau, problems, stage, n_train: int, runs: dict) -> dict:
     table = {}
     lines = ["# Contamination: HumanEval pass@1 on similar / non-similar problems (paper Table 3 layout)", "",
              f"Training set: {stage.train.name} ({n_train:,} items); benchmark: {stage.benchmark.name}. "
