@@ -308,7 +308,8 @@ def pass_rates(samples_path: str, problems: list | None = None, key: str = "samp
             except (ValueError, KeyError, TypeError) as e:
                 raise InputError(f"{path}:{line_no}: expected a JSON object with task_id and passed "
                                  f"({type(e).__name__}: {e})") from None
-            if known is not None and task_id not in known:  # e.g. an MBPP run's samples: every HumanEval cell would read 0
+            # e.g. an MBPP run's samples: every HumanEval cell would read 0
+            if known is not None and task_id not in known:
                 raise InputError(f"{path}:{line_no}: task_id {task_id!r} is not a problem of the benchmark compared "
                                  f"({next(iter(known))}, ...): {key} takes samples of that benchmark")
             totals.setdefault(task_id, []).append(bool(passed))
