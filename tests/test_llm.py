@@ -228,16 +228,35 @@ def test_an_unreachable_server_stops_the_run_instead_of_retrying_every_request(m
     with socket.socket() as s:  # a port with nothing listening: connection refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    llm = make_llm(base_url=f"http://127.0.0.1:{port}/v1", concurrency=2, max_retries=2)
+    # The quarantine in a folder not made yet (a stage's output at its first run): the first failure wrote to it
+    # and stopped the run with a FileNotFoundError instead of this error.
+    quarantine = tmp_path / "synthetic" / "exercises" / "quarantine.jsonl"
+    llm = make_llm(base_url=f"http://127.0.0.1:{port}/v1", concurrency=2, max_retries=2,
+                   quarantine_path=str(quarantine))
     items = [(f"d{i}", ask(f"doc {i}")) for i in range(40)]
     with pytest.raises(LLMError, match=r"2 requests in a row got no answer \(the last: gpt-test: no answer after 3 "
                                        r"attempts \(the last: APIConnectionError: .*llm.base_url and llm.model right"):
         llm.map(items, grade)
     # One that started as the first failed is given up at its next retry; the rest are never sent.
     assert 2 <= llm.stats.failed <= 3 and llm.stats.requests <= 3 * llm.stats.failed + 2
+    assert len(quarantine.read_text().splitlines()) == llm.stats.failed
 
 
 def test_a_request_the_server_cannot_answer_does_not_stop_the_others(make_llm, server):
     # One hopeless request between answered ones: quarantined, and the run goes on (the count resets).
     items = [("bad1", ask("[500:99]")), ("ok1", ask("fine")), ("bad2", ask("[500:99] again")), ("ok2", ask("fine 2"))]
     assert make_llm(concurrency=1, max_retries=1).map(items, grade) == {"ok1": 7, "ok2": 7}
+
+
+def test_a_server_without_a_model_name_is_refused_before_any_request(tmp_path):
+    """llm=openai_compatible leaves the model to the user; without one every request was sent unnamed and retried."""
+    from omegaconf import OmegaConf
+
+    from phi1.config import LLMConfig
+
+    c = OmegaConf.structured(LLMConfig(name="local", kind="openai", base_url="http://localhost:8000/v1"))
+    with pytest.raises(LLMError, match=r"^llm.model: llm=local needs the name of the model to ask \(llm.model=<name>: "
+                                       r"the one the server at http://localhost:8000/v1 serves\)"):
+        LLM.from_config(c, cache_path=tmp_path / "c.sqlite", quarantine_path=tmp_path / "q.jsonl")
+    c.model = "qwen"
+    assert LLM.from_config(c, cache_path=tmp_path / "c.sqlite", quarantine_path=tmp_path / "q.jsonl").model == "qwen"

@@ -227,9 +227,11 @@ def evaluate(cfg: DictConfig) -> dict:
         )
     problem_sets = load_benchmarks(cfg.benchmarks)
     if cfg.llm.kind == "openai" and any(spec.grade for spec in cfg.benchmarks.values()):
-        # The grader's key is needed after generation and execution (minutes for phi-1): asked for before them.
-        from phi1.llm import api_key
+        # The grader is needed after generation and execution (minutes for phi-1): its model and key, checked
+        # before them.
+        from phi1.llm import api_key, require_model
 
+        require_model(cfg.llm)
         api_key(cfg.llm.api_key_env, cfg.llm.base_url)
     # A samples file is read whole before the run folder and the sandbox: a bad line stops the run at once.
     completions = read_samples(cfg.samples, next(iter(problem_sets.values()))) if cfg.samples else None

@@ -95,6 +95,14 @@ def api_key(api_key_env: str, base_url: str | None) -> str:
     return key
 
 
+def require_model(c) -> None:
+    """An `llm` entry without a model (llm=openai_compatible leaves it to the user) sent requests naming none,
+    which the server refused only after every retry."""
+    if not c.model:
+        raise LLMError(f"llm.model: llm={c.name} needs the name of the model to ask (llm.model=<name>: the one "
+                       f"the server at {c.base_url or 'OpenAI'} serves)")
+
+
 def last_grade(pattern, answer: str, expected: str) -> tuple[int, str]:
     """(N, the text before it) for the last match of `pattern` (one group: an N/10 grade) in a judge's answer.
     An answer without one, or with N outside 0-10, raises ParseError naming `expected`: never guessed."""
@@ -162,6 +170,7 @@ class LLM:
     @classmethod
     def from_config(cls, c, cache_path, quarantine_path) -> LLM:
         """From an `llm` config group entry (conf/llm/*.yaml); every stage that calls a model builds it here."""
+        require_model(c)
         return cls(model=c.model, base_url=c.base_url, api_key_env=c.api_key_env, concurrency=c.concurrency,
                    max_retries=c.max_retries, timeout=c.timeout,
                    params={"temperature": c.temperature, "max_tokens": c.max_tokens},
@@ -223,6 +232,7 @@ class LLM:
 
     def _quarantine(self, item_id: str, reason: str, text: str | None) -> None:
         self.stats.quarantined += 1
+        Path(self.quarantine_path).parent.mkdir(parents=True, exist_ok=True)  # a stage's output, before it writes
         with open(self.quarantine_path, "a") as f:
             f.write(json.dumps({"id": item_id, "reason": reason, "answer": text, "model": self.model}) + "\n")
 
