@@ -80,7 +80,8 @@ def test_server_errors_and_timeouts_are_retried_a_bounded_number_of_times(make_l
     assert llm.map([("a", ask("[500:2]")), ("b", ask("[timeout:1]"))], grade) == {"a": 7, "b": 7}
     assert server.count("500") == 2 and server.count("timeout") == 1
     hopeless = make_llm(max_retries=2)
-    assert hopeless.map([("c", ask("[500:99]"))], grade) == {}
+    with pytest.raises(LLMError, match="the one request got no answer"):  # nothing answered: not a finished stage
+        hopeless.map([("c", ask("[500:99]"))], grade)
     assert server.count("500") == 2 + 3  # 1 try + 2 retries, then it gives up
     quarantine = [json.loads(line) for line in open(hopeless.quarantine_path)]
     assert quarantine[-1]["id"] == "c" and "no answer after 3 attempts" in quarantine[-1]["reason"]
@@ -240,6 +241,11 @@ def test_an_unreachable_server_stops_the_run_instead_of_retrying_every_request(m
     # One that started as the first failed is given up at its next retry; the rest are never sent.
     assert 2 <= llm.stats.failed <= 3 and llm.stats.requests <= 3 * llm.stats.failed + 2
     assert len(quarantine.read_text().splitlines()) == llm.stats.failed
+    # Fewer requests than are sent at once (a trial with stage.n=4 at concurrency 8) never made "in a row": every
+    # one failed and the stage wrote its empty outputs as if done.
+    few = make_llm(base_url=f"http://127.0.0.1:{port}/v1", concurrency=8, max_retries=1)
+    with pytest.raises(LLMError, match=r"gpt-test at http://127.0.0.1:\d+/v1: all 3 requests got no answer \(the last"):
+        few.map(items[:3], grade)
 
 
 def test_a_request_the_server_cannot_answer_does_not_stop_the_others(make_llm, server):

@@ -315,6 +315,7 @@ class LLM:
         # sent at once is an outage or a wrong base_url, not a request the server cannot answer. Without this
         # stop a 100K-request annotation at a mistyped base_url spent ~1 min of retries on each request.
         unanswered: list[str] = []
+        answered: list[str] = []  # from the server or the cache
 
         async def one(item_id: str, messages: list[dict]) -> None:
             key = self.key(messages, prompt_version)
@@ -342,11 +343,7 @@ class LLM:
                         self._quarantine(item_id, str(e), None)
                         unanswered.append(str(e))
                         if len(unanswered) >= max(self.concurrency, 2) and not stop:
-                            stop.append(Unreachable(
-                                f"{self.model} at {self.base_url or 'OpenAI'}: {len(unanswered)} requests in a row got "
-                                f"no answer (the last: {unanswered[-1]}); stopped rather than send the rest. Is the "
-                                "server up, and llm.base_url and llm.model right? The answers received are cached: "
-                                "the same command sends only the others."))
+                            stop.append(self._unreachable(f"{len(unanswered)} requests in a row got", unanswered))
                         return
                     finally:
                         self._reserved_tokens -= tokens
@@ -357,6 +354,7 @@ class LLM:
                     s.completion_tokens += response["completion_tokens"]
                     s.dollars += self.cost(response["prompt_tokens"], response["completion_tokens"])
                     self._store(key, response)
+            answered.append(item_id)
             try:
                 results[item_id] = parse(response["text"])
             except ParseError as e:
@@ -372,9 +370,19 @@ class LLM:
         finally:
             bar.close()
             await client.close()
+        if not stop and unanswered and not answered:
+            # Fewer requests than are sent at once (a trial run's few documents), none answered: the stage would
+            # otherwise end "done" with empty outputs.
+            n = len(unanswered)
+            stop.append(self._unreachable("the one request got" if n == 1 else f"all {n} requests got", unanswered))
         if stop:
             raise stop[0]
         return results
+
+    def _unreachable(self, how_many: str, errors: list[str]) -> Unreachable:
+        return Unreachable(f"{self.model} at {self.base_url or 'OpenAI'}: {how_many} no answer (the last: "
+                           f"{errors[-1]}); stopped rather than send the rest. Is the server up, and llm.base_url and llm.model "
+                           "right? The answers received are cached: the same command sends only the others.")
 
     # -- the Batch API -----------------------------------------------------------------------------------------
 
