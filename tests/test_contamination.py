@@ -289,3 +289,26 @@ def test_table3_samples_are_checked_before_the_scoring_and_counted_per_subset(pl
     table = run(other)["table3"]["0.95"]
     assert table["similar"]["mine"] == round(100 / table["similar"]["count"], 1)
     assert table["nonsimilar"]["mine"] == 0.0
+
+
+def test_a_grader_that_fails_loses_none_of_the_scores(tmp_path):
+    """Grading comes after generation and execution; a grader out of quota stopped the run before metrics.json."""
+    from omegaconf import OmegaConf
+
+    from phi1.evaluate import evaluate
+    from phi1.llm import QuotaExceeded
+
+    problems = benchmarks.load(OmegaConf.create({"name": "u", "kind": "unconventional"}))
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"task_id": p.task_id, "completion": p.canonical_solution + (
+        "    # [quota]\n" if i == 3 else "")}) + "\n" for i, p in enumerate(problems)))
+    with FakeOpenAI(reply=lambda m: "Fine.\nGrade: 9/10") as server:
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = compose("evaluate", overrides=[
+                f"paths.run_dir={tmp_path}/run", f"paths.data_dir={tmp_path}", "wandb_mode=disabled",
+                "allow_code_execution=true", "benchmark=unconventional", f"samples={samples}",
+                "llm=openai_compatible", f"llm.base_url={server.base_url}", "llm.model=grader"])
+        with pytest.raises(QuotaExceeded):
+            evaluate(cfg)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["eval/unconventional/pass@1"] == 1.0 and "eval/unconventional/score" not in metrics

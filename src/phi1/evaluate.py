@@ -265,11 +265,14 @@ def evaluate(cfg: DictConfig) -> dict:
                          "the same command with run_name=%s resumes it", run_dir, cfg.run_name)
             metrics, tables = evaluate_model(model, tokenizer, cfg.benchmarks, problem_sets, cfg.generation,
                                              sandbox, cfg.ks, run_dir, cfg.solution_nll, ckpt)
-        metrics.update(_grade(cfg, problem_sets, tables, run_dir))
     finally:
         sandbox.close()
     metrics["sandbox"] = sandbox.description
+    # Written before the grading too: a grader that fails (quota, an outage) loses none of the scores above.
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if graded := _grade(cfg, problem_sets, tables, run_dir):
+        metrics.update(graded)
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _log_wandb(cfg, metrics, tables, env)
     return metrics
 
