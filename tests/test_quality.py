@@ -289,6 +289,12 @@ def test_missing_or_malformed_inputs_of_classify_and_filter_are_named(tmp_path):
     annotations.write_text("\n".join([lines[0], '{"id": "docs:doc1"}', *lines[2:]]) + "\n")
     with pytest.raises(InputError, match=r"ann.jsonl:2: KeyError: 'label' \(expected a JSON object with id and"):
         run(cfg(tmp_path, *classify, f"stage.annotations={annotations}"))
+    few = tmp_path / "few.jsonl"  # a trial annotation of 4 documents: sklearn's "test_size = 1 should be ..."
+    few.write_text("".join(json.dumps({"id": f"docs:doc{i}", "label": "high" if i < 1 else "low"}) + "\n"
+                           for i in range(4)))
+    with pytest.raises(InputError, match=r"few.jsonl: 4 labelled documents with an embedding \(1 high, 3 low\) are "
+                                         r"too few to hold out stage.test_fraction=0.2 with both labels on each side"):
+        run(cfg(tmp_path, *classify, f"stage.annotations={few}"))
     other = tmp_path / "other.jsonl"  # annotations of another source: no id in common with the embeddings
     other.write_text('{"id": "stdlib:os.py", "label": "high"}\n{"id": "stdlib:re.py", "label": "low"}\n')
     with pytest.raises(InputError, match=r"other.jsonl: none of its 2 documents has an embedding in .*emb \(ids such "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import joblib
@@ -56,6 +57,12 @@ def run(cfg: DictConfig) -> dict:
     y = np.array([labels[d] == "high" for d in known])
     if len(set(y)) < 2:
         raise InputError(f"{stage.annotations}: the labels are all {'high' if y[0] else 'low'}; nothing to learn")
+    # A stratified split needs both labels on both sides: 2 of each label at least, and 2 documents held out.
+    high, n_test = int(y.sum()), math.ceil(stage.test_fraction * len(y))
+    if min(high, len(y) - high) < 2 or n_test < 2 or len(y) - n_test < 2:
+        raise InputError(f"{stage.annotations}: {len(y)} labelled documents with an embedding ({high} high, "
+                         f"{len(y) - high} low) are too few to hold out stage.test_fraction={stage.test_fraction} "
+                         "with both labels on each side; annotate more (stage.n of stage=annotate)")
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=stage.test_fraction, stratify=y,
                                                         random_state=stage.seed)
     forest = _fit_forest(x_train, y_train, stage)
