@@ -300,6 +300,17 @@ def test_missing_or_malformed_inputs_of_classify_and_filter_are_named(tmp_path):
     with pytest.raises(InputError, match=r"other.jsonl: none of its 2 documents has an embedding in .*emb \(ids such "
                                          r"as 'stdlib:os.py' vs 'docs:doc0'\); annotate and embed the same source"):
         run(cfg(tmp_path, *classify, f"stage.annotations={other}"))
+    wide = tmp_path / "wide"  # the same documents embedded by a wider model than the classifier's
+    shutil.copytree(folder, wide)
+    np.save(wide / "embeddings.npy", np.zeros((400, 24), dtype=np.float16))
+    good = tmp_path / "good.jsonl"  # the annotations before line 2 was broken above
+    good.write_text("\n".join(lines) + "\n")
+    run(cfg(tmp_path, *classify, f"stage.annotations={good}", "stage.n_estimators=5"))
+    with pytest.raises(InputError, match=r"wide: 24-dimensional embeddings, and the classifier in .*clf was trained on "
+                                         r"16-dimensional ones \(another embedding model\)"):
+        run(cfg(tmp_path, "stage=filter", f"stage.source={{name: docs, kind: jsonl, path: '{src}'}}",
+                f"stage.embeddings={wide}", f"stage.classifier={tmp_path}/clf", f"stage.output={tmp_path}/out"))
+    shutil.rmtree(tmp_path / "clf")
     with pytest.raises(MissingInputError, match=r"classifier.joblib: no classifier \(run prepare.py stage=classify"):
         run(cfg(tmp_path, "stage=filter", f"stage.source={{name: docs, kind: jsonl, path: '{src}'}}",
                 f"stage.embeddings={folder}", f"stage.classifier={tmp_path}/clf", f"stage.output={tmp_path}/out"))

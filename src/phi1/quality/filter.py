@@ -74,6 +74,11 @@ def run(cfg: DictConfig) -> dict:
 
 def _score(stage, forest, embeddings: embed.Embeddings, figure: Path) -> tuple[np.ndarray, np.ndarray, float]:
     """(scores, keep, cut) over the rows given; the histogram of the scores into `figure`."""
+    dim = embeddings.arrays[0].shape[1] if embeddings.arrays else forest.n_features_in_
+    if dim != forest.n_features_in_:  # e.g. codegen-350M's 1024 against a forest of MiniLM's 384: sklearn's error
+        raise InputError(f"{stage.embeddings}: {dim}-dimensional embeddings, and the classifier in {stage.classifier}"
+                         f" was trained on {forest.n_features_in_}-dimensional ones (another embedding model): embed "
+                         "with the classifier's model, or run stage=classify on these embeddings")
     scores = []  # 8 bytes a document: all of them fit
     with tqdm(total=len(embeddings), desc="filter: scoring", unit="doc", dynamic_ncols=True) as bar:
         for chunk in embeddings.chunks(65536):
