@@ -374,15 +374,17 @@ class LLM:
             # Fewer requests than are sent at once (a trial run's few documents), none answered: the stage would
             # otherwise end "done" with empty outputs.
             n = len(unanswered)
-            stop.append(self._unreachable("the one request got" if n == 1 else f"all {n} requests got", unanswered))
+            stop.append(self._unreachable("the one request got" if n == 1 else f"all {n} requests got", unanswered,
+                                          rest=False))
         if stop:
             raise stop[0]
         return results
 
-    def _unreachable(self, how_many: str, errors: list[str]) -> Unreachable:
+    def _unreachable(self, how_many: str, errors: list[str], rest: bool = True) -> Unreachable:
+        stopped = "; stopped rather than send the rest" if rest else ""
         return Unreachable(f"{self.model} at {self.base_url or 'OpenAI'}: {how_many} no answer (the last: "
-                           f"{errors[-1]}); stopped rather than send the rest. Is the server up, and llm.base_url and llm.model "
-                           "right? The answers received are cached: the same command sends only the others.")
+                           f"{errors[-1]}){stopped}. Is the server up, and llm.base_url and llm.model right? The "
+                           "answers received are cached: the same command sends only the others.")
 
     # -- the Batch API -----------------------------------------------------------------------------------------
 
