@@ -624,8 +624,8 @@ def test_data_configs_read_the_kept_rows_not_the_stages_by_products(tmp_path):
     quarantine: none of them may end up in the training mix."""
     import glob
 
-    files = ["filtered/filtered-stack-00000-of-00002.jsonl",
-             "filtered/filtered-stack-00000-of-00002.jsonl.summary.json", "filtered/filtered-stdlib-00000-of-00001.jsonl",
+    stack, stdlib = "filtered/filtered-stack-00000-of-00002.jsonl", "filtered/filtered-stdlib-00000-of-00001.jsonl"
+    files = [stack, f"{stack}.summary.json", stdlib,
              "synthetic/textbooks/textbooks-s0.jsonl", "synthetic/textbooks/textbooks-s12.jsonl",
              "synthetic/textbooks/textbooks-s0.rejected.jsonl", "synthetic/textbooks/quarantine.jsonl",
              "synthetic/textbooks/textbooks-s0.report.json", "synthetic/exercises/exercises-s3.jsonl",
@@ -636,12 +636,13 @@ def test_data_configs_read_the_kept_rows_not_the_stages_by_products(tmp_path):
     read = {}
     for data in ("codetextbook", "codeexercises", "stdlib_filtered"):
         cfg = make_cfg([f"data={data}"], run_dir=tmp_path, data_dir=tmp_path)
-        read[data] = {str(Path(p).relative_to(tmp_path)) for source in cfg.data.sources for p in glob.glob(source.path)}
+        read[data] = {str(Path(p).relative_to(tmp_path)) for source in cfg.data.sources
+                      for p in glob.glob(source.path)}
     assert read == {  # the mini reproduction's filtered stdlib reads the stdlib's files alone
-        "codetextbook": {"filtered/filtered-stack-00000-of-00002.jsonl",
-                         "filtered/filtered-stdlib-00000-of-00001.jsonl", "synthetic/textbooks/textbooks-s0.jsonl", "synthetic/textbooks/textbooks-s12.jsonl"},
+        "codetextbook": {stack, stdlib, "synthetic/textbooks/textbooks-s0.jsonl",
+                         "synthetic/textbooks/textbooks-s12.jsonl"},
         "codeexercises": {"synthetic/exercises/exercises-s3.jsonl"},
-        "stdlib_filtered": {"filtered/filtered-stdlib-00000-of-00001.jsonl"}}
+        "stdlib_filtered": {stdlib}}
 
 
 def test_report_places_wandb_runs_like_run_dirs(monkeypatch):
