@@ -94,10 +94,14 @@ def test_truncation_stops_at_the_end_of_the_function():
     assert truncate("    return 1", HUMANEVAL_STOP) == "    return 1"
 
 
-def test_scoring_a_samples_file_without_a_model(tmp_path, humaneval):
+def test_scoring_a_samples_file_without_a_model(tmp_path, humaneval, caplog):
     rows = [(p.task_id, p.canonical_solution if i % 2 == 0 else "    return None\n") for i, p in enumerate(humaneval)]
     path = write_samples(tmp_path / "samples.jsonl", rows)
-    metrics = evaluate(eval_cfg(tmp_path / "run", f"samples={path}"))
+    with caplog.at_level("INFO", logger="phi1.evaluate"):
+        metrics = evaluate(eval_cfg(tmp_path / "run", f"samples={path}"))
+    # ks=[1,10,100] (the default) over one sample a problem: the two it cannot estimate are named, not dropped
+    assert "humaneval: pass@10, pass@100 left out: the estimator needs k samples of every problem, and the fewest " \
+        "are 1 (generation.n)" in caplog.text and "eval/humaneval/pass@10" not in metrics
     expected = sum(1 for i, p in enumerate(humaneval) if i % 2 == 0) / 164
     # A few "return None" completions are right (problems whose answer is None): count them from the file.
     written = [json.loads(line) for line in (tmp_path / "run" / "humaneval" / "samples.jsonl").read_text().splitlines()]

@@ -107,6 +107,10 @@ def run_benchmark(name: str, problems, completions, sandbox: Sandbox | None, ks,
         rows, verdicts = score(sandbox, problems, completions)
         for k, value in pass_at_k(verdicts, list(ks)).items():
             metrics[f"eval/{name}/pass@{k}"] = value
+        if left := [k for k in ks if f"eval/{name}/pass@{k}" not in metrics]:
+            fewest = min((len(v) for v in verdicts.values()), default=0)
+            log.info("%s: %s left out: the estimator needs k samples of every problem, and the fewest are %d "
+                     "(generation.n)", name, ", ".join(f"pass@{k}" for k in left), fewest)
         metrics[f"eval/{name}/samples"] = len(rows)
         (out_dir / name).mkdir(parents=True, exist_ok=True)
         with open(out_dir / name / "samples.jsonl", "w") as f:
