@@ -893,3 +893,19 @@ def test_activation_checkpointing_recomputes_the_same_loss_and_gradients(small_c
         checkpointed.eval()
         assert checkpointed._loss(batch).item() == pytest.approx(losses[0][0], rel=1e-6)  # validation's loss
     assert "use_cache" not in caplog.text  # transformers' "incompatible with gradient checkpointing" warning
+
+
+def test_a_graded_benchmark_in_training_says_where_its_grade_comes_from(small_cfg, tmp_path, caplog):
+    """train.py has no grader: the unconventional problems' LLM grade (paper §4) is evaluate.py's, said once at start
+    rather than left for the user to find missing from metrics.json."""
+    from phi1.eval.callback import Evaluation
+
+    cfg = small_cfg("+benchmark@evaluation.benchmarks.unconventional=unconventional")
+    with caplog.at_level("INFO", logger="phi1.eval.callback"):
+        Evaluation(cfg.evaluation, tmp_path / "run")
+    assert (f"evaluation: unconventional scored by execution only; its LLM grade (paper §4) is evaluate.py's: python "
+            f"evaluate.py ckpt={tmp_path / 'run' / 'hf'} benchmark=unconventional llm=gpt4") in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="phi1.eval.callback"):
+        Evaluation(small_cfg().evaluation, tmp_path / "run")
+    assert "LLM grade" not in caplog.text

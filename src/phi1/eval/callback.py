@@ -27,6 +27,11 @@ class Evaluation(Callback):
         # Loaded here, before the data is packed and the model built: a benchmark that cannot load (a path
         # mistyped, MBPP from the hub without network) stops the job now, not at its first evaluation.
         self.problems = load_benchmarks(cfg.benchmarks)
+        if graded := [name for name, spec in cfg.benchmarks.items() if spec.get("grade")]:
+            # Training has no grader (no `llm`): an LLM grade per evaluation would also pay for each checkpoint.
+            log.info("evaluation: %s scored by execution only; its LLM grade (paper §4) is evaluate.py's: python "
+                     "evaluate.py ckpt=%s benchmark=%s llm=gpt4 allow_code_execution=true", ", ".join(graded),
+                     Path(run_dir) / "hf", graded[0])
         self.run_dir = Path(run_dir)
         self.sandbox = None
         self.history: list[dict] = []
