@@ -162,15 +162,25 @@ def test_exercises_are_parsed_executed_in_the_sandbox_and_humaneval_shaped(tmp_p
 
     from phi1.config import ExercisesConfig
 
-    drawn = exercises.items(OmegaConf.structured(ExercisesConfig(n=12, output="x")))
+    drawn = exercises.items(OmegaConf.structured(ExercisesConfig(n=14, output="x")))
     answers = exercise_answers(drawn)
     with FakeOpenAI(reply=lambda messages: answers[messages[-1]["content"]]) as server:
         report = run(prepare_cfg(tmp_path, server, "stage=exercises", "stage.n=12", "stage.sandbox.timeout=2"))
-    assert report["removed"] == {"examples_fail": 2, "name_not_as_asked": 1, "code_does_not_parse": 1,
-                                 "code_outside_the_function": 1, "refusal": 1}
-    assert report["examples"] == {"executed": 7, "passed": 5, "kept_without_examples": 1}
-    assert report["kept"] == 6
-    path = tmp_path / "synthetic" / "exercises" / "exercises-s0.jsonl"
+        assert report["removed"] == {"examples_fail": 2, "name_not_as_asked": 1, "code_does_not_parse": 1,
+                                     "code_outside_the_function": 1, "refusal": 1}
+        assert report["examples"] == {"executed": 7, "passed": 5, "kept_without_examples": 1, "verdicts_reused": 0}
+        assert report["kept"] == 6
+        path = tmp_path / "synthetic" / "exercises" / "exercises-s0.jsonl"
+        first = path.read_bytes()
+        # A rerun runs no doctest again (one of them times out: 2 s each), and writes the same set; a larger n
+        # executes only the new exercises; another timeout executes them all again.
+        again = run(prepare_cfg(tmp_path, server, "stage=exercises", "stage.n=12", "stage.sandbox.timeout=2"))
+        assert again["examples"]["verdicts_reused"] == 7 and path.read_bytes() == first
+        more = run(prepare_cfg(tmp_path, server, "stage=exercises", "stage.n=14", "stage.sandbox.timeout=2"))
+        assert more["examples"]["verdicts_reused"] == 7 and more["examples"]["executed"] == 9
+        assert more["kept"] == 8 and path.read_bytes().startswith(first)
+        other = run(prepare_cfg(tmp_path, server, "stage=exercises", "stage.n=14", "stage.sandbox.timeout=3"))
+        assert other["examples"]["verdicts_reused"] == 0 and other["removed"] == more["removed"]
     rows = [json.loads(line) for line in open(path)]
     import ast
 

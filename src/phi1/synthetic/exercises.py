@@ -13,10 +13,12 @@ only if every example passes. Output: HumanEval-shaped JSONL (`task_id`, `prompt
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from phi1.data.sources import exercises as split_functions
@@ -78,6 +80,36 @@ def has_examples(prompt: str) -> bool:
     return ">>>" in prompt
 
 
+def _program(row: dict) -> str:
+    """What the sandbox runs for an exercise: its prompt and solution, then its doctest check."""
+    return Problem(row["task_id"], row["prompt"], f"{row['test']}\n\ncheck({row['entry_point']})").program(
+        row["canonical_solution"])
+
+
+def _digest(program: str) -> str:
+    return hashlib.sha256(program.encode()).hexdigest()
+
+
+def _earlier_verdicts(out: Path, name: str, sandbox_cfg: dict) -> dict[str, dict]:
+    """{program digest: verdict} of the last run's executed exercises (kept: passed; rejected: examples_fail,
+    with their output), if it ran under these sandbox settings: a longer timeout may pass what timed out."""
+    report = out / f"{name}.report.json"
+    if not report.is_file() or json.loads(report.read_text()).get("sandbox") != sandbox_cfg:
+        return {}
+    verdicts = {}
+    for path in (out / f"{name}.jsonl", out / f"{name}.rejected.jsonl"):
+        if not path.is_file():
+            continue
+        with open(path) as f:
+            for line in f:
+                row = json.loads(line)
+                status = row.get("meta", {}).get("examples")
+                if row.get("test") and status not in (None, "none", "not_run") and \
+                        row.get("rejected") in (None, "examples_fail"):
+                    verdicts[_digest(_program(row))] = {"status": status, "output": row.get("output", "")}
+    return verdicts
+
+
 def run(cfg: DictConfig) -> dict:
     stage = cfg.stage
     out = Path(stage.output)
@@ -116,17 +148,25 @@ def run(cfg: DictConfig) -> dict:
     ]
     kept, rejected, reasons = apply_gates(candidates, checks)
 
-    # Execute the examples of the survivors (the costly gate, last); keep only those that pass.
+    # Execute the examples of the survivors (the costly gate, last); keep only those that pass. A rerun (a larger
+    # n, a killed run) takes the verdicts of the programs its last run executed under the same sandbox settings.
     with_examples = [r for r in kept if r["test"]]
-    executed = {}
+    executed, reused = {}, 0
+    sandbox_cfg = OmegaConf.to_container(stage.sandbox, resolve=True)
     if with_examples and stage.execute:
         from phi1.evaluate import make_sandbox
 
-        programs = [Problem(r["task_id"], r["prompt"], f"{r['test']}\n\ncheck({r['entry_point']})").program(
-            r["canonical_solution"]) for r in with_examples]
-        with make_sandbox(stage.sandbox) as sandbox, tqdm(total=len(programs), desc="doctests", unit="ex") as bar:
-            verdicts = sandbox.run_many(programs, progress=bar)
-        executed = {r["task_id"]: v for r, v in zip(with_examples, verdicts)}
+        programs = {r["task_id"]: _program(r) for r in with_examples}
+        earlier = _earlier_verdicts(out, f"exercises-s{stage.seed}", sandbox_cfg)
+        for task_id, program in programs.items():
+            if (verdict := earlier.get(_digest(program))) is not None:
+                executed[task_id] = verdict
+        reused = len(executed)
+        todo_ex = [task_id for task_id in programs if task_id not in executed]
+        if todo_ex:
+            with make_sandbox(stage.sandbox) as sandbox, tqdm(total=len(todo_ex), desc="doctests", unit="ex") as bar:
+                verdicts = sandbox.run_many([programs[t] for t in todo_ex], progress=bar)
+            executed.update(zip(todo_ex, verdicts))
     final = []
     for row in kept:
         verdict = executed.get(row["task_id"])
@@ -142,7 +182,9 @@ def run(cfg: DictConfig) -> dict:
         "requested": len(todo), "answered": len(answers), "unanswered": len(todo) - len(answers),
         "kept": len(final), "removed": dict(reasons),
         "examples": {"executed": len(executed), "passed": sum(v["status"] == "passed" for v in executed.values()),
-                     "kept_without_examples": sum(1 for r in final if not r["test"])},
+                     "kept_without_examples": sum(1 for r in final if not r["test"]),
+                     "verdicts_reused": reused},
+        "sandbox": sandbox_cfg,
         "kept_chars": sum(len(r["text"]) for r in final),
         "usage": usage(llm, todo, answers, version), "paid_this_run": llm.summary(),
         "output": str(out / f"exercises-s{stage.seed}.jsonl"),
