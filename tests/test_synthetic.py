@@ -179,6 +179,8 @@ def test_exercises_are_parsed_executed_in_the_sandbox_and_humaneval_shaped(tmp_p
         more = run(prepare_cfg(tmp_path, server, "stage=exercises", "stage.n=14", "stage.sandbox.timeout=2"))
         assert more["examples"]["verdicts_reused"] == 7 and more["examples"]["executed"] == 9
         assert more["kept"] == 8 and path.read_bytes().startswith(first)
+        assert run(prepare_cfg(tmp_path, server, "stage=exercises", "stage.n=14", "stage.sandbox.timeout=2",
+                               "stage.sandbox.workers=1"))["examples"]["verdicts_reused"] == 9
         other = run(prepare_cfg(tmp_path, server, "stage=exercises", "stage.n=14", "stage.sandbox.timeout=3"))
         assert other["examples"]["verdicts_reused"] == 0 and other["removed"] == more["removed"]
     rows = [json.loads(line) for line in open(path)]

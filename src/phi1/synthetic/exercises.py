@@ -152,7 +152,8 @@ def run(cfg: DictConfig) -> dict:
     # n, a killed run) takes the verdicts of the programs its last run executed under the same sandbox settings.
     with_examples = [r for r in kept if r["test"]]
     executed, reused = {}, 0
-    sandbox_cfg = OmegaConf.to_container(stage.sandbox, resolve=True)
+    # What decides a verdict (the number of workers does not: another machine reuses them too)
+    sandbox_cfg = {k: v for k, v in OmegaConf.to_container(stage.sandbox, resolve=True).items() if k != "workers"}
     if with_examples and stage.execute:
         from phi1.evaluate import make_sandbox
 
