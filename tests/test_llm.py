@@ -59,6 +59,27 @@ def test_requests_in_flight_are_bounded(make_llm, server):
     assert server.max_in_flight == 3  # as many as allowed, never more
 
 
+def test_a_long_run_holds_as_many_tasks_as_requests_in_flight_and_logs_a_few_progress_lines(make_llm, server,
+                                                                                               capfd):
+    """One task per request up front held ~1.2 GB at the paper's ~1M textbooks; a redraw forced per answer wrote
+    one progress line per request into a batch job's log."""
+    import asyncio
+
+    items = [(f"d{i}", ask(f"doc {i}")) for i in range(400)]
+    make_llm(concurrency=3).map(items, grade)  # answered by the server, then cached
+    capfd.readouterr()
+    tasks = []
+
+    def count_tasks(text: str) -> int:
+        tasks.append(len(asyncio.all_tasks()))
+        return grade(text)
+
+    assert make_llm(concurrency=3).map(items, count_tasks, desc="again") == {i: 7 for i, _ in items}
+    assert max(tasks) == 1 + 3  # the loop's main task and the three workers, not one per request
+    redraws = capfd.readouterr().err.count("again:")
+    assert 1 <= redraws < 40, redraws  # at most one per 0.1 s, not 400
+
+
 def test_prompt_version_is_part_of_the_cache_key(make_llm, server):
     llm = make_llm()
     llm.map([("a", ask("x"))], grade, prompt_version="v1")
@@ -266,3 +287,9 @@ def test_a_server_without_a_model_name_is_refused_before_any_request(tmp_path):
         LLM.from_config(c, cache_path=tmp_path / "c.sqlite", quarantine_path=tmp_path / "q.jsonl")
     c.model = "qwen"
     assert LLM.from_config(c, cache_path=tmp_path / "c.sqlite", quarantine_path=tmp_path / "q.jsonl").model == "qwen"
+    c.concurrency = 0  # no workers: nothing sent, and the stage ended "done" with empty outputs
+    with pytest.raises(LLMError, match=r"^llm.concurrency=0: must be >= 1 \(requests in flight at once\)$"):
+        LLM.from_config(c, cache_path=tmp_path / "c.sqlite", quarantine_path=tmp_path / "q.jsonl")
+    c.concurrency, c.budget_usd = 8, 0.0
+    with pytest.raises(LLMError, match=r"^llm.budget_usd=0.0: must be > 0 \(null: no budget\)$"):
+        LLM.from_config(c, cache_path=tmp_path / "c.sqlite", quarantine_path=tmp_path / "q.jsonl")

@@ -233,9 +233,9 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.llm.kind == "openai" and any(spec.grade for spec in cfg.benchmarks.values()):
         # The grader is needed after generation and execution (minutes for phi-1): its model and key, checked
         # before them.
-        from phi1.llm import api_key, require_model
+        from phi1.llm import api_key, check as check_llm
 
-        require_model(cfg.llm)
+        check_llm(cfg.llm)
         api_key(cfg.llm.api_key_env, cfg.llm.base_url)
     # A samples file is read whole before the run folder and the sandbox: a bad line stops the run at once.
     completions = read_samples(cfg.samples, next(iter(problem_sets.values()))) if cfg.samples else None
