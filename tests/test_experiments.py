@@ -240,12 +240,15 @@ def test_report_draws_every_figure_and_table_from_run_dirs(tmp_path):
                        "data": {"name": data}, "phase": phase},
                       {"eval/humaneval/pass@1": p1 + (0.05 if model == "phi-1" else 0), "params": params,
                        "eval/humaneval/solution_nll": 1.0 - p1, "device_hours": 10 * p1 * params / 1e8,
-                       "data/epochs": 8.25 if data == "codetextbook" else 2.0})
+                       "data/epochs": 8.25 if data == "codetextbook" else 2.0,
+                       # one run scored on the first 20 problems only (benchmarks.humaneval.limit=20)
+                       "eval/humaneval/problems": 20 if (model, data) == ("phi-1", "codetextbook") else 164})
     for ref, he, score in (("run:phi1_small", 0.3, 4.0), ("run:phi1_base/base-step024000.ckpt", 0.2, 3.1),
                            ("run:phi1", 0.5, 5.5)):
         _fake_run(out, f"emergence-{ref.replace(':', '-').replace('/', '-')}",
                   {"experiment_name": "emergence", "ckpt": ref},
-                  {"eval/humaneval/pass@1": he, "eval/mbpp/pass@1": he + 0.05, "eval/unconventional/score": score})
+                  {"eval/humaneval/pass@1": he, "eval/mbpp/pass@1": he + 0.05, "eval/unconventional/score": score,
+                   "eval/humaneval/problems": 164, "eval/mbpp/problems": 100 if "base" in ref else 500})
     # Table 3: 10 problems, 4 similar at τ = 0.90; phi-1 passes 3 of the similar and 1 other, the retrained run
     # 1 similar and 2 others.
     ids = [f"HumanEval/{i}" for i in range(10)]
@@ -279,7 +282,11 @@ def test_report_draws_every_figure_and_table_from_run_dirs(tmp_path):
             "scaling-phi-1-76b-codeexercises |" in fig)
     assert "- 76b tokens, CodeTextbook: phi-1 beats phi-1-small: in 1 of 1 seed (pass@1 +5.0)" in fig
     assert "phi-1 on 76b tokens took 1,090 GPU-hours" in fig and cell["device_hours"] == pytest.approx(56.0)
-    assert "| phi-1 | 76b | CodeTextbook | 25.0 | 0.800 | 28 | 8.25 |" in fig  # 0.2 + 0.05; read ~8 times
+    assert "| phi-1 | 76b | CodeTextbook | 25.0 (of 20 problems) | 0.800 | 28 | 8.25 |" in fig  # 0.2 + 0.05; ~8 reads
+    assert "| phi-1-small | 76b | CodeTextbook | 20.0 | 0.800 |" in fig  # all 164: unmarked
+    emergence = (report / "emergence.md").read_text()
+    assert "| phi-1-base | 20.0 (29.0) | 25.0 (of 100 problems) (–) |" in emergence
+    assert "| phi-1 | 50.0 (50.6) | 55.0 (55.5) |" in emergence
     assert "phi-1-small (ours) | 40.0 | 30.0 |" in (report / "table2.md").read_text()
     assert "| 0.90 | similar | 4 (93) | 75.0 (63.4) | 25.0 (51.6) | 48.4 | phi1, pruning-phi-1-tau0.90 |" in \
         (report / "table3.md").read_text()

@@ -59,6 +59,10 @@ PAPER_EMERGENCE = {"phi-1-small": (45.0, None, 45.0), "phi-1-base": (29.0, None,
 PAPER_TABLE2 = {"CodeGen-Mono-350M": (19, 13), "CodeGen-Mono-16.1B": (38, 29), "Replit": (37, 22),
                 "StarCoder": (51, 34), "phi-1-base": (37, 29), "phi-1-small": (45, 45), "phi-1": (52, 51)}
 
+# The paper's numbers are over every problem: HumanEval's 164, MBPP's 500 of its test split (ids 11-510). Ours
+# over fewer (benchmarks.<b>.limit, a samples file without some) are marked where they stand beside them.
+PAPER_PROBLEMS = {"humaneval": 164, "mbpp": 500}
+
 # Bars of a scaling figure, in the paper's order, by the data a run trained on last.
 ARMS = {
     "scaling": {"stack": "The Stack+", "codetextbook": "CodeTextbook", "codeexercises": "CodeTextbook → CodeExercises"},
@@ -191,6 +195,16 @@ def _fmt(v, digits=1):
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+def _of(problems: int | None, bench: str) -> str:
+    """" (of 20 problems)" after a number scored on fewer problems than the paper's (PAPER_PROBLEMS), else ""."""
+    full = PAPER_PROBLEMS.get(bench)
+    return f" (of {problems} problems)" if problems is not None and full and problems < full else ""
+
+
+PARTIAL_NOTE = ("A number marked (of n problems) was scored on fewer problems than the paper's (HumanEval 164, "
+                "MBPP 500): not comparable with the paper's.")
+
+
 @functools.cache
 def _warn_once(message: str) -> None:
     log.warning(message)
@@ -238,7 +252,8 @@ def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
             cell = _cell(seeds)
             cell["paper_pass@1"] = PAPER_FIG21.get((m, b, arm)) if experiment == "scaling" else None
             table[f"{m}/{b}/{arm}"] = cell
-            rows.append(f"| {m} | {b} | {label} | {_fmt_sd(cell, 'pass@1', 1)} | {_fmt_sd(cell, 'solution_nll', 3)} "
+            rows.append(f"| {m} | {b} | {label} | {_fmt_sd(cell, 'pass@1', 1)}{_of(cell['problems'], 'humaneval')} "
+                        f"| {_fmt_sd(cell, 'solution_nll', 3)} "
                         f"| {_hours(cell['device_hours'])} | {_fmt(cell['passes'], 2)} | {_fmt(cell['paper_pass@1'])} "
                         f"| {len(seeds) or '–'} | "
                         f"{', '.join(r.name for r in _by_seed(seeds).values()) or '–'} |")
@@ -254,7 +269,8 @@ def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
           "the paper's budgets imply (phi-1-base: 51B tokens, ~8 passes over CodeTextbook's ~7B). "
           "A cell run with several seeds: their mean ± sample standard deviation. "
           "Paper: the values its text gives (DESIGN §3)"
-          + "".join(f"; {m} on {b} tokens took {h:,} GPU-hours" for (m, b), h in paper_hours.items() if h) + ".", "",
+          + "".join(f"; {m} on {b} tokens took {h:,} GPU-hours" for (m, b), h in paper_hours.items() if h) + ". "
+          + PARTIAL_NOTE, "",
           "| model | tokens | data | pass@1 | solution NLL | device-hours | passes | paper pass@1 | seeds | runs |",
           "|---|---|---|---|---|---|---|---|---|---|", *rows, "",
           f"## Orderings, seed by seed ({'pass@1' if metric == 'pass@1' else 'solution NLL'})", "",
@@ -277,7 +293,8 @@ def _by_seed(seeds: dict) -> dict:
 def _values(run: Run) -> dict:
     return {"pass@1": _pct(run.metrics.get("eval/humaneval/pass@1")),
             "solution_nll": run.metrics.get("eval/humaneval/solution_nll"),
-            "device_hours": run.metrics.get("device_hours"), "passes": run.metrics.get("data/epochs")}
+            "device_hours": run.metrics.get("device_hours"), "passes": run.metrics.get("data/epochs"),
+            "problems": run.metrics.get("eval/humaneval/problems")}
 
 
 def _mean_sd(values: list) -> tuple[float | None, float | None]:
@@ -295,6 +312,8 @@ def _cell(seeds: dict) -> dict:
         cell[key], sd = _mean_sd([v[key] for v in per_seed.values()])
         if key in ("pass@1", "solution_nll"):
             cell[f"{key}_sd"] = sd
+    counts = [v["problems"] for v in per_seed.values() if v["problems"] is not None]
+    cell["problems"] = min(counts, default=None)  # the fewest any seed's HumanEval was scored on
     cell.update(seeds=list(per_seed), per_seed=per_seed, runs=[r.where for r in _by_seed(seeds).values()])
     return cell
 
@@ -674,16 +693,20 @@ def emergence(runs: list[Run], out: Path) -> dict | None:
         r = evals[m]
         score = r.metrics.get("eval/unconventional/score")
         table[m] = {"humaneval": _pct(r.metrics.get("eval/humaneval/pass@1")),
+                    "humaneval_problems": r.metrics.get("eval/humaneval/problems"),
                     "mbpp": _pct(r.metrics.get("eval/mbpp/pass@1")),
+                    "mbpp_problems": r.metrics.get("eval/mbpp/problems"),
                     "unconventional_pass@1": _pct(r.metrics.get("eval/unconventional/pass@1")),
                     "unconventional_score": None if score is None else 10.0 * score,  # 0-10 -> the paper's 0-100
                     "paper": PAPER_EMERGENCE.get(m), "run": r.where}
     md = ["# Emergence: phi-1-small, phi-1-base, phi-1 (paper §3-4)", "",
-          "pass@1 in %, greedy; unconventional score = mean GPT grade × 10 (the paper's scale). Paper in brackets.", "",
+          "pass@1 in %, greedy; unconventional score = mean GPT grade × 10 (the paper's scale). Paper in brackets. "
+          + PARTIAL_NOTE, "",
           "| model | HumanEval | MBPP | unconventional pass@1 | unconventional score | run |", "|---|---|---|---|---|---|"]
     for m, v in table.items():
         p = v["paper"] or (None, None, None)
-        md.append(f"| {m} | {_fmt(v['humaneval'])} ({_fmt(p[0])}) | {_fmt(v['mbpp'])} ({_fmt(p[1])}) | "
+        md.append(f"| {m} | {_fmt(v['humaneval'])}{_of(v['humaneval_problems'], 'humaneval')} ({_fmt(p[0])}) | "
+                  f"{_fmt(v['mbpp'])}{_of(v['mbpp_problems'], 'mbpp')} ({_fmt(p[1])}) | "
                   f"{_fmt(v['unconventional_pass@1'])} | {_fmt(v['unconventional_score'])} ({_fmt(p[2])}) | "
                   f"{evals[m].name} |")
     (out / "emergence.md").write_text("\n".join(md + _environment(list(evals.values()))[0]) + "\n")
@@ -691,7 +714,8 @@ def emergence(runs: list[Run], out: Path) -> dict | None:
     t2 = ["# Table 2: understanding of 50 unconventional problems (GPT-4 score) and HumanEval, in %", "",
           "| model | score | HumanEval | source |", "|---|---|---|---|"]
     t2 += [f"| {m} | {s} | {h} | paper |" for m, (s, h) in PAPER_TABLE2.items()]
-    t2 += [f"| {m} (ours) | {_fmt(v['unconventional_score'])} | {_fmt(v['humaneval'])} | {evals[m].name} |"
+    t2 += [f"| {m} (ours) | {_fmt(v['unconventional_score'])} | "
+           f"{_fmt(v['humaneval'])}{_of(v['humaneval_problems'], 'humaneval')} | {evals[m].name} |"
            for m, v in table.items()]
     (out / "table2.md").write_text("\n".join(t2) + "\n")
     _table2_png(out / "table2.png", table)
