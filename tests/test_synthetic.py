@@ -168,7 +168,8 @@ def test_exercises_are_parsed_executed_in_the_sandbox_and_humaneval_shaped(tmp_p
         report = run(prepare_cfg(tmp_path, server, "stage=exercises", "stage.n=12", "stage.sandbox.timeout=2"))
         assert report["removed"] == {"examples_fail": 2, "name_not_as_asked": 1, "code_does_not_parse": 1,
                                      "code_outside_the_function": 1, "refusal": 1}
-        assert report["examples"] == {"executed": 7, "passed": 5, "kept_without_examples": 1, "verdicts_reused": 0}
+        assert report["examples"] == {"checked": 7, "passed": 5, "kept_without_examples": 1, "executed": 7,
+                                      "verdicts_reused": 0}
         assert report["kept"] == 6
         path = tmp_path / "synthetic" / "exercises" / "exercises-s0.jsonl"
         first = path.read_bytes()
@@ -177,7 +178,8 @@ def test_exercises_are_parsed_executed_in_the_sandbox_and_humaneval_shaped(tmp_p
         again = run(prepare_cfg(tmp_path, server, "stage=exercises", "stage.n=12", "stage.sandbox.timeout=2"))
         assert again["examples"]["verdicts_reused"] == 7 and path.read_bytes() == first
         more = run(prepare_cfg(tmp_path, server, "stage=exercises", "stage.n=14", "stage.sandbox.timeout=2"))
-        assert more["examples"]["verdicts_reused"] == 7 and more["examples"]["executed"] == 9
+        assert more["examples"]["verdicts_reused"] == 7 and more["examples"]["checked"] == 9
+        assert more["examples"]["executed"] == 2  # only the two new exercises with examples ran
         assert more["kept"] == 8 and path.read_bytes().startswith(first)
         assert run(prepare_cfg(tmp_path, server, "stage=exercises", "stage.n=14", "stage.sandbox.timeout=2",
                                "stage.sandbox.workers=1"))["examples"]["verdicts_reused"] == 9

@@ -182,9 +182,11 @@ def run(cfg: DictConfig) -> dict:
     report = {
         "requested": len(todo), "answered": len(answers), "unanswered": len(todo) - len(answers),
         "kept": len(final), "removed": dict(reasons),
-        "examples": {"executed": len(executed), "passed": sum(v["status"] == "passed" for v in executed.values()),
+        # checked: exercises with examples and a verdict; executed: those run in the sandbox by this run, the
+        # others' verdicts reused from the last run
+        "examples": {"checked": len(executed), "passed": sum(v["status"] == "passed" for v in executed.values()),
                      "kept_without_examples": sum(1 for r in final if not r["test"]),
-                     "verdicts_reused": reused},
+                     "executed": len(executed) - reused, "verdicts_reused": reused},
         "sandbox": sandbox_cfg,
         "kept_chars": sum(len(r["text"]) for r in final),
         "usage": usage(llm, todo, answers, version), "paid_this_run": llm.summary(),
