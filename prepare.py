@@ -9,9 +9,11 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="prepare")
 def main(cfg) -> None:
+    from phi1.errors import unwrapped
     from phi1.stages import run
 
-    run(cfg)
+    with unwrapped():
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="report")
 def main(cfg) -> None:
+    from phi1.errors import unwrapped
     from phi1.report import report
 
-    report(cfg)
+    with unwrapped():
+        report(cfg)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg) -> None:
+    from phi1.errors import unwrapped
     from phi1.train import train  # imported here so that --help and --cfg stay fast
 
-    train(cfg)
+    with unwrapped():
+        train(cfg)
 
 
 if __name__ == "__main__":

@@ -279,6 +279,17 @@ def test_cli_bad_value_fails_before_any_work(tmp_path):
     assert not (tmp_path / "data").exists()  # no tokenizer trained, nothing packed
 
 
+def test_a_resolvers_error_is_one_message_without_a_traceback(tmp_path):
+    """data=codeexercises_pruned without tau: the error is raised while OmegaConf resolves the source's path, which
+    wraps it in its own; Hydra printed that with a traceback."""
+    r = subprocess.run([sys.executable, "train.py", "data=codeexercises_pruned", f"paths.output_dir={tmp_path}/out",
+                        f"paths.data_dir={tmp_path}/data", "logger=csv"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "tau: not set; data=codeexercises_pruned reads the set pruned at τ: give tau=0.95" in r.stderr
+    assert "InterpolationResolutionError" not in r.stderr
+
+
 def test_deepspeed_trainer_builds_its_strategy(tmp_path):
     from hydra.utils import instantiate
     from lightning.pytorch.strategies import DeepSpeedStrategy

@@ -8,7 +8,10 @@ from the builtin error it stands for, so that callers catching ValueError or Fil
 Bugs keep their tracebacks.
 """
 
+from contextlib import contextmanager
+
 from hydra.errors import CompactHydraException
+from omegaconf.errors import InterpolationResolutionError
 
 
 class Phi1Error(CompactHydraException):
@@ -21,3 +24,19 @@ class InputError(Phi1Error, ValueError):
 
 class MissingInputError(Phi1Error, FileNotFoundError):
     """A file, run or checkpoint that the command needs does not exist (yet)."""
+
+
+@contextmanager
+def unwrapped():
+    """An error raised while OmegaConf resolves an interpolation (a resolver's, such as `${phi1.tau:${tau}}`
+    without tau) reaches Hydra wrapped in OmegaConf's own, and Hydra prints that with a traceback: the entry
+    points re-raise ours bare."""
+    try:
+        yield
+    except InterpolationResolutionError as e:
+        cause = e.__cause__ or e.__context__
+        while isinstance(cause, InterpolationResolutionError):  # OmegaConf wraps once per level of nesting
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, Phi1Error):
+            raise cause.with_traceback(None) from None
+        raise
