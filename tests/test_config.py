@@ -232,6 +232,10 @@ def test_a_warmup_as_long_as_the_run_is_named(tmp_path, caplog):
     ("+data.sources.0.where={lang:[Python]}", "data.sources[0].where: kind=stdlib reads whole .py files"),
     ("tokenizer.corpus.id_field=path", "tokenizer.corpus.id_field: kind=stdlib reads whole .py files"),
     ("data.sources.0.subset=python", "data.sources[0].subset: only kind=hf reads it; kind is stdlib"),
+    # Before: a ZeroDivisionError's traceback; Lightning's own refusal came after the packing and the model.
+    ("trainer.devices=0", "trainer.devices=0: must be >= 1, a non-empty list of ids, or 'auto'"),
+    ("trainer.devices=[]", "trainer.devices=[]: must be >= 1"),
+    ("trainer.precision=fp8", "trainer.precision: must be one of 32-true, bf16-mixed, 16-mixed, bf16-true,"),
 ])
 def test_out_of_range_values_name_the_key(override, key, tmp_path):
     cfg = make_cfg([override], run_dir=tmp_path, data_dir=tmp_path)

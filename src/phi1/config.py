@@ -145,6 +145,8 @@ class BatchConfig:
     micro_size: int = MISSING
 
 
+# Lightning's precision settings, in the form it prints (its aliases "bf16", "16", 32 are older spellings).
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -585,11 +587,15 @@ def device_count(trainer: TrainerConfig | DictConfig) -> int:
             return max(torch.cuda.device_count(), 1)
         return 1
     if not isinstance(devices, (int, str)):  # a list of device ids
-        return len(devices)
-    try:
-        return int(devices)
-    except (TypeError, ValueError):
-        raise ConfigError(f"trainer.devices: expected an int, a list of ids or 'auto', got {devices!r}") from None
+        count = len(devices)
+    else:
+        try:
+            count = int(devices)
+        except (TypeError, ValueError):
+            raise ConfigError(f"trainer.devices: expected an int, a list of ids or 'auto', got {devices!r}") from None
+    if count < 1:  # else a division by zero in the batch arithmetic below
+        raise ConfigError(f"trainer.devices={devices!r}: must be >= 1, a non-empty list of ids, or 'auto'")
+    return count
 
 
 def plan(cfg: DictConfig) -> Plan:
@@ -653,6 +659,8 @@ def validate(cfg: DictConfig) -> Plan:
         ("batch.global_size", cfg.batch.global_size > 0, "must be > 0"),
         ("batch.micro_size", cfg.batch.micro_size > 0, "must be > 0"),
         ("trainer.num_nodes", cfg.trainer.num_nodes > 0, "must be > 0"),
+        # Lightning checks it only when the Trainer is built: after the data is packed and the model built.
+        ("trainer.precision", str(cfg.trainer.precision) in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
         ("speed.compile_mode", cfg.speed.compile_mode in COMPILE_MODES,
          f"must be null (torch.compile's default) or one of torch.compile's modes: {', '.join(COMPILE_MODES[1:])}"),
         ("speed.compile_options", not (cfg.speed.compile_options and cfg.speed.compile_mode),
