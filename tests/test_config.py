@@ -86,6 +86,16 @@ def test_the_filter_stages_find_each_others_files_for_a_named_corpus(tmp_path):
     ("filter", "stage.threshold=1.5", r"stage.threshold: must be in \[0, 1\]"),
     ("filter", "stage.threshold=-0.1", r"stage.threshold: must be in \[0, 1\]"),
     ("annotate", "stage.n=0", "stage.n: must be > 0"),
+    ("annotate", "stage.max_chars=0", r"stage.max_chars: must be > 0 \(the characters of each document judged\)"),
+    # Before: ~1 min of scoring each, to a table that means nothing (ngram=0 matched every pair).
+    ("decontaminate", "stage.ngram=0", r"stage.ngram: must be >= 1 \(tokens per n-gram; the paper's: 13\)"),
+    ("decontaminate", "stage.embed.threshold=3", r"stage.embed.threshold: must be in \[0, 2\]"),
+    # Before: checked after the key and the model; n=0 ended "done", min_chars above max_chars removed every
+    # answer once paid for.
+    ("textbooks", "stage.n=0", "stage.n: must be > 0"),
+    ("textbooks", "stage.max_chars=100", "stage.min_chars: must be >= 0 and below stage.max_chars=100"),
+    ("exercises", "stage.dedup.threshold=0", r"stage.dedup.threshold: must be in \(0, 1\]"),
+    ("exercises", "stage.sandbox.timeout=0", r"stage.sandbox.timeout: must be > 0 \(seconds per sample\)"),
 ])
 def test_a_stage_key_its_kind_ignores_or_out_of_range_is_refused_before_any_work(stage, override, message, tmp_path):
     from hydra import compose, initialize_config_dir

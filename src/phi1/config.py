@@ -733,15 +733,41 @@ def evaluation_checks(cfg: DictConfig, prefix: str = "") -> list[tuple[str, bool
         (f"{prefix}generation.batch_size", g.batch_size > 0, "must be > 0"),
         (f"{prefix}generation.backend", g.backend in GENERATION_BACKENDS, f"must be {', '.join(GENERATION_BACKENDS)}"),
         (f"{prefix}ks", len(cfg.ks) > 0 and all(k > 0 for k in cfg.ks), "must list the k of pass@k, each > 0"),
-        (f"{prefix}sandbox.workers", sandbox.workers is None or sandbox.workers > 0,
-         "must be > 0 (null: one per core)"),
-        (f"{prefix}sandbox.timeout", sandbox.timeout > 0, "must be > 0 (seconds per sample)"),
-        (f"{prefix}sandbox.memory_mb", sandbox.memory_mb > 0, "must be > 0"),
-        (f"{prefix}sandbox.isolation", sandbox.isolation in ISOLATIONS, f"must be {', '.join(ISOLATIONS)}"),
+        *sandbox_checks(f"{prefix}sandbox", sandbox),
     ]
     for name, spec in cfg.benchmarks.items():
         checks.append((f"{prefix}benchmarks.{name}.limit", spec.get("limit") is None or spec.limit > 0,
                        "must be > 0 (null: every problem)"))
+    return checks
+
+
+def sandbox_checks(key: str, sandbox: DictConfig) -> list[tuple[str, bool, str]]:
+    return [(f"{key}.workers", sandbox.workers is None or sandbox.workers > 0, "must be > 0 (null: one per core)"),
+            (f"{key}.timeout", sandbox.timeout > 0, "must be > 0 (seconds per sample)"),
+            (f"{key}.memory_mb", sandbox.memory_mb > 0, "must be > 0"),
+            (f"{key}.isolation", sandbox.isolation in ISOLATIONS, f"must be {', '.join(ISOLATIONS)}")]
+
+
+def dedup_checks(key: str, dedup: DictConfig) -> list[tuple[str, bool, str]]:
+    return [(f"{key}.threshold", 0 < dedup.threshold <= 1, "must be in (0, 1]"),
+            (f"{key}.num_perm", dedup.num_perm >= 16, "must be >= 16"),
+            (f"{key}.ngram", dedup.ngram >= 1, "must be >= 1")]
+
+
+def synthetic_checks(stage: DictConfig) -> list[tuple[str, bool, str]]:
+    """The textbooks and exercises stages, checked before any request: n=0 ended "done" with an empty file, and
+    min_chars above max_chars paid for every answer to remove each one."""
+    checks = [("stage.n", stage.n > 0, "must be > 0"),
+              ("stage.min_chars", 0 <= stage.min_chars < stage.max_chars,
+               f"must be >= 0 and below stage.max_chars={stage.max_chars} (the kept length, in characters)"),
+              ("stage.expected_output_tokens", stage.expected_output_tokens > 0, "must be > 0 (the dry run's price)"),
+              ("stage.target_tokens", stage.target_tokens is None or stage.target_tokens > 0,
+               "must be > 0 (null: price only the n requests)"),
+              *dedup_checks("stage.dedup", stage.dedup)]
+    if "concepts_per_prompt" in stage:
+        checks.append(("stage.concepts_per_prompt", stage.concepts_per_prompt > 0, "must be > 0"))
+    if "sandbox" in stage:
+        checks += sandbox_checks("stage.sandbox", stage.sandbox)
     return checks
 
 
@@ -765,13 +791,10 @@ SOURCE_KINDS = ("stdlib", "stdlib_functions", "dir", "jsonl", "parquet", "hf")
 
 def data_checks(cfg: DictConfig) -> list[tuple[str, bool, str]]:
     """(key, ok, message) for the tokenizer and data blocks: shared by train.py and prepare.py stage=pack."""
-    dedup = cfg.data.dedup
     checks = [
         ("data.sources", len(cfg.data.sources) > 0, "must name at least one source"),
         ("data.val_fraction", 0 <= cfg.data.val_fraction < 1, "must be in [0, 1)"),
-        ("data.dedup.threshold", 0 < dedup.threshold <= 1, "must be in (0, 1]"),
-        ("data.dedup.num_perm", dedup.num_perm >= 16, "must be >= 16"),
-        ("data.dedup.ngram", dedup.ngram >= 1, "must be >= 1"),
+        *dedup_checks("data.dedup", cfg.data.dedup),
         ("tokenizer.kind", cfg.tokenizer.kind in ("local", "hub"), "must be 'local' or 'hub'"),
         ("tokenizer.hub_id", cfg.tokenizer.kind != "hub" or bool(cfg.tokenizer.hub_id), "is required for kind=hub"),
         ("tokenizer.vocab_size", cfg.tokenizer.kind != "local" or (cfg.tokenizer.vocab_size or 0) >= 256,

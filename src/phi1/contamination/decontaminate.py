@@ -205,7 +205,19 @@ def run(cfg: DictConfig) -> dict:
     stage = cfg.stage
     # τ is a match rate (1 - distance / length, §5.2): a threshold outside (0, 1] prunes everything or nothing.
     check([("stage.taus", len(stage.taus) > 0 and all(0 < t <= 1 for t in stage.taus),
-            "must list thresholds in (0, 1] (the paper's: 0.95, 0.9, 0.85, 0.8)")])
+            "must list thresholds in (0, 1] (the paper's: 0.95, 0.9, 0.85, 0.8)"),
+           # Each of these ran the whole scoring (~1 min for the stdlib's 1,902 functions) to a meaningless table:
+           # ngram=0 matched every pair.
+           ("stage.ngram", stage.ngram >= 1, "must be >= 1 (tokens per n-gram; the paper's: 13)"),
+           ("stage.neighbours", stage.neighbours >= 1, "must be >= 1 (nearest items kept per problem)"),
+           ("stage.num_perm", stage.num_perm >= 16, "must be >= 16 (MinHash permutations)"),
+           ("stage.lsh_threshold", 0 < stage.lsh_threshold <= 1, "must be in (0, 1]"),
+           ("stage.workers", stage.workers is None or stage.workers > 0, "must be > 0 (null: one per core)"),
+           ("stage.embed.batch_size", stage.embed.batch_size > 0, "must be > 0"),
+           ("stage.embed.max_tokens", stage.embed.max_tokens > 0, "must be > 0"),
+           ("stage.embed.threshold", 0 <= stage.embed.threshold <= 2,
+            "must be in [0, 2] (L2 distance between unit vectors)"),
+           ("stage.report_pairs", stage.report_pairs >= 0, "must be >= 0")])
     out = Path(stage.output)
     out.mkdir(parents=True, exist_ok=True)
     problems = benchmarks.load(stage.benchmark)

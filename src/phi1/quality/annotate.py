@@ -100,7 +100,9 @@ def run(cfg: DictConfig) -> dict:
     # Scores are 0-10 (the prompt asks for N/10): a threshold outside (0, 10] labels every document alike, and
     # the classifier has one class to learn.
     check([("stage.n", stage.n > 0, "must be > 0"),
-           ("stage.label_threshold", 0 < stage.label_threshold <= 10, "must be in (0, 10]: scores are 0-10")])
+           ("stage.label_threshold", 0 < stage.label_threshold <= 10, "must be in (0, 10]: scores are 0-10"),
+           # 0 showed the judge an empty document, and the answers joined the file of the earlier runs
+           ("stage.max_chars", stage.max_chars > 0, "must be > 0 (the characters of each document judged)")])
     out = Path(stage.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.llm.kind == "heuristic":

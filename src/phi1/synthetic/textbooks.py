@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from phi1.config import check, synthetic_checks
 from phi1.synthetic import gates
 from phi1.synthetic.generate import (apply_gates, dry_run, generate, load_list, load_prompt, make_llm, rng_for,
                                      usage, write)
@@ -41,6 +42,7 @@ def items(stage: DictConfig) -> list[tuple[str, dict, list[dict]]]:
 
 def run(cfg: DictConfig) -> dict:
     stage = cfg.stage
+    check(synthetic_checks(stage))
     out = Path(stage.output)
     todo = items(stage)
     version = f"textbook.{stage.prompt_version}+lists.{stage.lists_version}"
