@@ -122,6 +122,11 @@ def test_export_names_a_missing_checkpoint_without_a_traceback(tmp_path, capsys)
     assert exit_.value.code == 1
     err = capsys.readouterr().err
     assert f"error: {tmp_path / 'gone.ckpt'}: no such checkpoint" in err and "Traceback" not in err
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")  # an export given for the checkpoint: said so
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "hf")])
+    assert f"error: {tmp_path / 'hf'}: an HF folder already (config.json)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("source", ["checkpoint", "hf export"])

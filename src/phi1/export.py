@@ -10,7 +10,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from phi1.errors import MissingInputError, Phi1Error
+from phi1.errors import InputError, MissingInputError, Phi1Error
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,9 @@ def export_checkpoint(ckpt: Path, out: Path | None = None) -> Path:
     from phi1.module import LanguageModel
 
     ckpt = Path(ckpt)
+    if (ckpt / "config.json").is_file():
+        raise InputError(f"{ckpt}: an HF folder already (config.json); evaluate.py and from_pretrained read it as "
+                         "it is. This command exports a train.py checkpoint (checkpoints/*.ckpt)")
     if not is_checkpoint(ckpt):
         raise MissingInputError(f"{ckpt}: no such checkpoint (a file, or the folder DeepSpeed writes)")
     module = LanguageModel.from_checkpoint(ckpt)
