@@ -175,6 +175,21 @@ def test_run_reference_waits_for_its_base_then_resolves(tmp_path):
         runs.resolve("run:mini-tiny-stdlib_filtred", out, tmp_path)
 
 
+def test_a_run_folder_given_as_a_path_stands_for_its_export(tmp_path):
+    """evaluate.py ckpt=outputs/<run>: the folder was read as an HF folder and refused for having no tokenizer."""
+    run = tmp_path / "outputs" / "base"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(FileNotFoundError, match=rf"ckpt={run}: a train.py run folder without its HF export .*"
+                                                rf"e.g. ckpt={run / 'checkpoints' / 'last.ckpt'}$"):
+        runs.resolve(str(run), tmp_path / "outputs", tmp_path, what="ckpt")
+    (run / "hf").mkdir()
+    (run / "hf" / "config.json").write_text("{}")
+    (run / "metrics.json").write_text("{}")
+    assert runs.resolve(str(run), tmp_path / "outputs", tmp_path, what="ckpt") == str(run / "hf")
+    assert runs.resolve(str(run / "hf"), tmp_path / "outputs", tmp_path) == str(run / "hf")  # the export itself
+
+
 def test_dashboards_build_one_view_per_figure():
     from phi1.dashboards import views
 

@@ -1,7 +1,8 @@
 """Runs that depend on runs: a finetune starts from the weights of the pretraining run of its sweep cell.
 
 `init_from` (train.py) and `ckpt` (evaluate.py) take, besides a path or a hub id:
-  run:<name>          the HF export of the finished run `<paths.output_dir>/<name>` (its `hf/`);
+  run:<name>          the HF export of the finished run `<paths.output_dir>/<name>` (its `hf/`; the run's
+                      folder given as a path stands for the same);
   run:<name>/<file>   a checkpoint of that run, `<name>/checkpoints/<file>` (e.g. phi-1-base, the 24,000-step
                       checkpoint of phi1_base: `run:phi1_base/base-step024000.ckpt`);
   wandb:<entity>/<project>/<artifact>:<alias>   a model artifact that a run logged to W&B
@@ -93,8 +94,11 @@ def resolve(ref: str | None, output_dir: str | Path, data_dir: str | Path, wait_
     if ref.startswith("wandb:"):
         return _download_artifact(ref.removeprefix("wandb:"), Path(data_dir) / "artifacts")
     if not ref.startswith("run:"):
-        if is_path(ref) and not Path(ref).expanduser().exists():
+        path = Path(ref).expanduser()
+        if is_path(ref) and not path.exists():
             raise MissingInputError(f"{what}={ref}: no such file or folder")
+        if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():  # a train.py run's folder
+            return _run_folder(ref, path, what)
         return ref
     name, target, ready = _run_target(ref, Path(output_dir))
     deadline = time.monotonic() + 60 * wait_min
@@ -115,6 +119,17 @@ def resolve(ref: str | None, output_dir: str | Path, data_dir: str | Path, wait_
         raise MissingInputError(f"{what}={ref}: the run finished but {target} does not exist (export_hf=false?)")
     log.info("%s=%s -> %s", what, ref, target)
     return str(target)
+
+
+def _run_folder(ref: str, run_dir: Path, what: str) -> str:
+    """A train.py run's folder stands for its model, as run:<name> does: its HF export (the checkpoint the run
+    kept). Before, the folder was read as an HF folder and refused for having no tokenizer."""
+    if not (run_dir / "metrics.json").is_file() or not (run_dir / "hf" / "config.json").is_file():
+        last = run_dir / "checkpoints" / "last.ckpt"
+        raise MissingInputError(f"{what}={ref}: a train.py run folder without its HF export (hf/, written when the"
+                                f" run finishes): give one of its checkpoints, e.g. {what}={last}")
+    log.info("%s=%s: a run folder; its model is %s", what, ref, run_dir / "hf")
+    return str(run_dir / "hf")
 
 
 def _download_artifact(path: str, root: Path) -> str:
