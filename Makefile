@@ -34,7 +34,7 @@ lock: install
 	  "# make demo LOCK=requirements.lock installs them; make lock rewrites this file from .venv." > requirements.lock
 	$(BIN)/pip freeze --exclude-editable --exclude torch --exclude phi1 >> requirements.lock
 
-# The mini reproduction (README): Figure 2.1 in miniature, offline on a 2-core CPU in ~12 minutes. The quality
+# The mini reproduction (README): Figure 2.1 in miniature, offline on a 2-core CPU in ~8.5 minutes. The quality
 # filter on the standard library, six training runs ({tiny, tiny_wide} × {unfiltered, filtered, filtered →
 # exercises}), each evaluated on HumanEval, then report.py draws outputs/report/mini_fig2_1.png.
 demo: filter
