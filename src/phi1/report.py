@@ -196,7 +196,7 @@ def _fmt(v, digits=1):
 
 
 def _of(problems: int | None, bench: str) -> str:
-    """" (of 20 problems)" after a number scored on fewer problems than the paper's (PAPER_PROBLEMS), else ""."""
+    """The mark ' (of 20 problems)' after a number scored on fewer problems than the paper's (PAPER_PROBLEMS)."""
     full = PAPER_PROBLEMS.get(bench)
     return f" (of {problems} problems)" if problems is not None and full and problems < full else ""
 
