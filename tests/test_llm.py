@@ -129,6 +129,9 @@ def test_empty_and_malformed_answers_are_quarantined_with_the_reason(make_llm, s
     rows = {r["id"]: r for r in map(json.loads, open(llm.quarantine_path))}
     assert set(rows) == {"e", "m"} and rows["m"]["answer"] == "I cannot grade this."
     assert all("unparseable" in r["reason"] for r in rows.values())
+    again = make_llm()  # a rerun: the cached answers fail to parse again, and are not written twice
+    assert again.map([("ok", ask("fine")), ("e", ask("[empty]")), ("m", ask("[malformed]"))], grade) == out
+    assert again.stats.quarantined == 2 and len(open(llm.quarantine_path).readlines()) == 2
 
 
 def test_budget_stops_before_it_is_exceeded(make_llm, server):

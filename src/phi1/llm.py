@@ -176,6 +176,7 @@ class LLM:
                          " item TEXT NOT NULL)")
         self._reserved_tokens = 0
         self._reserved_dollars = 0.0
+        self._quarantined: set[str] | None = None  # the quarantine file's rows, read at its first write
 
     @classmethod
     def from_config(cls, c, cache_path, quarantine_path) -> LLM:
@@ -242,9 +243,18 @@ class LLM:
 
     def _quarantine(self, item_id: str, reason: str, text: str | None) -> None:
         self.stats.quarantined += 1
-        Path(self.quarantine_path).parent.mkdir(parents=True, exist_ok=True)  # a stage's output, before it writes
-        with open(self.quarantine_path, "a") as f:
-            f.write(json.dumps({"id": item_id, "reason": reason, "answer": text, "model": self.model}) + "\n")
+        row = json.dumps({"id": item_id, "reason": reason, "answer": text, "model": self.model})
+        path = Path(self.quarantine_path)
+        if self._quarantined is None:
+            # A cached answer that does not parse fails again on every rerun: its row is written once, not once per
+            # run (the file counted each such answer as often as the stage had been run).
+            self._quarantined = set(path.read_text().splitlines()) if path.exists() else set()
+        if row in self._quarantined:
+            return
+        self._quarantined.add(row)
+        path.parent.mkdir(parents=True, exist_ok=True)  # a stage's output, before it writes
+        with open(path, "a") as f:
+            f.write(row + "\n")
 
     # -- requests -------------------------------------------------------------------------------------------
 
