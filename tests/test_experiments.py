@@ -920,5 +920,7 @@ def test_wandb_without_a_key_is_named_not_a_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb"))
     with pytest.raises(Phi1Error, match=r"(?i)^wandb=me/phi1: .*api key"):  # W&B's words: "No API key configured"
         report.wandb_runs("me/phi1")
+    with pytest.raises(Phi1Error, match=r"^wandb=phi1: expected <entity>/<project> \(e.g. my-team/phi1\)$"):
+        report.wandb_runs("phi1")
     with pytest.raises(Phi1Error, match=r"(?i)^wandb:me/phi1/model:v0: .*api key"):
         runs.resolve("wandb:me/phi1/model:v0", tmp_path / "outputs", tmp_path / "data")

@@ -157,6 +157,8 @@ def wandb_runs(path: str, cache: Path | None = None) -> list[Run]:
     needs them, are downloaded into `cache`."""
     import wandb
 
+    if path.count("/") != 1 or not all(path.split("/")):  # else W&B asks for a key first, and then says less
+        raise Phi1Error(f"wandb={path}: expected <entity>/<project> (e.g. my-team/phi1)")
     runs = []
     try:
         for r in wandb.Api().runs(path, filters={"state": "finished"}):
