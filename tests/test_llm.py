@@ -80,6 +80,13 @@ def test_a_long_run_holds_as_many_tasks_as_requests_in_flight_and_logs_a_few_pro
     assert 1 <= redraws < 40, redraws  # at most one per 0.1 s, not 400
 
 
+def test_requests_are_not_logged_one_line_each(make_llm, caplog):
+    """Under Hydra (root logger at INFO) openai's HTTP client logged "HTTP Request: POST ..." per request."""
+    caplog.set_level("INFO")
+    make_llm().map([(f"d{i}", ask(f"doc {i}")) for i in range(5)], grade)
+    assert not [r for r in caplog.records if "HTTP Request" in r.getMessage()], caplog.text[-500:]
+
+
 def test_prompt_version_is_part_of_the_cache_key(make_llm, server):
     llm = make_llm()
     llm.map([("a", ask("x"))], grade, prompt_version="v1")

@@ -163,6 +163,10 @@ class LLM:
     stats: Stats = field(default_factory=Stats)
 
     def __post_init__(self):
+        # The HTTP client under openai (httpx, httpx2 in newer releases) logs an INFO line per request: a million
+        # lines in the stage's log for the paper's textbooks. The progress bar counts them; failures are logged.
+        for name in ("httpx", "httpx2"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.params = dict(self.params)
         Path(self.cache_path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.cache_path)
