@@ -388,8 +388,9 @@ class LLM:
                                 f"{(s.prompt_tokens + s.completion_tokens) / elapsed:,.0f} tok/s, ${s.dollars:.4f}",
                                 refresh=False)
 
-        # `concurrency` workers take the requests in turn, rather than one task per request up front: those
-        # held ~1.2 KB each (235 MB more for 200K cached answers), ~1.2 GB at the paper's ~1M textbook requests.
+        # `concurrency` workers take the requests in turn, rather than one task per request up front: for 1M
+        # cached answers (the paper's ~1M textbooks) those took 1.09 GB and 64 s on 2 cores, the workers 155 MB
+        # (the answers, parsed) and 21 s.
         todo = iter(items)
 
         async def worker() -> None:
