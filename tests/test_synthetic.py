@@ -264,6 +264,13 @@ def test_budget_stops_generation_and_dry_run_prices_the_papers_size(tmp_path):
     assert target["requests"] == -(-10**9 // 900) and target["completion_tokens"] == target["requests"] * 900
     # 1B output tokens at $1.5/M is $1,500, plus the prompts at $0.5/M
     assert target["dollars"] == pytest.approx(1500 + target["prompt_tokens"] * 0.5 / 1e6, rel=1e-3)
+    assert target["prompt_tokens"] > 50 * target["requests"]  # each prompt is a few hundred characters
+    # Once all n are generated (cached), the target's prompts are priced the same, not at 0 tokens.
+    with FakeOpenAI(reply=lambda m: passage("loops")) as server:
+        run(prepare_cfg(tmp_path, server, "stage=textbooks", "stage.n=30"))
+        again = run(prepare_cfg(tmp_path, server, "stage=textbooks", "stage.n=30", "stage.dry_run=true",
+                                "stage.target_tokens=1000000000", "llm.price_input=0.5", "llm.price_output=1.5"))
+    assert again["dry_run"]["cached"] == 30 and again["target"] == target
 
 
 def test_heuristic_llm_cannot_write_textbooks(tmp_path):

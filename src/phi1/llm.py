@@ -199,9 +199,12 @@ class LLM:
         dollars = (prompt_tokens * self.price_input + completion_tokens * self.price_output) / 1e6
         return dollars * BATCH_DISCOUNT if self.batch else dollars
 
+    def prompt_tokens(self, messages: list[dict]) -> int:
+        """The prompt's tokens, estimated from its characters (no tokenizer of the model at hand)."""
+        return sum(len(m["content"]) for m in messages) // CHARS_PER_TOKEN + 1
+
     def _worst_case(self, messages: list[dict]) -> tuple[int, int]:
-        prompt = sum(len(m["content"]) for m in messages) // CHARS_PER_TOKEN + 1
-        return prompt, int(self.params.get("max_tokens") or 4096)
+        return self.prompt_tokens(messages), int(self.params.get("max_tokens") or 4096)
 
     def estimate(self, requests: list[list[dict]], output_tokens: int | None = None, prompt_version: str = "") -> dict:
         """Dry run: tokens and dollars for these requests, nothing sent. Cached ones cost nothing; without

@@ -75,7 +75,9 @@ def dry_run(llm: LLM, items: list[tuple[str, dict, list[dict]]], stage: DictConf
     estimate = llm.estimate([m for _, _, m in items], stage.expected_output_tokens, prompt_version)
     result = {"dry_run": estimate}
     if stage.target_tokens:
-        per_request = estimate["prompt_tokens"] / max(len(items) - estimate["cached"], 1)
+        # Over every request, cached or not: from the uncached ones alone, a set already generated (a dry run
+        # after a trial run of n) priced the target's prompts at 0 tokens.
+        per_request = sum(llm.prompt_tokens(m) for _, _, m in items) / max(len(items), 1)
         requests = math.ceil(stage.target_tokens / stage.expected_output_tokens)
         prompt = round(requests * per_request)
         completion = requests * stage.expected_output_tokens
