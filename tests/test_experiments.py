@@ -307,6 +307,23 @@ def test_report_draws_every_figure_and_table_from_run_dirs(tmp_path):
         (report / "table3.md").read_text()
 
 
+def test_report_names_two_runs_of_one_cell_and_seed(tmp_path):
+    """A cell rerun under another run_name: the figure took the later by name without a word."""
+    cell = {"experiment_name": "mini", "model": {"name": "tiny"}, "budget": {"name": "mini"},
+            "data": {"name": "stdlib"}, "seed": 1}
+    for name, nll in (("mini-tiny-stdlib-s1", 5.7), ("mini-tiny-stdlib-s1-rerun", 5.5)):
+        _fake_run(tmp_path / "outputs", name, cell, {"eval/humaneval/solution_nll": nll})
+    env = {**os.environ, "PHI1_ROOT": str(tmp_path), "PHI1_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.run([sys.executable, "report.py"], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    log = proc.stdout + proc.stderr  # Hydra logs to stdout
+    assert log.count("two runs") == 1, log[-2000:]
+    assert (f"mini (model, tokens, data, seed) ('tiny', 'mini', 'stdlib', 1): two runs, "
+            f"{tmp_path / 'outputs' / 'mini-tiny-stdlib-s1'} and {tmp_path / 'outputs' / 'mini-tiny-stdlib-s1-rerun'};"
+            " drawn from the latter") in log
+    report = json.loads((tmp_path / "outputs" / "report" / "report.json").read_text())
+    assert report["mini_fig2_1"]["cells"]["tiny/mini/stdlib"]["solution_nll"] == 5.5
+
+
 def test_report_averages_a_cells_seeds_and_counts_each_ordering_seed_by_seed(tmp_path):
     """The mini sweep run with three seeds: each cell is the mean ± sd of its seeds, and each of the paper's
     orderings is counted over the seeds, pairing the runs of one seed (here the filter loses in seed 2)."""

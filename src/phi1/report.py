@@ -207,6 +207,21 @@ PARTIAL_NOTE = ("A number marked (of n problems) was scored on fewer problems th
                 "MBPP 500): not comparable with the paper's.")
 
 
+def _one_each(runs: list[Run], key, what: str) -> dict:
+    """{key(run): run} over the runs with a key (None: left out). Two runs with one key (a cell rerun under
+    another run_name) are named, once, and the later in the runs' order (by name; W&B's after the folders) is
+    drawn: the figures used to take it without a word."""
+    chosen: dict = {}
+    for r in runs:
+        if (k := key(r)) is None:
+            continue
+        if k in chosen:
+            _warn_once(f"{what} {k}: two runs, {chosen[k].where} and {r.where}; drawn from the latter. Move the "
+                       "other out of the runs folder to choose")
+        chosen[k] = r
+    return chosen
+
+
 @functools.cache
 def _warn_once(message: str) -> None:
     log.warning(message)
@@ -238,10 +253,11 @@ def _samples(run: Run, bench: str, file: str = "samples.jsonl") -> Path | None:
 def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
     arms = ARMS[experiment]
     cells: dict[tuple, dict] = {}  # (model, budget, data) -> {seed: run}
-    for r in runs:
-        if r.get("experiment_name") == experiment and r.get("data.name") in arms:
-            key = (r.get("model.name"), r.get("budget.name"), r.get("data.name"))
-            cells.setdefault(key, {})[r.get("seed")] = r  # the last run of a (cell, seed) wins
+    ours = _one_each(runs, lambda r: (r.get("model.name"), r.get("budget.name"), r.get("data.name"), r.get("seed"))
+                     if r.get("experiment_name") == experiment and r.get("data.name") in arms else None,
+                     f"{experiment} (model, tokens, data, seed)")
+    for (*key, seed), r in ours.items():
+        cells.setdefault(tuple(key), {})[seed] = r
     prefix = "" if experiment == "scaling" else f"{experiment}_"
     if not cells:
         log.info("Figure 2.1 (%s): no runs; make them with `python train.py +sweep=%s`", experiment, experiment)
@@ -684,8 +700,13 @@ def _emergence_model(run: Run) -> str:
     return EMERGENCE_MODELS.get(name, name)
 
 
+def _emergence_runs(runs: list[Run]) -> dict[str, Run]:
+    return _one_each(runs, lambda r: _emergence_model(r) if r.get("experiment_name") == "emergence" else None,
+                     "emergence model")
+
+
 def emergence(runs: list[Run], out: Path) -> dict | None:
-    evals = {_emergence_model(r): r for r in runs if r.get("experiment_name") == "emergence"}
+    evals = _emergence_runs(runs)
     if not evals:
         log.info("emergence / Table 2: no runs; make them with `python evaluate.py +sweep=emergence`")
         return None
@@ -781,7 +802,7 @@ def emergence_problems(runs: list[Run], out: Path, examples: int = 3) -> dict | 
     scored on, how many problems pass under both models, only one, neither, and the first `examples` problems
     each passes alone, both completions side by side (the failing one's error). Where a pass@1 gain comes
     from, which the totals hide: two models at 30% can pass different problems."""
-    evals = {_emergence_model(r): r for r in runs if r.get("experiment_name") == "emergence"}
+    evals = _emergence_runs(runs)
     if not evals:  # emergence() said how to make them
         return None
     lines = ["# Emergence problem by problem (paper §3)", "",
@@ -846,8 +867,8 @@ def _table2_png(path: Path, table: dict) -> None:
 # ------------------------------------------------------------------------------------------------ Table 3
 
 def table3(runs: list[Run], decontaminate_dir: Path, out: Path) -> dict | None:
-    pruned = {round(float(r.get("tau")), 2): r for r in runs
-              if r.get("experiment_name") == "pruning" and r.get("tau") is not None}
+    pruned = _one_each(runs, lambda r: round(float(r.get("tau")), 2)
+                       if r.get("experiment_name") == "pruning" and r.get("tau") is not None else None, "pruning τ")
     if not pruned:
         log.info("Table 3: no runs; make them with `python train.py +sweep=pruning`")
         return None
