@@ -664,7 +664,8 @@ def test_data_configs_read_the_kept_rows_not_the_stages_by_products(tmp_path):
     import glob
 
     stack, stdlib = "filtered/filtered-stack-00000-of-00002.jsonl", "filtered/filtered-stdlib-00000-of-00001.jsonl"
-    files = [stack, f"{stack}.summary.json", stdlib,
+    stackoverflow = "filtered/filtered-stackoverflow-00000-of-00001.jsonl"
+    files = [stack, f"{stack}.summary.json", stdlib, stackoverflow,
              "synthetic/textbooks/textbooks-s0.jsonl", "synthetic/textbooks/textbooks-s12.jsonl",
              "synthetic/textbooks/textbooks-s0.rejected.jsonl", "synthetic/textbooks/quarantine.jsonl",
              "synthetic/textbooks/textbooks-s0.report.json", "synthetic/exercises/exercises-s3.jsonl",
@@ -677,8 +678,8 @@ def test_data_configs_read_the_kept_rows_not_the_stages_by_products(tmp_path):
         cfg = make_cfg([f"data={data}"], run_dir=tmp_path, data_dir=tmp_path)
         read[data] = {str(Path(p).relative_to(tmp_path)) for source in cfg.data.sources
                       for p in glob.glob(source.path)}
-    assert read == {  # the mini reproduction's filtered stdlib reads the stdlib's files alone
-        "codetextbook": {stack, stdlib, "synthetic/textbooks/textbooks-s0.jsonl",
+    assert read == {  # the paper's mix leaves out `make filter`'s stdlib; the mini reproduction reads it alone
+        "codetextbook": {stack, stackoverflow, "synthetic/textbooks/textbooks-s0.jsonl",
                          "synthetic/textbooks/textbooks-s12.jsonl"},
         "codeexercises": {"synthetic/exercises/exercises-s3.jsonl"},
         "stdlib_filtered": {stdlib}}
