@@ -166,8 +166,8 @@ def test_missing_and_empty_sources_are_clear_errors(small_cfg, tmp_path):
     with pytest.raises(SourceError, match="yielded no documents"):
         _pack(small_cfg(f"data.sources=[{{name: empty, kind: dir, path: '{tmp_path}/empty'}}]"))
     # The paper's mix before our stages wrote it: the error says which command makes the missing files.
-    with pytest.raises(SourceError, match=r"filtered_code': no file matches .*filtered-stack\*\.jsonl; it is written by: "
-                                          r"python prepare.py stage=filter stage.source.name=stack"):
+    with pytest.raises(SourceError, match=r"filtered_code': no file matches .*filtered-stack\*\.jsonl; it is "
+                                          r"written by: python prepare.py stage=filter stage.source.name=stack"):
         _pack(small_cfg("data=codetextbook", f"paths.data_dir={tmp_path}/fresh"))
 
 
