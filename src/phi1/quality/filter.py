@@ -152,7 +152,8 @@ def _histogram(scores: np.ndarray, cut: float, kept: float, path: Path) -> None:
     ax.axvline(cut, color="#c44e52", ls="--", label=f"cut {cut:.2f}: {kept:.0%} kept")
     ax.set_xlabel("P(high educational value)")
     ax.set_ylabel("documents")
-    ax.set_title("Classifier scores over the corpus")
+    # Named as the file is (scores-<source>[-<k>-of-<n>].png): two corpora's plots side by side say which is which.
+    ax.set_title(f"Classifier scores: {path.stem.removeprefix('scores-')} ({len(scores):,} documents)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
