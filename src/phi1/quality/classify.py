@@ -80,7 +80,8 @@ def run(cfg: DictConfig) -> dict:
     joblib.dump(forest, out / "classifier.joblib")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     environment.record(out)
-    _plot(y_test, proba, metrics, out / "curves.png")
+    _plot(y_test, proba, metrics, out / "curves.png",
+          f"{annotations.name} on {Path(stage.embeddings).name}'s embeddings")
     log.info("classify: %s; the test split's scores; metrics.json and curves.png in %s",
              ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), out)
     return metrics
@@ -110,7 +111,7 @@ def _fit_forest(x, y, stage, trees_per_update: int = 10):
     return forest
 
 
-def _plot(y_test, proba, metrics: dict, path: Path) -> None:
+def _plot(y_test, proba, metrics: dict, path: Path, trained_on: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,7 +125,7 @@ def _plot(y_test, proba, metrics: dict, path: Path) -> None:
     PrecisionRecallDisplay.from_predictions(y_test, proba, ax=pr, name="random forest")
     pr.axhline(metrics["positive_share"], ls="--", c="grey", lw=1)
     pr.set_title(f"Precision-recall: F1 {metrics['f1']:.3f} at 0.5")
-    fig.suptitle("Educational-value classifier (paper §2.1)")
+    fig.suptitle(f"Educational-value classifier (paper §2.1): {trained_on}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
