@@ -306,6 +306,9 @@ def _grade(cfg: DictConfig, problem_sets: dict, tables: dict, run_dir: Path) -> 
         metrics[f"eval/{name}/score"] = result["mean"]
         metrics[f"eval/{name}/graded"] = result["graded"]
         metrics[f"eval/{name}/ungradable"] = len(result["ungradable"])
+        if result["graded"]:
+            log.info("%s: %d answers graded by %s: mean %.2f of 10 (%.1f on the paper's 0-100 scale); grades.jsonl",
+                     name, result["graded"], llm.model, result["mean"], 10 * result["mean"])
         if result["ungradable"]:
             log.warning("%s: %d answer(s) without a grade (in grade_quarantine.jsonl), e.g. %s", name,
                         len(result["ungradable"]), result["ungradable"][0])
