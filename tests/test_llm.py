@@ -303,3 +303,6 @@ def test_a_server_without_a_model_name_is_refused_before_any_request(tmp_path):
     c.concurrency, c.budget_usd = 8, 0.0
     with pytest.raises(LLMError, match=r"^llm.budget_usd=0.0: must be > 0 \(null: no budget\)$"):
         LLM.from_config(c, cache_path=tmp_path / "c.sqlite", quarantine_path=tmp_path / "q.jsonl")
+    c.budget_usd, c.price_output = None, -1.0  # a negative price made every request "free" to the budget
+    with pytest.raises(LLMError, match=r"^llm.price_output=-1.0: must be >= 0"):
+        LLM.from_config(c, cache_path=tmp_path / "c.sqlite", quarantine_path=tmp_path / "q.jsonl")

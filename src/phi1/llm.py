@@ -106,6 +106,12 @@ def check(c) -> None:
                           ("max_retries", c.max_retries >= 0, "must be >= 0"),
                           ("timeout", c.timeout > 0, "must be > 0 (seconds per request)"),
                           ("max_tokens", c.max_tokens >= 1, "must be >= 1"),
+                          ("temperature", 0 <= c.temperature <= 2, "must be in [0, 2] (the API's range)"),
+                          ("price_input", c.price_input >= 0, "must be >= 0 (dollars per million tokens)"),
+                          ("price_output", c.price_output >= 0, "must be >= 0 (dollars per million tokens)"),
+                          ("batch_poll_s", c.batch_poll_s > 0, "must be > 0 (seconds between status checks)"),
+                          ("batch_wait_s", c.batch_wait_s is None or c.batch_wait_s >= 0,
+                           "must be >= 0 (0: send and stop; null: wait until done)"),
                           ("budget_usd", c.budget_usd is None or c.budget_usd > 0, "must be > 0 (null: no budget)"),
                           ("budget_tokens", c.budget_tokens is None or c.budget_tokens > 0,
                            "must be > 0 (null: no budget)")):
