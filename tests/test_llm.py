@@ -61,7 +61,7 @@ def test_requests_in_flight_are_bounded(make_llm, server):
 
 def test_a_long_run_holds_as_many_tasks_as_requests_in_flight_and_logs_a_few_progress_lines(make_llm, server,
                                                                                                capfd):
-    """One task per request up front held ~1.2 GB at the paper's ~1M textbooks; a redraw forced per answer wrote
+    """One task per request up front held 1.09 GB at the paper's ~1M textbooks; a redraw forced per answer wrote
     one progress line per request into a batch job's log."""
     import asyncio
 
