@@ -256,6 +256,8 @@ def evaluate(cfg: DictConfig) -> dict:
                 log.warning("%s: %d of %d problems have no sample (e.g. %s); scored over the rest",
                             cfg.samples, len(missing), len(problems), missing[0])
             problems = [p for p in problems if p.task_id in completions]
+            if cfg.solution_nll:
+                log.info("samples=%s: scored as written; the solution NLL needs the model (ckpt=)", cfg.samples)
             metrics, rows = run_benchmark(name, problems, completions, sandbox, cfg.ks, run_dir)
             tables = {name: rows}
         else:
