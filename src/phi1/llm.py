@@ -398,8 +398,8 @@ class LLM:
                                 refresh=False)
 
         # `concurrency` workers take the requests in turn, rather than one task per request up front: for 1M
-        # cached answers (the paper's ~1M textbooks) those took 1.09 GB and 64 s on 2 cores, the workers 155 MB
-        # (the answers, parsed) and 21 s.
+        # cached answers (the paper's ~1M textbooks) those took 1.09 GB and 63 s on 2 cores, the workers 155 MB
+        # (the answers, parsed) and 19 s (bench/llm_map.py).
         todo = iter(items)
 
         async def worker() -> None:
