@@ -553,6 +553,11 @@ def test_report_without_runs_says_how_to_make_them(tmp_path):
     log = proc.stdout + proc.stderr
     assert "python train.py +sweep=scaling" in log and "python evaluate.py +sweep=emergence" in log
     assert "report in" in log and "nothing (no finished runs" in log
+    (tmp_path / "taken").write_text("")  # out= an existing file: named, not mkdir's FileExistsError traceback
+    proc = subprocess.run([sys.executable, "report.py", f"out={tmp_path / 'taken'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"out={tmp_path / 'taken'}: a file, not a folder" in proc.stderr
 
 
 def test_report_draws_each_runs_evaluations_during_training_and_the_checkpoint_it_kept(tmp_path):

@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from phi1 import environment  # noqa: E402
 from phi1.contamination.decontaminate import PAPER_TABLE3, pass_rates  # noqa: E402
-from phi1.errors import MissingInputError, Phi1Error  # noqa: E402
+from phi1.errors import InputError, MissingInputError, Phi1Error  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -986,6 +986,8 @@ def report(cfg: DictConfig) -> dict:
         raise MissingInputError(f"runs_dir={cfg.runs_dir}: no such folder (the folder of run folders, outputs/ "
                                 "by default)")
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"out={cfg.out}: a file, not a folder (where the report's figures and tables go)")
     out.mkdir(parents=True, exist_ok=True)
     before = _figures(out)
     runs = local_runs(Path(cfg.runs_dir))
