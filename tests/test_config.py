@@ -425,3 +425,18 @@ def test_the_commands_the_docs_give_compose():
                 pytest.fail(f"{path.relative_to(ROOT)}: {line.strip()}\n{type(e).__name__}: {e}")
             checked += 1
     assert checked > 80  # the README alone gives ~30 commands
+
+
+def test_the_readmes_table_of_config_groups_lists_every_option():
+    """The README's table of train.py's config groups had fallen behind conf/ (tiny_wide, stdlib_filtered,
+    codeexercises_pruned, mini, tiny_finetune and the sweeps' experiments were missing): each option in it must
+    exist, and each option in conf/ must be in it."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("### Config groups (`conf/`)"):]
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.*) \|$", table[: table.index("\n\n", table.index("|"))], re.M))
+    assert set(rows) == {"model", "tokenizer", "data", "budget", "optim", "trainer", "logger", "experiment", "debug"}
+    for group, cell in rows.items():
+        listed = set(re.findall(r"(?:^|, |; [^`]*)`([\w.]+)`", cell))
+        assert listed == set(options(group)), (group, sorted(listed ^ set(options(group))))
