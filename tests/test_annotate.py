@@ -144,6 +144,8 @@ def test_a_rerun_relabels_at_its_threshold_and_refuses_another_judges_rows(tmp_p
 
 
 def test_llm_judge_asks_the_papers_question_and_pays_once(tmp_path, monkeypatch):
+    from phi1.errors import InputError
+
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
 
     def reply(messages):
@@ -174,3 +176,12 @@ def test_llm_judge_asks_the_papers_question_and_pays_once(tmp_path, monkeypatch)
         assert run(cfg)["new"] == 0 and server.count() == sent  # rerun: the cache answers, nothing is paid
     row = json.loads((tmp_path / "annotations" / "code-gpt4.jsonl").read_text().splitlines()[0])
     assert row["judge"] == "gpt-4-0613" and row["prompt_version"] == "v1" and row["score"] == 8
+    assert row["max_chars"] == 12000
+    # A rerun that shows the judge another cut of each document would add rows judged on other text.
+    out = tmp_path / "annotations" / "code-gpt4.jsonl"
+    kept = out.read_text()
+    with pytest.raises(InputError, match=r"rows judged 6 by gpt-4-0613 with prompt v1 shown 12,000 characters; "
+                                         r"this run's judge is gpt-4-0613 with prompt v1 shown 400 characters"):
+        run(prepare_cfg(tmp_path, "llm=gpt4", "llm.base_url=http://127.0.0.1:9/v1", "stage.n=7",
+                        f"stage.source={{name: code, kind: jsonl, path: '{src}'}}", "stage.max_chars=400"))
+    assert out.read_text() == kept

@@ -79,13 +79,18 @@ def written(out: Path, judge, threshold: int) -> list[dict]:
                 log.warning("annotate: %s:%d was cut short (a killed run); that document is judged again", out, n)
                 continue
             raise InputError(f"{out}:{n}: not a JSON row ({e}); fix or delete the line") from e
-    others = Counter((r.get("judge"), r.get("prompt_version")) for r in rows
-                     if (r.get("judge"), r.get("prompt_version")) != (judge.name, judge.prompt_version))
+    cut = getattr(judge, "max_chars", None)  # what an LLM judge was shown of each document
+
+    def how(r) -> tuple:  # a row written before rows recorded the cut is taken to share this run's
+        return r.get("judge"), r.get("prompt_version"), r.get("max_chars", cut)
+
+    others = Counter(how(r) for r in rows if how(r) != (judge.name, judge.prompt_version, cut))
     if others:
-        theirs = ", ".join(f"{n} by {j} with prompt {v}" for (j, v), n in others.most_common())
+        shown = (lambda c: f" shown {c:,} characters" if c else "")
+        theirs = ", ".join(f"{n} by {j} with prompt {v}{shown(c)}" for (j, v, c), n in others.most_common())
         raise InputError(f"{out}: rows judged {theirs}; this run's judge is {judge.name} with prompt "
-                         f"{judge.prompt_version}: one file would mix two judgements. Set stage.output to another "
-                         "file, or move this one")
+                         f"{judge.prompt_version}{shown(cut)}: one file would mix two judgements. Set stage.output "
+                         "to another file, or move this one")
     relabelled = 0
     for r in rows:
         if r["label"] != (new := label(r["score"], threshold)):
@@ -127,8 +132,9 @@ def run(cfg: DictConfig) -> dict:
             return {"dry_run": estimate}
 
     judgements = judge.judge_many(todo)
+    shown = {"max_chars": judge.max_chars} if getattr(judge, "max_chars", None) else {}
     rows += [{"id": doc_id, "label": label(j.score, stage.label_threshold), "score": j.score,
-              "rationale": j.rationale, "judge": judge.name, "prompt_version": judge.prompt_version}
+              "rationale": j.rationale, "judge": judge.name, "prompt_version": judge.prompt_version, **shown}
              for doc_id, _ in todo if (j := judgements.get(doc_id)) is not None]
     _write_jsonl(out, rows)
     summary = {
