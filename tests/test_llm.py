@@ -289,7 +289,7 @@ def test_a_server_without_a_model_name_is_refused_before_any_request(tmp_path):
     """llm=openai_compatible leaves the model to the user; without one every request was sent unnamed and retried."""
     from omegaconf import OmegaConf
 
-    from phi1.config import LLMConfig
+    from phi1.config import ConfigError, LLMConfig
 
     c = OmegaConf.structured(LLMConfig(name="local", kind="openai", base_url="http://localhost:8000/v1"))
     with pytest.raises(LLMError, match=r"^llm.model: llm=local needs the name of the model to ask \(llm.model=<name>: "
@@ -298,11 +298,11 @@ def test_a_server_without_a_model_name_is_refused_before_any_request(tmp_path):
     c.model = "qwen"
     assert LLM.from_config(c, cache_path=tmp_path / "c.sqlite", quarantine_path=tmp_path / "q.jsonl").model == "qwen"
     c.concurrency = 0  # no workers: nothing sent, and the stage ended "done" with empty outputs
-    with pytest.raises(LLMError, match=r"^llm.concurrency=0: must be >= 1 \(requests in flight at once\)$"):
+    with pytest.raises(ConfigError, match=r"^llm.concurrency: must be >= 1 \(requests in flight at once\)$"):
         LLM.from_config(c, cache_path=tmp_path / "c.sqlite", quarantine_path=tmp_path / "q.jsonl")
     c.concurrency, c.budget_usd = 8, 0.0
-    with pytest.raises(LLMError, match=r"^llm.budget_usd=0.0: must be > 0 \(null: no budget\)$"):
+    with pytest.raises(ConfigError, match=r"^llm.budget_usd: must be > 0 \(null: no budget\)$"):
         LLM.from_config(c, cache_path=tmp_path / "c.sqlite", quarantine_path=tmp_path / "q.jsonl")
     c.budget_usd, c.price_output = None, -1.0  # a negative price made every request "free" to the budget
-    with pytest.raises(LLMError, match=r"^llm.price_output=-1.0: must be >= 0"):
+    with pytest.raises(ConfigError, match=r"^llm.price_output: must be >= 0"):
         LLM.from_config(c, cache_path=tmp_path / "c.sqlite", quarantine_path=tmp_path / "q.jsonl")

@@ -755,20 +755,15 @@ def dedup_checks(key: str, dedup: DictConfig) -> list[tuple[str, bool, str]]:
 
 
 def synthetic_checks(stage: DictConfig) -> list[tuple[str, bool, str]]:
-    """The textbooks and exercises stages, checked before any request: n=0 ended "done" with an empty file, and
-    min_chars above max_chars paid for every answer to remove each one."""
-    checks = [("stage.n", stage.n > 0, "must be > 0"),
-              ("stage.min_chars", 0 <= stage.min_chars < stage.max_chars,
-               f"must be >= 0 and below stage.max_chars={stage.max_chars} (the kept length, in characters)"),
-              ("stage.expected_output_tokens", stage.expected_output_tokens > 0, "must be > 0 (the dry run's price)"),
-              ("stage.target_tokens", stage.target_tokens is None or stage.target_tokens > 0,
-               "must be > 0 (null: price only the n requests)"),
-              *dedup_checks("stage.dedup", stage.dedup)]
-    if "concepts_per_prompt" in stage:
-        checks.append(("stage.concepts_per_prompt", stage.concepts_per_prompt > 0, "must be > 0"))
-    if "sandbox" in stage:
-        checks += sandbox_checks("stage.sandbox", stage.sandbox)
-    return checks
+    """What the textbooks and exercises stages share, checked before any request: n=0 ended "done" with an empty
+    file, and min_chars above max_chars paid for every answer to remove each one."""
+    return [("stage.n", stage.n > 0, "must be > 0"),
+            ("stage.min_chars", 0 <= stage.min_chars < stage.max_chars,
+             f"must be >= 0 and below stage.max_chars={stage.max_chars} (the kept length, in characters)"),
+            ("stage.expected_output_tokens", stage.expected_output_tokens > 0, "must be > 0 (the dry run's price)"),
+            ("stage.target_tokens", stage.target_tokens is None or stage.target_tokens > 0,
+             "must be > 0 (null: price only the n requests)"),
+            *dedup_checks("stage.dedup", stage.dedup)]
 
 
 def _strategy(cfg: DictConfig) -> str:

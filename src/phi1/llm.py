@@ -36,6 +36,7 @@ from typing import Any
 import openai
 from tqdm.auto import tqdm
 
+from phi1.config import check as check_keys
 from phi1.errors import Phi1Error
 
 log = logging.getLogger(__name__)
@@ -102,21 +103,18 @@ def check(c) -> None:
     if not c.model:
         raise LLMError(f"llm.model: llm={c.name} needs the name of the model to ask (llm.model=<name>: the one "
                        f"the server at {c.base_url or 'OpenAI'} serves)")
-    for key, ok, rule in (("concurrency", c.concurrency >= 1, "must be >= 1 (requests in flight at once)"),
-                          ("max_retries", c.max_retries >= 0, "must be >= 0"),
-                          ("timeout", c.timeout > 0, "must be > 0 (seconds per request)"),
-                          ("max_tokens", c.max_tokens >= 1, "must be >= 1"),
-                          ("temperature", 0 <= c.temperature <= 2, "must be in [0, 2] (the API's range)"),
-                          ("price_input", c.price_input >= 0, "must be >= 0 (dollars per million tokens)"),
-                          ("price_output", c.price_output >= 0, "must be >= 0 (dollars per million tokens)"),
-                          ("batch_poll_s", c.batch_poll_s > 0, "must be > 0 (seconds between status checks)"),
-                          ("batch_wait_s", c.batch_wait_s is None or c.batch_wait_s >= 0,
-                           "must be >= 0 (0: send and stop; null: wait until done)"),
-                          ("budget_usd", c.budget_usd is None or c.budget_usd > 0, "must be > 0 (null: no budget)"),
-                          ("budget_tokens", c.budget_tokens is None or c.budget_tokens > 0,
-                           "must be > 0 (null: no budget)")):
-        if not ok:
-            raise LLMError(f"llm.{key}={c[key]}: {rule}")
+    check_keys([("llm.concurrency", c.concurrency >= 1, "must be >= 1 (requests in flight at once)"),
+                ("llm.max_retries", c.max_retries >= 0, "must be >= 0"),
+                ("llm.timeout", c.timeout > 0, "must be > 0 (seconds per request)"),
+                ("llm.max_tokens", c.max_tokens >= 1, "must be >= 1"),
+                ("llm.temperature", 0 <= c.temperature <= 2, "must be in [0, 2] (the API's range)"),
+                ("llm.price_input", c.price_input >= 0, "must be >= 0 (dollars per million tokens)"),
+                ("llm.price_output", c.price_output >= 0, "must be >= 0 (dollars per million tokens)"),
+                ("llm.budget_usd", c.budget_usd is None or c.budget_usd > 0, "must be > 0 (null: no budget)"),
+                ("llm.budget_tokens", c.budget_tokens is None or c.budget_tokens > 0, "must be > 0 (null: no budget)"),
+                ("llm.batch_poll_s", c.batch_poll_s > 0, "must be > 0 (seconds between status checks)"),
+                ("llm.batch_wait_s", c.batch_wait_s is None or c.batch_wait_s >= 0,
+                 "must be >= 0 (0: send and stop; null: wait until done)")])
 
 
 def last_grade(pattern, answer: str, expected: str) -> tuple[int, str]:

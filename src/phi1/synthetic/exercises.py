@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from phi1.config import check, synthetic_checks
+from phi1.config import check, sandbox_checks, synthetic_checks
 from phi1.data.sources import exercises as split_functions
 from phi1.eval.benchmarks import Problem
 from phi1.synthetic import gates
@@ -113,7 +113,7 @@ def _earlier_verdicts(out: Path, name: str, sandbox_cfg: dict) -> dict[str, dict
 
 def run(cfg: DictConfig) -> dict:
     stage = cfg.stage
-    check(synthetic_checks(stage))
+    check([*synthetic_checks(stage), *sandbox_checks("stage.sandbox", stage.sandbox)])
     out = Path(stage.output)
     todo = items(stage)
     version = f"exercise.{stage.prompt_version}+lists.{stage.lists_version}"

@@ -42,7 +42,7 @@ def items(stage: DictConfig) -> list[tuple[str, dict, list[dict]]]:
 
 def run(cfg: DictConfig) -> dict:
     stage = cfg.stage
-    check(synthetic_checks(stage))
+    check([*synthetic_checks(stage), ("stage.concepts_per_prompt", stage.concepts_per_prompt > 0, "must be > 0")])
     out = Path(stage.output)
     todo = items(stage)
     version = f"textbook.{stage.prompt_version}+lists.{stage.lists_version}"
