@@ -1,5 +1,6 @@
 """Packing at scale: shards, merge, dedup, resume after a kill, filters, and hub-style sources read offline."""
 
+import collections
 import functools
 import json
 import logging
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -187,6 +189,43 @@ def _edit(text: str, k: int) -> str:
     lines = text.splitlines(keepends=True)
     edited = [line for i, line in enumerate(lines) if i % 25 != k % 25]
     return f"# vendored copy {k}\n" + "".join(edited)
+
+
+def test_the_near_duplicate_index_decides_as_datasketchs_lsh():
+    """dedup.Index keeps one dict per band instead of datasketch's MinHashLSH (~4x less memory at 1M documents,
+    bench/dedup_index.py): on real modules and copies edited from lightly to heavily, it must call the same
+    documents near-duplicates of the same first documents, at every threshold."""
+    from datasketch import MinHash, MinHashLSH
+    from omegaconf import OmegaConf
+
+    from phi1.data import dedup
+    from phi1.synthetic.gates import WORD
+
+    texts = _modules(40)
+    docs = texts + [_edit(t, k) for k, t in enumerate(texts[:20])]  # light edits: near copies
+    for every in (2, 3, 4, 6):  # heavier edits, around the thresholds: keep one line in `every`
+        docs += ["".join(t.splitlines(keepends=True)[::every]) for t in texts[20:30]]
+    docs += [texts[i] + texts[i + 1] for i in range(30, 39)]  # two modules joined: similar to either or neither
+    cfg = OmegaConf.create({"exact": False, "near": True, "num_perm": 128, "ngram": 5, "threshold": 0.8})
+    signer = dedup.Signer(cfg)
+    signatures = [signer.signature(np.array([zlib.crc32(w.encode()) for w in WORD.findall(t)], dtype=np.uint32))
+                  for t in docs]
+    for threshold in (0.5, 0.7, 0.8, 0.9):
+        cfg.threshold = threshold
+        index = dedup.Index(cfg)
+        ours = [index.add(b"", s, "a" if i < 40 else "b") for i, s in enumerate(signatures)]
+        lsh, owner, theirs = MinHashLSH(threshold=threshold, num_perm=128), [], []
+        for i, s in enumerate(signatures):
+            m = MinHash(num_perm=128, hashvalues=s.astype(np.uint64), scheme="affine32")
+            if matches := lsh.query(m):
+                theirs.append("near_within" if owner[min(matches)] == ("a" if i < 40 else "b") else "near_across")
+            else:
+                lsh.insert(len(owner), m, check_duplication=False)
+                owner.append("a" if i < 40 else "b")
+                theirs.append(None)
+        print(threshold, collections.Counter(ours))
+        assert ours == theirs, threshold
+        assert None in ours[40:] and "near_across" in ours, (threshold, ours)  # both verdicts occur
 
 
 def test_planted_exact_and_near_duplicates_are_caught_within_and_across_sources(small_cfg, tmp_path):
