@@ -1,5 +1,5 @@
 """The benchmark scripts that a lent GPU machine runs (bench/gpu_suite.sh), run here small on the CPU: a script
-that fails after its first measurement would waste that machine's half hour."""
+that fails after its first measurement would waste that machine's half hour. And the CPU scale benchmarks."""
 
 import json
 import os
@@ -71,3 +71,15 @@ def test_the_compiled_training_forward_calls_sdpa_causal_without_a_mask(monkeypa
     assert len(calls) == 4
     for call in calls:
         assert "attn_mask = None" in call and "is_causal = True" in call and "dropout_p = 0.1" in call
+
+
+def test_the_cpu_scale_benchmarks_run_small():
+    """bench/dedup_index.py and bench/synthetic_scale.py (BENCHMARKS.md's memory numbers) at a few thousand
+    documents: each checks its own outcome (every answer kept, nothing sent) and prints one JSON line."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "bench/dedup_index.py", "--n", "3000"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert [json.loads(line)["index"] for line in out] == ["phi1", "datasketch"]
+    out = subprocess.run([sys.executable, "bench/synthetic_scale.py", "--n", "300"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out)["answers"] == 300

@@ -61,6 +61,40 @@ def test_constraints_are_drawn_from_the_shipped_lists_seeded_and_stable():
         assert len(set(c["concepts"])) == 3 and all(w in prompt for w in c["concepts"])
 
 
+def test_no_two_documents_ask_the_same_question():
+    """A repeated prompt is answered from the LLM cache with the same text and dropped as an exact duplicate: drawn
+    independently, 88 of 10K exercise prompts repeated an earlier one (44% of the paper's 880K). A repeat is drawn
+    again; a document whose first draw was new keeps it (the cache of an earlier run still answers it)."""
+    from omegaconf import OmegaConf
+
+    from phi1.config import ExercisesConfig
+    from phi1.synthetic.generate import distinct, rng_for
+
+    stage = OmegaConf.structured(ExercisesConfig(n=10_000, output="x"))
+    drawn = exercises.items(stage)
+    prompts = [m[0]["content"] for _, _, m in drawn]
+    assert len(set(prompts)) == len(prompts)
+    assert exercises.items(OmegaConf.merge(stage, {"n": 3000})) == drawn[:3000]  # raising n extends the set
+    lists = {name: load_list(name, "v1") for name in ("topics", "verbs", "concepts")}
+    seen, redrawn = set(), 0
+    for i, prompt in enumerate(prompts):
+        rng = rng_for(0, i)
+        first = {"topic": rng.choice(lists["topics"]), "verb": rng.choice(lists["verbs"]),
+                 "concept": rng.choice(lists["concepts"])}
+        first_prompt = exercises.load_prompt("exercise", "v1").format(**first)
+        assert (prompt == first_prompt) == (first_prompt not in seen), i
+        redrawn += prompt != first_prompt
+        seen.add(prompt)
+    assert redrawn == 90, redrawn  # the 88 repeats, and 2 first draws that a redrawn document took before them
+
+    # Combinations used up: the repeats are asked as numbered variants, still no two alike.
+    small = distinct(0, 7, lambda rng: ({"x": (x := rng.choice("ab"))}, f"write {x}"))
+    assert sorted(p for _, _, p in small[:2]) == ["write a", "write b"]
+    for j, (_, c, prompt) in enumerate(small[2:], 2):
+        k = sum(earlier["x"] == c["x"] for _, earlier, _ in small[:j]) + 1
+        assert c["variant"] == k and prompt == f"write {c['x']}\n\n(Variant {k} of this request.)"
+
+
 def test_textbooks_gates_and_dedup_on_planted_answers_and_resume_from_cache(tmp_path):
     from omegaconf import OmegaConf
 
@@ -200,6 +234,46 @@ def test_exercises_are_parsed_executed_in_the_sandbox_and_humaneval_shaped(tmp_p
     with Sandbox(workers=1) as sandbox:
         assert sandbox.run(problem.program(with_examples["canonical_solution"]))["status"] == "passed"
         assert sandbox.run(problem.program("    return -1\n"))["status"] == "failed"
+
+
+def test_exercises_checked_chunk_by_chunk_write_the_same_set_and_a_failed_run_leaves_the_last(tmp_path,
+                                                                                              monkeypatch):
+    """The answers are read back from the cache and the survivors of the cheap gates executed CHUNK at a time
+    (bounded memory at the paper's 880K): chunks of 3 must write byte for byte what one chunk writes, and a run
+    that fails midway must leave the last complete set and no temporary file."""
+    from omegaconf import OmegaConf
+
+    from phi1.config import ExercisesConfig
+
+    answers = exercise_answers(exercises.items(OmegaConf.structured(ExercisesConfig(n=12, output="x"))))
+    names = ("exercises-s0.jsonl", "exercises-s0.rejected.jsonl")
+    with FakeOpenAI(reply=lambda messages: answers[messages[-1]["content"]]) as server:
+        def files(data_dir):
+            report = run(prepare_cfg(data_dir, server, "stage=exercises", "stage.n=12", "stage.sandbox.timeout=2"))
+            out = data_dir / "synthetic" / "exercises"
+            return [(out / name).read_bytes() for name in names], {**report, "output": None}, out
+
+        whole, whole_report, _ = files(tmp_path / "whole")
+        monkeypatch.setattr(exercises, "CHUNK", 3)
+        chunked, chunked_report, out = files(tmp_path / "chunked")
+        assert chunked == whole and chunked_report["kept"] == 6
+        assert {k: v for k, v in chunked_report.items() if k != "paid_this_run"} == \
+            {k: v for k, v in whole_report.items() if k != "paid_this_run"}
+        listing = sorted(p.name for p in out.iterdir())
+
+        split, calls = exercises.split, []
+
+        def split_then_fail(text):
+            calls.append(text)
+            if len(calls) > 5:
+                raise RuntimeError("stopped midway")
+            return split(text)
+
+        monkeypatch.setattr(exercises, "split", split_then_fail)
+        with pytest.raises(RuntimeError, match="stopped midway"):
+            run(prepare_cfg(tmp_path / "chunked", server, "stage=exercises", "stage.n=12"))
+    assert sorted(p.name for p in out.iterdir()) == listing  # no temporary file left behind
+    assert [(out / name).read_bytes() for name in names] == whole
 
 
 def test_a_killed_generation_resumes_without_paying_twice(tmp_path):

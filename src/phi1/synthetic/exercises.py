@@ -13,9 +13,13 @@ only if every example passes. Output: HumanEval-shaped JSONL (`task_id`, `prompt
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
+import itertools
 import json
 import logging
+import tempfile
+from collections import Counter
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -25,8 +29,8 @@ from phi1.config import check, sandbox_checks, synthetic_checks
 from phi1.data.sources import exercises as split_functions
 from phi1.eval.benchmarks import Problem
 from phi1.synthetic import gates
-from phi1.synthetic.generate import (apply_gates, dry_run, generate, load_list, load_prompt, make_llm, rng_for,
-                                     usage, write)
+from phi1.synthetic.generate import (Output, answers, distinct, dry_run, first_failure, generate, load_list,
+                                     load_prompt, make_llm, priced)
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +48,14 @@ DOCTEST_CHECK = '''def check(candidate):
 def items(stage: DictConfig) -> list[tuple[str, dict, list[dict]]]:
     lists = {name: load_list(name, stage.lists_version) for name in ("topics", "verbs", "concepts")}
     template = load_prompt("exercise", stage.prompt_version)
-    out = []
-    for i in range(stage.n):
-        rng = rng_for(stage.seed, i)
+
+    def draw(rng) -> tuple[dict, str]:
         constraints = {"topic": rng.choice(lists["topics"]), "verb": rng.choice(lists["verbs"]),
                        "concept": rng.choice(lists["concepts"])}
-        out.append((f"exercise-s{stage.seed}-{i:07d}", constraints,
-                    [{"role": "user", "content": template.format(**constraints)}]))
-    return out
+        return constraints, template.format(**constraints)
+
+    return [(f"exercise-{suffix}", constraints, [{"role": "user", "content": prompt}])
+           for suffix, constraints, prompt in distinct(stage.seed, stage.n, draw)]
 
 
 def split(text: str) -> dict | str:
@@ -111,6 +115,24 @@ def _earlier_verdicts(out: Path, name: str, sandbox_cfg: dict) -> dict[str, dict
     return verdicts
 
 
+def _row(item_id: str, constraints: dict, answer: str, meta: dict) -> dict:
+    parsed = split(answer)
+    row = {"task_id": f"exercises/{item_id}", "answer": answer, "meta": {"constraints": constraints, **meta}}
+    if isinstance(parsed, dict):
+        row.update(prompt=parsed["prompt"], canonical_solution=parsed["solution"], entry_point=parsed["entry_point"],
+                   text=parsed["prompt"] + parsed["solution"],
+                   test=DOCTEST_CHECK if has_examples(parsed["prompt"]) else "", source="exercises")
+    else:
+        row["unparsed"] = parsed
+    return row
+
+
+# Exercises that passed the cheap gates wait in a temporary file and are executed CHUNK at a time: the paper's
+# 880K would otherwise be held whole (answer, prompt, solution and text each: ~3 KB apiece), and 4,096 keeps
+# the sandbox's workers busy between chunks.
+CHUNK = 4096
+
+
 def run(cfg: DictConfig) -> dict:
     stage = cfg.stage
     check([*synthetic_checks(stage), *sandbox_checks("stage.sandbox", stage.sandbox)])
@@ -120,79 +142,79 @@ def run(cfg: DictConfig) -> dict:
     llm = make_llm(cfg, out, "exercises")
     if stage.dry_run:
         return dry_run(llm, todo, stage, version)
-    answers = generate(llm, todo, version, "exercises")
+    answered = generate(llm, todo, version, "exercises")
 
-    candidates = []
-    for item_id, constraints, _ in todo:
-        if item_id not in answers:
-            continue
-        parsed = split(answers[item_id])
-        row = {"task_id": f"exercises/{item_id}", "answer": answers[item_id],
-               "meta": {"constraints": constraints, "model": llm.model, "prompt_version": stage.prompt_version,
-                        "lists_version": stage.lists_version}}
-        if isinstance(parsed, dict):
-            row.update(prompt=parsed["prompt"], canonical_solution=parsed["solution"],
-                       entry_point=parsed["entry_point"], text=parsed["prompt"] + parsed["solution"],
-                       test=DOCTEST_CHECK if has_examples(parsed["prompt"]) else "", source="exercises")
-        else:
-            row["unparsed"] = parsed
-        candidates.append(row)
-
+    # The config's values read once: OmegaConf's attribute access costs ~27 us, per gate and row
+    min_chars, max_chars, require_examples, execute = (stage.min_chars, stage.max_chars, stage.require_examples,
+                                                       stage.execute)
+    meta = {"model": llm.model, "prompt_version": stage.prompt_version, "lists_version": stage.lists_version}
     duplicates = gates.Duplicates(stage.dedup)
     checks = [
         lambda row: gates.refusal(row["answer"]),
         lambda row: row.get("unparsed"),
         lambda row: None if row["entry_point"].startswith(row["meta"]["constraints"]["verb"] + "_")
         else "name_not_as_asked",
-        lambda row: gates.length(row["text"], stage.min_chars, stage.max_chars),
-        lambda row: "no_examples" if stage.require_examples and not row["test"] else None,
+        lambda row: gates.length(row["text"], min_chars, max_chars),
+        lambda row: "no_examples" if require_examples and not row["test"] else None,
         lambda row: duplicates.check(row["text"]),
     ]
-    kept, rejected, reasons = apply_gates(candidates, checks)
-
-    # Execute the examples of the survivors (the costly gate, last); keep only those that pass. A rerun (a larger
-    # n, a killed run) takes the verdicts of the programs its last run executed under the same sandbox settings.
-    with_examples = [r for r in kept if r["test"]]
-    executed, reused = {}, 0
+    name = f"exercises-s{stage.seed}"
     # What decides a verdict (the number of workers does not: another machine reuses them too)
     sandbox_cfg = {k: v for k, v in OmegaConf.to_container(stage.sandbox, resolve=True).items() if k != "workers"}
-    if with_examples and stage.execute:
-        from phi1.evaluate import make_sandbox
+    # A rerun (a larger n, a killed run) takes the verdicts of the programs its last run executed under the same
+    # sandbox settings.
+    earlier = _earlier_verdicts(out, name, sandbox_cfg) if execute else {}
+    usage, counts = Counter(), Counter()
+    from phi1.evaluate import make_sandbox
 
-        programs = {r["task_id"]: _program(r) for r in with_examples}
-        earlier = _earlier_verdicts(out, f"exercises-s{stage.seed}", sandbox_cfg)
-        for task_id, program in programs.items():
-            if (verdict := earlier.get(_digest(program))) is not None:
-                executed[task_id] = verdict
-        reused = len(executed)
-        todo_ex = [task_id for task_id in programs if task_id not in executed]
-        if todo_ex:
-            with make_sandbox(stage.sandbox) as sandbox, tqdm(total=len(todo_ex), desc="doctests", unit="ex") as bar:
-                verdicts = sandbox.run_many([programs[t] for t in todo_ex], progress=bar)
-            executed.update(zip(todo_ex, verdicts))
-    final = []
-    for row in kept:
-        verdict = executed.get(row["task_id"])
-        row["meta"]["examples"] = "none" if not row["test"] else (verdict["status"] if verdict else "not_run")
-        if verdict and verdict["status"] != "passed":
-            reasons["examples_fail"] += 1
-            rejected.append({**row, "rejected": "examples_fail", "output": verdict.get("output", "")[-2000:]})
-        else:
-            final.append(row)
-    for row in final:
-        del row["answer"]  # the parsed fields hold it; rejected rows keep the raw answer for inspection
-    report = {
-        "requested": len(todo), "answered": len(answers), "unanswered": len(todo) - len(answers),
-        "kept": len(final), "removed": dict(reasons),
-        # checked: exercises with examples and a verdict; executed: those run in the sandbox by this run, the
-        # others' verdicts reused from the last run
-        "examples": {"checked": len(executed), "passed": sum(v["status"] == "passed" for v in executed.values()),
-                     "kept_without_examples": sum(1 for r in final if not r["test"]),
-                     "executed": len(executed) - reused, "verdicts_reused": reused},
-        "sandbox": sandbox_cfg,
-        "kept_chars": sum(len(r["text"]) for r in final),
-        "usage": usage(llm, todo, answers, version), "paid_this_run": llm.summary(),
-        "output": str(out / f"exercises-s{stage.seed}.jsonl"),
-    }
-    log.info("exercises: %d of %d kept; removed %s", len(final), len(todo), dict(reasons))
-    return write(out, f"exercises-s{stage.seed}", final, rejected, report)
+    with Output(out, name) as output, tempfile.TemporaryFile("w+", dir=out) as pending:
+        # The cheap gates first, in order (the first of near-duplicates is kept); the survivors wait in `pending`.
+        for item_id, constraints, answer in tqdm(answers(llm, todo, answered, version, usage), total=len(answered),
+                                                 desc="gates", unit="ex"):
+            row = _row(item_id, constraints, answer, meta)
+            if reason := first_failure(row, checks):
+                output.reject(row, reason)
+                continue
+            pending.write(json.dumps(row) + "\n")
+            if row["test"] and execute and _digest(_program(row)) not in earlier:
+                counts["to_execute"] += 1
+        # Then the costly gate: the doctest examples of the survivors, run in the sandbox; kept only if they pass.
+        pending.seek(0)
+        with (make_sandbox(stage.sandbox) if counts["to_execute"] else contextlib.nullcontext()) as sandbox, \
+                tqdm(total=counts["to_execute"], desc="doctests", unit="ex", disable=not counts["to_execute"]) as bar:
+            for chunk in iter(lambda: list(itertools.islice(pending, CHUNK)), []):
+                rows = [json.loads(line) for line in chunk]
+                programs = {r["task_id"]: _program(r) for r in rows if r["test"] and execute}
+                verdicts = {t: v for t, p in programs.items() if (v := earlier.get(_digest(p))) is not None}
+                counts["verdicts_reused"] += len(verdicts)
+                if run_now := [t for t in programs if t not in verdicts]:
+                    verdicts.update(zip(run_now, sandbox.run_many([programs[t] for t in run_now], progress=bar)))
+                for row in rows:
+                    verdict = verdicts.get(row["task_id"])
+                    row["meta"]["examples"] = ("none" if not row["test"] else
+                                               verdict["status"] if verdict else "not_run")
+                    if verdict:
+                        counts["checked"] += 1
+                        counts["passed"] += verdict["status"] == "passed"
+                    if verdict and verdict["status"] != "passed":
+                        output.reject(row, "examples_fail", output=verdict.get("output", "")[-2000:])
+                        continue
+                    del row["answer"]  # the parsed fields hold it; rejected rows keep the raw answer for inspection
+                    output.keep(row)
+                    counts["kept_without_examples"] += not row["test"]
+        report = {
+            "requested": len(todo), "answered": len(answered), "unanswered": len(todo) - len(answered),
+            "kept": output.kept, "removed": dict(output.reasons),
+            # checked: exercises with examples and a verdict; executed: those run in the sandbox by this run, the
+            # others' verdicts reused from the last run
+            "examples": {"checked": counts["checked"], "passed": counts["passed"],
+                         "kept_without_examples": counts["kept_without_examples"],
+                         "executed": counts["checked"] - counts["verdicts_reused"],
+                         "verdicts_reused": counts["verdicts_reused"]},
+            "sandbox": sandbox_cfg,
+            "kept_chars": output.kept_chars,
+            "usage": priced(llm, usage), "paid_this_run": llm.summary(),
+            "output": str(out / f"{name}.jsonl"),
+        }
+        log.info("exercises: %d of %d kept; removed %s", output.kept, len(todo), dict(output.reasons))
+        return output.finish(report)

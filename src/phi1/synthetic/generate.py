@@ -2,9 +2,10 @@
 a dry run, and writing kept and rejected documents with a report.
 
 Diversity comes from constraints drawn per document from versioned lists shipped in `lists/` (topics,
-audiences, styles, concept words, function-name verbs). Document i's draw depends only on (seed, i), so
-raising `n` extends a set without changing its first documents, and a rerun asks exactly the same
-questions: the LLM client's cache answers them, so a killed run resumes paying only for what it lacks.
+audiences, styles, concept words, function-name verbs). Document i's draw depends on (seed, i) and the
+documents before it (no two ask the same question: `distinct`), so raising `n` extends a set without
+changing its first documents, and a rerun asks exactly the same questions: the LLM client's cache answers
+them, so a killed run resumes paying only for what it lacks.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import os
 import random
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -53,10 +55,34 @@ def rng_for(seed: int, index: int) -> random.Random:
     return random.Random(f"{seed}:{index}")  # a str seed is hashed with SHA-512: the same on every machine
 
 
-def nonempty(text: str) -> str:
-    if not text.strip():
-        raise ParseError("empty answer")
-    return text
+# Draws of document i's constraints before a repeat of an earlier document's prompt is kept as a variant
+REDRAWS = 10
+
+
+def distinct(seed: int, n: int, draw: Callable[[random.Random], tuple[dict, str]]) -> list[tuple[str, dict, str]]:
+    """(suffix, constraints, prompt) for documents 0..n-1, no two prompts alike: `draw` makes a document's
+    constraints and prompt from its generator rng_for(seed, i), and draws again while the prompt is an earlier
+    document's. The LLM client answers a repeated request from its cache, with the same text, which the
+    exact-duplicate gate then drops: drawn independently, 7% of 100K exercises repeated one (216 topics × 40
+    verbs × 78 concepts = 673,920 combinations) and 44% of the paper's 880K. Where REDRAWS more draws all
+    repeat (the combinations nearly used up), the prompt is asked again as its k-th variant, a new request
+    that the model answers anew (constraints["variant"] = k). Document i depends on (seed, i) and the documents
+    before it, so raising n extends a set."""
+    seen: dict[str, int] = {}
+    out = []
+    for i in range(n):
+        rng = rng_for(seed, i)
+        for _ in range(1 + REDRAWS):
+            constraints, prompt = draw(rng)
+            if prompt not in seen:
+                break
+        k = seen.get(prompt, 0) + 1
+        seen[prompt] = k
+        if k > 1:
+            constraints = {**constraints, "variant": k}
+            prompt += f"\n\n(Variant {k} of this request.)"
+        out.append((f"s{seed}-{i:07d}", constraints, prompt))
+    return out
 
 
 def make_llm(cfg: DictConfig, out: Path, stage_name: str) -> LLM:
@@ -87,46 +113,78 @@ def dry_run(llm: LLM, items: list[tuple[str, dict, list[dict]]], stage: DictConf
     return result
 
 
-def generate(llm: LLM, items: list[tuple[str, dict, list[dict]]], prompt_version: str, desc: str) -> dict[str, str]:
-    return llm.map([(item_id, messages) for item_id, _, messages in items], nonempty, prompt_version, desc)
+def _answered(text: str) -> bool:
+    if not text.strip():
+        raise ParseError("empty answer")
+    return True
 
 
-def usage(llm: LLM, items, answers: dict, prompt_version: str) -> dict:
-    """Tokens and dollars of every answer in the set, whether paid in this run or an earlier one."""
-    prompt = completion = 0
-    for item_id, _, messages in items:
-        if item_id in answers:
+def generate(llm: LLM, items: list[tuple[str, dict, list[dict]]], prompt_version: str, desc: str) -> set[str]:
+    """Ask for every item's answer (the cache answers those already paid for); the ids of the non-empty ones.
+    The answers stay in the cache, and `answers` reads them back one at a time: held together, the paper's ~1M
+    textbooks (~3.6 KB each) were ~4 GB of strings, copied once more into the rows."""
+    return set(llm.map([(item_id, messages) for item_id, _, messages in items], _answered, prompt_version, desc))
+
+
+def answers(llm: LLM, items, answered: set[str], prompt_version: str,
+            usage: Counter) -> Iterator[tuple[str, dict, str]]:
+    """(id, constraints, answer) of the answered items in their order, read from the cache; adds each answer's
+    prompt and completion tokens to `usage`: what the set cost, whether paid in this run or an earlier one."""
+    for item_id, constraints, messages in items:
+        if item_id in answered:
             response = llm.cached_response(messages, prompt_version)
-            prompt += response["prompt_tokens"]
-            completion += response["completion_tokens"]
+            usage["prompt_tokens"] += response["prompt_tokens"]
+            usage["completion_tokens"] += response["completion_tokens"]
+            yield item_id, constraints, response["text"]
+
+
+def priced(llm: LLM, usage: Counter) -> dict:
+    prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
     return {"prompt_tokens": prompt, "completion_tokens": completion, "dollars": round(llm.cost(prompt, completion), 4)}
 
 
-def write(out: Path, name: str, kept: list[dict], rejected: list[dict], report: dict) -> dict:
-    """<name>.jsonl (kept), <name>.rejected.jsonl (with reasons: nothing generated is lost) and
-    <name>.report.json, each written whole under a temporary name and renamed."""
-    out.mkdir(parents=True, exist_ok=True)
-    for filename, rows in ((f"{name}.jsonl", kept), (f"{name}.rejected.jsonl", rejected)):
-        tmp = out / f".{filename}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        tmp.rename(out / filename)
-    (out / f"{name}.report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
+def first_failure(row: dict, gates) -> str | None:
+    """The reason of the first of `gates` (functions row -> reason or None) that `row` fails, in their order."""
+    for gate in gates:
+        if reason := gate(row):
+            return reason
+    return None
 
 
-def apply_gates(candidates: list[dict], gates) -> tuple[list[dict], list[dict], Counter]:
-    """Run each candidate row through `gates` (functions row -> reason or None) in order; the first failing
-    gate's reason rejects it. Returns (kept, rejected, counts of reasons)."""
-    kept, rejected, reasons = [], [], Counter()
-    for row in candidates:
-        for gate in gates:
-            reason = gate(row)
-            if reason:
-                reasons[reason] += 1
-                rejected.append({**row, "rejected": reason})
-                break
-        else:
-            kept.append(row)
-    return kept, rejected, reasons
+class Output:
+    """<name>.jsonl (kept) and <name>.rejected.jsonl (with reasons: nothing generated is lost), written row by
+    row under temporary names and renamed into place, with <name>.report.json, by `finish`. A stage that stops
+    midway removes its temporary files and leaves the last complete set as it was."""
+
+    def __init__(self, out: Path, name: str):
+        out.mkdir(parents=True, exist_ok=True)
+        self.out, self.name = out, name
+        self.final = {kind: out / f"{name}{kind}.jsonl" for kind in ("", ".rejected")}
+        self.tmp = {kind: out / f".{path.name}.tmp-{os.getpid()}" for kind, path in self.final.items()}
+        self.files = {kind: open(path, "w") for kind, path in self.tmp.items()}
+        self.kept = self.kept_chars = 0
+        self.reasons: Counter = Counter()
+
+    def keep(self, row: dict) -> None:
+        self.files[""].write(json.dumps(row) + "\n")
+        self.kept += 1
+        self.kept_chars += len(row["text"])
+
+    def reject(self, row: dict, reason: str, **extra) -> None:
+        self.files[".rejected"].write(json.dumps({**row, "rejected": reason, **extra}) + "\n")
+        self.reasons[reason] += 1
+
+    def finish(self, report: dict) -> dict:
+        for kind, f in self.files.items():
+            f.close()
+            self.tmp[kind].rename(self.final[kind])
+        (self.out / f"{self.name}.report.json").write_text(json.dumps(report, indent=2) + "\n")
+        return report
+
+    def __enter__(self) -> Output:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for kind, f in self.files.items():
+            f.close()
+            self.tmp[kind].unlink(missing_ok=True)  # gone already where finish renamed it
