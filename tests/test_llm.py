@@ -54,6 +54,15 @@ def test_answers_are_parsed_and_cached_across_runs(make_llm, server):
     assert server.count() == 12  # other sampling parameters: another cache key
 
 
+def test_the_same_request_in_flight_twice_is_sent_once(make_llm, server):
+    # Two documents of the same text (an annotation sample, a corpus with copies): the second waits for the
+    # first's answer instead of paying for its own.
+    items = [("a", ask("same text [slow]")), ("b", ask("same text [slow]")), ("c", ask("other [slow]"))]
+    llm = make_llm(concurrency=4)
+    assert llm.map(items, grade) == {"a": 7, "b": 7, "c": 7}
+    assert server.count() == 2 and llm.stats.cached == 1 and server.max_in_flight == 2
+
+
 def test_requests_in_flight_are_bounded(make_llm, server):
     make_llm(concurrency=3).map([(f"d{i}", ask(f"doc {i} [slow]")) for i in range(12)], grade)
     assert server.max_in_flight == 3  # as many as allowed, never more

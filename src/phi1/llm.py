@@ -347,40 +347,57 @@ class LLM:
         unanswered: list[str] = []
         answered: list[str] = []  # from the server or the cache
 
+        # Requests on their way, by cache key: an item asking what another is already asking waits for that
+        # answer (two documents of the same text, in flight together, were each paid for).
+        sending: dict[str, asyncio.Event] = {}
+
+        async def fetch(item_id: str, messages: list[dict], key: str) -> dict | None:
+            """The server's answer, paid, counted and cached; None when there is none to give."""
+            try:
+                tokens, dollars = self._reserve(messages)
+            except BudgetExceeded as e:
+                stop.append(e)
+                return None
+            try:
+                response = await self._request(client, messages, stop)
+            except (QuotaExceeded, AuthError) as e:
+                stop.append(e)
+                return None
+            except _Stopped:
+                return None
+            except LLMError as e:
+                self.stats.failed += 1
+                self._quarantine(item_id, str(e), None)
+                unanswered.append(str(e))
+                if len(unanswered) >= max(self.concurrency, 2) and not stop:
+                    stop.append(self._unreachable(f"{len(unanswered)} requests in a row got", unanswered))
+                return None
+            finally:
+                self._reserved_tokens -= tokens
+                self._reserved_dollars -= dollars
+            unanswered.clear()
+            s = self.stats
+            s.prompt_tokens += response["prompt_tokens"]
+            s.completion_tokens += response["completion_tokens"]
+            s.dollars += self.cost(response["prompt_tokens"], response["completion_tokens"])
+            self._store(key, response)
+            return response
+
         async def one(item_id: str, messages: list[dict]) -> None:
             key = self.key(messages, prompt_version)
+            while key in sending:
+                await sending[key].wait()
             response = self._cached(key)
             if response is not None:
                 self.stats.cached += 1
             else:
+                sending[key] = asyncio.Event()
                 try:
-                    tokens, dollars = self._reserve(messages)
-                except BudgetExceeded as e:
-                    stop.append(e)
-                    return
-                try:
-                    response = await self._request(client, messages, stop)
-                except (QuotaExceeded, AuthError) as e:
-                    stop.append(e)
-                    return
-                except _Stopped:
-                    return
-                except LLMError as e:
-                    self.stats.failed += 1
-                    self._quarantine(item_id, str(e), None)
-                    unanswered.append(str(e))
-                    if len(unanswered) >= max(self.concurrency, 2) and not stop:
-                        stop.append(self._unreachable(f"{len(unanswered)} requests in a row got", unanswered))
-                    return
+                    response = await fetch(item_id, messages, key)
                 finally:
-                    self._reserved_tokens -= tokens
-                    self._reserved_dollars -= dollars
-                unanswered.clear()
-                s = self.stats
-                s.prompt_tokens += response["prompt_tokens"]
-                s.completion_tokens += response["completion_tokens"]
-                s.dollars += self.cost(response["prompt_tokens"], response["completion_tokens"])
-                self._store(key, response)
+                    sending.pop(key).set()
+                if response is None:
+                    return
             answered.append(item_id)
             try:
                 results[item_id] = parse(response["text"])
