@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 from phi1.errors import InputError
 from phi1.llm import LLM, ParseError
@@ -70,7 +71,8 @@ def distinct(seed: int, n: int, draw: Callable[[random.Random], tuple[dict, str]
     before it, so raising n extends a set."""
     seen: dict[str, int] = {}
     out = []
-    for i in range(n):
+    # a bar: the paper's 880K exercises take ~20 s to draw, before anything else is shown
+    for i in tqdm(range(n), desc="constraints", unit="doc", mininterval=1.0, dynamic_ncols=True):
         rng = rng_for(seed, i)
         for _ in range(1 + REDRAWS):
             constraints, prompt = draw(rng)
