@@ -88,7 +88,10 @@ def _minhash(signer, labels):
     from datasketch import MinHash
 
     signature = signer.signature(measures.shingle_ids(labels))
-    return MinHash(num_perm=len(signature), hashvalues=signature.astype(np.uint64), scheme="affine32")
+    # the signer's permutations: drawing them again for every item took 1/6 of the study
+    # (bench/decontaminate_scale.py, 20K items: 2,708 -> 3,280 items/s)
+    return MinHash(num_perm=len(signature), hashvalues=signature.astype(np.uint64),
+                   permutations=signer.permutations, scheme="affine32")
 
 
 def _score_chunk(texts: list[str]) -> list[tuple[list[tuple[int, float]], list[tuple[int, int]]]]:

@@ -26,7 +26,7 @@ class Signer:
 
         self._minhash = MinHash
         self.num_perm, self.ngram = cfg.num_perm, cfg.ngram
-        self._perm = MinHash(num_perm=self.num_perm, seed=_SEED).permutations  # drawn once, reused per document
+        self.permutations = MinHash(num_perm=self.num_perm, seed=_SEED).permutations  # drawn once, reused
 
     def signature(self, ids: np.ndarray) -> np.ndarray:
         ids = ids.astype(np.uint64)
@@ -35,7 +35,8 @@ class Signer:
         for k in range(n):  # h = Σ ids[i+k]·M^(n-1-k) mod 2^64, for every window i at once
             h = h * _MULT + ids[k : len(ids) - n + 1 + k]
         shingles = np.unique(h >> np.uint64(32))
-        m = self._minhash(num_perm=self.num_perm, seed=_SEED, hashfunc=int, permutations=self._perm, scheme="affine32")
+        m = self._minhash(num_perm=self.num_perm, seed=_SEED, hashfunc=int, permutations=self.permutations,
+                          scheme="affine32")
         m.update_batch(shingles.tolist())
         return m.hashvalues.astype(np.uint32)
 
