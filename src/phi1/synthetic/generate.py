@@ -124,7 +124,7 @@ def _answered(text: str) -> bool:
 def generate(llm: LLM, items: list[tuple[str, dict, list[dict]]], prompt_version: str, desc: str) -> set[str]:
     """Ask for every item's answer (the cache answers those already paid for); the ids of the non-empty ones.
     The answers stay in the cache, and `answers` reads them back one at a time: held with their rows, 100K
-    textbooks took 1.6 GB (bench/synthetic_scale.py), the paper's ~1M ~16 GB."""
+    textbooks took 1.6 GB (bench/synthetic_scale.py; 446 MB read back), the paper's ~1M ~16 GB."""
     return set(llm.map([(item_id, messages) for item_id, _, messages in items], _answered, prompt_version, desc))
 
 
