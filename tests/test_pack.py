@@ -1,6 +1,5 @@
 """Packing at scale: shards, merge, dedup, resume after a kill, filters, and hub-style sources read offline."""
 
-import collections
 import functools
 import json
 import logging
@@ -223,7 +222,6 @@ def test_the_near_duplicate_index_decides_as_datasketchs_lsh():
                 lsh.insert(len(owner), m, check_duplication=False)
                 owner.append("a" if i < 40 else "b")
                 theirs.append(None)
-        print(threshold, collections.Counter(ours))
         assert ours == theirs, threshold
         assert None in ours[40:] and "near_across" in ours, (threshold, ours)  # both verdicts occur
 

@@ -21,7 +21,7 @@ process per core, or `tokenizers` alone on its threads for tokenizers the cache 
 Memory: tokens stream through files in fixed-size batches; folders of files are walked, not listed; each
 worker's piece cache is bounded (64K pieces, ~12 MB); what grows with the corpus is the dedup index
 (16 bytes + a set slot per document for exact dedup; a dict entry per LSH band per kept document for
-near-dedup), ~100 bytes per document for exact: 35M Stack files ≈ 3.5 GB; ~0.9 KB more for near-dedup.
+near-dedup), ~100 bytes per document for exact: 35M Stack files ≈ 3.5 GB; near-dedup adds ~0.9 KB per kept one.
 
 Output folder (written under a temporary name and renamed when complete):
   train.bin, val.bin   uint16 tokens (uint32 when the vocabulary exceeds 65,536)

@@ -165,8 +165,6 @@ def run(cfg: DictConfig) -> dict:
     # sandbox settings.
     earlier = _earlier_verdicts(out, name, sandbox_cfg) if execute else {}
     usage, counts = Counter(), Counter()
-    from phi1.evaluate import make_sandbox
-
     with Output(out, name) as output, tempfile.TemporaryFile("w+", dir=out) as pending:
         # The cheap gates first, in order (the first of near-duplicates is kept); the survivors wait in `pending`.
         for item_id, constraints, answer in tqdm(answers(llm, todo, answered, version, usage), total=len(answered),
@@ -180,8 +178,13 @@ def run(cfg: DictConfig) -> dict:
                 counts["to_execute"] += 1
         # Then the costly gate: the doctest examples of the survivors, run in the sandbox; kept only if they pass.
         pending.seek(0)
-        with (make_sandbox(stage.sandbox) if counts["to_execute"] else contextlib.nullcontext()) as sandbox, \
-                tqdm(total=counts["to_execute"], desc="doctests", unit="ex", disable=not counts["to_execute"]) as bar:
+        sandbox = contextlib.nullcontext()
+        if counts["to_execute"]:
+            from phi1.evaluate import make_sandbox  # it imports torch (~4 s): only when there is code to run
+
+            sandbox = make_sandbox(stage.sandbox)
+        with sandbox, tqdm(total=counts["to_execute"], desc="doctests", unit="ex",
+                           disable=not counts["to_execute"]) as bar:
             for chunk in iter(lambda: list(itertools.islice(pending, CHUNK)), []):
                 rows = [json.loads(line) for line in chunk]
                 programs = {r["task_id"]: _program(r) for r in rows if r["test"] and execute}
