@@ -305,6 +305,40 @@ def test_a_killed_evaluation_resumes_generating_only_what_it_lacks(tmp_path, tin
         evaluate(eval_cfg(tmp_path / "run", *args, "generation.max_new_tokens=20"))
 
 
+def test_sampled_completions_come_from_the_seed_and_a_killed_run_resumes_to_the_same(tmp_path, tiny_model_dir,
+                                                                                      monkeypatch):
+    # Before, sampling drew from the process's random state: two runs of one command wrote different samples.
+    from transformers import PhiForCausalLM
+
+    args = (f"ckpt={tiny_model_dir}", "benchmarks.humaneval.limit=3", "generation.max_new_tokens=12",
+            "generation.n=4", "generation.temperature=0.8", "generation.batch_size=4", "solution_nll=false")
+    samples = lambda name: (tmp_path / name / "humaneval" / "samples.jsonl").read_text()  # noqa: E731
+    evaluate(eval_cfg(tmp_path / "a", *args))
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    evaluate(eval_cfg(tmp_path / "b", *args))
+    assert samples("b") == samples("a")
+    assert torch.equal(torch.get_rng_state(), state)  # a training run's random state is left as it was
+    evaluate(eval_cfg(tmp_path / "c", *args, "generation.seed=5"))
+    assert samples("c") != samples("a")
+    assert len({json.loads(line)["completion"] for line in samples("a").splitlines()}) > 3  # really sampled
+
+    real, calls = PhiForCausalLM.generate, []
+
+    def generate(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(PhiForCausalLM, "generate", generate)
+    with pytest.raises(RuntimeError, match="killed"):  # in the second of three batches
+        evaluate(eval_cfg(tmp_path / "d", *args))
+    monkeypatch.setattr(PhiForCausalLM, "generate", real)
+    evaluate(eval_cfg(tmp_path / "d", *args))
+    assert samples("d") == samples("a")
+
+
 def test_a_missing_checkpoint_path_is_named_as_such(tmp_path):
     """A path that does not exist is not sent to the hub as a repo id (whose complaint would be about the
     id's characters)."""

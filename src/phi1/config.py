@@ -243,6 +243,8 @@ class GenerationConfig:
     top_p: float = 0.95
     max_new_tokens: int = 384
     batch_size: int = 16
+    # Where sampling starts: the same seed (and n, batch_size) samples the same completions; greedy ignores it.
+    seed: int = 1234
 
 
 @dataclass

@@ -168,6 +168,8 @@ def _completions(model, tokenizer, spec, problems, generation, out_dir: Path, ck
     prompts = [p.prompt for p in problems]
     kwargs = dict(n=g.n, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
                   stop=list(spec.stop))
+    if g.temperature > 0:  # greedy decoding draws nothing: its journal is valid whatever the seed
+        kwargs["seed"] = g.seed
     if ckpt is not None and _backend(g.backend) == "vllm":  # in training there is no path to hand vLLM
         outs = generate.generate_vllm(ckpt, prompts, **kwargs)
     else:

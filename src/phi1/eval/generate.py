@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 from pathlib import Path
 
 import torch
@@ -138,10 +139,10 @@ def truncate(completion: str, stop: list[str]) -> str:
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], *, n: int = 1, temperature: float = 0.0, top_p: float = 0.95,
-             max_new_tokens: int = 384, stop: list[str] = HUMANEVAL_STOP, batch_size: int = 16,
+             max_new_tokens: int = 384, stop: list[str] = HUMANEVAL_STOP, batch_size: int = 16, seed: int = 1234,
              journal: Journal | None = None, progress: bool = True) -> list[list[str]]:
     """n completions per prompt, truncated at the first stop sequence; those already in `journal` are taken
-    from it, and each new batch is added to it."""
+    from it, and each new batch is added to it. Sampled (temperature > 0) from `seed`: reproducible."""
     from transformers import StoppingCriteriaList, StopStringCriteria
 
     # Batches are padded on the left, so that every row's completion starts right after its prompt.
@@ -157,20 +158,28 @@ def generate(model, tokenizer, prompts: list[str], *, n: int = 1, temperature: f
     out: list[list[str]] = [list(journal.done.get(journal.key(p), [])[:n]) if journal else [] for p in prompts]
     if any(out):
         log.info("resuming: %d of %d completions from %s", sum(map(len, out)), n * len(prompts), journal.path)
-    jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(n - len(out[i]))]
-    # Longest prompts first: batches of similar length waste less padding.
-    jobs.sort(key=lambda job: -len(job[1]))
-    for start in tqdm(range(0, len(jobs), batch_size), desc="generate", unit="batch", dynamic_ncols=True,
-                      disable=not progress):
-        chunk = jobs[start : start + batch_size]
-        enc = tokenizer([p for _, p in chunk], return_tensors="pt", padding=True).to(model.device)
-        generated = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=sampling,
-            temperature=temperature if sampling else None, top_p=top_p if sampling else None,
-            stopping_criteria=stopping, pad_token_id=tokenizer.pad_token_id,
-        )
+    # Every (problem, sample) in a fixed order, longest prompts first (batches of similar length waste less
+    # padding), cut into the same batches whether or not the run resumes: a resumed run skips the batches its
+    # journal holds and samples the others from the same seeds, so it writes what an uninterrupted run writes.
+    jobs = sorted(((i, p, j) for i, p in enumerate(prompts) for j in range(n)), key=lambda job: -len(job[1]))
+    batches = [(b, [job for job in jobs[start : start + batch_size] if job[2] >= len(out[job[0]])])
+               for b, start in enumerate(range(0, len(jobs), batch_size))]
+    devices = [model.device] if model.device.type == "cuda" else []
+    for b, chunk in tqdm([(b, chunk) for b, chunk in batches if chunk], desc="generate", unit="batch",
+                         dynamic_ncols=True, disable=not progress):
+        enc = tokenizer([p for _, p, _ in chunk], return_tensors="pt", padding=True).to(model.device)
+        # Sampling draws from batch b's own seed, on a forked generator: the same command samples the same
+        # completions, and a training run's random state (dropout, data order) is left as it was.
+        with torch.random.fork_rng(devices, enabled=sampling):
+            if sampling:
+                torch.manual_seed(random.Random(f"{seed}:{b}").getrandbits(63))
+            generated = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=sampling,
+                temperature=temperature if sampling else None, top_p=top_p if sampling else None,
+                stopping_criteria=stopping, pad_token_id=tokenizer.pad_token_id,
+            )
         texts = tokenizer.batch_decode(generated[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-        new = [(i, p, truncate(text, stop)) for (i, p), text in zip(chunk, texts)]
+        new = [(i, p, truncate(text, stop)) for (i, p, _), text in zip(chunk, texts)]
         for i, _, completion in new:
             out[i].append(completion)
         if journal is not None:
@@ -179,7 +188,7 @@ def generate(model, tokenizer, prompts: list[str], *, n: int = 1, temperature: f
 
 
 def generate_vllm(ckpt: str, prompts: list[str], *, n: int, temperature: float, top_p: float,
-                  max_new_tokens: int, stop: list[str]) -> list[list[str]]:
+                  max_new_tokens: int, stop: list[str], seed: int = 1234) -> list[list[str]]:
     import tempfile
 
     from vllm import LLM, SamplingParams
@@ -190,7 +199,7 @@ def generate_vllm(ckpt: str, prompts: list[str], *, n: int, temperature: float, 
         ckpt = str(export_checkpoint(Path(ckpt), Path(tempfile.mkdtemp()) / "hf"))
     llm = LLM(model=ckpt, dtype="bfloat16")
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                            max_tokens=max_new_tokens, stop=stop)
+                            max_tokens=max_new_tokens, stop=stop, seed=seed)
     return [[truncate(o.text, stop) for o in r.outputs] for r in llm.generate(prompts, params)]
 
 
