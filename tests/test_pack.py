@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -298,6 +299,45 @@ def test_a_killed_pack_resumes_without_redoing_finished_shards(tmp_path):
     (clean,) = [p for p in (tmp_path / "clean" / "packed").iterdir() if (p / "manifest.json").exists()]
     for name in ("train.bin", "val.bin", "manifest.json"):
         assert (merged / name).read_bytes() == (clean / name).read_bytes(), name
+    assert not list(packed.rglob("*.tmp-*"))  # the killed run's half-built shard went with it
+
+
+def test_what_a_writer_killed_hard_left_is_removed_by_the_next_and_only_that(small_cfg, tmp_path):
+    """SIGKILL runs no clean-up: before, a pack or a synthetic set killed mid-write left its temporary folder or
+    files (a pack's worth of tokens, GBs at the paper's scale) for good, since the next run writes under its
+    own pid."""
+    import socket
+
+    from phi1.synthetic.generate import Output
+
+    cfg = small_cfg("data.sources.0.limit=40")
+    tokenizer_dir = tokenizers.ensure(cfg)
+    final = pack.shards_dir(pack.location(cfg, tokenizer_dir), 2) / "shard-00000"
+    out = tmp_path / "synthetic"
+    out.mkdir()
+    write = ("import sys; from pathlib import Path; from phi1 import atomic; "
+             "p = atomic.temporary(Path(sys.argv[1]), hidden=sys.argv[2] == '1'); "
+             "p.mkdir(parents=True) if sys.argv[3] == 'dir' else p.write_text('x' * 1000); print(p)")
+    dead = [Path(subprocess.run([sys.executable, "-c", write, str(path), hidden, kind], check=True, text=True,
+                                capture_output=True).stdout.strip())
+            for path, hidden, kind in ((final, "0", "dir"), (out / "textbooks-s1.jsonl", "1", "file"),
+                                       (out / "textbooks-s1.rejected.jsonl", "1", "file"))]
+    assert all(p.exists() for p in dead)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host, dead_pid = socket.gethostname(), dead[0].name.rsplit("-", 1)[1]
+        kept = [final.with_name(f"{final.name}.tmp-{host}-{live.pid}"),  # its writer still runs
+                final.with_name(f"{final.name}.tmp-another-host-{dead_pid}"),  # whether it runs can't be told
+                final.with_name(f"shard-00001.tmp-{host}-{dead_pid}")]  # another output's
+        for p in kept:
+            p.mkdir()
+        pack.pack_shard(cfg, tokenizer_dir, 0, 2)
+        with Output(out, "textbooks-s1") as output:
+            output.finish({})
+        assert not any(p.exists() for p in dead)
+        assert all(p.exists() for p in kept)
+    finally:
+        live.kill()
 
 
 def test_finished_shards_are_reused(small_cfg, monkeypatch):

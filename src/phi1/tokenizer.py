@@ -10,15 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
+from phi1 import atomic
 from phi1.data import sources
 from phi1.errors import Phi1Error
 
@@ -61,7 +60,8 @@ def ensure(cfg: DictConfig) -> Path:
         tokenizer = _train_bpe(tok)
     # Written to a temporary folder and renamed, so a killed build never leaves a half tokenizer behind; named by
     # host and pid, since every node of a multi-node job may build it at once on a shared disk.
-    tmp = directory.with_name(f"{directory.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    atomic.remove_stale(directory)
+    tmp = atomic.temporary(directory)
     tokenizer.save_pretrained(tmp)
     try:
         tmp.rename(directory)

@@ -38,7 +38,6 @@ import logging
 import multiprocessing
 import os
 import shutil
-import socket
 import threading
 import time
 from collections import Counter, deque
@@ -50,6 +49,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from phi1 import atomic
 from phi1 import tokenizer as tokenizers
 from phi1.data import dedup, sources
 from phi1.data.encoder import Encoder
@@ -229,8 +229,10 @@ def _build_dir(final: Path):
     """A folder written under a temporary name and renamed into place when complete: a killed or failed build
     leaves nothing half-written, and when two processes build the same folder the first one's stays (the
     contents are identical). Named by host and pid: on a disk shared by several nodes, each node's local rank 0
-    packs a missing pack (Lightning's prepare_data), and nodes started alike often give it the same pid."""
-    tmp = final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    packs a missing pack (Lightning's prepare_data), and nodes started alike often give it the same pid. What
+    a build killed hard on this host left (a pack's worth of tokens) is removed first."""
+    atomic.remove_stale(final)
+    tmp = atomic.temporary(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from phi1 import atomic
 from phi1.errors import InputError
 from phi1.llm import LLM, ParseError
 
@@ -162,7 +162,9 @@ class Output:
         out.mkdir(parents=True, exist_ok=True)
         self.out, self.name = out, name
         self.final = {kind: out / f"{name}{kind}.jsonl" for kind in ("", ".rejected")}
-        self.tmp = {kind: out / f".{path.name}.tmp-{os.getpid()}" for kind, path in self.final.items()}
+        for path in self.final.values():  # a run killed hard leaves its files behind: GBs at the paper's scale
+            atomic.remove_stale(path, hidden=True)
+        self.tmp = {kind: atomic.temporary(path, hidden=True) for kind, path in self.final.items()}
         self.files = {kind: open(path, "w") for kind, path in self.tmp.items()}
         self.kept = self.kept_chars = 0
         self.reasons: Counter = Counter()

@@ -1,0 +1,54 @@
+"""Outputs written under a temporary name beside their final one and renamed into place when complete, so that a
+killed writer never leaves half a file; and the clean-up of what such a writer left when it was killed hard
+(SIGKILL: the OOM killer, a scheduler past its grace period), which no `finally` removes.
+
+The temporary name holds the host and the pid: several nodes may write the same output on a shared disk, and a
+later run on the same host removes a leftover only when its process is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def temporary(final: Path, hidden: bool = False) -> Path:
+    """Where this process writes `final` before renaming it (hidden: with a leading dot, which globs skip)."""
+    return final.with_name(f"{'.' if hidden else ''}{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def remove_stale(final: Path, hidden: bool = False) -> int:
+    """Remove the temporary copies of `final` left by writers on this host that are no longer running; the
+    bytes freed. Another host's are left alone: whether its writer still runs cannot be told from here."""
+    prefix = f"{'.' if hidden else ''}{final.name}.tmp-"
+    freed, here = 0, socket.gethostname()
+    for path in sorted(final.parent.glob("*.tmp-*")) if final.parent.is_dir() else []:
+        host, _, pid = path.name.removeprefix(prefix).rpartition("-")
+        if not path.name.startswith(prefix) or host != here or not pid.isdigit() or _alive(int(pid)):
+            continue
+        size = _size(path)
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        log.warning("removed %s (%.1f MB), left by a run that was killed (pid %s)", path, size / 1e6, pid)
+        freed += size
+    return freed
