@@ -674,11 +674,11 @@ def validate(cfg: DictConfig) -> Plan:
         ("speed.fused_cross_entropy",
          not cfg.speed.fused_cross_entropy or importlib.util.find_spec("liger_kernel") is not None,
          "needs liger-kernel: pip install -e '.[gpu]'"),
-        ("trainer.strategy", not _deepspeed(cfg) or _strategy(cfg) == "phi1.strategies.DeepSpeedStrategy",
+        ("trainer.strategy", not deepspeed(cfg) or _strategy(cfg) == "phi1.strategies.DeepSpeedStrategy",
          f"{_strategy(cfg)}: Lightning's own DeepSpeed strategy computes 1/accumulation of the gradient and "
          "rewrites checkpoints in place (src/phi1/strategies.py); use trainer=deepspeed or trainer=deepspeed_bf16, "
          "with trainer.strategy.stage=N for another ZeRO stage"),
-        ("logger.wandb.log_model", not (_uploads_checkpoints(cfg) and _deepspeed(cfg)),
+        ("logger.wandb.log_model", not (_uploads_checkpoints(cfg) and deepspeed(cfg)),
          "DeepSpeed writes each checkpoint as a folder of ZeRO shards, which Lightning's W&B logger uploads as a "
          "file: it fails when the run ends. Leave it false and upload the HF export: wandb artifact put --type "
          f"model --name <project>/{cfg.run_name} {cfg.paths.run_dir}/hf (init_from=wandb:... reads it)"),
@@ -774,7 +774,7 @@ def _strategy(cfg: DictConfig) -> str:
     return strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
 
 
-def _deepspeed(cfg: DictConfig) -> bool:
+def deepspeed(cfg: DictConfig) -> bool:
     return "deepspeed" in _strategy(cfg).lower()
 
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from phi1 import config as phi_config
 from phi1 import environment, runs
 from phi1 import tokenizer as tokenizers
-from phi1.checkpoints import is_checkpoint, read_checkpoint, read_config
+from phi1.checkpoints import CheckpointIO, is_checkpoint, read_checkpoint, read_config
 from phi1.data import pack
 from phi1.data.datamodule import PackedData
 from phi1.errors import InputError, MissingInputError
@@ -247,6 +247,8 @@ def train(cfg: DictConfig) -> dict:
         callbacks=callbacks,
         logger=loggers,
         profiler=DataWait(),  # perf/data_wait: the share of time spent waiting for batches
+        # Checkpoint files without a second copy in memory; DeepSpeed writes its folders of shards itself.
+        plugins=[] if phi_config.deepspeed(cfg) else [CheckpointIO()],
         # Its table says "FLOPs 0" and repeats the parameter count that the line above gives in more detail.
         enable_model_summary=False,
         default_root_dir=str(run_dir),
