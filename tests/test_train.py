@@ -917,3 +917,66 @@ def test_a_graded_benchmark_in_training_says_where_its_grade_comes_from(small_cf
     with caplog.at_level("INFO", logger="phi1.eval.callback"):
         Evaluation(small_cfg().evaluation, tmp_path / "run")
     assert "LLM grade" not in caplog.text
+
+
+def test_a_cpu_run_that_would_not_fit_in_memory_is_refused_before_any_work(tmp_path, data_dir, monkeypatch):
+    """Before, phi-1-small at the default micro-batch (16 × 256) on a 24 GB machine was killed by the OOM killer
+    after 5 minutes, its log ending at the data line; the estimate said 27.8 GB."""
+    from conftest import make_cfg
+    from phi1 import memory
+    from phi1.errors import InputError
+
+    from phi1 import runs
+
+    def past_the_check(*args):  # the run's first write into its folder: no run here goes further
+        raise RuntimeError("past the check")
+
+    monkeypatch.setattr(runs, "record_start", past_the_check)
+    monkeypatch.setattr(memory, "available", lambda: 24e9)
+    run = tmp_path / "run"
+    with pytest.raises(InputError) as refused:
+        train(make_cfg(["model=350m", "budget.max_steps=1", "budget.tokens=null"], run_dir=run, data_dir=data_dir))
+    message = str(refused.value)
+    assert "needs ~27.8 GB: 5.7 GB for the fp32 weights" in message and "24.0 GB are available" in message
+    assert "batch.micro_size=8 (~17.2 GB" in message and "memory_check=false" in message
+    assert not run.exists()  # refused before anything was written
+    with pytest.raises(InputError, match="Even a micro-batch of 1 with activation checkpointing needs ~24.8 GB"):
+        train(make_cfg(["model=1.3b", "budget.max_steps=1", "budget.tokens=null"], run_dir=run, data_dir=data_dir))
+
+    # memory_check=false goes on to the work
+    with pytest.raises(RuntimeError, match="past the check"):
+        train(make_cfg(["model=350m", "budget.max_steps=1", "budget.tokens=null", "memory_check=false"], run_dir=run,
+                       data_dir=data_dir))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm; ru_maxrss in KiB")
+def test_the_memory_estimate_matches_what_a_step_takes():
+    """phi1.memory's activation formula against a real forward and backward of tiny_wide (16 × 256 tokens,
+    dropout on) in a fresh process: its peak resident memory above what it held before the step (the weights,
+    gradients and AdamW states, made by a small step first)."""
+    from conftest import make_cfg
+    from phi1 import memory
+
+    code = """if True:
+        import os, resource, sys, torch
+        sys.path.insert(0, "tests")
+        from conftest import make_cfg
+        from phi1.model import build
+        torch.set_num_threads(2)
+        model = build(make_cfg(["model=tiny_wide"]).model, 4096).train()
+        opt = torch.optim.AdamW(model.parameters())
+        x = torch.randint(0, 4096, (16, 257), generator=torch.Generator().manual_seed(0))
+        for tokens in (9, 257):
+            now = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            loss = torch.nn.functional.cross_entropy(model(input_ids=x[:, :tokens - 1]).logits.flatten(0, 1),
+                                                     x[:, 1:tokens].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - now)
+    """
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                         check=True, capture_output=True, text=True).stdout
+    measured = int(out.split()[-1])
+    estimated = memory.activations(make_cfg(["model=tiny_wide"]).model, 4096, 16, 256, checkpointing=False)
+    assert 0.8 * measured < estimated < 1.25 * measured, (measured, estimated)  # measured here: 1.34 GB

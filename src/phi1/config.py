@@ -358,6 +358,9 @@ class TrainConfig:
     # A resumed run with other training settings than its checkpoint's (model, data, optimizer, seed, global
     # batch: phi1.train.RESUME_KEYS) is refused, naming them; false: a warning, and it trains on with the new ones.
     resume_check: bool = True
+    # On the CPU, a run whose estimated memory (phi1/memory.py) exceeds what is available is refused before any
+    # work, naming a micro-batch that fits; false: it trains anyway (and the OOM killer may end it).
+    memory_check: bool = True
     evaluation: TrainEvalConfig = field(default_factory=TrainEvalConfig)
     eval_every_steps: int = 100
     val_batches: int = 20

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from phi1 import config as phi_config
-from phi1 import environment, runs
+from phi1 import environment, memory, runs
 from phi1 import tokenizer as tokenizers
 from phi1.checkpoints import CheckpointIO, is_checkpoint, read_checkpoint, read_config
 from phi1.data import pack
@@ -25,6 +25,7 @@ from phi1.data.datamodule import PackedData
 from phi1.errors import InputError, MissingInputError
 from phi1.eval.callback import Evaluation
 from phi1.export import export_hf
+from phi1.model import build, count_params, padded_vocab
 from phi1.module import LanguageModel
 from phi1.monitoring import DataWait, quiet_library_noise
 
@@ -201,6 +202,12 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, callbacks)  # before anything is written into run_dir
     if ckpt_path and (finished := _finished(run_dir, plan.max_steps)):
         return finished
+    if cfg.memory_check and (cfg.trainer.accelerator == "cpu"
+                             or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available())):
+        vocab = cfg.model.vocab_size or padded_vocab(cfg.tokenizer.vocab_size or 51200)
+        with torch.device("meta"):  # the parameter count without the memory (~1 s for phi-1)
+            params = count_params(build(cfg.model, vocab))["total"]
+        memory.check(cfg, params, vocab, plan)
     if ckpt_path:
         check_resume(cfg, ckpt_path)
     # Before the model is built (~20 s for 1.3B on a CPU) and the data packed: a missing base stops the run at
