@@ -919,7 +919,8 @@ def test_a_graded_benchmark_in_training_says_where_its_grade_comes_from(small_cf
     assert "LLM grade" not in caplog.text
 
 
-def test_a_cpu_run_that_would_not_fit_in_memory_is_refused_before_any_work(tmp_path, data_dir, monkeypatch):
+def test_a_cpu_run_that_would_not_fit_in_memory_is_refused_before_any_work(tmp_path, data_dir, monkeypatch,
+                                                                            caplog):
     """Before, phi-1-small at the default micro-batch (16 × 256) on a 24 GB machine was killed by the OOM killer
     after 5 minutes, its log ending at the data line; the estimate said 27.8 GB."""
     from conftest import make_cfg
@@ -942,6 +943,15 @@ def test_a_cpu_run_that_would_not_fit_in_memory_is_refused_before_any_work(tmp_p
     assert not run.exists()  # refused before anything was written
     with pytest.raises(InputError, match="Even a micro-batch of 1 with activation checkpointing needs ~24.8 GB"):
         train(make_cfg(["model=1.3b", "budget.max_steps=1", "budget.tokens=null"], run_dir=run, data_dir=data_dir))
+
+    # On a GPU machine the default trainer=cpu is named, with the trainers that use the GPUs.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    with caplog.at_level("WARNING", logger="phi1.train"), pytest.raises(InputError):
+        train(make_cfg(["model=350m", "budget.max_steps=1", "budget.tokens=null"], run_dir=run, data_dir=data_dir))
+    assert "training on the CPU (trainer.accelerator=cpu) while 8 CUDA GPU(s) are visible" in caplog.text
+    monkeypatch.undo()
+    monkeypatch.setattr(runs, "record_start", past_the_check)
 
     # memory_check=false goes on to the work
     with pytest.raises(RuntimeError, match="past the check"):

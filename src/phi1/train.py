@@ -202,8 +202,11 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, callbacks)  # before anything is written into run_dir
     if ckpt_path and (finished := _finished(run_dir, plan.max_steps)):
         return finished
-    if cfg.memory_check and (cfg.trainer.accelerator == "cpu"
-                             or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available())):
+    on_cpu = cfg.trainer.accelerator == "cpu" or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and torch.cuda.is_available():  # trainer=cpu is the default: `train.py model=1.3b` on a GPU node
+        log.warning("training on the CPU (trainer.accelerator=%s) while %d CUDA GPU(s) are visible: trainer=gpu "
+                    "or trainer=deepspeed_bf16 trains on them", cfg.trainer.accelerator, torch.cuda.device_count())
+    if cfg.memory_check and on_cpu:
         vocab = cfg.model.vocab_size or padded_vocab(cfg.tokenizer.vocab_size or 51200)
         with torch.device("meta"):  # the parameter count without the memory (~1 s for phi-1)
             params = count_params(build(cfg.model, vocab))["total"]
