@@ -924,10 +924,8 @@ def test_a_cpu_run_that_would_not_fit_in_memory_is_refused_before_any_work(tmp_p
     """Before, phi-1-small at the default micro-batch (16 × 256) on a 24 GB machine was killed by the OOM killer
     after 5 minutes, its log ending at the data line; the estimate said 27.8 GB."""
     from conftest import make_cfg
-    from phi1 import memory
+    from phi1 import memory, runs
     from phi1.errors import InputError
-
-    from phi1 import runs
 
     def past_the_check(*args):  # the run's first write into its folder: no run here goes further
         raise RuntimeError("past the check")

@@ -85,11 +85,18 @@ def available() -> float | None:
     return min(found) if found else None
 
 
-def check(cfg: DictConfig, params: int, vocab: int, plan) -> None:
+def check(cfg: DictConfig, plan) -> None:
     """Refuse a CPU run whose estimate exceeds the memory available, naming what would fit."""
+    import torch
+
+    from phi1.model import build, count_params, padded_vocab
+
     have = available()
     if have is None:
         return
+    vocab = cfg.model.vocab_size or padded_vocab(cfg.tokenizer.vocab_size or 51200)
+    with torch.device("meta"):  # the parameter count without the memory (~1 s for phi-1)
+        params = count_params(build(cfg.model, vocab))["total"]
     need = estimate(cfg, params, vocab)
     share = f" in each of {need.processes} processes" if need.processes > 1 else ""
     summary = (f"model={cfg.model.name}, a micro-batch of {cfg.batch.micro_size} × {cfg.data.seq_len} tokens on the "

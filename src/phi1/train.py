@@ -25,7 +25,6 @@ from phi1.data.datamodule import PackedData
 from phi1.errors import InputError, MissingInputError
 from phi1.eval.callback import Evaluation
 from phi1.export import export_hf
-from phi1.model import build, count_params, padded_vocab
 from phi1.module import LanguageModel
 from phi1.monitoring import DataWait, quiet_library_noise
 
@@ -207,10 +206,7 @@ def train(cfg: DictConfig) -> dict:
         log.warning("training on the CPU (trainer.accelerator=%s) while %d CUDA GPU(s) are visible: trainer=gpu "
                     "or trainer=deepspeed_bf16 trains on them", cfg.trainer.accelerator, torch.cuda.device_count())
     if cfg.memory_check and on_cpu:
-        vocab = cfg.model.vocab_size or padded_vocab(cfg.tokenizer.vocab_size or 51200)
-        with torch.device("meta"):  # the parameter count without the memory (~1 s for phi-1)
-            params = count_params(build(cfg.model, vocab))["total"]
-        memory.check(cfg, params, vocab, plan)
+        memory.check(cfg, plan)
     if ckpt_path:
         check_resume(cfg, ckpt_path)
     # Before the model is built (~20 s for 1.3B on a CPU) and the data packed: a missing base stops the run at
