@@ -545,6 +545,28 @@ def test_environment_is_recorded_per_run_and_its_changes_are_named(tmp_path, mon
     assert environment.differences({"one": environment.read(two), "two": environment.read(two)}) == {}
 
 
+def test_the_cpu_and_its_kernel_level_are_recorded_and_named_where_runs_differ(tmp_path, monkeypatch):
+    """The filter's embeddings move with the CPU kernels torch picks (AVX2 vs AVX-512: 2,335 of 675,072 float16
+    values differ), and a file within a vote of the threshold flips: runs on other CPUs are named as such."""
+    import torch
+
+    from phi1 import environment
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir(), there.mkdir()
+    env = environment.record(here)
+    assert env["cpu_kernels"] == torch.backends.cpu.get_cpu_capability() and env["cpu_kernels"]
+    assert env["cpu"]  # /proc/cpuinfo's model name here
+    monkeypatch.setattr(environment, "current", lambda: {**env, "cpu": "Other CPU", "cpu_kernels": "AVX2"})
+    environment.record(there)
+    environment.record(here)  # resumed on the other machine: a second entry
+    assert [e["cpu_kernels"] for e in environment.read(here)] == [env["cpu_kernels"], "AVX2"]
+    diffs = environment.differences({"a": [env], "b": environment.read(there)})
+    assert diffs["CPU kernels"] == ", ".join(sorted([f"{env['cpu_kernels']} (1 run)", "AVX2 (1 run)"]))
+    assert diffs["processor"] == ", ".join(sorted([f"{env['cpu']} (1 run)", "Other CPU (1 run)"]))
+    assert set(diffs) == {"CPU kernels", "processor"}
+
+
 def test_report_without_runs_says_how_to_make_them(tmp_path):
     (tmp_path / "outputs").mkdir()
     env = {**os.environ, "PHI1_ROOT": str(tmp_path)}

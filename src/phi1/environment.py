@@ -1,11 +1,13 @@
 """What a run ran on, kept beside its results in `environment.json`: Python, the versions of the libraries
-whose arithmetic makes its numbers, the project's commit, the devices.
+whose arithmetic makes its numbers, the project's commit, the CPU and the devices.
 
-Configs and seeds fix a run only as far as the libraries do. A fresh install that resolved newer packages than
-an earlier one moved the quality filter's MiniLM embeddings (bit-identical across thread counts and reruns of
-one install) enough to flip one file's forest vote at the 0.5 threshold (150 of 300 trees): 683 files kept
-instead of 682, and the filtered mini runs' HumanEval NLL moved by up to 0.05. report.py names such
-differences between the runs it compares.
+Configs and seeds fix a run only as far as the libraries and the processor do. The quality filter's MiniLM
+embeddings are bit-identical across reruns and thread counts on one machine, but `make filter` with the same
+locked packages kept 683 stdlib files in one session and 682 in the next (the mini runs on the filtered files
+then differ by up to 0.05 in HumanEval NLL): a file within a vote or two of the 0.5 threshold flips with the
+last bits of its embedding. Those bits follow the CPU kernels torch picks: the same 1,758 embeddings computed with AVX2
+kernels instead of AVX-512 (ATEN_CPU_CAPABILITY=avx2) differ in 2,335 of their 675,072 float16 values. So the
+record names the CPU and torch's kernel level, and report.py names such differences between the runs it compares.
 """
 
 from __future__ import annotations
@@ -57,7 +59,21 @@ def current() -> dict:
         "cuda": torch.version.cuda if cuda else None,
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "cpus": os.cpu_count(),
+        "cpu": _cpu_model(),
+        # The instruction set ATen's CPU kernels were dispatched to (AVX512, AVX2, ...): it moves float results
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
     }
+
+
+def _cpu_model() -> str | None:
+    """/proc/cpuinfo's model name (Linux), else what platform knows; None where neither says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def record(directory: str | Path) -> dict:
@@ -95,7 +111,9 @@ def _comparable(env: dict) -> dict:
 def flatten(env: dict) -> dict[str, str]:
     """{"python": "3.11.9", "torch": "2.13.0", ..., "devices": "NVIDIA H100 80GB HBM3"} for comparing runs."""
     flat = {"python": env.get("python"), "phi1 commit": env.get("phi1_commit"), "cuda": env.get("cuda"),
-            "devices": ", ".join(env.get("devices") or []) or "CPU", **env.get("packages", {})}
+            "devices": ", ".join(env.get("devices") or []) or "CPU", "processor": env.get("cpu"),
+            "CPU kernels": env.get("cpu_kernels"),
+            **env.get("packages", {})}
     return {k: str(v) for k, v in flat.items() if v is not None}
 
 
