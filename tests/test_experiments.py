@@ -565,6 +565,9 @@ def test_the_cpu_and_its_kernel_level_are_recorded_and_named_where_runs_differ(t
     assert diffs["CPU kernels"] == ", ".join(sorted([f"{env['cpu_kernels']} (1 run)", "AVX2 (1 run)"]))
     assert diffs["processor"] == ", ".join(sorted([f"{env['cpu']} (1 run)", "Other CPU (1 run)"]))
     assert set(diffs) == {"CPU kernels", "processor"}
+    older = {k: v for k, v in env.items() if k not in ("cpu", "cpu_kernels")}  # recorded before the CPU was
+    assert environment.differences({"a": [env], "b": [older]})["processor"] == (
+        ", ".join(sorted([f"{env['cpu']} (1 run)", "not recorded (1 run)"])))
 
 
 def test_report_without_runs_says_how_to_make_them(tmp_path):

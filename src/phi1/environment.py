@@ -111,8 +111,8 @@ def _comparable(env: dict) -> dict:
 def flatten(env: dict) -> dict[str, str]:
     """{"python": "3.11.9", "torch": "2.13.0", ..., "devices": "NVIDIA H100 80GB HBM3"} for comparing runs."""
     flat = {"python": env.get("python"), "phi1 commit": env.get("phi1_commit"), "cuda": env.get("cuda"),
-            "devices": ", ".join(env.get("devices") or []) or "CPU", "processor": env.get("cpu"),
-            "CPU kernels": env.get("cpu_kernels"),
+            "devices": ", ".join(env.get("devices") or []) or "CPU", "processor": env.get("cpu", "not recorded"),
+            "CPU kernels": env.get("cpu_kernels", "not recorded"),  # absent from records before 2026-11-24
             **env.get("packages", {})}
     return {k: str(v) for k, v in flat.items() if v is not None}
 

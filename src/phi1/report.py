@@ -181,7 +181,7 @@ def _environment(runs: list[Run]) -> tuple[list[str], dict]:
     if not recorded:
         return ["", "## Environment", "", "Not recorded: the runs predate environment.json."], {}
     diffs = environment.differences(envs)
-    same = {k: v for k, v in environment.flatten(recorded[0]).items() if k not in diffs}
+    same = {k: v for k, v in environment.flatten(recorded[0]).items() if k not in diffs and v != "not recorded"}
     lines = ["", "## Environment", "", "Same in every run: " + ", ".join(f"{k} {v}" for k, v in same.items()) + "."]
     if diffs:
         lines += ["", "**Not the same in every run** (numbers can differ for this reason alone):", "",
