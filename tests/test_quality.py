@@ -268,6 +268,34 @@ def test_classifier_learns_a_separable_label_and_reports_held_out_metrics(tmp_pa
     assert "scikit-learn" in json.loads((tmp_path / "clf" / "environment.json").read_text())[0]["packages"]
 
 
+def test_another_scikit_learn_classifier_can_stand_in_for_the_forest_and_the_filter_uses_it(tmp_path):
+    """stage.estimator: the paper's forest against, say, a logistic regression on the same annotations; an
+    estimator without probabilities, or one that does not exist, is refused naming the key."""
+    import joblib
+
+    from phi1.config import ConfigError
+
+    folder, annotations, src, labels = _fake_inputs(tmp_path)
+    common = ["stage=classify", f"stage.annotations={annotations}", f"stage.embeddings={folder}"]
+    logistic = "stage.estimator={_target_: sklearn.linear_model.LogisticRegression, max_iter: 500, C: 0.5}"
+    metrics = run(cfg(tmp_path, *common, f"stage.output={tmp_path}/lr", logistic))
+    assert metrics["estimator"] == "LogisticRegression" and metrics["roc_auc"] > 0.95 and metrics["test"] == 80
+    model = joblib.load(tmp_path / "lr" / "classifier.joblib")
+    assert type(model).__name__ == "LogisticRegression" and model.C == 0.5
+    forest = run(cfg(tmp_path, *common, f"stage.output={tmp_path}/rf", "stage.n_estimators=20"))
+    assert forest["estimator"] == "RandomForestClassifier"
+    kept = run(cfg(tmp_path, "stage=filter", f"stage.source={{name: docs, kind: jsonl, path: '{src}'}}",
+                   f"stage.embeddings={folder}", f"stage.classifier={tmp_path}/lr", f"stage.output={tmp_path}/out"))
+    ids = {json.loads(line)["id"] for line in open(kept["output"])}
+    high = {f"docs:doc{i}" for i in np.flatnonzero(labels)}
+    assert len(ids & high) / len(high) > 0.9 and len(ids - high) / len(ids) < 0.1
+    with pytest.raises(ConfigError, match="stage.estimator: KMeans is not a classifier with predict_proba"):
+        run(cfg(tmp_path, *common, f"stage.output={tmp_path}/km", "stage.estimator={_target_: sklearn.cluster.KMeans}"))
+    with pytest.raises(ConfigError, match="stage.estimator: .*sklearn.linear_model.NoSuchModel"):
+        run(cfg(tmp_path, *common, f"stage.output={tmp_path}/no",
+                "stage.estimator={_target_: sklearn.linear_model.NoSuchModel}"))
+
+
 def test_the_forest_grown_a_few_trees_at_a_time_is_the_forest_of_one_fit(tmp_path):
     """classify grows its forest in steps of a few trees (a progress bar over minutes of fitting at the paper's
     scale); the probabilities must be those of one fit of all the trees, to the bit."""

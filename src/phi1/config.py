@@ -409,6 +409,9 @@ class ClassifyConfig:
     n_estimators: int = 300
     min_samples_leaf: int = 1
     seed: int = 0
+    # None: the paper's random forest (n_estimators, min_samples_leaf above). Else any scikit-learn classifier
+    # with predict_proba, built by Hydra: {_target_: sklearn.linear_model.LogisticRegression, max_iter: 1000}.
+    estimator: Optional[Any] = None
     output: str = MISSING
 
 

@@ -1,6 +1,6 @@
 """The classify stage (paper §2.1): a scikit-learn random forest that predicts the judge's label (high/low
 educational value) from a document's embedding, so that the judge's ~100K annotations label the rest of the
-corpus. A stratified, seeded held-out split measures it: precision, recall, F1 and ROC-AUC of the "high"
+corpus; `stage.estimator` swaps in any other scikit-learn classifier, to compare. A stratified, seeded held-out split measures it: precision, recall, F1 and ROC-AUC of the "high"
 class in `metrics.json`, ROC and precision-recall curves in `curves.png`, the model in `classifier.joblib`."""
 
 from __future__ import annotations
@@ -65,11 +65,17 @@ def run(cfg: DictConfig) -> dict:
                          "with both labels on each side; annotate more (stage.n of stage=annotate)")
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=stage.test_fraction, stratify=y,
                                                         random_state=stage.seed)
-    forest = _fit_forest(x_train, y_train, stage)
-    proba = forest.predict_proba(x_test)[:, 1]
+    if stage.estimator is None:
+        model = _fit_forest(x_train, y_train, stage)
+    else:
+        model = _estimator(stage)
+        log.info("classify: fitting %s on %d embeddings", model, len(y_train))
+        model.fit(x_train, y_train)
+    proba = model.predict_proba(x_test)[:, 1]
     precision, recall, f1, _ = precision_recall_fscore_support(y_test, proba >= 0.5, average="binary",
                                                                zero_division=0)
     metrics = {
+        "estimator": type(model).__name__,
         "train": int(len(y_train)), "test": int(len(y_test)), "positive_share": float(y.mean()),
         "precision": float(precision), "recall": float(recall), "f1": float(f1),
         "roc_auc": float(roc_auc_score(y_test, proba)),
@@ -77,7 +83,7 @@ def run(cfg: DictConfig) -> dict:
         "majority_baseline_accuracy": float(max(y_test.mean(), 1 - y_test.mean())),
         "accuracy": float(((proba >= 0.5) == y_test).mean()),
     }
-    joblib.dump(forest, out / "classifier.joblib")
+    joblib.dump(model, out / "classifier.joblib")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     environment.record(out)
     _plot(y_test, proba, metrics, out / "curves.png",
@@ -85,6 +91,26 @@ def run(cfg: DictConfig) -> dict:
     log.info("classify: %s; the test split's scores; metrics.json and curves.png in %s",
              ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), out)
     return metrics
+
+
+def _estimator(stage):
+    """stage.estimator built by Hydra, checked to be a classifier that gives probabilities (the filter's scores),
+    seeded by stage.seed where it draws random numbers and no random_state was given."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from phi1.config import ConfigError
+
+    try:
+        model = instantiate(stage.estimator)
+    except InstantiationException as e:
+        raise ConfigError(f"stage.estimator: {e}") from e
+    if not (hasattr(model, "fit") and hasattr(model, "predict_proba")):
+        raise ConfigError(f"stage.estimator: {type(model).__name__} is not a classifier with predict_proba (the "
+                          "filter ranks documents by the probability of 'high')")
+    if hasattr(model, "get_params") and model.get_params().get("random_state", 0) is None:
+        model.set_params(random_state=stage.seed)
+    return model
 
 
 def _fit_forest(x, y, stage, trees_per_update: int = 10):
@@ -119,10 +145,11 @@ def _plot(y_test, proba, metrics: dict, path: Path, trained_on: str) -> None:
     from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay
 
     fig, (roc, pr) = plt.subplots(1, 2, figsize=(10, 4.5))
-    RocCurveDisplay.from_predictions(y_test, proba, ax=roc, name="random forest")
+    name = "random forest" if metrics["estimator"] == "RandomForestClassifier" else metrics["estimator"]
+    RocCurveDisplay.from_predictions(y_test, proba, ax=roc, name=name)
     roc.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
     roc.set_title(f"ROC (held-out, n={metrics['test']}): AUC {metrics['roc_auc']:.3f}")
-    PrecisionRecallDisplay.from_predictions(y_test, proba, ax=pr, name="random forest")
+    PrecisionRecallDisplay.from_predictions(y_test, proba, ax=pr, name=name)
     pr.axhline(metrics["positive_share"], ls="--", c="grey", lw=1)
     pr.set_title(f"Precision-recall: F1 {metrics['f1']:.3f} at 0.5")
     fig.suptitle(f"Educational-value classifier (paper §2.1): {trained_on}")
