@@ -1,7 +1,8 @@
 """The classify stage (paper §2.1): a scikit-learn random forest that predicts the judge's label (high/low
 educational value) from a document's embedding, so that the judge's ~100K annotations label the rest of the
-corpus; `stage.estimator` swaps in any other scikit-learn classifier, to compare. A stratified, seeded held-out split measures it: precision, recall, F1 and ROC-AUC of the "high"
-class in `metrics.json`, ROC and precision-recall curves in `curves.png`, the model in `classifier.joblib`."""
+corpus; `stage.estimator` swaps in any other scikit-learn classifier, to compare. A stratified, seeded held-out
+split measures it: precision, recall, F1 and ROC-AUC of the "high" class in `metrics.json`, ROC and precision-
+recall curves in `curves.png`, the model in `classifier.joblib`."""
 
 from __future__ import annotations
 
