@@ -237,16 +237,25 @@ def test_a_bwrap_out_of_nobodys_reach_is_copied_with_its_own_libraries_and_remov
     assert not Path(folder).exists()
 
 
-def test_a_worker_without_pidfds_judges_alike(monkeypatch):
-    """os.pidfd_open is Linux's (5.3+): on macOS the worker polls for its sample's exit instead. Here that path
-    runs with pidfd_open removed from the worker's os module: before, its first sample killed it (AttributeError),
-    so every sample failed, honest ones too."""
+PIDFDS_MISSING = {
+    "macOS": "del os.pidfd_open",
+    "Linux before 5.3": "def _enosys(pid):\n    raise OSError(38, 'Function not implemented')\nos.pidfd_open = _enosys",
+}
+
+
+@pytest.mark.parametrize("where", list(PIDFDS_MISSING))
+def test_a_worker_without_pidfds_judges_alike(where, monkeypatch):
+    """os.pidfd_open is Linux 5.3's: on macOS the worker polls for its sample's exit instead, and so on an older
+    kernel, where the call fails with ENOSYS. Here both run on Linux, pidfd_open removed from the worker's os
+    module or made to fail: before, the worker's first sample killed it, so every sample failed, honest ones too."""
     import phi1.eval.sandbox as sandbox_module
 
-    source = "import os\ndel os.pidfd_open\n" + sandbox_module.WORKER_SOURCE
+    source = f"import os\n{PIDFDS_MISSING[where]}\n" + sandbox_module.WORKER_SOURCE
     monkeypatch.setattr(sandbox_module, "WORKER_SOURCE", source)
     with Sandbox(workers=1, limits=Limits(timeout=1.0, memory_bytes=1 << 30)) as sb:
-        assert sb.run("import os\nassert not hasattr(os, 'pidfd_open')\n")["status"] == "passed"  # the path taken
+        probe = "import os\ntry:\n    os.pidfd_open(os.getpid())\nexcept (AttributeError, OSError):\n    pass\n" \
+                "else:\n    raise AssertionError('pidfds work')\n"
+        assert sb.run(probe)["status"] == "passed"  # the worker's os, which the sample shares, has none
         t0 = time.perf_counter()
         verdicts = sb.run_many([f"assert {i} % 3 != 0\n" for i in range(30)])
         assert [v["status"] == "passed" for v in verdicts] == [i % 3 != 0 for i in range(30)]

@@ -86,13 +86,16 @@ def _child(program, workdir, token, write_fd):
 
 def _exits_within(pid, timeout):
     """Whether the child `pid` exits within `timeout` seconds (it is not reaped where pidfds exist)."""
-    if hasattr(os, "pidfd_open"):  # Linux 5.3+: woken the moment it exits
-        pidfd = os.pidfd_open(pid)
+    try:
+        pidfd = os.pidfd_open(pid)  # Linux 5.3+: woken the moment it exits
+    except (AttributeError, OSError):  # macOS has none; an older kernel (RHEL 8's 4.18, say) answers ENOSYS
+        pidfd = None
+    if pidfd is not None:
         try:
             return bool(select.select([pidfd], [], [], timeout)[0])
         finally:
             os.close(pidfd)
-    # Elsewhere (macOS): polled, every 1 ms at first, then every 10 ms (a sample takes tens of ms at least)
+    # Polled instead: every 1 ms at first, then every 10 ms (a sample takes tens of ms at least)
     deadline, pause = time.monotonic() + timeout, 0.001
     while time.monotonic() < deadline:
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
