@@ -88,7 +88,7 @@ def _exits_within(pid, timeout):
     """Whether the child `pid` exits within `timeout` seconds (it is not reaped where pidfds exist)."""
     try:
         pidfd = os.pidfd_open(pid)  # Linux 5.3+: woken the moment it exits
-    except (AttributeError, OSError):  # macOS has none; an older kernel (RHEL 8's 4.18, say) answers ENOSYS
+    except (AttributeError, OSError):  # macOS has none; a kernel before 5.3 (Ubuntu 18.04's) answers ENOSYS
         pidfd = None
     if pidfd is not None:
         try:
