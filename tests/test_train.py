@@ -425,6 +425,34 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_cfg, tmp
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
 
 
+def test_out_of_gpu_memory_names_what_to_change_and_keeps_the_checkpoint(small_cfg, tmp_path, monkeypatch, caplog):
+    """A GPU that runs out of memory raises torch's OutOfMemoryError (what it tried to allocate, what was free),
+    which names no setting of this harness: the run now logs which to change, in the order to try, and raises
+    torch's error unchanged. The error is raised here at step 5 on the CPU, as CUDA's allocator would."""
+    original = LanguageModel._loss
+
+    def runs_out(self, batch):
+        if self.global_step >= 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, batch)
+
+    monkeypatch.setattr(LanguageModel, "_loss", runs_out)
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate 2.00 GiB"):
+        train(small_cfg(*FAST, run_dir=tmp_path / "run"))
+    advice = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("out of GPU memory"))
+    # global batch 8 on one process, micro-batch 4: the next micro-batch that divides it is 2
+    assert "model=tiny with a micro-batch of 4 × 64 tokens. Try batch.micro_size=2 (gradient accumulation " \
+           "keeps batch.global_size=8: the same run); or speed.activation_checkpointing=true" in advice
+    assert "evaluation.generation.batch_size=8" in advice and "deepspeed" not in advice  # one process: no ZeRO
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    caplog.clear()
+    with pytest.raises(torch.OutOfMemoryError):
+        train(small_cfg(*FAST, "batch.micro_size=1", "speed.activation_checkpointing=true",
+                        "evaluation.enabled=false", run_dir=tmp_path / "smallest"))
+    advice = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("out of GPU memory"))
+    assert advice.endswith("Try a smaller model. Resume with ckpt_path=last where a checkpoint was written.")
+
+
 def test_a_run_that_raises_closes_its_sandbox(small_cfg, tmp_path, monkeypatch):
     """Lightning skips the callbacks' teardown when fit raises: the sandbox's workers lived on in the process."""
     from phi1.eval.sandbox import Sandbox
