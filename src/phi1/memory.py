@@ -1,7 +1,7 @@
 """Host memory a training run on the CPU needs, checked before any work. Past it, Linux's OOM killer ends the run
 without a word (phi-1-small at the embedded default's micro-batch of 16 × 256 tokens on a 24 GB machine: killed
 after 5 minutes, its log ending at the data line); on a GPU an allocation that does not fit raises a clear
-CUDA error instead, so GPUs are not checked here.
+CUDA error instead, so GPUs are not checked here; `gpu_advice` is what train.py logs before that error.
 
 The estimate, measured on the CPU (fp32, dropout on, torch's SDPA; bf16 autocast measured within 5% of it):
 - 16 bytes a parameter: fp32 weights, gradients and AdamW's two moments (checkpoints are written straight
@@ -109,8 +109,7 @@ def check(cfg: DictConfig, plan) -> None:
         return
     # What fits: the largest micro-batch that divides the per-process batch; with activation checkpointing (~1/3
     # more compute) only where none fits without it.
-    per_process = cfg.batch.global_size // max(plan.world_size, 1)
-    micros = [m for m in range(cfg.batch.micro_size, 0, -1) if per_process % m == 0]
+    micros = micro_sizes(cfg, plan)
     advice = None
     for checkpointing in (False, True) if not _checkpointing(cfg) else (True,):
         variant = OmegaConf.merge(cfg, {"speed": {"activation_checkpointing": checkpointing}})
@@ -126,6 +125,44 @@ def check(cfg: DictConfig, plan) -> None:
                   "smaller model, or on a GPU (trainer=gpu, trainer=deepspeed)")
     raise InputError(f"{summary}: the OOM killer would end the run without a word. {advice}. memory_check=false "
                      "trains anyway.")
+
+
+def micro_sizes(cfg: DictConfig, plan) -> list[int]:
+    """The micro-batch and the smaller ones that divide each process's share of the global batch, largest
+    first: gradient accumulation keeps the global batch, so each trains the same run."""
+    per_process = cfg.batch.global_size // max(plan.world_size, 1)
+    return [m for m in range(cfg.batch.micro_size, 0, -1) if per_process % m == 0]
+
+
+def gpu_advice(cfg: DictConfig, plan) -> str:
+    """What to change when a GPU runs out of memory, in the order to try: the micro-batch (gradient accumulation
+    keeps the global batch, so the run trains the same), activation checkpointing, ZeRO across the GPUs, and
+    the evaluation's generation batch. Measured on an H100 (BENCHMARKS.md, bf16, compiled): phi-1 at 8 × 2048
+    tokens peaks at 57.2 GB, phi-1-small at 16 × 2048 at 43.0 GB, past a 40 GB A100."""
+    import torch
+
+    from phi1.config import deepspeed
+
+    smaller = next(iter(micro_sizes(cfg, plan)[1:]), None)
+    options = []
+    if smaller:
+        options.append(f"batch.micro_size={smaller} (gradient accumulation keeps batch.global_size="
+                       f"{cfg.batch.global_size}: the same run)")
+    if not _checkpointing(cfg):
+        options.append("speed.activation_checkpointing=true (each layer recomputed in the backward: ~1/3 more "
+                       "compute; phi-1 keeps ~0.2 GB a sequence instead of ~3.4 GB)")
+    if plan.world_size > 1 and not deepspeed(cfg):
+        options.append("trainer=deepspeed_bf16 (ZeRO-2 shards the gradients and AdamW states over the GPUs)")
+    if cfg.evaluation.enabled:
+        options.append(f"if it ran out while evaluating, evaluation.generation.batch_size="
+                       f"{max(cfg.evaluation.generation.batch_size // 2, 1)}")
+    device = ""
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        device = f" on a {props.name} of {props.total_memory / 1e9:.0f} GB"
+    return (f"out of GPU memory: model={cfg.model.name} with a micro-batch of {cfg.batch.micro_size} × "
+            f"{cfg.data.seq_len} tokens{device}. Try " + "; or ".join(options or ["a smaller model"]) +
+            ". Resume with ckpt_path=last where a checkpoint was written.")
 
 
 def _checkpointing(cfg: DictConfig) -> bool:

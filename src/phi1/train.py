@@ -181,34 +181,6 @@ def _finished(run_dir: Path, max_steps: int) -> dict | None:
     return metrics
 
 
-def out_of_memory_advice(cfg: DictConfig, plan) -> str:
-    """What to change when a GPU runs out of memory, in the order to try: the micro-batch (gradient accumulation
-    keeps the global batch, so the run trains the same), activation checkpointing, ZeRO across the GPUs, and
-    the evaluation's generation batch. Measured on an H100 (BENCHMARKS.md, bf16, compiled): phi-1 at 8 × 2048
-    tokens peaks at 57.2 GB, phi-1-small at 16 × 2048 at 43.0 GB, past a 40 GB A100."""
-    per_process = cfg.batch.global_size // max(plan.world_size, 1)
-    smaller = next((m for m in range(cfg.batch.micro_size - 1, 0, -1) if per_process % m == 0), None)
-    options = []
-    if smaller:
-        options.append(f"batch.micro_size={smaller} (gradient accumulation keeps batch.global_size="
-                       f"{cfg.batch.global_size}: the same run)")
-    if not cfg.speed.activation_checkpointing:
-        options.append("speed.activation_checkpointing=true (each layer recomputed in the backward: ~1/3 more "
-                       "compute; phi-1 keeps ~0.2 GB a sequence instead of ~3.4 GB)")
-    if plan.world_size > 1 and not phi_config.deepspeed(cfg):
-        options.append("trainer=deepspeed_bf16 (ZeRO-2 shards the gradients and AdamW states over the GPUs)")
-    if cfg.evaluation.enabled:
-        options.append(f"if it ran out while evaluating, evaluation.generation.batch_size="
-                       f"{max(cfg.evaluation.generation.batch_size // 2, 1)}")
-    device = ""
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        device = f" on a {props.name} of {props.total_memory / 1e9:.0f} GB"
-    return (f"out of GPU memory: model={cfg.model.name} with a micro-batch of {cfg.batch.micro_size} × "
-            f"{cfg.data.seq_len} tokens{device}. Try " + "; or ".join(options or ["a smaller model"]) +
-            ". Resume with ckpt_path=last where a checkpoint was written.")
-
-
 def train(cfg: DictConfig) -> dict:
     quiet_library_noise()
     plan = phi_config.validate(cfg)
@@ -292,7 +264,7 @@ def train(cfg: DictConfig) -> dict:
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     except torch.OutOfMemoryError:
-        log.error(out_of_memory_advice(cfg, plan))
+        log.error(memory.gpu_advice(cfg, plan))
         raise  # torch's own message (what it tried to allocate, what was free) follows
 
     metrics = {**module.resumed_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items()}}
