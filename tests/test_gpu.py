@@ -131,3 +131,20 @@ def test_a_micro_batch_past_the_gpus_memory_raises_torchs_error_after_the_advice
         torch.cuda.empty_cache()
     advice = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("out of GPU memory"))
     assert f"micro-batch of {micro} × 8192 tokens on a" in advice and f"batch.micro_size={micro // 2}" in advice
+
+
+def test_the_memory_estimate_meets_a_real_compiled_run(small_cfg, tmp_path, caplog):
+    """phi1.memory's GPU formula, fitted on phi-1 and phi-1-small at 2048 tokens, against the peak of a whole
+    compiled run of another shape: tiny_wide (4 layers of 256, a 4,096-token vocabulary) at 8 × 1024 tokens."""
+    from phi1 import memory
+
+    cfg = small_cfg(*SAME, "trainer=gpu", "model=tiny_wide", "data.seq_len=1024", "batch.global_size=16",
+                    "batch.micro_size=8", "budget.max_steps=2", run_dir=tmp_path / "run")
+    torch.cuda.reset_peak_memory_stats()
+    with caplog.at_level("INFO", logger="phi1.memory"):
+        train(cfg)
+    peak = torch.cuda.max_memory_allocated()
+    params, vocab = memory._size(cfg)
+    need = memory.gpu_estimate(cfg, 1, params, vocab)
+    assert 0.75 < (need.states + need.activations) / peak < 1.33, (need, peak)
+    assert "a micro-batch of 8 × 1024 tokens needs" in caplog.text

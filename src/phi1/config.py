@@ -359,7 +359,8 @@ class TrainConfig:
     # batch: phi1.train.RESUME_KEYS) is refused, naming them; false: a warning, and it trains on with the new ones.
     resume_check: bool = True
     # On the CPU, a run whose estimated memory (phi1/memory.py) exceeds what is available is refused before any
-    # work, naming a micro-batch that fits; false: it trains anyway (and the OOM killer may end it).
+    # work, naming a micro-batch that fits; false: it trains anyway (and the OOM killer may end it). On a GPU, one
+    # past the GPU's memory gets a warning naming what would fit; false: no estimate.
     memory_check: bool = True
     evaluation: TrainEvalConfig = field(default_factory=TrainEvalConfig)
     eval_every_steps: int = 100

@@ -205,8 +205,8 @@ def train(cfg: DictConfig) -> dict:
     if on_cpu and torch.cuda.is_available():  # trainer=cpu is the default: `train.py model=1.3b` on a GPU node
         log.warning("training on the CPU (trainer.accelerator=%s) while %d CUDA GPU(s) are visible: trainer=gpu "
                     "or trainer=deepspeed_bf16 trains on them", cfg.trainer.accelerator, torch.cuda.device_count())
-    if cfg.memory_check and on_cpu:
-        memory.check(cfg, plan)
+    if cfg.memory_check:
+        memory.check(cfg, plan) if on_cpu else memory.check_gpu(cfg, plan)
     if ckpt_path:
         check_resume(cfg, ckpt_path)
     # Before the model is built (~20 s for 1.3B on a CPU) and the data packed: a missing base stops the run at
