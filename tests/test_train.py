@@ -595,6 +595,12 @@ def test_throughput_reads_its_clock_once_per_optimizer_step(small_cfg, monkeypat
     assert len(reads) == 12 + 2 * 2 and max(r["batches"] for r in reads) == 24
     rows = [r for r in read_csv(Path(cfg.paths.run_dir)) if r.get("perf/tokens_per_sec")]
     assert rows and metrics["perf/tokens_per_sec"] > 0
+    # The process's peak memory, along the way and at the end: on the CPU its peak resident set, which only grows.
+    import resource
+
+    peaks = [float(r["perf/peak_memory_gib"]) for r in rows]
+    assert 0.1 < peaks[0] <= peaks[-1] == metrics["perf/peak_memory_gib"]
+    assert metrics["perf/peak_memory_gib"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def test_two_ranks_see_the_same_sequences_as_one_and_share_the_evaluation(tmp_path, data_dir):

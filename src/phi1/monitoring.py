@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -216,8 +217,26 @@ class Throughput(ThroughputMonitor):
             if self._waited_at is not None and now > self._waited_at[0]:
                 out["perf/data_wait"] = (waited - self._waited_at[1]) / (now - self._waited_at[0])
             self._waited_at = (now, waited)
+        if (peak := peak_memory(trainer.strategy.root_device)) is not None:
+            out["perf/peak_memory_gib"] = peak
         self.last = out
         trainer._logger_connector.log_metrics(out, step=iter_num)
+
+
+def peak_memory(device) -> float | None:
+    """This process's peak memory so far, GiB: on a GPU what torch's allocator has held (what phi1.memory
+    estimates, and BENCHMARKS.md's "peak memory"), on the CPU the peak resident set. Both are counters read
+    without waiting on the device."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
 
 
 class ProgressBar(TQDMProgressBar):
