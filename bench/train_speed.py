@@ -276,7 +276,9 @@ def row(r: dict) -> str:
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "–"
     plain_rate = f"{r['plain_tokens_per_s']:,.0f}" if r["plain_tokens_per_s"] else "–"
     ratio = f"{r['ratio']:.3f}" if r["ratio"] else "–"
-    memory = f"{r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] is not None else "–"
+    memory = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else "–"
+    if r.get("estimated_memory_gib") is not None:  # phi1.memory's, which the run's start logs
+        memory += f" (est. {r['estimated_memory_gib']:.1f})"
     return (f"| {r['model']} | {r['variant']} | {r['micro']} × {r['accumulate']} | {r['tokens_per_s']:,.0f} | {mfu} "
             f"| {plain_rate} | {ratio} | {r['data_wait']:.2%} | {memory} |")
 
@@ -323,9 +325,19 @@ def measure(cfg, model: str, variant: str, warmup: int, rounds: int, harness_onl
             "accumulate": cfg.batch.global_size // cfg.batch.micro_size, "seq_len": cfg.data.seq_len,
             "tokens_per_s": rate, "plain_tokens_per_s": plain_rate, "ratio": rate / plain_rate if plain_rate else None,
             "flops_per_token": flops_per_token, "peak_flops": peak,
-            "mfu": rate * flops_per_token / peak if peak else None, "peak_memory_gb": memory,
+            "mfu": rate * flops_per_token / peak if peak else None, "peak_memory_gib": memory,
+            "estimated_memory_gib": estimated_memory(cfg) if device.type == "cuda" else None,
             "data_wait": statistics.median(waits),
             "runs": runs}
+
+
+def estimated_memory(cfg) -> float | None:
+    """phi1.memory's estimate of the run's peak (states and activations, GiB): each row checks it anew."""
+    from phi1 import memory
+
+    params, vocab = memory._size(cfg)
+    need = memory.gpu_estimate(cfg, 1, params, vocab)
+    return (need.states + need.activations) / 2**30 if need else None
 
 
 if __name__ == "__main__":

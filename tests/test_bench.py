@@ -37,6 +37,23 @@ def test_train_speed_deepspeed_variants_run_round_after_round(deepspeed_on_cpu, 
         assert len(result["runs"]["harness"]) == 2 and result["tokens_per_s"] > 0
 
 
+def test_train_speed_rows_put_the_memory_estimate_beside_the_peak():
+    # Each GPU row checks phi1.memory's estimate anew: phi-1 compiled at 8 × 2048 peaked at 57.2 GiB on an H100.
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import train_speed
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    cfg = train_speed.compose_cfg(["model=1.3b", "trainer=gpu", "batch.micro_size=8", "batch.global_size=32",
+                                   "data.seq_len=2048"])
+    estimate = train_speed.estimated_memory(cfg)
+    assert abs(estimate - 57.2) < 0.1
+    result = {"model": "1.3b", "variant": "compile", "micro": 8, "accumulate": 4, "tokens_per_s": 51630.0,
+              "mfu": 0.474, "plain_tokens_per_s": None, "ratio": None, "data_wait": 0.002, "peak_memory_gib": 57.2,
+              "estimated_memory_gib": estimate}
+    assert train_speed.row(result).endswith("| 57.2 GiB (est. 57.2) |")
+
+
 def test_eval_speed_times_each_stage_and_batching_changes_no_completion(tmp_path, data_dir):
     out = tmp_path / "eval.json"
     subprocess.run([sys.executable, "bench/eval_speed.py", "model=tiny", "--limit", "4", "--batch-sizes", "1,4",

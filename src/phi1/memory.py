@@ -177,7 +177,7 @@ def check_gpu(cfg: DictConfig, plan) -> None:
         log.info("GPU memory not estimated: trainer.precision=%s (measured in mixed precision only)",
                  cfg.trainer.precision)
         return
-    have = props.total_memory  # GiB below: what torch and nvidia-smi count in (an "80GB" H100 has 79.2)
+    have = props.total_memory  # in GiB below, the unit of nvidia-smi and of torch's own messages
     summary = (f"model={cfg.model.name}, a micro-batch of {cfg.batch.micro_size} × {cfg.data.seq_len} tokens needs "
                f"~{need.total / GiB:.1f} GiB a GPU: {need.states / GiB:.1f} GiB for the weights, gradients and "
                f"AdamW states ({need.per_param:.3g} B × {params / 1e6:,.1f}M parameters) and "
