@@ -1056,9 +1056,9 @@ def test_the_gpu_memory_estimate_meets_the_h100_peaks(model, micro, extra, peak)
 
 def test_a_gpu_run_past_the_gpus_memory_is_warned_at_the_start_naming_what_fits(tmp_path, data_dir, monkeypatch,
                                                                                caplog):
-    """experiment=phi1_small's micro-batch of 16 × 2048 tokens peaked at 43.0 GiB on an H100: an A100 of 40 GB
-    ran out of memory at its first step, after the model was built, the data packed and the forward compiled.
-    Now the run says so before any of that, with the micro-batch that fits."""
+    """experiment=phi1_small's micro-batch of 16 × 2048 tokens peaked at 43.0 GiB on an H100 under trainer=gpu: on
+    an A100 of 40 GB torch's error would come at the first step, after the model is built, the data packed and
+    the forward compiled. The run says so before any of that, with the micro-batch that fits."""
     from types import SimpleNamespace
 
     from conftest import make_cfg
