@@ -972,3 +972,46 @@ def test_wandb_without_a_key_is_named_not_a_traceback(tmp_path, monkeypatch):
         report.wandb_runs("phi1")
     with pytest.raises(Phi1Error, match=r"(?i)^wandb:me/phi1/model:v0: .*api key"):
         runs.resolve("wandb:me/phi1/model:v0", tmp_path / "outputs", tmp_path / "data")
+
+
+def test_a_wandb_model_artifact_resolves_to_the_checkpoint_inside_it(tmp_path, monkeypatch):
+    """init_from=wandb:<entity>/<project>/<artifact>: what WandbLogger(log_model=...) uploads is one model.ckpt
+    an artifact; an HF folder is taken whole; anything else is refused, naming what the artifact holds."""
+    import wandb
+
+    from phi1.errors import MissingInputError
+
+    contents = {}
+    asked = []
+
+    class Artifact:
+        def __init__(self, path):
+            self.name = path.split("/")[-1]
+
+        def download(self, root):
+            Path(root).mkdir(parents=True, exist_ok=True)
+            for name in contents:
+                (Path(root) / name).write_text(contents[name])
+            return root
+
+    class Api:
+        def artifact(self, path, type=None):
+            asked.append((path, type))
+            return Artifact(path)
+
+    monkeypatch.setattr(wandb, "Api", Api)
+    data = tmp_path / "data"
+    contents.update({"model.ckpt": "weights"})
+    got = runs.resolve("wandb:me/phi1/model-3kx9:v4", tmp_path / "outputs", data)
+    assert Path(got) == data / "artifacts" / "model-3kx9-v4" / "model.ckpt" and Path(got).read_text() == "weights"
+    assert asked == [("me/phi1/model-3kx9:v4", "model")]
+
+    contents.clear()
+    contents.update({"config.json": "{}", "model.safetensors": ""})
+    assert runs.resolve("wandb:me/phi1/phi1-hf:v0", tmp_path / "outputs", data) == str(data / "artifacts" / "phi1-hf-v0")
+
+    contents.clear()
+    contents.update({"a.ckpt": "", "b.ckpt": ""})
+    with pytest.raises(MissingInputError, match=r"^wandb:me/phi1/two:v1: expected one \.ckpt file or an HF folder in "
+                                                r"the artifact, found \['a\.ckpt', 'b\.ckpt'\]$"):
+        runs.resolve("wandb:me/phi1/two:v1", tmp_path / "outputs", data)
