@@ -1008,7 +1008,8 @@ def test_a_wandb_model_artifact_resolves_to_the_checkpoint_inside_it(tmp_path, m
 
     contents.clear()
     contents.update({"config.json": "{}", "model.safetensors": ""})
-    assert runs.resolve("wandb:me/phi1/phi1-hf:v0", tmp_path / "outputs", data) == str(data / "artifacts" / "phi1-hf-v0")
+    hf = runs.resolve("wandb:me/phi1/phi1-hf:v0", tmp_path / "outputs", data)
+    assert hf == str(data / "artifacts" / "phi1-hf-v0")
 
     contents.clear()
     contents.update({"a.ckpt": "", "b.ckpt": ""})

@@ -388,7 +388,7 @@ def test_filters_and_parquet_and_a_saved_hf_dataset(small_cfg, tmp_path):
             assert parts == docs
 
 
-def test_hub_code_path_streams_a_local_dataset_folder(small_cfg, tmp_path):
+def test_hub_code_path_streams_a_local_dataset_folder(small_cfg, tmp_path, caplog):
     """`kind: hf` with a folder runs `datasets.load_dataset(..., streaming=True)`: the call that reads The Stack
     from the hub, here on local JSONL files in the hub's layout (data/python/*.jsonl)."""
     rng = random.Random(2)
@@ -404,11 +404,20 @@ def test_hub_code_path_streams_a_local_dataset_folder(small_cfg, tmp_path):
     assert len(whole) == 40 and whole[0][0] == "stack:0-0"
     # 4 files, 2 shards: each shard streams its own 2 files; together they are the whole, in order
     assert [d for k in range(2) for d in documents(cfg.data.sources[0], shard=k, num_shards=2)] == whole
-    # 4 files, 3 shards: rows are dealt round-robin; every row lands in exactly one shard
-    dealt = [d for k in range(3) for d in documents(cfg.data.sources[0], shard=k, num_shards=3)]
-    assert sorted(dealt) == sorted(whole)
+    # 4 files, 3 shards: still whole files per shard (2, 1, 1), together the whole in order
+    assert [d for k in range(3) for d in documents(cfg.data.sources[0], shard=k, num_shards=3)] == whole
+    # 4 files, 5 shards: a file cannot be split, so each shard reads every row and keeps 1 in 5, and says so
+    with caplog.at_level("WARNING", logger="phi1.data.sources"):
+        dealt = [list(documents(cfg.data.sources[0], shard=k, num_shards=5)) for k in range(5)]
+    assert [len(d) for d in dealt] == [8] * 5 and sorted(sum(dealt, [])) == sorted(whole)
+    assert "source stack has 4 file(s) for 5 shards: each shard reads every row and keeps 1 in 5" in caplog.text
     manifest = json.loads((_pack(cfg, num_shards=2) / "manifest.json").read_text())
     assert manifest["sources"][0]["read"]["documents"] == 40
+    # A hub id that cannot be reached (offline here, a typo there): the source and the way out are named.
+    offline = small_cfg("data.sources=[{name: x, kind: hf, path: nobody/nothing, text_field: content}]")
+    with pytest.raises(SourceError, match=r"^source 'x': cannot load hub dataset 'nobody/nothing' \(.*\)\. Offline\? "
+                                          r"Use a local source \(data=stdlib\)"):
+        list(documents(offline.data.sources[0]))
 
 
 def test_codeexercises_hub_reads_jinaais_layout_as_prompt_then_body(small_cfg, tmp_path):
