@@ -595,12 +595,22 @@ def test_throughput_reads_its_clock_once_per_optimizer_step(small_cfg, monkeypat
     assert len(reads) == 12 + 2 * 2 and max(r["batches"] for r in reads) == 24
     rows = [r for r in read_csv(Path(cfg.paths.run_dir)) if r.get("perf/tokens_per_sec")]
     assert rows and metrics["perf/tokens_per_sec"] > 0
-    # The process's peak memory, along the way and at the end: on the CPU its peak resident set, which only grows.
-    import resource
-
+    # The run's peak memory, along the way and at the end: on the CPU its peak resident set, which only grows.
     peaks = [float(r["perf/peak_memory_gib"]) for r in rows]
     assert 0.1 < peaks[0] <= peaks[-1] == metrics["perf/peak_memory_gib"]
-    assert metrics["perf/peak_memory_gib"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def test_a_runs_peak_memory_is_its_own(small_cfg, tmp_path):
+    # Runs in one process (a multirun's, this suite's) each start their peak at what the process holds: before,
+    # the peak resident set was the process's since it began (and getrusage's also counted its parent's).
+    def hwm():
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 2**20
+
+    held = b"\x01" * 2**31  # 2 GiB resident, then freed: a peak that belongs to no run
+    before = hwm()
+    del held
+    metrics = train(small_cfg(*FAST, "budget.max_steps=4", run_dir=tmp_path / "run"))
+    assert 0.1 < metrics["perf/peak_memory_gib"] < before - 1.5, (metrics["perf/peak_memory_gib"], before)
 
 
 def test_two_ranks_see_the_same_sequences_as_one_and_share_the_evaluation(tmp_path, data_dir):
@@ -991,16 +1001,18 @@ def test_a_cpu_run_that_would_not_fit_in_memory_is_refused_before_any_work(tmp_p
                        data_dir=data_dir))
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm; ru_maxrss in KiB")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status and statm")
 def test_the_memory_estimate_matches_what_a_step_takes():
     """phi1.memory's activation formula against a real forward and backward of tiny_wide (16 × 256 tokens,
     dropout on) in a fresh process: its peak resident memory above what it held before the step (the weights,
-    gradients and AdamW states, made by a small step first)."""
+    gradients and AdamW states, made by a small step first). The peak is the step's own (VmHWM, reset before
+    it): getrusage's ru_maxrss also counts the parent's resident set at the fork, and late in a test suite, a
+    pytest process of ~2.2 GB, it read 1.68-1.71 GB here and failed."""
     from conftest import make_cfg
     from phi1 import memory
 
     code = """if True:
-        import os, resource, sys, torch
+        import os, sys, torch
         sys.path.insert(0, "tests")
         from conftest import make_cfg
         from phi1.model import build
@@ -1009,19 +1021,22 @@ def test_the_memory_estimate_matches_what_a_step_takes():
         opt = torch.optim.AdamW(model.parameters())
         x = torch.randint(0, 4096, (16, 257), generator=torch.Generator().manual_seed(0))
         for tokens in (9, 257):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # the peak resident set starts again at what is resident now
             now = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
             loss = torch.nn.functional.cross_entropy(model(input_ids=x[:, :tokens - 1]).logits.flatten(0, 1),
                                                      x[:, 1:tokens].flatten())
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=False)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - now)
+        peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+        print(peak * 1024 - now)
     """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                          check=True, capture_output=True, text=True).stdout
     measured = int(out.split()[-1])
     estimated = memory.activations(make_cfg(["model=tiny_wide"]).model, 4096, 16, 256, checkpointing=False)
-    assert 0.8 * measured < estimated < 1.25 * measured, (measured, estimated)  # measured here: 1.34 GB
+    assert 0.8 * measured < estimated < 1.25 * measured, (measured, estimated)  # 1.27-1.30 GB; 1.34 estimated
 
 
 # torch.cuda.max_memory_allocated over whole steps on an H100, bf16-mixed, 2048 tokens (BENCHMARKS.md, GiB).

@@ -198,6 +198,7 @@ class Throughput(ThroughputMonitor):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        reset_peak_memory(trainer.strategy.root_device)
         peak = dense_peak_flops(trainer.strategy.root_device, str(trainer.precision))
         if peak is not None:  # else Lightning's own figure, set by super().setup
             self.available_flops = peak
@@ -224,19 +225,41 @@ class Throughput(ThroughputMonitor):
 
 
 def peak_memory(device) -> float | None:
-    """This process's peak memory so far, GiB: on a GPU what torch's allocator has held (what phi1.memory
-    estimates, and BENCHMARKS.md's "peak memory"), on the CPU the peak resident set. Both are counters read
-    without waiting on the device."""
+    """This process's peak memory since `reset_peak_memory`, GiB: on a GPU what torch's allocator has held (what
+    phi1.memory estimates, and BENCHMARKS.md's "peak memory"), on the CPU the peak resident set. Both are
+    counters read without waiting on the device."""
     if device.type == "cuda":
         import torch
 
         return torch.cuda.max_memory_allocated(device) / 2**30
+    try:  # Linux: this process's own peak. getrusage's ru_maxrss also counts its parent's resident set at the
+        # fork: a run started by a 3 GB process (a sweep's, a test suite's) read at least 3 GB.
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # not on POSIX
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
+
+
+def reset_peak_memory(device) -> None:
+    """Start the peak at what the process holds now: runs in one process (a multirun's, a notebook's) each get
+    their own."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # "5": the peak resident set (Linux 4.0+)
+            f.write("5")
+    except OSError:
+        pass
 
 
 class ProgressBar(TQDMProgressBar):
