@@ -1065,7 +1065,7 @@ def test_the_gpu_memory_estimate_meets_the_h100_peaks(model, micro, extra, peak)
     # Not measured, from the layout: ZeRO-2 over 8 GPUs keeps 2 + 14/8 bytes a parameter on each, and fp32
     # is not estimated.
     if "trainer=deepspeed_bf16" in extra:
-        assert memory.gpu_estimate(cfg, 8, params, vocab).per_param == 3.75
+        assert memory.gpu_estimate(cfg, 8, params, vocab).states == 3.75 * params
     assert memory.gpu_estimate(make_cfg(["trainer=gpu", "trainer.precision=32-true"]), 1, params, vocab) is None
 
 
@@ -1118,7 +1118,8 @@ def test_a_gpu_run_past_the_gpus_memory_is_warned_at_the_start_naming_what_fits(
     assert caplog.text == ""
     stage_3 = make_cfg(["model=1.3b", "trainer=gpu", "trainer.strategy=deepspeed_stage_3", "trainer.devices=8",
                         "batch.global_size=1024"])  # Lightning's name for the strategy: its stage read from it
-    assert memory.gpu_estimate(stage_3, 8, *memory._size(stage_3)).per_param == 16 / 8
+    params, vocab = memory._size(stage_3)
+    assert memory.gpu_estimate(stage_3, 8, params, vocab).states == 16 / 8 * params
     caplog.clear()  # memory_check=false: no estimate
     with caplog.at_level("INFO", logger="phi1.memory"), pytest.raises(RuntimeError, match="past the check"):
         train(make_cfg([*overrides, "batch.micro_size=16", "memory_check=false"], run_dir=tmp_path / "run",

@@ -61,7 +61,6 @@ class Estimate:
     states: float  # weights, gradients, AdamW moments
     activations: float
     processes: int
-    per_param: float = 16
 
     @property
     def total(self) -> float:
@@ -96,15 +95,19 @@ def gpu_estimate(cfg: DictConfig, world_size: int, params: int, vocab: int, micr
     per_param, per_unit, per_logit = GPU_BYTES[ds, compiled]
     if ds and world_size > 1:
         strategy = cfg.trainer.strategy  # phi1's config, or Lightning's name: "deepspeed_stage_3"
-        named = re.search(r"stage_(\d)", str(strategy))
-        n, stage = world_size, strategy.get("stage", 2) if hasattr(strategy, "get") else int(named[1]) if named else 2
+        if isinstance(strategy, DictConfig):
+            stage = strategy.get("stage", 2)
+        else:
+            named = re.search(r"stage_(\d)", str(strategy))
+            stage = int(named[1]) if named else 2
+        n = world_size
         per_param = {1: 4 + 12 / n, 2: 2 + 14 / n, 3: 16 / n}.get(stage, per_param)
     m = cfg.model
     layers = per_unit * m.n_layer * m.d_model
     if _checkpointing(cfg):
         layers = m.n_layer * 4 * m.d_model + per_unit * m.d_model
     tokens = (micro or cfg.batch.micro_size) * cfg.data.seq_len
-    return Estimate(per_param * params, tokens * (layers + per_logit * vocab), 1, per_param)
+    return Estimate(per_param * params, tokens * (layers + per_logit * vocab), 1)
 
 
 def available() -> float | None:
@@ -180,7 +183,7 @@ def check_gpu(cfg: DictConfig, plan) -> None:
     have = props.total_memory  # in GiB below, the unit of nvidia-smi and of torch's own messages
     summary = (f"model={cfg.model.name}, a micro-batch of {cfg.batch.micro_size} × {cfg.data.seq_len} tokens needs "
                f"~{need.total / GiB:.1f} GiB a GPU: {need.states / GiB:.1f} GiB for the weights, gradients and "
-               f"AdamW states ({need.per_param:.3g} B × {params / 1e6:,.1f}M parameters) and "
+               f"AdamW states ({need.states / params:.3g} B × {params / 1e6:,.1f}M parameters) and "
                f"~{need.activations / GiB:.1f} GiB of activations; the {props.name} has {have / GiB:.1f} GiB")
     if need.total <= 0.9 * have:
         log.info(summary)

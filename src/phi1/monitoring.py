@@ -234,10 +234,9 @@ def peak_memory(device) -> float | None:
         return torch.cuda.max_memory_allocated(device) / 2**30
     try:  # Linux: this process's own peak. getrusage's ru_maxrss also counts its parent's resident set at the
         # fork: a run started by a 3 GB process (a sweep's, a test suite's) read at least 3 GB.
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
+    except (OSError, StopIteration):
         pass
     try:
         import resource
