@@ -1,5 +1,6 @@
 """Every config composes; the paper's numbers are where they belong; bad configs fail before any work."""
 
+import re
 import subprocess
 import sys
 
@@ -39,8 +40,7 @@ def test_every_benchmark_composes_in_evaluate_and_train(benchmark, tmp_path):
     assert benchmark in train.evaluation.benchmarks
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g in ("llm", "stage") for o in options(g)
-                                          if not o.endswith("_schema")])
+@pytest.mark.parametrize("group,option", [(g, o) for g in ("llm", "stage") for o in options(g)])
 def test_every_prepare_option_composes(group, option, tmp_path):
     from hydra import compose, initialize_config_dir
 
@@ -53,6 +53,21 @@ def test_every_prepare_option_composes(group, option, tmp_path):
         if key in cfg.stage:
             check(source_checks(f"stage.{key}", cfg.stage[key]))
 
+
+def test_the_options_offered_are_the_yaml_files_and_each_stage_is_typed(tmp_path):
+    """`prepare.py --help` and a mistyped `stage=` list what Hydra finds in each group: the stages' schemas
+    were stored in the stage group and offered as options (`stage=pack_schema` composed an untyped stage)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        for group in (*GROUPS, "llm", "stage", "benchmark"):
+            assert loader.get_group_options(group) == options(group), group
+        for stage in options("stage"):
+            with pytest.raises(Exception) as e:
+                compose("prepare", overrides=[f"stage={stage}", "stage.bogus=1", f"paths.data_dir={tmp_path}"])
+            assert re.search(r"Key 'bogus' not in '\w+Config'", str(e.value.__cause__)), (stage, e.value)
 
 
 def test_the_filter_stages_find_each_others_files_for_a_named_corpus(tmp_path):

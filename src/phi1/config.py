@@ -557,15 +557,17 @@ def register_configs() -> None:
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(name="report_schema", node=ReportConfig)
-    cs.store(group="stage", name="annotate_schema", node=AnnotateConfig)
-    cs.store(group="stage", name="embed_schema", node=EmbedConfig)
-    cs.store(group="stage", name="classify_schema", node=ClassifyConfig)
-    cs.store(group="stage", name="filter_schema", node=FilterConfig)
-    cs.store(group="stage", name="stdlib_exercises_schema", node=StdlibExercisesConfig)
-    cs.store(group="stage", name="pack_schema", node=PackConfig)
-    cs.store(group="stage", name="textbooks_schema", node=TextbooksConfig)
-    cs.store(group="stage", name="exercises_schema", node=ExercisesConfig)
-    cs.store(group="stage", name="decontaminate_schema", node=DecontaminateConfig)
+    # Each stage's schema, outside the stage group (its yaml merges it @_here_), so that `--help` and a mistyped
+    # stage= list only the stages, not their schemas.
+    cs.store(name="stage_annotate_schema", node=AnnotateConfig)
+    cs.store(name="stage_embed_schema", node=EmbedConfig)
+    cs.store(name="stage_classify_schema", node=ClassifyConfig)
+    cs.store(name="stage_filter_schema", node=FilterConfig)
+    cs.store(name="stage_stdlib_exercises_schema", node=StdlibExercisesConfig)
+    cs.store(name="stage_pack_schema", node=PackConfig)
+    cs.store(name="stage_textbooks_schema", node=TextbooksConfig)
+    cs.store(name="stage_exercises_schema", node=ExercisesConfig)
+    cs.store(name="stage_decontaminate_schema", node=DecontaminateConfig)
 
 
 class ConfigError(InputError):
