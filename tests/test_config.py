@@ -291,6 +291,17 @@ def test_unknown_key_in_a_users_yaml_is_named(tmp_path):
     assert "n_heads" in str(e.value) + str(e.value.__cause__)
 
 
+@pytest.mark.parametrize("script", ["train", "evaluate", "prepare", "report"])
+def test_help_leads_with_what_the_command_does_and_its_examples(script):
+    """Hydra's own header ("train is powered by Hydra.") said nothing; each config's examples now lead --help."""
+    out = subprocess.run([sys.executable, f"{script}.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    head = out.split("== Configuration groups ==")[0]
+    assert "powered by Hydra" not in head and f"python {script}.py " in head, head
+    if script == "prepare":
+        assert "stage: annotate, classify, decontaminate, embed, exercises, filter, pack," in out
+
+
 def test_cli_prints_the_composed_job():
     out = subprocess.run([sys.executable, "train.py", "model=1.3b", "data=codetextbook", "--cfg", "job"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
