@@ -163,7 +163,8 @@ def test_a_base_trained_with_another_tokenizer_of_the_same_size_is_refused(pretr
 
 
 def test_init_from_names_what_it_could_not_read(pretrained, tmp_path):
-    from phi1.errors import MissingInputError
+    from phi1.checkpoints import read_config
+    from phi1.errors import InputError, MissingInputError
 
     module = LanguageModel.from_checkpoint(pretrained[0] / "checkpoints" / "last.ckpt")
     (tmp_path / "empty").mkdir()
@@ -174,6 +175,18 @@ def test_init_from_names_what_it_could_not_read(pretrained, tmp_path):
     # Not a path: a hub id (offline here, so unreachable).
     with pytest.raises(MissingInputError, match=r"init_from=someone/phi-1-base: no such file or folder, and not a"):
         module.load_weights("someone/phi-1-base")
+    # A file, but not a checkpoint: torch's traceback (mmap, zip archive, KeyError 'state_dict') before.
+    last = (pretrained[0] / "checkpoints" / "last.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(last[: len(last) // 2])  # a copy cut short
+    torch.save(module.model.state_dict(), tmp_path / "pytorch_model.bin")  # weights alone, out of an HF folder
+    for name, why in [("model.safetensors", "not a file torch.save writes"), ("cut.ckpt", "or one cut short"),
+                      ("pytorch_model.bin", r"not a checkpoint of train.py \(no 'state_dict'\)")]:
+        if name.endswith("safetensors"):
+            (tmp_path / name).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+        with pytest.raises(InputError, match=rf"^{tmp_path / name}: .*{why}"):
+            module.load_weights(str(tmp_path / name))
+    with pytest.raises(InputError, match=r"cut.ckpt: not a checkpoint"):  # a resume reads the config first
+        read_config(tmp_path / "cut.ckpt")
 
 
 @pytest.mark.parametrize("init_from", ["outputs/gone/hf", "/nowhere/base.ckpt", "run:gone/base-step024000.ckpt"])

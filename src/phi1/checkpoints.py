@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
 import threading
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,7 +41,11 @@ def read_checkpoint(path: str | Path) -> dict:
     (`zero_to_fp32`), not the bf16/fp16 copies the engine computes with."""
     path = Path(path)
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = _load(path)
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise InputError(f"{path}: a torch file, but not a checkpoint of train.py (no 'state_dict'). Weights "
+                             "alone are given by their HF folder (config.json beside them)")
+        return checkpoint
     if not is_deepspeed(path):
         raise MissingInputError(f"{path}: not a checkpoint (a file, or a DeepSpeed folder with a 'latest' file)")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -54,6 +60,20 @@ def read_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
+def _load(path: Path, mmap: bool = False):
+    """What torch.load reads from `path`, or an error naming the file. For another file (a model.safetensors or
+    pytorch_model.bin picked out of an HF folder, a copy cut short) torch's own is a traceback about mmap, zip
+    archives or pickle load keys."""
+    hint = ("A checkpoint of train.py is a .ckpt file or DeepSpeed's folder; an HF model is given by its folder, "
+            "not one of its files")
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        raise InputError(f"{path}: not a checkpoint (not a file torch.save writes, or one cut short). {hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise InputError(f"{path}: not a checkpoint torch can read ({str(e).splitlines()[0]}). {hint}") from e
+
+
 def _lightning_state_file(folder: Path) -> Path:
     """The file of a DeepSpeed folder that holds Lightning's state: rank 0's model states."""
     from deepspeed.utils.zero_to_fp32 import get_model_state_files
@@ -66,8 +86,7 @@ def read_config(path: str | Path) -> dict | None:
     """The config a checkpoint of train.py was trained with (LanguageModel's hyper_parameters), read without
     loading its tensors (memory-mapped: a 1.3B checkpoint with its optimizer is ~17 GB). None if it has none."""
     path = Path(path)
-    checkpoint = torch.load(path if path.is_file() else _lightning_state_file(path), map_location="cpu",
-                            weights_only=False, mmap=True)
+    checkpoint = _load(path if path.is_file() else _lightning_state_file(path), mmap=True)
     return (checkpoint.get("hyper_parameters") or {}).get("cfg")
 
 
