@@ -165,6 +165,12 @@ def test_missing_and_empty_sources_are_clear_errors(small_cfg, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="yielded no documents"):
         _pack(small_cfg(f"data.sources=[{{name: empty, kind: dir, path: '{tmp_path}/empty'}}]"))
+    # Every row skipped: the error gives the first reason (it said only "yielded no documents").
+    (tmp_path / "samples.jsonl").write_text('{"task_id": 1, "completion": "x"}\nnot json\n')
+    with pytest.raises(SourceError, match=r"yielded no documents; 2 skipped \(on_error=skip\), the first: "
+                                          r".*samples.jsonl:1: MissingField: no field 'text'"):
+        _pack(small_cfg(f"data.sources=[{{name: s, kind: jsonl, path: '{tmp_path}/samples.jsonl', "
+                        "on_error: skip}]"))
     # The paper's mix before our stages wrote it: the error says which command makes the missing files.
     with pytest.raises(SourceError, match=r"filtered_code': no file matches .*filtered-stack\*\.jsonl; it is "
                                           r"written by: python prepare.py stage=filter stage.source.name=stack"):

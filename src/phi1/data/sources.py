@@ -141,7 +141,7 @@ def documents(
     filtered = Counter() if filtered is None else filtered
     if isinstance(source, DictConfig):  # read per document below: a plain object is ~50x faster than OmegaConf's
         source = SimpleNamespace(**OmegaConf.to_container(source, resolve=True))
-    count = 0
+    count, skipped_before = 0, len(skipped)
     for doc_id, text, row in _documents(source, source.on_error, skipped, shard, num_shards):
         if source.limit is not None and count >= source.limit:
             break
@@ -155,6 +155,8 @@ def documents(
         raise SourceError(
             f"source {source.name!r} ({source.kind} {source.path or ''}) yielded no documents"
             + (f" ({dict(filtered)} filtered out)" if filtered else "")
+            + (f"; {len(skipped) - skipped_before} skipped (on_error=skip), the first: {skipped[skipped_before]}"
+               if len(skipped) > skipped_before else "")
         )
 
 
