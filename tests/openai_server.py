@@ -140,7 +140,8 @@ class FakeOpenAI:
             status, _, payload, _ = self._respond(line["body"])
             row = {"id": f"req-{next(self._ids)}", "custom_id": line["custom_id"],
                    "response": {"status_code": status, "body": payload}, "error": None}
-            (out if status == 200 else err).append(json.dumps(row) + "\n")
+            # UTF-8 as the API writes it: a non-ASCII character of an answer is not escaped
+            (out if status == 200 else err).append(json.dumps(row, ensure_ascii=False) + "\n")
         for name, rows in (("output_file_id", out), ("error_file_id", err)):
             if rows:
                 batch[name] = f"file-{next(self._ids)}"

@@ -291,3 +291,17 @@ def test_stdlib_exercises_are_docstring_completion_problems(tmp_path):
         assert node.name == r["entry_point"] and ast.get_docstring(node)
         stub = ast.parse(r["prompt"] + "    ...\n").body[0]  # the prompt is the signature and docstring only
         assert len(stub.body) == 2 and r["text"] == r["prompt"] + r["canonical_solution"]
+
+
+def test_a_form_feed_or_unicode_line_break_before_a_function_leaves_its_prompt_whole():
+    """Python ends lines at \\n, \\r\\n and \\r only; str.splitlines also at a form feed (CPython 3.10's
+    email/__init__.py has one), \\x85 and U+2028, so every later prompt lost its docstring's closing line."""
+    text = ('"""A module."""\n\x0c\n# a comment with \u2028 and \x85 in it\r\n'
+            'def f(x):\n    """Double x."""\n    return 2 * x\n')
+    ((name, prompt, solution),) = sources.exercises(text)
+    assert (name, prompt, solution) == ("f", 'def f(x):\n    """Double x."""\n', "    return 2 * x\n")
+    # A synthetic exercise's prompt keeps the imports before its function, counted the same way.
+    from phi1.synthetic.exercises import split
+
+    answer = 'import math\n\x0c\n# \u2028\ndef f(x):\n    """Double x."""\n    return 2 * x\n'
+    assert split(answer)["prompt"] == 'import math\n\x0c\n# \u2028\ndef f(x):\n    """Double x."""\n'

@@ -241,6 +241,16 @@ def test_batch_api_answers_at_half_price_and_a_rerun_collects_what_was_sent(make
     assert again.stats.cached == 9
 
 
+def test_a_batch_answer_with_a_unicode_line_separator_is_collected_whole(make_llm, server):
+    """A batch's output file is JSON lines split at \\n; str.splitlines also split inside an answer at U+2028,
+    U+0085 or a form feed, and the unparseable half-line stopped every collection of that batch (paid for)."""
+    text = "Evaluation:\u2028clear.\x85\x0c Educational value: 7/10."
+    server.reply = lambda messages: text
+    llm = make_llm(batch=True, batch_poll_s=0.05)
+    assert llm.map([("x", ask("snippet"))], grade) == {"x": 7}
+    assert llm.cached_response(ask("snippet"))["text"] == text
+
+
 def test_a_batch_is_waited_for_through_an_outage(make_llm, server):
     server.status_failures = 3  # three status reads in a row fail (and the SDK does not retry them here)
     llm = make_llm(batch=True, batch_poll_s=0.05, max_retries=0)

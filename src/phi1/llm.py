@@ -588,10 +588,11 @@ class LLM:
             if not file_id:
                 continue
             # A full batch's output is ~50,000 answers (~200 MB of textbooks): read as one text, parsed a line at a
-            # time, committed once.
+            # time, committed once. Lines end at \n only: the answers in them are UTF-8, and str.splitlines would
+            # also split one at a U+2028, U+0085 or form feed (the batch then never collected).
             text = client.files.content(file_id).text
             with self._db:
-                for line in text.splitlines():
+                for line in text.split("\n"):
                     if not line.strip():
                         continue
                     row = json.loads(line)

@@ -20,6 +20,7 @@ import ast
 import glob
 import gzip
 import hashlib
+import io
 import json
 import logging
 import os
@@ -110,6 +111,13 @@ def _read_text(path: str, on_error: str, skipped: list[str]) -> str | None:
         raise SourceError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start}); set on_error=skip to skip") from e
 
 
+def source_lines(text: str) -> list[str]:
+    """Python source's lines as `ast` numbers them (ended by \\n, \\r\\n or \\r), with their ends. str.splitlines
+    also ends a line at a form feed, \\x1c-\\x1e, \\x85 or \\u2028, which Python does not: after the form feed in
+    CPython 3.10's email/__init__.py, every function's prompt lost its docstring's closing line."""
+    return io.StringIO(text, newline="").readlines()
+
+
 def exercises(text: str) -> Iterator[tuple[str, str, str]]:
     """(name, prompt, solution) for each top-level function of a module that has a docstring and a body:
     prompt = decorators, signature and docstring; solution = the rest of the body (CodeExercises' shape,
@@ -118,7 +126,7 @@ def exercises(text: str) -> Iterator[tuple[str, str, str]]:
         tree = ast.parse(text)
     except (SyntaxError, ValueError):
         return
-    lines = text.splitlines(keepends=True)
+    lines = source_lines(text)
     for node in tree.body:
         if not (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node)):
             continue

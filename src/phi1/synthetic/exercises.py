@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from phi1.config import check, sandbox_checks, synthetic_checks
-from phi1.data.sources import exercises as split_functions
+from phi1.data.sources import exercises as split_functions, source_lines
 from phi1.eval.benchmarks import Problem
 from phi1.synthetic import gates
 from phi1.synthetic.generate import (Output, answers, distinct, dry_run, first_failure, generate, load_list,
@@ -77,7 +77,7 @@ def split(text: str) -> dict | str:
         return "no_docstring_or_body"
     name, prompt, solution = parts[0]
     first = min([function.lineno] + [d.lineno for d in function.decorator_list])
-    preamble = "".join(code.splitlines(keepends=True)[: first - 1])  # the imports, as HumanEval prompts have
+    preamble = "".join(source_lines(code)[: first - 1])  # the imports, as HumanEval prompts have
     return {"prompt": preamble + prompt, "solution": solution, "entry_point": name}
 
 
