@@ -51,7 +51,9 @@ def test_zero2_in_bf16_follows_the_fp32_run_and_keeps_fp32_master_weights(deepsp
     fp32 = train(small_cfg(*PLAIN, "model.dropout=0", run_dir=tmp_path / "fp32"))
     run = tmp_path / "bf16"
     bf16 = train(small_cfg(*PLAIN, "model.dropout=0", *deepspeed_on_cpu, "trainer.precision=bf16-mixed", run_dir=run))
-    assert bf16["train/loss_first"] == pytest.approx(fp32["train/loss_first"], rel=1e-2)
+    # The bf16 engine's loss is a bf16 number: at ~8.3 (ln 4096) its steps are 1/16 apart (0.75%). Within two of
+    # them; the CPU kernels of torch's CUDA and CPU wheels round the first loss to 8.4375 and 8.375 (fp32 8.353).
+    assert bf16["train/loss_first"] == pytest.approx(fp32["train/loss_first"], abs=2 / 16)
     assert bf16["train/loss"] == pytest.approx(fp32["train/loss"], rel=3e-2)
     master = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
     assert {v.dtype for v in master.values()} == {torch.float32}

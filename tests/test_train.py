@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,7 @@ def test_pretraining_loss_falls_and_writes_its_outputs(pretrained):
     assert metrics["val/loss"] < metrics["train/loss_first"] - 1.0
     assert json.loads((run / "metrics.json").read_text())["steps"] == 24
     (env,) = json.loads((run / "environment.json").read_text())  # what it ran on, beside what it computed
-    assert env["packages"]["torch"] == torch.__version__ and env["devices"] == [] and env["python"]
+    assert env["packages"]["torch"] == metadata.version("torch") and env["devices"] == [] and env["python"]
     # 24 × 8 windows read from a pack of 250 stdlib files (~1.2M tokens / 64 per window): far less than one pass
     assert 0 < metrics["data/epochs"] < 0.05
     assert (run / "checkpoints" / "last.ckpt").exists()
@@ -937,7 +938,10 @@ def test_activation_checkpointing_recomputes_the_same_loss_and_gradients(small_c
     cfg["speed"]["activation_checkpointing"] = True
     checkpointed = LanguageModel(cfg, 2, 1)
     checkpointed.load_state_dict(plain.state_dict())
-    assert checkpointed.model.is_activation_checkpointing and not plain.model.is_activation_checkpointing
+    # is_activation_checkpointing in transformers 5.23; is_gradient_checkpointing up to 5.21 (5.20: Python 3.10's)
+    on = [getattr(m.model, "is_activation_checkpointing", None) or m.model.is_gradient_checkpointing
+          for m in (checkpointed, plain)]
+    assert on == [True, False]
     calls = []
     for module in (plain, checkpointed):  # a pre-hook: a recomputation stops once it has what the backward needs
         module.model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
