@@ -51,8 +51,9 @@ def test_zero2_in_bf16_follows_the_fp32_run_and_keeps_fp32_master_weights(deepsp
     fp32 = train(small_cfg(*PLAIN, "model.dropout=0", run_dir=tmp_path / "fp32"))
     run = tmp_path / "bf16"
     bf16 = train(small_cfg(*PLAIN, "model.dropout=0", *deepspeed_on_cpu, "trainer.precision=bf16-mixed", run_dir=run))
-    # The bf16 engine's loss is a bf16 number: at ~8.3 (ln 4096) its steps are 1/16 apart (0.75%). Within two of
-    # them; the CPU kernels of torch's CUDA and CPU wheels round the first loss to 8.4375 and 8.375 (fp32 8.353).
+    # The bf16 engine's loss of a micro-batch is a bf16 number, and at ~8.3 (ln 4096) those are 1/16 apart (0.75%):
+    # within two such steps. The first step's mean is 8.406 with torch's CPU wheel, 8.4375 with its PyPI (CUDA)
+    # wheel on the same CPU, the fp32 loss 8.354.
     assert bf16["train/loss_first"] == pytest.approx(fp32["train/loss_first"], abs=2 / 16)
     assert bf16["train/loss"] == pytest.approx(fp32["train/loss"], rel=3e-2)
     master = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
