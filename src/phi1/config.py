@@ -559,15 +559,11 @@ def register_configs() -> None:
     cs.store(name="report_schema", node=ReportConfig)
     # Each stage's schema, outside the stage group (its yaml merges it @_here_), so that `--help` and a mistyped
     # stage= list only the stages, not their schemas.
-    cs.store(name="stage_annotate_schema", node=AnnotateConfig)
-    cs.store(name="stage_embed_schema", node=EmbedConfig)
-    cs.store(name="stage_classify_schema", node=ClassifyConfig)
-    cs.store(name="stage_filter_schema", node=FilterConfig)
-    cs.store(name="stage_stdlib_exercises_schema", node=StdlibExercisesConfig)
-    cs.store(name="stage_pack_schema", node=PackConfig)
-    cs.store(name="stage_textbooks_schema", node=TextbooksConfig)
-    cs.store(name="stage_exercises_schema", node=ExercisesConfig)
-    cs.store(name="stage_decontaminate_schema", node=DecontaminateConfig)
+    stages = {"annotate": AnnotateConfig, "embed": EmbedConfig, "classify": ClassifyConfig, "filter": FilterConfig,
+              "stdlib_exercises": StdlibExercisesConfig, "pack": PackConfig, "textbooks": TextbooksConfig,
+              "exercises": ExercisesConfig, "decontaminate": DecontaminateConfig}
+    for name, node in stages.items():
+        cs.store(name=f"stage_{name}_schema", node=node)
 
 
 class ConfigError(InputError):
