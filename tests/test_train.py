@@ -349,6 +349,10 @@ def test_a_fresh_run_refuses_a_folder_that_holds_checkpoints(pretrained, small_c
     # ckpt_path=auto (the sweeps', a second `make demo`) on a finished run: its metrics, nothing redone.
     again = train(small_cfg(*FAST, "budget.max_steps=24", "ckpt_path=auto", run_dir=run))
     assert again == json.loads(kept[run / "metrics.json"]) and "eval/humaneval/solution_nll" in again
+    # Another seed under the same run_name (`-m seed=1234,7 run_name=x ckpt_path=auto`): refused, where it was
+    # handed the finished run's metrics as its own.
+    with pytest.raises(InputError, match=r"seed: 1234 in the checkpoint, 7 now"):
+        train(small_cfg(*FAST, "budget.max_steps=24", "ckpt_path=auto", "seed=7", run_dir=run))
     assert all(p.read_bytes() == data for p, data in kept.items())
 
 

@@ -199,16 +199,17 @@ def train(cfg: DictConfig) -> dict:
     if evaluation:
         callbacks.append(evaluation)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, callbacks)  # before anything is written into run_dir
-    if ckpt_path and (finished := _finished(run_dir, plan.max_steps)):
-        return finished
+    if ckpt_path:
+        # A finished run's too: `-m seed=1,2 run_name=x ckpt_path=auto` gave the second cell the first's metrics.
+        check_resume(cfg, ckpt_path)
+        if finished := _finished(run_dir, plan.max_steps):
+            return finished
     on_cpu = cfg.trainer.accelerator == "cpu" or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available())
     if on_cpu and torch.cuda.is_available():  # trainer=cpu is the default: `train.py model=1.3b` on a GPU node
         log.warning("training on the CPU (trainer.accelerator=%s) while %d CUDA GPU(s) are visible: trainer=gpu "
                     "or trainer=deepspeed_bf16 trains on them", cfg.trainer.accelerator, torch.cuda.device_count())
     if cfg.memory_check:
         memory.check(cfg, plan) if on_cpu else memory.check_gpu(cfg, plan)
-    if ckpt_path:
-        check_resume(cfg, ckpt_path)
     # Before the model is built (~20 s for 1.3B on a CPU) and the data packed: a missing base stops the run at
     # once, and a sweep's finetune waits for its base (init_wait_min) holding no memory.
     init_from = None
