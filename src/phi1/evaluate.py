@@ -16,7 +16,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from phi1 import environment, runs
+from phi1 import environment, lock, runs
 from phi1.config import check, evaluation_checks
 from phi1.errors import InputError, MissingInputError
 from phi1.eval import benchmarks as bench
@@ -243,6 +243,11 @@ def evaluate(cfg: DictConfig) -> dict:
     completions = read_samples(cfg.samples, next(iter(problem_sets.values()))) if cfg.samples else None
     log.warning("allow_code_execution=true: running model-written code in the sandbox")
     run_dir = Path(cfg.paths.run_dir)
+    with lock.exclusive(run_dir / ".lock", f"run folder {run_dir}", "choose another run_name"):  # phi1.lock
+        return _evaluate(cfg, run_dir, problem_sets, completions)
+
+
+def _evaluate(cfg: DictConfig, run_dir: Path, problem_sets: dict, completions: dict | None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     # What report.py reads to place this run: the config with every interpolation resolved.
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)

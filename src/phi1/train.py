@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from phi1 import config as phi_config
-from phi1 import environment, memory, runs
+from phi1 import environment, lock, memory, runs
 from phi1 import tokenizer as tokenizers
 from phi1.checkpoints import CheckpointIO, is_checkpoint, read_checkpoint, read_config
 from phi1.data import pack
@@ -194,6 +194,11 @@ def train(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = Path(cfg.paths.run_dir)
+    with lock.exclusive(run_dir / ".lock", f"run folder {run_dir}", "choose another run_name"):  # phi1.lock
+        return _train(cfg, plan, run_dir, t0)
+
+
+def _train(cfg: DictConfig, plan, run_dir: Path, t0: float) -> dict:
     callbacks = [instantiate(spec) for spec in cfg.callbacks.values()]
     evaluation = Evaluation(cfg.evaluation, run_dir) if cfg.evaluation.enabled else None
     if evaluation:

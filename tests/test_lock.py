@@ -1,0 +1,107 @@
+"""One process at a time per output (phi1.lock): a second process is refused, naming the first."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT
+from phi1 import lock
+from phi1.train import train
+
+HOLD = ("import sys, time\nfrom phi1 import lock\nwith lock.exclusive(sys.argv[1], 'x'):\n"
+        "    print('held', flush=True)\n    time.sleep(600)\n")
+
+
+def _single_process_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in lock.RANK_VARIABLES}
+
+
+@pytest.fixture
+def holder():
+    """Another process that holds a lock file until it is killed."""
+    started = []
+
+    def hold(path):
+        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True,
+                                env=_single_process_env())
+        started.append(proc)
+        assert proc.stdout.readline() == "held\n"
+        return proc
+
+    yield hold
+    for proc in started:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_second_process_is_refused_naming_the_first_until_it_is_killed(holder, tmp_path, monkeypatch):
+    for name in lock.RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    path = tmp_path / "run" / ".lock"
+    first = holder(path)
+    with pytest.raises(lock.InUse, match=rf"run folder x is in use by another process: pid {first.pid} on "):
+        with lock.exclusive(path, "run folder x"):
+            pass
+    # The other ranks of a multi-device run share the folder by design: they take no lock.
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with lock.exclusive(path, "run folder x"):
+        pass
+    monkeypatch.delenv("LOCAL_RANK")
+    # Killed hard, its lock goes with it: nothing to clean up. A job Slurm requeued waits for it (a dead node's
+    # lock outlives the node on NFS until the server's lease ends); here the holder is killed 1 s in.
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    monkeypatch.setattr(lock, "REQUEUED_WAIT_S", 30.0)
+    killer = threading.Timer(1.0, first.send_signal, (signal.SIGKILL,))
+    killer.start()
+    t0 = time.monotonic()
+    with lock.exclusive(path, "run folder x", poll_s=0.1):
+        assert f"pid {os.getpid()} on " in path.read_text()
+    assert 1.0 <= time.monotonic() - t0 < 10
+    first.wait()
+    with lock.exclusive(path, "run folder x"):  # released when the block ends
+        pass
+
+
+def test_a_run_folder_in_use_is_refused_before_anything_is_written(holder, small_cfg, tmp_path, monkeypatch):
+    """A sweep relaunched while its cells still train (`ckpt_path=auto`) trained each cell twice into one folder."""
+    for name in lock.RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    run = tmp_path / "cell"
+    first = holder(run / ".lock")
+    with pytest.raises(lock.InUse, match=rf"run folder {run} is in use by another process: pid {first.pid} "):
+        train(small_cfg("ckpt_path=auto", run_dir=run))
+    assert [p.name for p in run.iterdir()] == [".lock"]
+
+
+def test_a_stage_output_in_use_is_refused(holder, tmp_path):
+    """Two runs of a paid stage at once each paid for the requests in flight."""
+    out = tmp_path / "data" / "synthetic" / "stdlib_exercises.jsonl"
+    first = holder(out.parent / ".stdlib_exercises.jsonl.lock")
+    args = [sys.executable, "prepare.py", "stage=stdlib_exercises", f"paths.data_dir={tmp_path}/data",
+            f"hydra.run.dir={tmp_path}/hydra"]
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, env=_single_process_env())
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"stage=stdlib_exercises output {out} is in use by another process: pid {first.pid} on " in r.stderr
+    assert not out.exists()
+    first.kill()
+    first.wait()
+    subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=_single_process_env(), check=True)
+    assert out.stat().st_size > 0
+
+
+def test_an_evaluation_folder_in_use_is_refused(holder, tmp_path):
+    """Two evaluations with one run_name appended to one generations journal."""
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text('{"task_id": "HumanEval/0", "completion": "    return False\\n"}\n')
+    first = holder(tmp_path / "out" / "he" / ".lock")
+    r = subprocess.run([sys.executable, "evaluate.py", f"samples={samples}", "allow_code_execution=true", "run_name=he",
+                        f"paths.output_dir={tmp_path}/out", f"paths.data_dir={tmp_path}", "wandb_mode=disabled"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=_single_process_env())
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"run folder {tmp_path}/out/he is in use by another process: pid {first.pid} on " in r.stderr
+    assert not (tmp_path / "out" / "he" / "metrics.json").exists()
