@@ -303,6 +303,15 @@ def test_help_leads_with_what_the_command_does_and_its_examples(script):
         assert "stage: annotate, classify, decontaminate, embed, exercises, filter, pack," in out
 
 
+@pytest.mark.parametrize("script", ["train", "evaluate", "prepare", "report"])
+def test_the_resolved_job_prints_with_the_run_folder_it_will_have(script, tmp_path):
+    """`--cfg job --resolve` failed with a traceback: paths.run_dir was Hydra's runtime.output_dir, unset there."""
+    out = subprocess.run([sys.executable, f"{script}.py", "--cfg", "job", "--resolve", f"paths.root_dir={tmp_path}",
+                          "run_name=mine"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert OmegaConf.create(out.stdout).paths.run_dir == f"{tmp_path}/outputs/mine"
+
+
 def test_cli_prints_the_composed_job():
     out = subprocess.run([sys.executable, "train.py", "model=1.3b", "data=codetextbook", "--cfg", "job"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout

@@ -559,6 +559,16 @@ def _multirun_cell() -> str:
     return f"_{hydra.job.num}" if hydra.mode == RunMode.MULTIRUN else ""
 
 
+def _run_dir(single_run_dir: str) -> str:
+    """The job's folder, as Hydra made it (runtime.output_dir); before Hydra has made one (`--cfg job --resolve`,
+    where `${hydra:runtime.output_dir}` failed with a traceback), the folder a single run gets."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and (made := OmegaConf.select(HydraConfig.get(), "runtime.output_dir")):
+        return made
+    return single_run_dir
+
+
 def register_configs() -> None:
     # pruned-tau0.90.jsonl: τ as the contamination stage names its files, whatever form the override took.
     OmegaConf.register_new_resolver("phi1.tau", _tau, replace=True)
@@ -566,6 +576,7 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("phi1.slug", lambda v: re.sub(r"[^A-Za-z0-9._-]+", "-", str(v)).strip("-"),
                                     replace=True)
     OmegaConf.register_new_resolver("phi1.cell", _multirun_cell, replace=True)
+    OmegaConf.register_new_resolver("phi1.run_dir", _run_dir, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
