@@ -137,6 +137,7 @@ def test_a_stage_key_its_kind_ignores_or_out_of_range_is_refused_before_any_work
     ("generation.backend=vlm", "generation.backend: must be auto, transformers, vllm"),
     ("sandbox.isolation=none", "sandbox.isolation: must be auto, bwrap, process"),
     ("benchmarks.humaneval.limit=0", "benchmarks.humaneval.limit: must be > 0"),
+    ("run_name=exp/a", "run_name: 'exp/a' must be one folder's name under paths.output_dir, without a slash"),
 ])
 def test_an_evaluation_setting_out_of_range_is_refused_before_any_work(override, message, tmp_path):
     """Before: n=5 at temperature 0 scored five copies of each greedy completion as pass@5, a negative
@@ -152,6 +153,8 @@ def test_an_evaluation_setting_out_of_range_is_refused_before_any_work(override,
     with pytest.raises(ConfigError, match=f"^{message}"):
         evaluate(cfg)
     assert not (tmp_path / "run").exists()
+    if override.startswith("run_name="):
+        return  # train.py's own run_name: test_out_of_range_values_name_the_key
     train = make_cfg([f"evaluation.{override}"], run_dir=tmp_path, data_dir=tmp_path)
     in_train = message.replace("with generation", "with evaluation.generation")
     with pytest.raises(ConfigError, match=f"^evaluation.{in_train}"):
@@ -262,6 +265,9 @@ def test_a_warmup_as_long_as_the_run_is_named(tmp_path, caplog):
     ("trainer.devices=0", "trainer.devices=0: must be >= 1, a non-empty list of ids, or 'auto'"),
     ("trainer.devices=[]", "trainer.devices=[]: must be >= 1"),
     ("trainer.precision=fp8", "trainer.precision: must be one of 32-true, bf16-mixed, 16-mixed, bf16-true,"),
+    # A nested folder: `run:exp/a` read as run exp's checkpoint a, and report.py left the run out.
+    ("run_name=exp/a", "run_name: 'exp/a' must be one folder's name under paths.output_dir, without a slash"),
+    ("run_name=..", "run_name: '..' must be one folder's name"),
 ])
 def test_out_of_range_values_name_the_key(override, key, tmp_path):
     cfg = make_cfg([override], run_dir=tmp_path, data_dir=tmp_path)

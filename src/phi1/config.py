@@ -664,6 +664,7 @@ def _known_attention(name: str) -> bool:
 def validate(cfg: DictConfig) -> Plan:
     """Range and consistency checks that types alone cannot express. Raises ConfigError naming the key."""
     checks = [
+        *run_name_checks(cfg.run_name),
         ("model.n_layer", cfg.model.n_layer > 0, "must be > 0"),
         ("model.d_model", cfg.model.d_model > 0, "must be > 0"),
         ("model.d_mlp", cfg.model.d_mlp > 0, "must be > 0"),
@@ -771,6 +772,14 @@ def evaluation_checks(cfg: DictConfig, prefix: str = "") -> list[tuple[str, bool
         checks.append((f"{prefix}benchmarks.{name}.limit", spec.get("limit") is None or spec.limit > 0,
                        "must be > 0 (null: every problem)"))
     return checks
+
+
+def run_name_checks(run_name: str) -> list[tuple[str, bool, str]]:
+    # A name with a slash made a nested folder, which `run:<name>` (run:<name>/<checkpoint>) misread and report.py
+    # (outputs/*/metrics.json) left out without a word; "." and ".." named outputs/ and the project itself.
+    return [("run_name", run_name not in ("", ".", "..") and "/" not in run_name,
+             f"{run_name!r} must be one folder's name under paths.output_dir, without a slash: init_from=run:<name>"
+             " and report.py read the run folders there, one level down")]
 
 
 def sandbox_checks(key: str, sandbox: DictConfig) -> list[tuple[str, bool, str]]:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from phi1 import environment, lock, runs
-from phi1.config import check, evaluation_checks
+from phi1.config import check, evaluation_checks, run_name_checks
 from phi1.errors import InputError, MissingInputError
 from phi1.eval import benchmarks as bench
 from phi1.eval.sandbox import Limits, Sandbox
@@ -219,7 +219,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from phi1.monitoring import quiet_library_noise
 
     quiet_library_noise()
-    check(evaluation_checks(cfg))
+    check(run_name_checks(cfg.run_name) + evaluation_checks(cfg))
     if (cfg.ckpt is None) == (cfg.samples is None):
         raise EvaluationError("set exactly one of ckpt (a model to generate with) and samples (a file to score)")
     if cfg.samples and len(cfg.benchmarks) != 1:
