@@ -78,20 +78,20 @@ def test_a_run_folder_in_use_is_refused_before_anything_is_written(holder, small
     assert [p.name for p in run.iterdir()] == [".lock"]
 
 
-def test_a_stage_output_in_use_is_refused(holder, tmp_path):
+def test_a_paid_stage_output_in_use_is_refused(holder, tmp_path):
     """Two runs of a paid stage at once each paid for the requests in flight."""
-    out = tmp_path / "data" / "synthetic" / "stdlib_exercises.jsonl"
-    first = holder(out.parent / ".stdlib_exercises.jsonl.lock")
-    args = [sys.executable, "prepare.py", "stage=stdlib_exercises", f"paths.data_dir={tmp_path}/data",
+    out = tmp_path / "data" / "annotations" / "stdlib-heuristic.jsonl"
+    first = holder(out.parent / ".stdlib-heuristic.jsonl.lock")
+    args = [sys.executable, "prepare.py", "stage=annotate", "stage.n=20", f"paths.data_dir={tmp_path}/data",
             f"hydra.run.dir={tmp_path}/hydra"]
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, env=_single_process_env())
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert f"stage=stdlib_exercises output {out} is in use by another process: pid {first.pid} on " in r.stderr
+    assert f"stage=annotate output {out} is in use by another process: pid {first.pid} on " in r.stderr
     assert not out.exists()
     first.kill()
     first.wait()
     subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=_single_process_env(), check=True)
-    assert out.stat().st_size > 0
+    assert len(out.read_text().splitlines()) == 20
 
 
 def test_an_evaluation_folder_in_use_is_refused(holder, tmp_path):
@@ -105,3 +105,26 @@ def test_an_evaluation_folder_in_use_is_refused(holder, tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert f"run folder {tmp_path}/out/he is in use by another process: pid {first.pid} on " in r.stderr
     assert not (tmp_path / "out" / "he" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("stage", ["textbooks", "exercises"])
+def test_a_synthetic_stage_in_use_is_refused_before_any_request(holder, stage, tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from openai_server import FakeOpenAI
+    from phi1.stages import run
+
+    for name in lock.RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "synthetic" / stage
+    first = holder(out.parent / f".{stage}.lock")
+    with FakeOpenAI() as server:
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = compose("prepare", overrides=[f"stage={stage}", "stage.n=5", f"paths.data_dir={tmp_path}",
+                                                f"paths.run_dir={tmp_path}/run", "llm=openai_compatible",
+                                                f"llm.base_url={server.base_url}", "llm.model=test-model"])
+        in_use = rf"stage={stage} output {out} is in use by another process: pid {first.pid} on "
+        with pytest.raises(lock.InUse, match=in_use):
+            run(cfg)
+        assert server.count() == 0 and not out.exists()

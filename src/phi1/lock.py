@@ -1,4 +1,4 @@
-"""One process at a time per output: a run's folder (train.py, evaluate.py) or a data stage's output.
+"""One process at a time per output: a run's folder (train.py, evaluate.py) or a paid data stage's output.
 
 A second process given the same output while the first still runs (a sweep relaunched before it ended, a
 command started again in another terminal) is refused at once, naming the first. Before, both wrote the same
@@ -46,7 +46,8 @@ def first_process() -> bool:
 @contextlib.contextmanager
 def exclusive(path: Path, what: str, instead: str = "", poll_s: float = 5.0):
     """Hold the lock file `path` while the block runs; raise InUse, naming its holder and `instead` (what else the
-    user can do), where another process holds it. Where the file system has no locks (ENOLCK: NFS without a lock daemon), a warning, and no lock."""
+    user can do), where another process holds it. Where the file system has no locks (ENOLCK: NFS without a lock
+    daemon), a warning, and no lock."""
     if not first_process():
         yield
         return
@@ -83,3 +84,11 @@ def exclusive(path: Path, what: str, instead: str = "", poll_s: float = 5.0):
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def stage_output(output: str | Path, stage: str):
+    """exclusive() for a paid data stage's output, taken after the stage's checks: two runs at once each paid for
+    the requests in flight. The lock file is a hidden one beside the output."""
+    output = Path(output)
+    return exclusive(output.with_name(f".{output.name}.lock"), f"stage={stage} output {output}",
+                     "give this one another stage.output")

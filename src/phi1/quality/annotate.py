@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from phi1 import lock
 from phi1.config import check
 from phi1.data import sources
 from phi1.errors import InputError
@@ -108,6 +109,12 @@ def run(cfg: DictConfig) -> dict:
            ("stage.label_threshold", 0 < stage.label_threshold <= 10, "must be in (0, 10]: scores are 0-10"),
            # 0 showed the judge an empty document, and the answers joined the file of the earlier runs
            ("stage.max_chars", stage.max_chars > 0, "must be > 0 (the characters of each document judged)")])
+    with lock.stage_output(stage.output, "annotate"):
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> dict:
+    stage = cfg.stage
     out = Path(stage.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.llm.kind == "heuristic":

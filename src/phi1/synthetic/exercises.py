@@ -25,6 +25,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from phi1 import lock
 from phi1.config import check, sandbox_checks, synthetic_checks
 from phi1.data.sources import exercises as split_functions, source_lines
 from phi1.eval.benchmarks import Problem
@@ -136,6 +137,12 @@ CHUNK = 4096
 def run(cfg: DictConfig) -> dict:
     stage = cfg.stage
     check([*synthetic_checks(stage), *sandbox_checks("stage.sandbox", stage.sandbox)])
+    with lock.stage_output(stage.output, "exercises"):
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> dict:
+    stage = cfg.stage
     out = Path(stage.output)
     todo = items(stage)
     version = f"exercise.{stage.prompt_version}+lists.{stage.lists_version}"

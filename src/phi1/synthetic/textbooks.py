@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from phi1 import lock
 from phi1.config import check, synthetic_checks
 from phi1.synthetic import gates
 from phi1.synthetic.generate import (Output, answers, distinct, dry_run, first_failure, generate, load_list,
@@ -47,6 +48,12 @@ def items(stage: DictConfig) -> list[tuple[str, dict, list[dict]]]:
 def run(cfg: DictConfig) -> dict:
     stage = cfg.stage
     check([*synthetic_checks(stage), ("stage.concepts_per_prompt", stage.concepts_per_prompt > 0, "must be > 0")])
+    with lock.stage_output(stage.output, "textbooks"):
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> dict:
+    stage = cfg.stage
     out = Path(stage.output)
     todo = items(stage)
     version = f"textbook.{stage.prompt_version}+lists.{stage.lists_version}"
