@@ -412,6 +412,24 @@ def test_a_refused_resume_names_the_command_that_started_the_run_and_keeps_every
     assert len(list((tmp_path / "r" / ".hydra").iterdir())) == 4
 
 
+def test_multirun_cells_sharing_a_run_name_are_told_to_give_each_its_own(tmp_path, data_dir):
+    """`-m seed=1,2 run_name=x`: the second cell met the first's checkpoints, and the advice was to resume them."""
+    common = [*SMALL, *FAST, f"paths.output_dir={tmp_path}", f"paths.data_dir={data_dir}", "budget.max_steps=4",
+              "evaluation.enabled=false", "run_name=x"]
+    for extra, refusal in (([], "holds the checkpoints of an earlier run with this run_name"),
+                           (["ckpt_path=auto"], "seed: 1 in the checkpoint, 2 now")):
+        shutil.rmtree(tmp_path / "x", ignore_errors=True)
+        r = subprocess.run([sys.executable, "train.py", "-m", "seed=1,2", *common, *extra], cwd=ROOT, env=_env(),
+                           capture_output=True, text=True)
+        assert r.returncode == 1 and refusal in r.stderr, r.stderr[-2000:]
+        assert ("In a multirun each cell needs a run_name of its own, and run_name=x is the same for every cell"
+                " of this one unless it follows the keys they vary") in r.stderr
+        assert json.loads((tmp_path / "x" / "metrics.json").read_text())["steps"] == 4  # the first cell's, whole
+    # Outside a multirun, no such words.
+    r = subprocess.run([sys.executable, "train.py", *common], cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert r.returncode == 1 and "holds the checkpoints" in r.stderr and "In a multirun" not in r.stderr
+
+
 def test_a_setting_removed_from_the_config_since_the_checkpoint_does_not_stop_its_resume():
     """A key that a newer phi1 dropped from the schema cannot be given again: it is no difference. A source
     dropped from the list still is (its length)."""

@@ -72,6 +72,20 @@ def record_start(run_dir: Path) -> None:
         tmp.replace(Path(run_dir) / STARTED_BY)
 
 
+def multirun_hint(run_name: str) -> str:
+    """For a refusal in a cell of a Hydra multirun: cells whose run_name does not follow the keys they vary
+    (`-m seed=1,2 run_name=x`, `experiment=phi1 -m optim.lr=...`) share one folder, and the second met the
+    first's checkpoints with advice to resume them."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return ""
+    return (f" In a multirun each cell needs a run_name of its own, and run_name={run_name} is the same for every cell"
+            " of this one unless it follows the keys they vary: leave it unset (the launch time and the job number),"
+            " or derive it from them, e.g. 'run_name=mine-lr${optim.lr}-s${seed}'.")
+
+
 def started_by(run_dir: Path) -> tuple[Path, list[str]] | None:
     """The overrides that started the run in run_dir, and their file (record_start); None where there are none."""
     from omegaconf import OmegaConf

@@ -38,7 +38,7 @@ def _last_checkpoint(callbacks: list) -> Path:
     raise phi_config.ConfigError("ckpt_path=last: no ModelCheckpoint callback with save_last in callbacks")
 
 
-def _refuse_to_overwrite(callbacks: list) -> None:
+def _refuse_to_overwrite(callbacks: list, run_name: str) -> None:
     """A fresh run in a folder that holds another run's checkpoints would overwrite them (last.ckpt at its first
     save, the others as it reaches their steps): for a named experiment such as phi1_base, days of GPU time."""
     for cb in callbacks:
@@ -49,10 +49,10 @@ def _refuse_to_overwrite(callbacks: list) -> None:
                     f"{cb.dirpath} holds the checkpoints of an earlier run with this run_name ({', '.join(found[:3])}"
                     f"{', ...' if len(found) > 3 else ''}): resume it with ckpt_path=last (ckpt_path=auto resumes "
                     "where there is a checkpoint and starts fresh elsewhere), or choose another run_name. "
-                    "Its checkpoints and metrics are untouched.")
+                    "Its checkpoints and metrics are untouched." + runs.multirun_hint(run_name))
 
 
-def resolve_ckpt_path(ckpt_path: str | None, callbacks: list) -> str | None:
+def resolve_ckpt_path(ckpt_path: str | None, callbacks: list, run_name: str = "") -> str | None:
     """`last`: this run's last.ckpt, an error if there is none; `auto`: last.ckpt if any; else a path. None (a
     fresh run) is refused where the run folder holds checkpoints already, except in a job that Slurm requeued."""
     if ckpt_path is None and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
@@ -64,7 +64,7 @@ def resolve_ckpt_path(ckpt_path: str | None, callbacks: list) -> str | None:
         ckpt_path = "auto"
     if ckpt_path in (None, "auto", "last"):
         if ckpt_path is None:
-            _refuse_to_overwrite(callbacks)
+            _refuse_to_overwrite(callbacks, run_name)
             return None
         last = _last_checkpoint(callbacks)
         if is_checkpoint(last):
@@ -136,7 +136,8 @@ def check_resume(cfg: DictConfig, ckpt_path: str) -> None:
                    "ckpt_path=last` (a budget, micro-batch or device count given after these overrides theirs)")
         raise InputError(
             f"ckpt_path={cfg.ckpt_path}: {ckpt_path} was trained with other settings than this command's: "
-            f"{_listed(changed)}. {how}; or resume_check=false trains on with this command's.")
+            f"{_listed(changed)}. {how}; or resume_check=false trains on with this command's."
+            + runs.multirun_hint(cfg.run_name))
     if changed:
         log.warning("resuming %s with other settings than it was trained with (resume_check=false): %s", ckpt_path,
                     _listed(changed))
@@ -203,7 +204,7 @@ def _train(cfg: DictConfig, plan, run_dir: Path, t0: float) -> dict:
     evaluation = Evaluation(cfg.evaluation, run_dir) if cfg.evaluation.enabled else None
     if evaluation:
         callbacks.append(evaluation)
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, callbacks)  # before anything is written into run_dir
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, callbacks, cfg.run_name)  # before anything is written into run_dir
     if ckpt_path:
         # A finished run's too: `-m seed=1,2 run_name=x ckpt_path=auto` gave the second cell the first's metrics.
         check_resume(cfg, ckpt_path)
