@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 # Before anything imports transformers/datasets: a hub lookup would otherwise hang ~50 s before failing.
@@ -82,3 +84,27 @@ def deepspeed_on_cpu(monkeypatch):
 
     deepspeed_cpu.allow(monkeypatch.setattr)
     return [*deepspeed_cpu.OVERRIDES, "trainer.devices=1"]
+
+
+_HOLD = ("import sys, time\nfrom phi1 import lock\nwith lock.exclusive(sys.argv[1], 'x'):\n"
+         "    print('held', flush=True)\n    time.sleep(600)\n")
+
+
+@pytest.fixture
+def holder():
+    """Another process that holds a lock file (phi1.lock) until it is killed: `holder(path)` -> its Popen."""
+    from phi1 import lock
+
+    started = []
+
+    def hold(path):
+        env = {k: v for k, v in os.environ.items() if k not in lock.RANK_VARIABLES}
+        proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+        started.append(proc)
+        assert proc.stdout.readline() == "held\n"
+        return proc
+
+    yield hold
+    for proc in started:
+        proc.kill()
+        proc.wait()

@@ -629,6 +629,25 @@ def test_report_names_a_run_folder_it_cannot_read_and_draws_the_others(tmp_path)
     assert cells["tiny/mini/stdlib_exercises"]["seeds"] == []  # the unreadable run's cell is empty
 
 
+def test_report_names_the_runs_it_leaves_out_unfinished_running_or_stopped(tmp_path, holder):
+    """A figure drawn mid-sweep lacked its unfinished cells without a word; a cell killed for good looked the same
+    as one still training. The run folder's lock (phi1.lock) tells them apart."""
+    out = tmp_path / "outputs"
+    config = {"experiment_name": "mini", "model": {"name": "tiny"}, "budget": {"name": "mini"}, "seed": 1}
+    _fake_run(out, "done", {**config, "data": {"name": "stdlib"}}, {"eval/humaneval/solution_nll": 5.0})
+    for name in ("training", "killed"):
+        _fake_run(out, name, {**config, "data": {"name": "stdlib_filtered"}}, {}).joinpath("metrics.json").unlink()
+    (out / "killed" / ".lock").write_text("pid 1 on elsewhere, since 2026-01-01T00:00:00+00:00: train.py\n")
+    running = holder(out / "training" / ".lock")
+    env = {**os.environ, "PHI1_ROOT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "report.py"], cwd=ROOT, env=env, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    assert f"1 runs running now, not in the report yet: training (pid {running.pid} on " in log
+    assert "1 runs stopped before their end, not in the report: killed. Rerun each with" in log
+    assert "1 finished runs" in log
+
+
 def test_report_names_only_what_it_drew_and_refuses_a_missing_runs_dir(tmp_path):
     out = tmp_path / "outputs" / "report"
     out.mkdir(parents=True)

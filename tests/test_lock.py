@@ -13,30 +13,8 @@ from conftest import ROOT
 from phi1 import lock
 from phi1.train import train
 
-HOLD = ("import sys, time\nfrom phi1 import lock\nwith lock.exclusive(sys.argv[1], 'x'):\n"
-        "    print('held', flush=True)\n    time.sleep(600)\n")
-
-
 def _single_process_env() -> dict:
     return {k: v for k, v in os.environ.items() if k not in lock.RANK_VARIABLES}
-
-
-@pytest.fixture
-def holder():
-    """Another process that holds a lock file until it is killed."""
-    started = []
-
-    def hold(path):
-        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True,
-                                env=_single_process_env())
-        started.append(proc)
-        assert proc.stdout.readline() == "held\n"
-        return proc
-
-    yield hold
-    for proc in started:
-        proc.kill()
-        proc.wait()
 
 
 def test_a_second_process_is_refused_naming_the_first_until_it_is_killed(holder, tmp_path, monkeypatch):
@@ -128,3 +106,25 @@ def test_a_synthetic_stage_in_use_is_refused_before_any_request(holder, stage, t
         with pytest.raises(lock.InUse, match=in_use):
             run(cfg)
         assert server.count() == 0 and not out.exists()
+
+
+def test_a_probe_of_the_lock_does_not_refuse_the_process_taking_it(holder, tmp_path, monkeypatch):
+    """report.py asks who holds a run's lock (lock.holder) with a shared lock held for an instant: a run that
+    starts at that instant waits it out rather than being refused."""
+    import fcntl
+
+    for name in lock.RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    path = tmp_path / ".lock"
+    assert lock.holder(path) is None  # no file yet
+    first = holder(path)
+    assert lock.holder(path).startswith(f"pid {first.pid} on ")
+    first.kill()
+    first.wait()
+    assert lock.holder(path) is None
+    probe = os.open(path, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    threading.Timer(0.3, os.close, (probe,)).start()  # a slow probe
+    t0 = time.monotonic()
+    with lock.exclusive(path, "run folder x"):
+        assert time.monotonic() - t0 >= 0.3

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 # Set by the launchers of multi-process jobs (torchrun and Lightning's own: RANK, LOCAL_RANK, NODE_RANK, GROUP_RANK;
 # srun: SLURM_PROCID; MPI: OMPI_COMM_WORLD_RANK, PMI_RANK); a single process has none of them.
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+# A probe (holder(), for report.py) holds the lock for an instant: a process that finds it held tries again for
+# this long before it is refused.
+PROBE_GRACE_S = 1.0
 # A job that Slurm requeued after its node died may find the dead node's lock still held on a network file
 # system until the server's lease runs out (NFSv4: 90 s by default); it waits this long for it.
 REQUEUED_WAIT_S = 300.0
@@ -56,14 +59,15 @@ def exclusive(path: Path, what: str, instead: str = "", poll_s: float = 5.0):
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
-        deadline = time.monotonic() + (REQUEUED_WAIT_S if requeued else 0.0)
+        start = time.monotonic()
+        deadline = start + max(PROBE_GRACE_S, REQUEUED_WAIT_S if requeued else 0.0)
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-                if time.monotonic() < deadline:
-                    time.sleep(poll_s)
+                holder = _text(fd)
+                if (now := time.monotonic()) < deadline:
+                    time.sleep(0.05 if now - start < PROBE_GRACE_S else poll_s)
                     continue
                 raise InUse(f"{what} is in use by another process: {holder}. Two processes would write the same "
                             f"files: wait for it to end (or stop it){', or ' + instead if instead else ''}. The lock "
@@ -84,6 +88,28 @@ def exclusive(path: Path, what: str, instead: str = "", poll_s: float = 5.0):
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _text(fd: int) -> str:
+    return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+
+
+def holder(path: str | Path) -> str | None:
+    """Who holds the lock file `path` now (pid, host, start, command), or None: probed with a shared lock held for
+    an instant, which a process taking the lock at that moment waits out (PROBE_GRACE_S)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _text(fd)
+    except OSError:  # no locks on this file system: nothing to tell
+        return None
+    finally:
+        os.close(fd)
+    return None
 
 
 def stage_output(output: str | Path, stage: str):

@@ -40,7 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from phi1 import environment  # noqa: E402
+from phi1 import environment, lock  # noqa: E402
 from phi1.contamination.decontaminate import PAPER_TABLE3, pass_rates  # noqa: E402
 from phi1.errors import InputError, MissingInputError, Phi1Error  # noqa: E402
 
@@ -123,6 +123,28 @@ class Run:
                 return default
             node = node[part]
         return node
+
+
+def unfinished_runs(runs_dir: Path) -> tuple[list[str], list[str]]:
+    """The run folders left out of the report for want of a metrics.json: those running now (named with their
+    lock's holder, phi1.lock) and those that stopped before their end (killed, preempted, failed). Before, a
+    figure drawn mid-sweep lacked its unfinished cells without a word."""
+    running, stopped = [], []
+    for config in sorted(Path(runs_dir).glob("*/config.yaml")):
+        folder = config.parent
+        if (folder / "metrics.json").exists():
+            continue
+        if who := lock.holder(folder / ".lock"):
+            running.append(f"{folder.name} ({who.split(': ', 1)[0]})")
+        else:
+            stopped.append(folder.name)
+    if running:
+        log.info("%d runs running now, not in the report yet: %s", len(running), ", ".join(running))
+    if stopped:
+        log.warning("%d runs stopped before their end, not in the report: %s. Rerun each with the overrides that "
+                    "started it (train.py: its overrides.yaml, and ckpt_path=last; evaluate.py: the same command)",
+                    len(stopped), ", ".join(stopped))
+    return running, stopped
 
 
 def local_runs(runs_dir: Path) -> list[Run]:
@@ -991,6 +1013,7 @@ def report(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     before = _figures(out)
     runs = local_runs(Path(cfg.runs_dir))
+    unfinished_runs(Path(cfg.runs_dir))
     if cfg.wandb:
         # A run logged to W&B from a folder under runs_dir is read from its folder, which holds more (CSV logs,
         # per-problem solution NLLs): its W&B ids are the suffixes of its wandb/(offline-)run-<time>-<id>.
