@@ -28,8 +28,10 @@ from phi1.errors import InputError
 log = logging.getLogger(__name__)
 
 # Set by the launchers of multi-process jobs (torchrun and Lightning's own: RANK, LOCAL_RANK, NODE_RANK, GROUP_RANK;
-# srun: SLURM_PROCID; MPI: OMPI_COMM_WORLD_RANK, PMI_RANK); a single process has none of them.
-RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+# srun: SLURM_PROCID; submitit's local executor (hydra/launcher=local): SUBMITIT_LOCAL_GLOBALID; MPI:
+# OMPI_COMM_WORLD_RANK, PMI_RANK); a single process has none of them, or 0.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID",
+                  "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 # A probe (holder(), for report.py) holds the lock for an instant: a process that finds it held tries again for
 # this long before it is refused.
 PROBE_GRACE_S = 1.0
