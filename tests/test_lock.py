@@ -54,6 +54,11 @@ def test_a_run_folder_in_use_is_refused_before_anything_is_written(holder, small
     with pytest.raises(lock.InUse, match=rf"run folder {run} is in use by another process: pid {first.pid} "):
         train(small_cfg("ckpt_path=auto", run_dir=run))
     assert [p.name for p in run.iterdir()] == [".lock"]
+    # Its checkpoints are the running process's, not an earlier run's to resume: the refusal names the process.
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"being written")
+    with pytest.raises(lock.InUse, match=rf"pid {first.pid} "):
+        train(small_cfg(run_dir=run))
 
 
 def test_a_paid_stage_output_in_use_is_refused(holder, tmp_path):

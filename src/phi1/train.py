@@ -3,6 +3,7 @@ then write `metrics.json` and the HF export into the run directory."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -194,12 +195,25 @@ def train(cfg: DictConfig) -> dict:
     pack.require_sources(cfg)  # packing would find a missing file only after the model and the other sources
     t0 = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    with contextlib.ExitStack() as held:  # the run folder's lock (phi1.lock), from the first write to the end
+        return _train(cfg, plan, t0, held)
+
+
+def _train(cfg: DictConfig, plan, t0: float, held: contextlib.ExitStack) -> dict:
     run_dir = Path(cfg.paths.run_dir)
-    with lock.exclusive(run_dir / ".lock", f"run folder {run_dir}", "choose another run_name"):  # phi1.lock
-        return _train(cfg, plan, run_dir, t0)
 
+    taken = []
 
-def _train(cfg: DictConfig, plan, run_dir: Path, t0: float) -> dict:
+    def take_lock():
+        """One process at a time in run_dir (phi1.lock): at once where the folder exists (Hydra made it; another
+        process may be running there, and its checkpoints are not this run's to resume), else before the first
+        write (a refused run from Python leaves no folder)."""
+        if not taken:
+            held.enter_context(lock.exclusive(run_dir / ".lock", f"run folder {run_dir}", "choose another run_name"))
+            taken.append(run_dir)
+
+    if run_dir.is_dir():
+        take_lock()
     callbacks = [instantiate(spec) for spec in cfg.callbacks.values()]
     evaluation = Evaluation(cfg.evaluation, run_dir) if cfg.evaluation.enabled else None
     if evaluation:
@@ -222,6 +236,7 @@ def _train(cfg: DictConfig, plan, run_dir: Path, t0: float) -> dict:
     if cfg.init_from and ckpt_path is None:  # a resumed run has its weights in the checkpoint
         init_from = runs.resolve(cfg.init_from, cfg.paths.output_dir, cfg.paths.data_dir, cfg.init_wait_min)
         check_init_tokenizer(cfg, init_from)
+    take_lock()
     run_dir.mkdir(parents=True, exist_ok=True)
     if ckpt_path is None:
         runs.record_start(run_dir)  # the overrides a resume must give again (check_resume names them)
