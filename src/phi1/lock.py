@@ -4,8 +4,8 @@ A second process given the same output while the first still runs (a sweep relau
 command started again in another terminal) is refused at once, naming the first. Before, both wrote the same
 checkpoints, journals and files, and two runs of a paid stage each paid for the requests in flight.
 
-The lock is an `flock` on a hidden file beside the output, which the kernel releases when its process ends,
-however it ends: nothing is left to clean up after a kill. Only the job's first process takes it (global rank
+The lock is an `flock` on a hidden file (a run folder's `.lock`, `.<name>.lock` beside a stage's output), which
+the kernel releases when its process ends, however it ends: nothing is left to clean up after a kill. Only the job's first process takes it (global rank
 0 by the launchers' variables): the other ranks of a multi-device run write into the same folder by design.
 """
 
