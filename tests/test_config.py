@@ -268,6 +268,9 @@ def test_a_warmup_as_long_as_the_run_is_named(tmp_path, caplog):
     # A nested folder: `run:exp/a` read as run exp's checkpoint a, and report.py left the run out.
     ("run_name=exp/a", "run_name: 'exp/a' must be one folder's name under paths.output_dir, without a slash"),
     ("run_name=..", "run_name: '..' must be one folder's name"),
+    # Their copies of each other counted as duplicates within one source, and the manifest read as one source.
+    ("data.sources=[{name:a,kind:stdlib},{name:a,kind:stdlib_functions}]",
+     "data.sources[1].name: 'a' is data.sources[0]'s name too: give each source a name of its own"),
 ])
 def test_out_of_range_values_name_the_key(override, key, tmp_path):
     cfg = make_cfg([override], run_dir=tmp_path, data_dir=tmp_path)

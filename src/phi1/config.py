@@ -838,6 +838,12 @@ def data_checks(cfg: DictConfig) -> list[tuple[str, bool, str]]:
         ("tokenizer.corpus", cfg.tokenizer.kind != "local" or cfg.tokenizer.corpus is not None,
          "is required for kind=local"),
     ]
+    # The manifest, the progress and the dedup counts are per source name: two sources of one name counted each
+    # other's copies as duplicates within one source, and read as one source in the manifest.
+    names = [source.name for source in cfg.data.sources]
+    checks += [(f"data.sources[{i}].name", name not in names[:i],
+                f"{name!r} is data.sources[{names.index(name)}]'s name too: give each source a name of its own")
+               for i, name in enumerate(names)]
     sources = [(f"data.sources[{i}]", source) for i, source in enumerate(cfg.data.sources)]
     if cfg.tokenizer.corpus is not None:
         sources.append(("tokenizer.corpus", cfg.tokenizer.corpus))
