@@ -646,6 +646,12 @@ def test_report_names_the_runs_it_leaves_out_unfinished_running_or_stopped(tmp_p
     assert f"1 runs running now, not in the report yet: training (pid {running.pid} on " in log
     assert "1 runs stopped before their end, not in the report: killed. Rerun each with" in log
     assert "1 finished runs" in log
+    for i in range(11):  # a long list is cut short
+        _fake_run(out, f"failed{i:02d}", {}, {}).joinpath("metrics.json").unlink()
+    proc = subprocess.run([sys.executable, "report.py"], cwd=ROOT, env=env, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    assert "12 runs stopped before their end, not in the report: failed00, failed01, " in log
+    assert "failed09 and 2 more. Rerun each" in log
 
 
 def test_report_names_only_what_it_drew_and_refuses_a_missing_runs_dir(tmp_path):

@@ -138,12 +138,15 @@ def unfinished_runs(runs_dir: Path) -> tuple[list[str], list[str]]:
             running.append(f"{folder.name} ({who.split(': ', 1)[0]})")
         else:
             stopped.append(folder.name)
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
     if running:
-        log.info("%d runs running now, not in the report yet: %s", len(running), ", ".join(running))
+        log.info("%d runs running now, not in the report yet: %s", len(running), listed(running))
     if stopped:
         log.warning("%d runs stopped before their end, not in the report: %s. Rerun each with the overrides that "
                     "started it (train.py: its overrides.yaml, and ckpt_path=last; evaluate.py: the same command)",
-                    len(stopped), ", ".join(stopped))
+                    len(stopped), listed(stopped))
     return running, stopped
 
 
