@@ -152,6 +152,30 @@ def test_samples_file_errors_name_the_line(tmp_path):
     assert not (tmp_path / "run").exists()  # each refused before the run folder or the sandbox
 
 
+def test_a_file_in_humaneval_format_is_a_benchmark_from_the_command_line(tmp_path):
+    """HumanEval+, MBPP+ or one's own problems: there was no benchmark=... for them, and `+benchmarks.x={...}` failed
+    in OmegaConf ("dict is not a subclass of BenchmarkConfig"). conf/benchmark/jsonl.yaml is one."""
+    problems = bench.humaneval()[:3]
+    plus = tmp_path / "plus.jsonl"
+    plus.write_text("".join(json.dumps({"task_id": f"Plus/{i}", "prompt": p.prompt, "entry_point": p.entry_point,
+                                        "test": p.test, "canonical_solution": p.canonical_solution}) + "\n"
+                            for i, p in enumerate(problems)))
+    samples = write_samples(tmp_path / "s.jsonl", [("Plus/0", problems[0].canonical_solution), ("Plus/1", "    pass\n"),
+                                                   ("Plus/2", problems[2].canonical_solution)])
+    metrics = evaluate(eval_cfg(tmp_path / "one", "benchmark=jsonl", f"benchmarks.jsonl.path={plus}",
+                                f"samples={samples}"))
+    assert metrics["eval/jsonl/pass@1"] == pytest.approx(2 / 3)
+    named = evaluate(eval_cfg(tmp_path / "named", "benchmark=[]", "+benchmark@benchmarks.heplus=jsonl",
+                              "benchmarks.heplus.name=heplus", f"benchmarks.heplus.path={plus}", f"samples={samples}"))
+    assert named["eval/heplus/pass@1"] == pytest.approx(2 / 3)
+    with pytest.raises(bench.BenchmarkError, match=r"kind=jsonl needs a path"):
+        evaluate(eval_cfg(tmp_path / "none", "benchmark=jsonl", f"samples={samples}"))
+    # A second problem of one id was scored with the first's samples and counted twice.
+    plus.write_text(plus.read_text() + plus.read_text().splitlines(keepends=True)[1])
+    with pytest.raises(bench.BenchmarkError, match=r"plus.jsonl:4: task_id 'Plus/1' again \(first at .*plus.jsonl:2\)"):
+        evaluate(eval_cfg(tmp_path / "dup", "benchmark=jsonl", f"benchmarks.jsonl.path={plus}", f"samples={samples}"))
+
+
 MBPP_ROW = {"task_id": 11, "text": "Add one.", "code": "def f(x):\n    return x + 1",
             "test_list": ["assert f(1) == 2"], "test_setup_code": ""}
 

@@ -73,7 +73,16 @@ def _rows(path: str | Path):
 
 
 def read_jsonl(path: str | Path) -> list[Problem]:
-    problems = [_humaneval_problem(row, where) for where, row in _rows(path)]
+    problems, first = [], {}
+    for where, row in _rows(path):
+        problem = _humaneval_problem(row, where)
+        # Samples and scores are keyed by task_id: a second problem of one id was scored with the first's samples
+        # and counted twice in pass@k.
+        if problem.task_id in first:
+            raise BenchmarkError(f"{where}: task_id {problem.task_id!r} again (first at {first[problem.task_id]}): "
+                                 "each problem needs an id of its own")
+        first[problem.task_id] = where
+        problems.append(problem)
     if not problems:
         raise BenchmarkError(f"{path}: no problems")
     return problems
