@@ -166,10 +166,14 @@ def test_a_file_in_humaneval_format_is_a_benchmark_from_the_command_line(tmp_pat
                                 f"samples={samples}"))
     assert metrics["eval/jsonl/pass@1"] == pytest.approx(2 / 3)
     named = evaluate(eval_cfg(tmp_path / "named", "benchmark=[]", "+benchmark@benchmarks.heplus=jsonl",
-                              "benchmarks.heplus.name=heplus", f"benchmarks.heplus.path={plus}", f"samples={samples}"))
+                              f"benchmarks.heplus.path={plus}", f"samples={samples}"))
     assert named["eval/heplus/pass@1"] == pytest.approx(2 / 3)
-    with pytest.raises(bench.BenchmarkError, match=r"kind=jsonl needs a path"):
-        evaluate(eval_cfg(tmp_path / "none", "benchmark=jsonl", f"samples={samples}"))
+    # Named by its key, not the yaml's name ("benchmark jsonl", and benchmarks.mbpp.path for an MBPP so added).
+    with pytest.raises(bench.BenchmarkError, match=r"^benchmark heplus: kind=jsonl needs a path"):
+        evaluate(eval_cfg(tmp_path / "none", "benchmark=[]", "+benchmark@benchmarks.heplus=jsonl",
+                          f"samples={samples}"))
+    with pytest.raises(bench.BenchmarkError, match=r"set benchmarks.mbpp2.path \(evaluation.benchmarks.mbpp2.path"):
+        evaluate(eval_cfg(tmp_path / "none", "benchmark=[]", "+benchmark@benchmarks.mbpp2=mbpp", f"ckpt={tmp_path}"))
     # A second problem of one id was scored with the first's samples and counted twice.
     plus.write_text(plus.read_text() + plus.read_text().splitlines(keepends=True)[1])
     with pytest.raises(bench.BenchmarkError, match=r"plus.jsonl:4: task_id 'Plus/1' again \(first at .*plus.jsonl:2\)"):

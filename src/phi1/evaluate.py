@@ -132,7 +132,7 @@ def run_benchmark(name: str, problems, completions, sandbox: Sandbox | None, ks,
 def load_benchmarks(benchmarks) -> dict[str, list[bench.Problem]]:
     """Each benchmark's problems, loaded before any model or training: a bad path or file stops the run before
     the work, not at its first evaluation."""
-    return {name: bench.load(spec) for name, spec in benchmarks.items()}
+    return {name: bench.load(spec, name) for name, spec in benchmarks.items()}
 
 
 def _journal(folder: Path, ckpt: str | None, model, kwargs: dict):

