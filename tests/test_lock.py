@@ -101,16 +101,22 @@ def test_a_synthetic_stage_in_use_is_refused_before_any_request(holder, stage, t
     for name in lock.RANK_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     out = tmp_path / "synthetic" / stage
-    first = holder(out.parent / f".{stage}.lock")
+    first = holder(out / f".{stage}-s0.lock")
     with FakeOpenAI() as server:
-        with initialize_config_dir(str(CONF), version_base="1.3"):
-            cfg = compose("prepare", overrides=[f"stage={stage}", "stage.n=5", f"paths.data_dir={tmp_path}",
-                                                f"paths.run_dir={tmp_path}/run", "llm=openai_compatible",
-                                                f"llm.base_url={server.base_url}", "llm.model=test-model"])
-        in_use = rf"stage={stage} output {out} is in use by another process: pid {first.pid} on "
+        def cfg(*extra):
+            with initialize_config_dir(str(CONF), version_base="1.3"):
+                return compose("prepare", overrides=[f"stage={stage}", "stage.n=5", f"paths.data_dir={tmp_path}",
+                                                     f"paths.run_dir={tmp_path}/run", "llm=openai_compatible",
+                                                     f"llm.base_url={server.base_url}", "llm.model=test-model",
+                                                     *extra])
+
+        in_use = rf"stage={stage} output {out}/{stage}-s0 is in use by another process: pid {first.pid} on "
         with pytest.raises(lock.InUse, match=in_use):
-            run(cfg)
-        assert server.count() == 0 and not out.exists()
+            run(cfg())
+        assert server.count() == 0 and not list(out.glob("*.jsonl"))
+        # Another seed is another set of files: generated beside it, not refused.
+        run(cfg("stage.seed=1"))
+        assert server.count() == 5 and (out / f"{stage}-s1.jsonl").exists()
 
 
 def test_a_probe_of_the_lock_does_not_refuse_the_process_taking_it(holder, tmp_path, monkeypatch):

@@ -4,9 +4,10 @@ A second process given the same output while the first still runs (a sweep relau
 command started again in another terminal) is refused at once, naming the first. Before, both wrote the same
 checkpoints, journals and files, and two runs of a paid stage each paid for the requests in flight.
 
-The lock is an `flock` on a hidden file (a run folder's `.lock`, `.<name>.lock` beside a stage's output), which
-the kernel releases when its process ends, however it ends: nothing is left to clean up after a kill. Only the job's first process takes it (global rank
-0 by the launchers' variables): the other ranks of a multi-device run write into the same folder by design.
+The lock is an `flock` on a hidden file (a run folder's `.lock`; beside a stage's output, `.<name>.lock`, per
+seed for the synthetic sets), which the kernel releases when its process ends, however it ends: nothing is left
+to clean up after a kill. Only the job's first process takes it (global rank 0 by the launchers' variables):
+the other ranks of a multi-device run write into the same folder by design.
 """
 
 from __future__ import annotations
@@ -115,8 +116,9 @@ def holder(path: str | Path) -> str | None:
 
 
 def stage_output(output: str | Path, stage: str):
-    """exclusive() for a paid data stage's output, taken after the stage's checks: two runs at once each paid for
-    the requests in flight. The lock file is a hidden one beside the output."""
+    """exclusive() for a paid data stage's output (a file, or the stem of a set of files), taken after the
+    stage's checks: two runs at once each paid for the requests in flight. The lock file is a hidden one beside
+    the output."""
     output = Path(output)
     return exclusive(output.with_name(f".{output.name}.lock"), f"stage={stage} output {output}",
                      "give this one another stage.output")

@@ -137,7 +137,8 @@ CHUNK = 4096
 def run(cfg: DictConfig) -> dict:
     stage = cfg.stage
     check([*synthetic_checks(stage), *sandbox_checks("stage.sandbox", stage.sandbox)])
-    with lock.stage_output(stage.output, "exercises"):
+    # Per seed: seeds are separate sets (<stage>-s<seed>.jsonl), which may be generated at once.
+    with lock.stage_output(Path(stage.output) / f"exercises-s{stage.seed}", "exercises"):
         return _run(cfg)
 
 

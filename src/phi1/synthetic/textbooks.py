@@ -48,7 +48,8 @@ def items(stage: DictConfig) -> list[tuple[str, dict, list[dict]]]:
 def run(cfg: DictConfig) -> dict:
     stage = cfg.stage
     check([*synthetic_checks(stage), ("stage.concepts_per_prompt", stage.concepts_per_prompt > 0, "must be > 0")])
-    with lock.stage_output(stage.output, "textbooks"):
+    # Per seed: seeds are separate sets (<stage>-s<seed>.jsonl), which may be generated at once.
+    with lock.stage_output(Path(stage.output) / f"textbooks-s{stage.seed}", "textbooks"):
         return _run(cfg)
 
 
