@@ -13,13 +13,16 @@ from conftest import ROOT
 from phi1 import lock
 from phi1.train import train
 
-def _single_process_env() -> dict:
-    return {k: v for k, v in os.environ.items() if k not in lock.RANK_VARIABLES}
+
+@pytest.fixture(autouse=True)
+def _one_process(monkeypatch):
+    """A single process, whose commands are single processes too: no rank variables (a Trainer built earlier in
+    this process sets some)."""
+    for name in lock.RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
 
 
 def test_a_second_process_is_refused_naming_the_first_until_it_is_killed(holder, tmp_path, monkeypatch):
-    for name in lock.RANK_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
     path = tmp_path / "run" / ".lock"
     first = holder(path)
     with pytest.raises(lock.InUse, match=rf"run folder x is in use by another process: pid {first.pid} on "):
@@ -45,10 +48,8 @@ def test_a_second_process_is_refused_naming_the_first_until_it_is_killed(holder,
         pass
 
 
-def test_a_run_folder_in_use_is_refused_before_anything_is_written(holder, small_cfg, tmp_path, monkeypatch):
+def test_a_run_folder_in_use_is_refused_before_anything_is_written(holder, small_cfg, tmp_path):
     """A sweep relaunched while its cells still train (`ckpt_path=auto`) trained each cell twice into one folder."""
-    for name in lock.RANK_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
     run = tmp_path / "cell"
     first = holder(run / ".lock")
     with pytest.raises(lock.InUse, match=rf"run folder {run} is in use by another process: pid {first.pid} "):
@@ -67,13 +68,13 @@ def test_a_paid_stage_output_in_use_is_refused(holder, tmp_path):
     first = holder(out.parent / ".stdlib-heuristic.jsonl.lock")
     args = [sys.executable, "prepare.py", "stage=annotate", "stage.n=20", f"paths.data_dir={tmp_path}/data",
             f"hydra.run.dir={tmp_path}/hydra"]
-    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, env=_single_process_env())
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert f"stage=annotate output {out} is in use by another process: pid {first.pid} on " in r.stderr
     assert not out.exists()
     first.kill()
     first.wait()
-    subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=_single_process_env(), check=True)
+    subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
     assert len(out.read_text().splitlines()) == 20
 
 
@@ -84,22 +85,20 @@ def test_an_evaluation_folder_in_use_is_refused(holder, tmp_path):
     first = holder(tmp_path / "out" / "he" / ".lock")
     r = subprocess.run([sys.executable, "evaluate.py", f"samples={samples}", "allow_code_execution=true", "run_name=he",
                         f"paths.output_dir={tmp_path}/out", f"paths.data_dir={tmp_path}", "wandb_mode=disabled"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=_single_process_env())
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert f"run folder {tmp_path}/out/he is in use by another process: pid {first.pid} on " in r.stderr
     assert not (tmp_path / "out" / "he" / "metrics.json").exists()
 
 
 @pytest.mark.parametrize("stage", ["textbooks", "exercises"])
-def test_a_synthetic_stage_in_use_is_refused_before_any_request(holder, stage, tmp_path, monkeypatch):
+def test_a_synthetic_stage_in_use_is_refused_before_any_request(holder, stage, tmp_path):
     from hydra import compose, initialize_config_dir
 
     from conftest import CONF
     from openai_server import FakeOpenAI
     from phi1.stages import run
 
-    for name in lock.RANK_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
     out = tmp_path / "synthetic" / stage
     first = holder(out / f".{stage}-s0.lock")
     with FakeOpenAI() as server:
@@ -119,13 +118,11 @@ def test_a_synthetic_stage_in_use_is_refused_before_any_request(holder, stage, t
         assert server.count() == 5 and (out / f"{stage}-s1.jsonl").exists()
 
 
-def test_a_probe_of_the_lock_does_not_refuse_the_process_taking_it(holder, tmp_path, monkeypatch):
+def test_a_probe_of_the_lock_does_not_refuse_the_process_taking_it(holder, tmp_path):
     """report.py asks who holds a run's lock (lock.holder) with a shared lock held for an instant: a run that
     starts at that instant waits it out rather than being refused."""
     import fcntl
 
-    for name in lock.RANK_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
     path = tmp_path / ".lock"
     assert lock.holder(path) is None  # no file yet
     first = holder(path)

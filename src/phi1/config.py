@@ -546,17 +546,21 @@ def _tau(tau) -> str:
     return f"{float(tau):.2f}"
 
 
+def in_multirun() -> bool:
+    """Whether this is a cell of a Hydra multirun (`-m`)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def _multirun_cell() -> str:
     """`_<job number>` in a cell of a Hydra multirun, "" elsewhere. The default run_name is the launch's time, and
     the cells of a multirun share it (Hydra resolves `now` once, for the sweep): `train.py -m seed=1,2` trained
     seed 1 into the folder, and seed 2 was then refused it (with ckpt_path=auto, handed seed 1's metrics)."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    if not HydraConfig.initialized():
-        return ""
-    hydra = HydraConfig.get()
-    return f"_{hydra.job.num}" if hydra.mode == RunMode.MULTIRUN else ""
+    return f"_{HydraConfig.get().job.num}" if in_multirun() else ""
 
 
 def _run_dir(single_run_dir: str) -> str:

@@ -68,11 +68,10 @@ def exclusive(path: Path, what: str, instead: str = "", poll_s: float = 5.0):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _text(fd)
                 if (now := time.monotonic()) < deadline:
                     time.sleep(0.05 if now - start < PROBE_GRACE_S else poll_s)
                     continue
-                raise InUse(f"{what} is in use by another process: {holder}. Two processes would write the same "
+                raise InUse(f"{what} is in use by another process: {_text(fd)}. Two processes would write the same "
                             f"files: wait for it to end (or stop it){', or ' + instead if instead else ''}. The lock "
                             f"is {path}, released when that process ends.") from None
             except OSError as e:
@@ -83,10 +82,10 @@ def exclusive(path: Path, what: str, instead: str = "", poll_s: float = 5.0):
                 break
             else:
                 since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-                holder = (f"pid {os.getpid()} on {socket.gethostname()}, since {since}: "
-                          f"{shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}")
+                me = (f"pid {os.getpid()} on {socket.gethostname()}, since {since}: "
+                      f"{shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}")
                 os.ftruncate(fd, 0)
-                os.pwrite(fd, holder.encode() + b"\n", 0)
+                os.pwrite(fd, me.encode() + b"\n", 0)
                 break
         yield
     finally:

@@ -138,6 +138,7 @@ def unfinished_runs(runs_dir: Path) -> tuple[list[str], list[str]]:
             running.append(f"{folder.name} ({who.split(': ', 1)[0]})")
         else:
             stopped.append(folder.name)
+
     def listed(names: list[str]) -> str:
         return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
 

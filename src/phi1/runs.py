@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from phi1.checkpoints import is_checkpoint
-from phi1.config import ConfigError
+from phi1.config import ConfigError, in_multirun
 from phi1.errors import MissingInputError, Phi1Error
 
 log = logging.getLogger(__name__)
@@ -76,10 +76,7 @@ def multirun_hint(run_name: str) -> str:
     """For a refusal in a cell of a Hydra multirun: cells whose run_name does not follow the keys they vary
     (`-m seed=1,2 run_name=x`, `experiment=phi1 -m optim.lr=...`) share one folder, and the second met the
     first's checkpoints with advice to resume them."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+    if not in_multirun():
         return ""
     return (f" In a multirun each cell needs a run_name of its own, and run_name={run_name} is the same for every cell"
             " of this one unless it follows the keys they vary: leave it unset (the launch time and the job number),"

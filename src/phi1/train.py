@@ -9,6 +9,7 @@ import logging
 import os
 import shlex
 import time
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -201,19 +202,13 @@ def train(cfg: DictConfig) -> dict:
 
 def _train(cfg: DictConfig, plan, t0: float, held: contextlib.ExitStack) -> dict:
     run_dir = Path(cfg.paths.run_dir)
-
-    taken = []
-
-    def take_lock():
-        """One process at a time in run_dir (phi1.lock): at once where the folder exists (Hydra made it; another
-        process may be running there, and its checkpoints are not this run's to resume), else before the first
-        write (a refused run from Python leaves no folder)."""
-        if not taken:
-            held.enter_context(lock.exclusive(run_dir / ".lock", f"run folder {run_dir}", "choose another run_name"))
-            taken.append(run_dir)
-
-    if run_dir.is_dir():
-        take_lock()
+    # One process at a time in run_dir (phi1.lock): at once where the folder exists (Hydra made it; another process
+    # may be running there, and its checkpoints are not this run's to resume), else before the first write (a run
+    # refused from Python leaves no folder).
+    run_lock = partial(lock.exclusive, run_dir / ".lock", f"run folder {run_dir}", "choose another run_name")
+    locked_at_start = run_dir.is_dir()
+    if locked_at_start:
+        held.enter_context(run_lock())
     callbacks = [instantiate(spec) for spec in cfg.callbacks.values()]
     evaluation = Evaluation(cfg.evaluation, run_dir) if cfg.evaluation.enabled else None
     if evaluation:
@@ -236,7 +231,8 @@ def _train(cfg: DictConfig, plan, t0: float, held: contextlib.ExitStack) -> dict
     if cfg.init_from and ckpt_path is None:  # a resumed run has its weights in the checkpoint
         init_from = runs.resolve(cfg.init_from, cfg.paths.output_dir, cfg.paths.data_dir, cfg.init_wait_min)
         check_init_tokenizer(cfg, init_from)
-    take_lock()
+    if not locked_at_start:
+        held.enter_context(run_lock())
     run_dir.mkdir(parents=True, exist_ok=True)
     if ckpt_path is None:
         runs.record_start(run_dir)  # the overrides a resume must give again (check_resume names them)
