@@ -103,6 +103,25 @@ def test_the_sample_is_drawn_in_one_pass_and_kept_for_the_paid_run_and_its_resum
     assert fresh["sampled"] == 10
 
 
+def test_each_document_gets_its_own_judgement_and_two_of_one_id_are_refused(tmp_path):
+    """Files of one name in two folders (`*/part.jsonl`) named their first rows alike (`part.jsonl:1`), and the
+    documented algorithm was written down with the configuration file's score. An id field two rows share is
+    refused, naming it, before anything is judged."""
+    from phi1.data.sources import SourceError
+
+    for folder, text in (("a", ALGORITHM), ("b", CONFIGURATION)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "part.jsonl").write_text(json.dumps({"text": text, "repo": "one/repo"}) + "\n")
+    source = f"stage.source={{name: parts, kind: jsonl, path: '{tmp_path}/*/part.jsonl'}}"
+    run(prepare_cfg(tmp_path, source, "stage.n=10"))
+    rows = [json.loads(line) for line in (tmp_path / "annotations" / "parts-heuristic.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["label"]) for r in rows] == [("parts:a/part.jsonl:1", "high"), ("parts:b/part.jsonl:1", "low")]
+    shared = f"stage.source={{name: repos, kind: jsonl, path: '{tmp_path}/*/part.jsonl', id_field: repo}}"
+    with pytest.raises(SourceError, match="source 'repos': the id 'repos:one/repo' names 2 documents; .* id_field"):
+        run(prepare_cfg(tmp_path, shared, "stage.n=10"))
+    assert not (tmp_path / "annotations" / "repos-heuristic.jsonl").exists()
+
+
 def test_a_rerun_relabels_at_its_threshold_and_refuses_another_judges_rows(tmp_path):
     """A label is a function of the score: a rerun at another stage.label_threshold relabels the whole file
     (it kept the old labels and added rows under the new threshold: two thresholds in one file). Rows judged by

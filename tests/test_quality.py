@@ -127,6 +127,25 @@ def test_embed_in_shards_gives_the_rows_of_one_run_and_classify_reads_them_toget
         run(cfg(tmp_path, "stage=embed", f"stage.source={STDLIB}", "num_shards=2"))  # 60 per shard, not 60
 
 
+def test_embeddings_of_two_documents_under_one_id_are_refused_within_a_shard_and_across_shards(tmp_path):
+    """classify joins each annotation to its embedding row by id, and a filter on other shards than embed's each
+    document to its score: two documents of one id took one row, the other's. The ids' pass refuses them
+    before the model runs; shards that are each unique but share ids are refused where they are read together."""
+    from phi1.data.sources import SourceError
+    from phi1.quality import embed
+
+    for f, ids in enumerate((["x", "y"], ["x", "z"])):
+        (tmp_path / f"part-{f}.jsonl").write_text("".join(json.dumps({"id": i, "text": f"def f{f}{i}(): pass\n"})
+                                                          + "\n" for i in ids))
+    source = f"stage.source={{name: mine, kind: jsonl, path: '{tmp_path}/part-*.jsonl'}}"
+    with pytest.raises(SourceError, match="^source 'mine': the id 'mine:x' names 2 documents; .*id_field"):
+        run(cfg(tmp_path, "stage=embed", source, f"stage.output={tmp_path / 'one'}"))
+    assert not (tmp_path / "one" / "embeddings.npy").exists()
+    run(cfg(tmp_path, "stage=embed", source, f"stage.output={tmp_path / 'two'}", "num_shards=2"))
+    with pytest.raises(SourceError, match="two: the id 'mine:x' names 2 documents; .*delete .*two"):
+        embed.load(tmp_path / "two")
+
+
 def test_classify_and_filter_read_sharded_embeddings_as_one_folder(tmp_path):
     """The same embeddings in one folder and in 3 shard folders: the same forest metrics, the same kept set."""
     folder, annotations, src, _ = _fake_inputs(tmp_path)

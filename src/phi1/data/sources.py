@@ -205,8 +205,12 @@ def _documents(source, on_error: str, skipped: list[str], shard: int, num_shards
     elif kind in ("jsonl", "parquet"):
         files = require_files(source)
         read = _jsonl if kind == "jsonl" else _parquet
+        # A row without an id is named by its file and line, the file relative to the folder all the matched
+        # files share: `*/part.jsonl` matches a/part.jsonl and b/part.jsonl, whose first lines were one id,
+        # `part.jsonl:1` (and one judgement for both, one embedding row). Files of one folder keep their names.
+        base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
         for file in _slice(files, shard, num_shards):
-            yield from read(Path(file), source, on_error, skipped)
+            yield from read(Path(file), os.path.relpath(os.path.abspath(file), base), source, on_error, skipped)
     elif kind == "hf":
         for i, row in _hf_rows(source, shard, num_shards):
             try:
@@ -217,6 +221,22 @@ def _documents(source, on_error: str, skipped: list[str], shard: int, num_shards
             yield f"{source.name}:{row.get(source.id_field, i)}", text, row
     else:
         raise SourceError(f"source {source.name!r}: unknown kind {kind!r}")
+
+
+def unique_ids(ids: Sequence[str], what: str, fix: str) -> None:
+    """Refuse documents that share an id: the quality stages join by id (a judgement to its document, a label to
+    its embedding row, a score to its text), so two of one id got one judgement, the other's."""
+    if len(set(ids)) == len(ids):
+        return
+    shared = [(doc_id, n) for doc_id, n in Counter(ids).items() if n > 1]
+    doc_id, n = shared[0]
+    more = f" (and {len(shared) - 1:,} more ids do)" if len(shared) > 1 else ""
+    raise SourceError(f"{what}: the id {doc_id!r} names {n} documents{more}; the quality stages join annotations, "
+                      f"embeddings and scores by id. {fix}")
+
+
+ID_FIX = ("Set the source's id_field to a field that is unique per row (one the rows lack names each row by its "
+          "file and line)")
 
 
 def require_files(source) -> list[str]:
@@ -235,7 +255,7 @@ def require_files(source) -> list[str]:
     return files
 
 
-def _jsonl(path: Path, source, on_error: str, skipped: list[str]) -> Iterator[tuple[str, str]]:
+def _jsonl(path: Path, name: str, source, on_error: str, skipped: list[str]) -> Iterator[tuple[str, str]]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
@@ -247,10 +267,10 @@ def _jsonl(path: Path, source, on_error: str, skipped: list[str]) -> Iterator[tu
             except (ValueError, KeyError, TypeError) as e:
                 _bad_input(f"{path}:{line_no}: {type(e).__name__}: {e}", on_error, skipped, e)
                 continue
-            yield f"{source.name}:{row.get(source.id_field, f'{path.name}:{line_no}')}", text, row
+            yield f"{source.name}:{row.get(source.id_field, f'{name}:{line_no}')}", text, row
 
 
-def _parquet(path: Path, source, on_error: str, skipped: list[str]) -> Iterator[tuple[str, str, dict]]:
+def _parquet(path: Path, name: str, source, on_error: str, skipped: list[str]) -> Iterator[tuple[str, str, dict]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -267,7 +287,7 @@ def _parquet(path: Path, source, on_error: str, skipped: list[str]) -> Iterator[
             except (KeyError, TypeError, IndexError) as e:
                 _bad_input(f"{path} row {row_no}: {type(e).__name__}: {e}", on_error, skipped, e)
                 continue
-            yield f"{source.name}:{row.get(source.id_field, f'{path.name}:{row_no}')}", text, row
+            yield f"{source.name}:{row.get(source.id_field, f'{name}:{row_no}')}", text, row
 
 
 def _bad_input(reason: str, on_error: str, skipped: list[str], cause: Exception) -> None:

@@ -152,6 +152,8 @@ def load(folder: str | Path) -> tuple[list[str], Embeddings]:
             arrays.append(array)
     if not arrays:
         raise InputError(f"{folder}: no documents were embedded (the source yielded none)")
+    sources.unique_ids(ids, f"{folder}", f"Embed again (delete {folder}) with ids unique across its shards: "
+                       + sources.ID_FIX[0].lower() + sources.ID_FIX[1:])
     return ids, Embeddings(arrays)
 
 
@@ -198,6 +200,8 @@ def _embed(stage, out: Path, shard: int, num_shards: int) -> dict:
         ids = [doc_id for doc_id, _ in sources.documents(stage.source, shard=shard, num_shards=num_shards)]
         if progress and ids_path.read_text().splitlines() != ids:
             raise other
+    sources.unique_ids(ids, f"source {stage.source.name!r}", sources.ID_FIX
+                       + (f", then delete {out} to redo" if progress else ""))
     if not ids:  # a slice without documents (a source of fewer files than shards): done, with no array
         ids_path.write_text("")
         progress_path.write_text(json.dumps({"model": stage.model, "max_tokens": stage.max_tokens, "done": 0,
