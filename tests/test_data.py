@@ -147,19 +147,22 @@ def test_non_utf8_file_is_named(small_cfg, tmp_path):
 def test_a_folder_is_walked_in_paths_order_and_sharded_without_gaps(tmp_path):
     """`dir` sources are walked, not listed and sorted: the walk must still give Path's order (by parts, which
     plain string order is not: "a-b.py" < "a.py" < "a/b.py" as strings), leave out links to folders, and its
-    shards must add up to the whole, in order."""
+    shards must add up to the whole, in order. Installed packages and hidden folders (a project's .venv) are
+    not the user's code."""
     names = ["a.py", "a/b.py", "a-b.py", "a_b/c.py", "a.b/x.py", "A/z.py", "a/a.py", "ab.py", "a/b/c.py",
-             "a/b.py2", "x.py/y.py", "é/f.py", "a /g.py", "test/t.py", "site-packages/s.py"]
+             "a/b.py2", "x.py/y.py", "é/f.py", "a /g.py", "test/t.py", "site-packages/s.py",
+             ".venv/lib/python3.11/site-packages/pip/v.py", "venv/lib/python3.11/site-packages/w.py", "a/.tox/t.py",
+             ".hidden.py"]
     for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(f"# {name}\n")
     os.symlink(tmp_path / "a", tmp_path / "link.py")  # a link to a folder: neither walked nor read as a file
-    python = [n for n in names if n.endswith(".py")]
+    python = [n for n in names if n.endswith(".py") and "site-packages/" not in n and n != "a/.tox/t.py"]
     expected = sorted(python, key=lambda n: n.split("/"))
     assert expected != sorted(python)  # the tree tells the two orders apart
     assert list(sources._py_files(tmp_path, stdlib=False)) == expected
-    assert list(sources._py_files(tmp_path, skip_tests=True)) == [
-        n for n in expected if not n.startswith(("test/", "site-packages/"))]
+    stdlib = sorted([n for n in expected if not n.startswith("test/")] + ["a/.tox/t.py"], key=lambda n: n.split("/"))
+    assert list(sources._py_files(tmp_path, skip_tests=True)) == stdlib
     source = make_cfg([f"data.sources=[{{name: src, kind: dir, path: '{tmp_path}'}}]"]).data.sources[0]
     whole = [doc_id for doc_id, _ in sources.documents(source)]
     assert whole == [f"src:{n}" for n in expected]
