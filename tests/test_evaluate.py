@@ -141,8 +141,13 @@ def test_samples_file_errors_name_the_line(tmp_path):
     assert not (tmp_path / "run").exists()  # refused before the run folder or the sandbox
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task_id": "HumanEval/0", "completion": "    pass"}\n{"task_id": "Nope/1", "completion": ""}\n')
-    with pytest.raises(EvaluationError, match=r"bad.jsonl:2: task_id 'Nope/1'"):
+    with pytest.raises(EvaluationError, match=r"bad.jsonl:2: task_id 'Nope/1' .* ids are like 'HumanEval/0'"):
         evaluate(eval_cfg(tmp_path / "run", f"samples={bad}"))
+    # Another harness's shape (a task's generations in a list) and a null were scored as failed samples.
+    for completion, kind in ((["    return True\n"], "list"), (None, "NoneType")):
+        bad.write_text(json.dumps({"task_id": "HumanEval/0", "completion": completion}) + "\n")
+        with pytest.raises(EvaluationError, match=rf"bad.jsonl:1: completion is {kind}, not a string"):
+            evaluate(eval_cfg(tmp_path / "run", f"samples={bad}"))
     bad.write_text('{"task_id": "HumanEval/0", "completion": \n')
     with pytest.raises(EvaluationError, match=r"bad.jsonl:1: expected a JSON object"):
         evaluate(eval_cfg(tmp_path / "run", f"samples={bad}"))

