@@ -183,6 +183,13 @@ def test_a_file_in_humaneval_format_is_a_benchmark_from_the_command_line(tmp_pat
     plus.write_text(plus.read_text() + plus.read_text().splitlines(keepends=True)[1])
     with pytest.raises(bench.BenchmarkError, match=r"plus.jsonl:4: task_id 'Plus/1' again \(first at .*plus.jsonl:2\)"):
         evaluate(eval_cfg(tmp_path / "dup", "benchmark=jsonl", f"benchmarks.jsonl.path={plus}", f"samples={samples}"))
+    # A null prompt ran as the text "None"; a numeric id never matched a task_ids file's lines.
+    lines = plus.read_text().splitlines(keepends=True)[:3]
+    for key, value, kind in (("prompt", None, "NoneType"), ("task_id", 7, "int")):
+        plus.write_text("".join(lines[:2]) + json.dumps({**json.loads(lines[2]), key: value}) + "\n")
+        with pytest.raises(bench.BenchmarkError, match=rf"plus.jsonl:3: {key} is {kind}, not a string"):
+            evaluate(eval_cfg(tmp_path / "dup", "benchmark=jsonl", f"benchmarks.jsonl.path={plus}",
+                              f"samples={samples}"))
 
 
 MBPP_ROW = {"task_id": 11, "text": "Add one.", "code": "def f(x):\n    return x + 1",

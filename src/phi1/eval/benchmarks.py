@@ -49,6 +49,10 @@ def _humaneval_problem(row: dict, where: str) -> Problem:
     missing = {"task_id", "prompt", "test", "entry_point"} - set(row)
     if missing:
         raise BenchmarkError(f"{where}: missing field(s) {sorted(missing)}")
+    # A null prompt or a numeric task_id ran as the text "None" and never matched a task_ids file's lines.
+    for key in ("task_id", "prompt", "test", "entry_point", "canonical_solution"):
+        if key in row and not isinstance(row[key], str):
+            raise BenchmarkError(f"{where}: {key} is {type(row[key]).__name__}, not a string (HumanEval's format)")
     return Problem(row["task_id"], row["prompt"], f"{row['test']}\n\ncheck({row['entry_point']})",
                    row.get("canonical_solution", ""), row["entry_point"])
 
