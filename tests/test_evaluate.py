@@ -221,6 +221,10 @@ def test_benchmark_files_and_keys_are_checked_before_any_model_is_loaded(tmp_pat
     with pytest.raises(bench.BenchmarkError, match=r"cannot load MBPP from the hub .*; set benchmarks.mbpp.path "
                                                    r"\(evaluation.benchmarks.mbpp.path for train.py\)"):
         evaluate(eval_cfg(tmp_path / "run", ckpt, *mbpp))
+    # decontaminate's similar-tau0.95.txt may name no problem: a subset of none, not an IndexError.
+    (tmp_path / "similar.txt").write_text("")
+    with pytest.raises(bench.BenchmarkError, match=r"similar.txt: no task ids \(an empty file\): no problem of humaneval"):
+        evaluate(eval_cfg(tmp_path / "run", ckpt, f"benchmarks.humaneval.task_ids={tmp_path}/similar.txt"))
     assert not (tmp_path / "run").exists()
 
 

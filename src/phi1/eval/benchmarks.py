@@ -174,6 +174,8 @@ def load(spec, key: str | None = None) -> list[Problem]:
         if not path.exists():
             raise BenchmarkError(f"benchmark {name}: task_ids file {path} does not exist")
         wanted = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not wanted:  # decontaminate writes one for every τ, and at 0.95 the similar subset may have none
+            raise BenchmarkError(f"{path}: no task ids (an empty file): no problem of {name} to score")
         unknown = sorted(set(wanted) - {p.task_id for p in problems})
         if unknown:
             raise BenchmarkError(f"{path}: {len(unknown)} task id(s) not in {name}, e.g. {unknown[0]!r}")
