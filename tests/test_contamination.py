@@ -132,6 +132,28 @@ def test_pruning_counts_and_subsets(planted):
     assert "(71)" in table and "(42,500)" in table  # the paper's numbers beside ours
 
 
+def test_another_benchmark_gets_its_table_without_humanevals_numbers(tmp_path):
+    """Table 3's numbers are HumanEval's: an MBPP or own-problems study was headed "HumanEval pass@1" and showed
+    HumanEval's 71 similar problems at τ 0.95 as the count to compare its own with."""
+    he = _humaneval()
+    problems = tmp_path / "mine.jsonl"
+    problems.write_text("".join(json.dumps({"task_id": f"Mine/{i}", "prompt": p.prompt, "test": p.test,
+                                            "canonical_solution": p.canonical_solution, "entry_point": p.entry_point})
+                                + "\n" for i, p in enumerate(he[f"HumanEval/{i}"] for i in range(3))))
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in (("r", RENAMED_0), ("u", UNRELATED))))
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("prepare", overrides=[
+            f"paths.data_dir={tmp_path}", "stage=decontaminate", "stage.benchmark.name=mine",
+            "stage.benchmark.kind=jsonl", f"+stage.benchmark.path={problems}", "stage.train.name=ex",
+            "stage.train.kind=jsonl", f"stage.train.path={train}", "stage.workers=1", "stage.embed.enabled=false"])
+    summary = run(cfg)
+    assert summary["per_tau"]["0.95"]["similar"] == 1  # Mine/0, renamed
+    table = (tmp_path / "decontaminate" / "mine-ex" / "table3.md").read_text()
+    assert table.startswith("# Contamination: mine pass@1") and "no numbers of its" in table
+    assert "| 0.95 | similar | 1 (–) |" in table and "81.7" not in table and "(71)" not in table
+
+
 def test_similarity_figure_counts_what_the_pruning_removes(planted):
     """similarity.png draws, τ by τ, the similar problems and the share of items pruned: at each configured τ
     its curves say what similar-tau*.txt and the pruned sets hold."""

@@ -336,16 +336,23 @@ def pass_rates(samples_path: str, problems: list | None = None, key: str = "samp
     return {t: sum(v) / len(v) for t, v in totals.items()}
 
 
+def _paper(stage) -> bool:
+    """Whether the paper's numbers belong beside ours: they are HumanEval's (Table 3 compares nothing else), and
+    an MBPP table headed "HumanEval" showed HumanEval's 71 similar problems as the count to compare with."""
+    return stage.benchmark.kind == "humaneval"
+
+
 def _table3(out: Path, taus, per_tau, similar_by_tau, problems, stage, n_train: int, runs: dict) -> dict:
     table = {}
-    lines = ["# Contamination: HumanEval pass@1 on similar / non-similar problems (paper Table 3 layout)", "",
-             f"Training set: {stage.train.name} ({n_train:,} items); benchmark: {stage.benchmark.name}. "
-             "Paper: phi-1 / phi-1 retrained on the pruned set / StarCoder-Prompted; CodeExercises 879.5K.", ""]
+    lines = [f"# Contamination: {stage.benchmark.name} pass@1 on similar / non-similar problems (paper Table 3 "
+             "layout)", "", f"Training set: {stage.train.name} ({n_train:,} items); benchmark: {stage.benchmark.name}."
+             + (" Paper: phi-1 / phi-1 retrained on the pruned set / StarCoder-Prompted; CodeExercises 879.5K."
+                if _paper(stage) else " The paper's Table 3 is HumanEval's: no numbers of its beside these."), ""]
     header = "| τ | problems | count (paper) | " + " | ".join(f"{n} pass@1" for n in runs) + \
         (" | " if runs else "") + "paper: phi-1 / retrained / StarCoder | removed (paper) |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for tau in taus:
-        paper = PAPER_TABLE3.get(round(tau, 2))
+        paper = PAPER_TABLE3.get(round(tau, 2)) if _paper(stage) else None
         ours = per_tau[tau]
         table[f"{tau:.2f}"] = {}
         for part, ids in (("similar", similar_by_tau[tau]),
@@ -385,12 +392,13 @@ def _plot(path: Path, curves: dict, taus: list[float], stage, n_train: int, near
     fig, axes = plt.subplots(1, 3 if nearest_l2 else 2, figsize=(15 if nearest_l2 else 10, 4.5))
     paper = sorted(PAPER_TABLE3.items())
     panels = [("similar", f"{stage.benchmark.name} problems with an item at τ or above",
-               [(t, v[0][0]) for t, v in paper], "paper: of HumanEval's 164"),
+               [(t, v[0][0]) for t, v in paper] if _paper(stage) else [], "paper: of HumanEval's 164"),
               ("removed_share", f"{stage.train.name} items pruned at τ (% of {n_train:,})",
                [(t, 100 * v[3] / 879_500) for t, v in paper if v[3]], "paper: of CodeExercises' 879.5K")]
     for ax, (key, title, points, label) in zip(axes, panels):
         ax.step(curves["tau"], curves[key], where="post", color="#2e7d32", label="ours")
-        ax.scatter(*zip(*points), color="#f28e2b", zorder=3, label=label)
+        if points:
+            ax.scatter(*zip(*points), color="#f28e2b", zorder=3, label=label)
         for tau in taus:
             ax.axvline(tau, color="grey", ls=":", lw=1)
         ax.set(title=title, xlabel="AST match rate τ (§5.2)", xlim=(curves["tau"][0], 1.0))
