@@ -119,6 +119,27 @@ def _export(run: Path, tmp_path: Path) -> Path:
     return out
 
 
+def test_export_writes_over_an_earlier_export_and_nothing_else(pretrained, tmp_path, capsys):
+    """The export replaces its folder whole: given the run folder (`python -m phi1.export <run>/checkpoints/
+    last.ckpt <run>`), it deleted the checkpoints, logs and metrics, and left the export in their place."""
+    from phi1.export import main
+
+    run = tmp_path / "run"
+    shutil.copytree(pretrained[0], run, ignore=shutil.ignore_patterns("hf", "wandb"))
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    for out, why in ((run, r"not empty and not an HF export \(no config.json\)"), (run / "config.yaml", "a file"),
+                     (run / "checkpoints", r"not empty and not an HF export")):
+        with pytest.raises(SystemExit):
+            main([ckpt, str(out)])
+        assert re.search(f"error: {out}: {why}", capsys.readouterr().err)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    main([ckpt, str(run / "hf")])  # new; then an earlier export, written over
+    main([ckpt, str(run / "hf")])
+    assert (run / "hf" / "config.json").is_file() and sorted(p.relative_to(run) for p in run.rglob("*")
+                                                               if "hf" not in p.parts) == before
+
+
 def test_export_names_a_missing_checkpoint_without_a_traceback(tmp_path, capsys):
     from phi1.export import main
 

@@ -15,8 +15,24 @@ from phi1.errors import InputError, MissingInputError, Phi1Error
 log = logging.getLogger(__name__)
 
 
+def replaceable(out: Path) -> None:
+    """Refuse an `out` that the export would destroy: it replaces its folder whole, and `python -m phi1.export
+    <run>/checkpoints/last.ckpt <run>` deleted the run's checkpoints, logs and metrics. New, empty, or an earlier
+    export (config.json among files only: save_pretrained writes no subfolder) may be written over."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError(f"{out}: a file; the export is a folder: choose a new one")
+    entries = list(out.iterdir())
+    if entries and (not (out / "config.json").is_file() or any(e.is_dir() for e in entries)):
+        raise InputError(f"{out}: not empty and not an HF export (" + ("it has subfolders" if (out / "config.json")
+                         .is_file() else "no config.json") + "); the export replaces its folder whole: choose a new "
+                         "or empty folder")
+
+
 def export_hf(module, tokenizer_dir: Path, out: Path) -> Path:
     out = Path(out)
+    replaceable(out)
     from transformers import AutoTokenizer
 
     tmp = out.with_name(out.name + ".tmp")
@@ -45,11 +61,12 @@ def export_checkpoint(ckpt: Path, out: Path | None = None) -> Path:
                          "it is. This command exports a train.py checkpoint (checkpoints/*.ckpt)")
     if not is_checkpoint(ckpt):
         raise MissingInputError(f"{ckpt}: no such checkpoint (a file, or the folder DeepSpeed writes)")
+    out = Path(out or ckpt.parent.parent / f"hf-{ckpt.stem}")
+    replaceable(out)  # before the checkpoint is read (1.3B: ~20 s)
     module = LanguageModel.from_checkpoint(ckpt)
     tokenizer_dir = tokenizers.location(module.cfg)
     if not (tokenizer_dir / "tokenizer.json").exists():
         raise MissingInputError(f"{ckpt}: its tokenizer is not at {tokenizer_dir} (paths.data_dir of the run)")
-    out = out or ckpt.parent.parent / f"hf-{ckpt.stem}"
     return export_hf(module, tokenizer_dir, out)
 
 
