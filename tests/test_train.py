@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -134,6 +135,12 @@ def test_export_writes_over_an_earlier_export_and_nothing_else(pretrained, tmp_p
             main([ckpt, str(out)])
         assert re.search(f"error: {out}: {why}", capsys.readouterr().err)
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    # Its temporary folder was <out>.tmp, removed first: a folder of that name was lost. Now it is named by host
+    # and pid, and what a killed export left is removed.
+    (run / "hf.tmp").mkdir()
+    killed = run / f".hf.tmp-{socket.gethostname()}-999999999"
+    (killed / "x").mkdir(parents=True)
+    before = sorted(p.relative_to(run) for p in run.rglob("*") if killed.name not in p.parts)
     main([ckpt, str(run / "hf")])  # new; then an earlier export, written over
     main([ckpt, str(run / "hf")])
     assert (run / "hf" / "config.json").is_file() and sorted(p.relative_to(run) for p in run.rglob("*")

@@ -10,6 +10,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from phi1 import atomic
 from phi1.errors import InputError, MissingInputError, Phi1Error
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,9 @@ def export_hf(module, tokenizer_dir: Path, out: Path) -> Path:
     replaceable(out)
     from transformers import AutoTokenizer
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Beside `out`, named by host and pid (phi1.atomic): never a folder of the user's, nor another writer's.
+    atomic.remove_stale(out, hidden=True)
+    tmp = atomic.temporary(out, hidden=True)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     # The model is built before the tokenizer exists; its EOS is known now, and generation should stop there.
     model = module.model
