@@ -105,8 +105,8 @@ def test_the_sample_is_drawn_in_one_pass_and_kept_for_the_paid_run_and_its_resum
 
 def test_each_document_gets_its_own_judgement_and_two_of_one_id_are_refused(tmp_path):
     """Files of one name in two folders (`*/part.jsonl`) named their first rows alike (`part.jsonl:1`), and the
-    documented algorithm was written down with the configuration file's score. An id field two rows share is
-    refused, naming it, before anything is judged."""
+    documented algorithm was written down with the configuration file's score. An id field that two texts share
+    is refused, naming it, before anything is judged; one text under one id (a content hash) is one document."""
     from phi1.data.sources import SourceError
 
     for folder, text in (("a", ALGORITHM), ("b", CONFIGURATION)):
@@ -117,9 +117,12 @@ def test_each_document_gets_its_own_judgement_and_two_of_one_id_are_refused(tmp_
     rows = [json.loads(line) for line in (tmp_path / "annotations" / "parts-heuristic.jsonl").read_text().splitlines()]
     assert [(r["id"], r["label"]) for r in rows] == [("parts:a/part.jsonl:1", "high"), ("parts:b/part.jsonl:1", "low")]
     shared = f"stage.source={{name: repos, kind: jsonl, path: '{tmp_path}/*/part.jsonl', id_field: repo}}"
-    with pytest.raises(SourceError, match="source 'repos': the id 'repos:one/repo' names 2 documents; .* id_field"):
+    with pytest.raises(SourceError, match="source 'repos': the id 'repos:one/repo' names documents of different "
+                                          "texts; .* id_field"):
         run(prepare_cfg(tmp_path, shared, "stage.n=10"))
     assert not (tmp_path / "annotations" / "repos-heuristic.jsonl").exists()
+    (tmp_path / "b" / "part.jsonl").write_text((tmp_path / "a" / "part.jsonl").read_text())  # an exact copy
+    assert run(prepare_cfg(tmp_path, shared, "stage.n=10"))["labels"] == {"high": 2}
 
 
 def test_a_rerun_relabels_at_its_threshold_and_refuses_another_judges_rows(tmp_path):

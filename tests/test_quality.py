@@ -127,23 +127,34 @@ def test_embed_in_shards_gives_the_rows_of_one_run_and_classify_reads_them_toget
         run(cfg(tmp_path, "stage=embed", f"stage.source={STDLIB}", "num_shards=2"))  # 60 per shard, not 60
 
 
-def test_embeddings_of_two_documents_under_one_id_are_refused_within_a_shard_and_across_shards(tmp_path):
+def test_embeddings_of_two_texts_under_one_id_are_refused_within_a_shard_and_across_shards(tmp_path):
     """classify joins each annotation to its embedding row by id, and a filter on other shards than embed's each
-    document to its score: two documents of one id took one row, the other's. The ids' pass refuses them
-    before the model runs; shards that are each unique but share ids are refused where they are read together."""
+    document to its score: two texts of one id took one row, the other's. The ids' pass refuses them before the
+    model runs; shards that share an id are compared by its rows where they are read together. One text under
+    one id (The Stack's hexsha is a hash of the content; exact copies share it) is one document, accepted."""
     from phi1.data.sources import SourceError
     from phi1.quality import embed
 
-    for f, ids in enumerate((["x", "y"], ["x", "z"])):
-        (tmp_path / f"part-{f}.jsonl").write_text("".join(json.dumps({"id": i, "text": f"def f{f}{i}(): pass\n"})
-                                                          + "\n" for i in ids))
+    def write(texts):
+        for f, ids in enumerate((["x", "y"], ["x", "z"])):
+            (tmp_path / f"part-{f}.jsonl").write_text("".join(json.dumps({"id": i, "text": texts(f, i)}) + "\n"
+                                                              for i in ids))
+
+    write(lambda f, i: f"def f{f}{i}(): pass\n")
     source = f"stage.source={{name: mine, kind: jsonl, path: '{tmp_path}/part-*.jsonl'}}"
-    with pytest.raises(SourceError, match="^source 'mine': the id 'mine:x' names 2 documents; .*id_field"):
+    with pytest.raises(SourceError, match="^source 'mine': the id 'mine:x' names documents of different texts; "
+                                          ".*id_field"):
         run(cfg(tmp_path, "stage=embed", source, f"stage.output={tmp_path / 'one'}"))
     assert not (tmp_path / "one" / "embeddings.npy").exists()
     run(cfg(tmp_path, "stage=embed", source, f"stage.output={tmp_path / 'two'}", "num_shards=2"))
-    with pytest.raises(SourceError, match="two: the id 'mine:x' names 2 documents; .*delete .*two"):
+    with pytest.raises(SourceError, match=r"two: the id 'mine:x' names documents of different texts \(rows 0 and 2, "
+                                          r"of other embeddings\); .*delete .*two"):
         embed.load(tmp_path / "two")
+    write(lambda f, i: f"def f{i}(): pass\n")  # x: one text in both files
+    for out, shards in (("one", 1), ("copies", 2)):
+        assert run(cfg(tmp_path, "stage=embed", source, f"stage.output={tmp_path / out}",
+                       f"num_shards={shards}"))["documents"] == 4
+        assert embed.load(tmp_path / out)[0] == ["mine:x", "mine:y", "mine:x", "mine:z"]
 
 
 def test_classify_and_filter_read_sharded_embeddings_as_one_folder(tmp_path):

@@ -27,6 +27,7 @@ import logging
 import os
 import sys
 import sysconfig
+from array import array
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from functools import partial
@@ -227,16 +228,37 @@ def _documents(source, on_error: str, skipped: list[str], shard: int, num_shards
         raise SourceError(f"source {source.name!r}: unknown kind {kind!r}")
 
 
-def unique_ids(ids: Sequence[str], what: str, fix: str) -> None:
-    """Refuse documents that share an id: the quality stages join by id (a judgement to its document, a label to
-    its embedding row, a score to its text), so two of one id got one judgement, the other's."""
-    if len(set(ids)) == len(ids):
-        return
-    shared = [(doc_id, n) for doc_id, n in Counter(ids).items() if n > 1]
-    doc_id, n = shared[0]
-    more = f" (and {len(shared) - 1:,} more ids do)" if len(shared) > 1 else ""
-    raise SourceError(f"{what}: the id {doc_id!r} names {n} documents{more}; the quality stages join annotations, "
-                      f"embeddings and scores by id. {fix}")
+class SharedIds:
+    """Ids that name documents of different texts, which the quality stages cannot tell apart: they join by id
+    (a judgement to its document, a label to its embedding row, a score to its text), so each took the other's.
+    Documents that share an id and their text are one document to them: The Stack's hexsha is a hash of the
+    content, and its exact copies share it. 16 bytes a document (two 64-bit hashes), checked at the end."""
+
+    def __init__(self, what: str, fix: str):
+        self.what, self.fix = what, fix
+        self._ids, self._texts = array("Q"), array("Q")
+
+    def add(self, doc_id: str, text: str) -> None:
+        self._ids.append(_hash64(doc_id))
+        self._texts.append(_hash64(text))
+
+    def check(self, ids: Sequence[str]) -> None:
+        """Refuse, naming one, if an id of `ids` (the documents added, in order) names two texts."""
+        import numpy as np
+
+        id_hash, text_hash = np.frombuffer(self._ids, np.uint64), np.frombuffer(self._texts, np.uint64)
+        order = np.lexsort((text_hash, id_hash))
+        same_id = id_hash[order][1:] == id_hash[order][:-1]
+        bad = np.flatnonzero(same_id & (text_hash[order][1:] != text_hash[order][:-1]))
+        if len(bad):
+            n = len(np.unique(id_hash[order][1:][bad]))
+            raise SourceError(f"{self.what}: the id {ids[order[bad[0]]]!r} names documents of different texts"
+                              + (f" (and {n - 1:,} more ids do)" if n > 1 else "") + "; the quality stages join "
+                              f"annotations, embeddings and scores by id. {self.fix}")
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
 ID_FIX = ("Set the source's id_field to a field that is unique per row (one the rows lack names each row by its "

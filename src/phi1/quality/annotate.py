@@ -46,7 +46,10 @@ def sample(source, n: int, seed: int, cache: Path | None = None) -> list[tuple[s
         elif (j := rng.randint(0, i)) < n:
             reservoir[j] = item
     docs = [(doc_id, text) for _, doc_id, text in sorted(reservoir)]
-    sources.unique_ids([doc_id for doc_id, _ in docs], f"source {source.name!r}", sources.ID_FIX)
+    shared = sources.SharedIds(f"source {source.name!r}", sources.ID_FIX)
+    for doc_id, text in docs:
+        shared.add(doc_id, text)
+    shared.check([doc_id for doc_id, _ in docs])
     if cache is not None:
         _write_jsonl(cache, [{**key, "sampled": len(docs), "read": i + 1}, *docs])
     return docs

@@ -152,9 +152,29 @@ def load(folder: str | Path) -> tuple[list[str], Embeddings]:
             arrays.append(array)
     if not arrays:
         raise InputError(f"{folder}: no documents were embedded (the source yielded none)")
-    sources.unique_ids(ids, f"{folder}", f"Embed again (delete {folder}) with ids unique across its shards: "
-                       + sources.ID_FIX[0].lower() + sources.ID_FIX[1:])
-    return ids, Embeddings(arrays)
+    embeddings = Embeddings(arrays)
+    _check_shared_ids(folder, ids, embeddings)
+    return ids, embeddings
+
+
+def _check_shared_ids(folder, ids: list[str], embeddings: Embeddings) -> None:
+    """Each shard's ids pass refused an id naming two texts in that shard; an id in two shards is compared here by
+    its rows: the same (an exact copy, a content hash for an id, as The Stack's hexsha) is one document to classify
+    and filter, other rows are two documents that they would take for one. Batches pad differently, so equal
+    texts agree to float16's precision (~2e-3), not to the bit."""
+    if len(set(ids)) == len(ids):
+        return
+    first: dict[str, int] = {}
+    pairs = [(first[d], i) for i, d in enumerate(ids) if first.setdefault(d, i) != i]
+    a, b = embeddings.rows([i for i, _ in pairs]), embeddings.rows([j for _, j in pairs])
+    other = np.flatnonzero(np.abs(a - b).max(axis=1) > 1e-2)
+    if len(other):
+        i, j = pairs[other[0]]
+        raise sources.SourceError(
+            f"{folder}: the id {ids[i]!r} names documents of different texts (rows {i} and {j}, of other embeddings)"
+            + (f"; {len(other) - 1:,} more pairs do" if len(other) > 1 else "") + "; classify and filter join "
+            f"annotations and scores to embeddings by id. Embed again (delete {folder}) with ids unique across the "
+            "shards: " + sources.ID_FIX[0].lower() + sources.ID_FIX[1:])
 
 
 def run(cfg: DictConfig) -> dict:
@@ -197,11 +217,14 @@ def _embed(stage, out: Path, shard: int, num_shards: int) -> dict:
         # Loaded before the ids' pass (The Stack from the hub: hours): a model that cannot be loaded (a hub id
         # offline, a mistyped name) stops the job before that pass rather than after it.
         encoder = load_encoder(stage.model, device, stage.max_tokens, "stage.max_tokens")
-        ids = [doc_id for doc_id, _ in sources.documents(stage.source, shard=shard, num_shards=num_shards)]
+        shared = sources.SharedIds(f"source {stage.source.name!r}", sources.ID_FIX)
+        ids = []
+        for doc_id, text in sources.documents(stage.source, shard=shard, num_shards=num_shards):
+            ids.append(doc_id)
+            shared.add(doc_id, text)
         if progress and ids_path.read_text().splitlines() != ids:
             raise other
-    sources.unique_ids(ids, f"source {stage.source.name!r}", sources.ID_FIX
-                       + (f", then delete {out} to redo" if progress else ""))
+        shared.check(ids)
     if not ids:  # a slice without documents (a source of fewer files than shards): done, with no array
         ids_path.write_text("")
         progress_path.write_text(json.dumps({"model": stage.model, "max_tokens": stage.max_tokens, "done": 0,
