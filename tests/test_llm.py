@@ -54,6 +54,27 @@ def test_answers_are_parsed_and_cached_across_runs(make_llm, server):
     assert server.count() == 12  # other sampling parameters: another cache key
 
 
+def test_the_cache_uses_wal_on_a_local_disk_and_the_rollback_journal_where_several_hosts_mount_it(
+        make_llm, server, tmp_path, monkeypatch):
+    """WAL's index is shared memory, which processes on other hosts do not share: Slurm jobs on several nodes
+    writing one cache on NFS corrupt it (sqlite.org/wal.html). The file system is read from the mount table."""
+    import phi1.llm
+    from phi1.llm import filesystem
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/vda / ext4 rw 0 0\nserver:/export {tmp_path}/shared\\040disk nfs4 rw 0 0\n")
+    assert filesystem(tmp_path / "shared disk" / "data" / "llm_cache.sqlite", str(mounts)) == "nfs4"
+    assert filesystem(tmp_path / "shared" / "x", str(mounts)) == "ext4"  # a neighbour of the mount point, not in it
+    assert filesystem(tmp_path, str(tmp_path / "gone")) == ""  # no mount table: not Linux
+    mode = lambda llm: llm._db.execute("PRAGMA journal_mode").fetchone()[0]  # noqa: E731
+    assert mode(make_llm()) == "wal"
+    monkeypatch.setattr(phi1.llm, "filesystem", lambda path: "nfs4")
+    nfs = make_llm(cache_path=str(tmp_path / "nfs.sqlite"))
+    assert mode(nfs) == "delete" and nfs.map([("a", ask("x"))], grade) == {"a": 7}
+    assert make_llm(cache_path=str(tmp_path / "nfs.sqlite")).map([("a", ask("x"))], grade) == {"a": 7}
+    assert server.count() == 1  # cached there as here
+
+
 def test_the_same_request_in_flight_twice_is_sent_once(make_llm, server):
     # Two documents of the same text (an annotation sample, a corpus with copies): the second waits for the
     # first's answer instead of paying for its own.
