@@ -91,6 +91,58 @@ def test_an_evaluation_folder_in_use_is_refused(holder, tmp_path):
     assert not (tmp_path / "out" / "he" / "metrics.json").exists()
 
 
+def test_an_embed_filter_or_decontaminate_output_in_use_is_refused(holder, tmp_path):
+    """Two embeds of one output (a Slurm array relaunched) each embedded the whole source into one array, and one
+    that found no progress yet recreated the file the other was writing. A shard is locked alone: the shards of
+    one output run side by side."""
+    import joblib
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+    from sklearn.dummy import DummyClassifier
+
+    from conftest import CONF
+    from phi1.stages import run
+
+    code = tmp_path / "code"
+    code.mkdir()
+    for i in range(4):
+        (code / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n")
+
+    def cfg(stage, *extra):
+        source = [f"stage.source={{name: code, kind: dir, path: '{code}'}}"] if stage != "decontaminate" else []
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            return compose("prepare", overrides=[f"paths.data_dir={tmp_path}", f"paths.run_dir={tmp_path}/run",
+                                                 f"stage={stage}", *source, *extra])
+
+    emb = tmp_path / "embeddings" / "code"
+    first = holder(emb.parent / ".code.lock")
+    with pytest.raises(lock.InUse, match=rf"stage=embed output {emb} is in use by another process: pid {first.pid} "):
+        run(cfg("embed"))
+    assert not (emb / "embeddings.npy").exists()
+    shard = emb / "shards-2" / "00001"
+    second = holder(shard.parent / ".00001.lock")
+    with pytest.raises(lock.InUse, match=rf"stage=embed output {shard} is in use"):
+        run(cfg("embed", "num_shards=2"))
+    assert (emb / "shards-2" / "00000" / "embeddings.npy").exists()  # shard 0 was free
+    second.kill()
+    second.wait()
+    run(cfg("embed", "num_shards=2"))
+    labels = tmp_path / "classifier" / "code-heuristic"
+    labels.mkdir(parents=True)
+    joblib.dump(DummyClassifier(strategy="uniform").fit(np.zeros((2, 384)), [0, 1]), labels / "classifier.joblib")
+    out = tmp_path / "filtered" / "filtered-code-00000-of-00002.jsonl"
+    held = holder(out.parent / f".{out.name}.lock")
+    with pytest.raises(lock.InUse, match=rf"stage=filter output {out} is in use by another process: pid {held.pid} "):
+        run(cfg("filter", f"stage.embeddings={emb}", "num_shards=2", "shard=0", "stage.threshold=0"))
+    run(cfg("filter", f"stage.embeddings={emb}", "num_shards=2", "shard=1", "stage.threshold=0"))
+    assert not out.exists() and (out.parent / "filtered-code-00001-of-00002.jsonl").exists()
+    dec = tmp_path / "decontaminate" / "humaneval-stdlib_functions"
+    holder(dec.parent / f".{dec.name}.lock")
+    with pytest.raises(lock.InUse, match=rf"stage=decontaminate output {dec} is in use"):
+        run(cfg("decontaminate"))
+    assert not (dec / "scores.json").exists()
+
+
 @pytest.mark.parametrize("stage", ["textbooks", "exercises"])
 def test_a_synthetic_stage_in_use_is_refused_before_any_request(holder, stage, tmp_path):
     from hydra import compose, initialize_config_dir

@@ -115,9 +115,9 @@ def holder(path: str | Path) -> str | None:
 
 
 def stage_output(output: str | Path, stage: str):
-    """exclusive() for a paid data stage's output (a file, or the stem of a set of files), taken after the
-    stage's checks: two runs at once each paid for the requests in flight. The lock file is a hidden one beside
-    the output."""
+    """exclusive() for a data stage's output (a file, a folder, or the stem of a set of files), taken after the
+    stage's checks: two runs of a paid stage at once each paid for the requests in flight, and two embeds of
+    one output each embedded the whole source. The lock file is a hidden one beside the output."""
     output = Path(output)
     return exclusive(output.with_name(f".{output.name}.lock"), f"stage={stage} output {output}",
                      "give this one another stage.output")

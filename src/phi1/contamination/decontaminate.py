@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from phi1 import lock
 from phi1.config import check
 from phi1.contamination import measures
 from phi1.data import sources
@@ -223,6 +224,11 @@ def run(cfg: DictConfig) -> dict:
            ("stage.report_pairs", stage.report_pairs >= 0, "must be >= 0")])
     out = Path(stage.output)
     out.mkdir(parents=True, exist_ok=True)
+    with lock.stage_output(out, "decontaminate"):  # one process per output: its files are rewritten whole
+        return _run(stage, out)
+
+
+def _run(stage, out: Path) -> dict:
     problems = benchmarks.load(stage.benchmark)
     runs = {name: pass_rates(path, problems, f"stage.samples.{name}") for name, path in (stage.samples or {}).items()}
     taus = sorted(stage.taus, reverse=True)

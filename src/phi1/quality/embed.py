@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from phi1 import environment
+from phi1 import environment, lock
 from phi1.config import ConfigError, check
 from phi1.data import sources
 from phi1.errors import InputError, MissingInputError
@@ -194,6 +194,13 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _embed(stage, out: Path, shard: int, num_shards: int) -> dict:
+    # One process per output (shard): a second started on it (a Slurm array relaunched) embedded the whole source
+    # again into the same array, and one that found no progress yet recreated the file the first was writing.
+    with lock.stage_output(out, "embed"):
+        return _embed_unlocked(stage, out, shard, num_shards)
+
+
+def _embed_unlocked(stage, out: Path, shard: int, num_shards: int) -> dict:
     """Embed slice `shard` of `num_shards` of the source into `out`, resuming what a killed run left."""
     out.mkdir(parents=True, exist_ok=True)
     progress_path = out / "progress.json"

@@ -23,7 +23,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from phi1 import environment
+from phi1 import environment, lock
 from phi1.config import ConfigError, check
 from phi1.data import sources
 from phi1.errors import InputError, MissingInputError
@@ -116,6 +116,13 @@ def _write_shard(stage, shard: int, num_shards: int, locate, scores, keep, cut: 
     # Named after the corpus: filtering another one into the same folder (the paper's StackOverflow after The
     # Stack) adds its files beside the first one's instead of writing over those of the same shard numbers.
     name = f"filtered-{stage.source.name}-{shard:05d}-of-{num_shards:05d}.jsonl"
+    # One process per shard: two would write one temporary file at once, each over the other's lines.
+    with lock.stage_output(out / name, "filter"):
+        return _write_shard_unlocked(stage, shard, num_shards, locate, scores, keep, cut, out, name)
+
+
+def _write_shard_unlocked(stage, shard: int, num_shards: int, locate, scores, keep, cut: float, out: Path,
+                          name: str) -> dict:
     kept = in_shard = 0
     with open(out / f"{name}.tmp", "w") as f:
         docs = sources.documents(stage.source, shard=shard, num_shards=num_shards)
