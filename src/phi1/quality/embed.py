@@ -166,15 +166,16 @@ def _check_shared_ids(folder, ids: list[str], embeddings: Embeddings) -> None:
         return
     first: dict[str, int] = {}
     pairs = [(first[d], i) for i, d in enumerate(ids) if first.setdefault(d, i) != i]
-    a, b = embeddings.rows([i for i, _ in pairs]), embeddings.rows([j for _, j in pairs])
-    other = np.flatnonzero(np.abs(a - b).max(axis=1) > 1e-2)
-    if len(other):
-        i, j = pairs[other[0]]
-        raise sources.SourceError(
-            f"{folder}: the id {ids[i]!r} names documents of different texts (rows {i} and {j}, of other embeddings)"
-            + (f"; {len(other) - 1:,} more pairs do" if len(other) > 1 else "") + "; classify and filter join "
-            f"annotations and scores to embeddings by id. Embed again (delete {folder}) with ids unique across the "
-            "shards: " + sources.ID_FIX[0].lower() + sources.ID_FIX[1:])
+    for start in range(0, len(pairs), 65536):  # The Stack without its dedup: millions of copies, 3 KB a pair
+        block = pairs[start : start + 65536]
+        a, b = embeddings.rows([i for i, _ in block]), embeddings.rows([j for _, j in block])
+        if len(other := np.flatnonzero(np.abs(a - b).max(axis=1) > 1e-2)):
+            i, j = block[other[0]]
+            raise sources.SourceError(
+                f"{folder}: the id {ids[i]!r} names documents of different texts (rows {i} and {j}, of other "
+                "embeddings); classify and filter join annotations and scores to embeddings by id. Embed again "
+                f"(delete {folder}) with ids unique across the shards: " + sources.ID_FIX[0].lower()
+                + sources.ID_FIX[1:])
 
 
 def run(cfg: DictConfig) -> dict:
