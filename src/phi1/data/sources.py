@@ -261,8 +261,8 @@ def _hash64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
-ID_FIX = ("Set the source's id_field to a field that is unique per row (one the rows lack names each row by its "
-          "file and line)")
+ID_FIX = ("Set the source's id_field to a field unique to each row, or to one the rows lack: each row is then named "
+          "by its file and line")
 
 
 def require_files(source) -> list[str]:
