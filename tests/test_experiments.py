@@ -160,7 +160,10 @@ def test_run_reference_waits_for_its_base_then_resolves(tmp_path):
     # A DeepSpeed checkpoint is a folder of shards: it is ready when its `latest` file is written, after them.
     folder = out / "base" / "checkpoints" / "base-step000020.ckpt"
     (folder / "step000020-1").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="has not finished"):
+    os.utime(ckpt, (1, 1))  # older than the folder
+    # The checkpoints an unfinished run has are named, as references: an intermediate one is evaluated so.
+    with pytest.raises(FileNotFoundError, match=r"has not finished.* Its newest checkpoints: "
+                                                r"run:base/base-step000020.ckpt, run:base/base-step000010.ckpt\.$"):
         runs.resolve("run:base/base-step000020.ckpt", out, tmp_path)
     (folder / "latest").write_text("step000020-1")
     assert runs.resolve("run:base/base-step000020.ckpt", out, tmp_path) == str(folder)

@@ -44,8 +44,13 @@ def _run_target(ref: str, output_dir: Path) -> tuple[str, Path, Path]:
 
 def _other_names(name: str, output_dir: Path) -> str:
     """For a run that is not there at all: the runs under output_dir with a close name. One named as `name`
-    without its seed is a run from before the scaling and mini runs carried `-s<seed>`: say how to rename it."""
-    if (output_dir / name).exists() or not output_dir.is_dir():
+    without its seed is a run from before the scaling and mini runs carried `-s<seed>`: say how to rename it.
+    For a run there, unfinished: the checkpoints it has, which `run:<name>/<file>` names."""
+    if (output_dir / name).exists():
+        ckpts = sorted((output_dir / name / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)[-3:]
+        return (f" Its newest checkpoints: {', '.join(f'run:{name}/{p.name}' for p in reversed(ckpts))}."
+                if ckpts else "")
+    if not output_dir.is_dir():
         return ""
     unseeded = re.sub(r"-s\d+$", "", name)
     if unseeded != name and (output_dir / unseeded / "config.yaml").exists():
