@@ -11,6 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF, ROOT
+from phi1.config import ConfigError
 from phi1.eval import benchmarks as bench
 from phi1.eval.generate import HUMANEVAL_STOP, truncate
 from phi1.eval.sandbox import Limits, Sandbox
@@ -287,6 +288,39 @@ def test_generation_end_to_end_greedy_and_sampled(tmp_path, tiny_model_dir):
                                 "solution_nll=false", "ks=[1,2,5]"))
     assert sampled["eval/humaneval/samples"] == 6
     assert "eval/humaneval/pass@2" in sampled and "eval/humaneval/pass@5" not in sampled
+
+
+def test_the_solution_nll_within_a_context_predicts_each_token_from_that_many_before_it(tmp_path, tiny_model_dir):
+    """nll_context: a model trained on 256-token sequences was scored on positions it never saw (33% of
+    HumanEval's solution tokens lie past 256 with the mini reproduction's tokenizer). Each token is predicted
+    from at most nll_context - 1 tokens before it: checked token by token against a window of its own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from phi1.eval.generate import solution_nll_terms
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    problems = bench.humaneval()[:3]
+    whole = solution_nll_terms(model, tok, problems)
+    assert solution_nll_terms(model, tok, problems, context=4096) == whole  # longer than any: the same
+    context = 24
+    windowed = solution_nll_terms(model, tok, problems, context=context)
+    for p in problems:
+        prompt, solution = tok(p.prompt).input_ids, tok(p.canonical_solution).input_ids
+        ids = torch.tensor(prompt + solution)
+        nats = 0.0
+        with torch.no_grad():
+            for t in range(len(prompt), len(ids)):
+                logits = model(input_ids=ids[None, max(0, t - context + 1) : t]).logits[0, -1]
+                nats -= torch.log_softmax(logits.float(), -1)[ids[t]].item()
+        assert windowed[p.task_id][0] == pytest.approx(nats, rel=1e-4) and windowed[p.task_id][1] == len(solution)
+        assert windowed[p.task_id][0] != pytest.approx(whole[p.task_id][0], rel=1e-4)
+    metrics = evaluate(eval_cfg(tmp_path / "w", f"ckpt={tiny_model_dir}", "benchmarks.humaneval.limit=3",
+                                "nll_context=24", "generation.max_new_tokens=4"))
+    total = sum(n for n, _ in windowed.values()) / sum(k for _, k in windowed.values())
+    assert metrics["eval/humaneval/solution_nll"] == pytest.approx(total, rel=1e-6)
+    with pytest.raises(ConfigError, match="^nll_context: must be >= 2"):
+        evaluate(eval_cfg(tmp_path / "w1", f"ckpt={tiny_model_dir}", "nll_context=1"))
 
 
 def test_left_padded_batches_keep_their_mask_under_sdpa_causal(tiny_model_dir):

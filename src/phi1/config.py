@@ -301,6 +301,9 @@ class EvaluateConfig:
     allow_code_execution: bool = False
     ks: list[int] = field(default_factory=lambda: [1, 10, 100])
     solution_nll: bool = True
+    # Tokens of context the solution NLL gives each token (the sequence length the model was trained on); None:
+    # the whole prompt. phi-1 trained on 2048, longer than any HumanEval problem; the mini reproduction on 256.
+    nll_context: Optional[int] = None
     # W&B: auto (online with a key and a reachable server, else offline), online, offline or disabled
     wandb_mode: str = "auto"
     experiment_name: str = "eval"
@@ -324,6 +327,8 @@ class TrainEvalConfig:
     keep_best: Optional[str] = None
     ks: list[int] = field(default_factory=lambda: [1])
     solution_nll: bool = True
+    # As evaluate.py's nll_context (e.g. ${data.seq_len}); None: the whole prompt.
+    nll_context: Optional[int] = None
 
 
 @dataclass
@@ -770,6 +775,8 @@ def evaluation_checks(cfg: DictConfig, prefix: str = "") -> list[tuple[str, bool
         (f"{prefix}generation.batch_size", g.batch_size > 0, "must be > 0"),
         (f"{prefix}generation.backend", g.backend in GENERATION_BACKENDS, f"must be {', '.join(GENERATION_BACKENDS)}"),
         (f"{prefix}ks", len(cfg.ks) > 0 and all(k > 0 for k in cfg.ks), "must list the k of pass@k, each > 0"),
+        (f"{prefix}nll_context", cfg.nll_context is None or cfg.nll_context >= 2,
+         "must be >= 2 (tokens of context for each solution token; null: the whole prompt)"),
         *sandbox_checks(f"{prefix}sandbox", sandbox),
     ]
     for name, spec in cfg.benchmarks.items():

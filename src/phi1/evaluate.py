@@ -187,7 +187,8 @@ def _completions(model, tokenizer, spec, problems, generation, out_dir: Path, ck
 
 def evaluate_model(model, tokenizer, benchmarks, problem_sets: dict[str, list[bench.Problem]], generation,
                    sandbox: Sandbox | None, ks, out_dir: Path, solution_nll: bool = True,
-                   ckpt: str | None = None, ranks: Ranks | None = None) -> tuple[dict, dict]:
+                   ckpt: str | None = None, ranks: Ranks | None = None,
+                   nll_context: int | None = None) -> tuple[dict, dict]:
     """Every benchmark for one model: generate (when there is a sandbox to run the code), score, NLL. With
     `ranks`, the processes of a multi-device training run split the problems; rank 0 returns the metrics,
     the others nothing."""
@@ -206,7 +207,8 @@ def evaluate_model(model, tokenizer, benchmarks, problem_sets: dict[str, list[be
         generated = time.perf_counter() - t0
         nll = None
         if model is not None and solution_nll and all(p.canonical_solution for p in everyone):
-            nll = generate.solution_nll_terms(model, tokenizer, problems, progress=ranks.rank == 0)
+            nll = generate.solution_nll_terms(model, tokenizer, problems, progress=ranks.rank == 0,
+                                              context=nll_context)
         shares = ranks.gather((completions, nll))
         if shares is None:  # not rank 0
             continue
@@ -283,7 +285,8 @@ def _evaluate(cfg: DictConfig, run_dir: Path, problem_sets: dict, completions: d
                 log.info("completions are journaled in %s/<benchmark>/generations.jsonl: if this run is killed, "
                          "the same command with run_name=%s resumes it", run_dir, cfg.run_name)
             metrics, tables = evaluate_model(model, tokenizer, cfg.benchmarks, problem_sets, cfg.generation,
-                                             sandbox, cfg.ks, run_dir, cfg.solution_nll, ckpt)
+                                             sandbox, cfg.ks, run_dir, cfg.solution_nll, ckpt,
+                                             nll_context=cfg.nll_context)
     finally:
         sandbox.close()
     metrics["sandbox"] = sandbox.description

@@ -121,6 +121,7 @@ class Evaluation(Callback):
             metrics, tables = evaluate_model(
                 model, trainer.datamodule.tokenizer, self.cfg.benchmarks, self.problems, self.cfg.generation,
                 self.sandbox, self.cfg.ks, out_dir, self.cfg.solution_nll, ranks=self._ranks(trainer),
+                nll_context=self.cfg.nll_context,
             )
         model.train(training)
         if trainer.is_global_zero:
