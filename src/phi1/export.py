@@ -25,10 +25,11 @@ def replaceable(out: Path) -> None:
     if not out.is_dir():
         raise InputError(f"{out}: a file; the export is a folder: choose a new one")
     entries = list(out.iterdir())
-    if entries and (not (out / "config.json").is_file() or any(e.is_dir() for e in entries)):
-        raise InputError(f"{out}: not empty and not an HF export (" + ("it has subfolders" if (out / "config.json")
-                         .is_file() else "no config.json") + "); the export replaces its folder whole: choose a new "
-                         "or empty folder")
+    why = ("no config.json" if entries and not (out / "config.json").is_file()
+           else "it has subfolders" if any(e.is_dir() for e in entries) else None)
+    if why:
+        raise InputError(f"{out}: not empty and not an HF export ({why}); the export replaces its folder whole: "
+                         "choose a new or empty folder")
 
 
 def export_hf(module, tokenizer_dir: Path, out: Path) -> Path:

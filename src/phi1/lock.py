@@ -1,4 +1,4 @@
-"""One process at a time per output: a run's folder (train.py, evaluate.py) or a paid data stage's output.
+"""One process at a time per output: a run's folder (train.py, evaluate.py) or a data stage's output.
 
 A second process given the same output while the first still runs (a sweep relaunched before it ended, a
 command started again in another terminal) is refused at once, naming the first. Before, both wrote the same

@@ -174,8 +174,7 @@ def _check_shared_ids(folder, ids: list[str], embeddings: Embeddings) -> None:
             raise sources.SourceError(
                 f"{folder}: the id {ids[i]!r} names documents of different texts (rows {i} and {j}, of other "
                 "embeddings); classify and filter join annotations and scores to embeddings by id. Embed again "
-                f"(delete {folder}) with ids unique across the shards: " + sources.ID_FIX[0].lower()
-                + sources.ID_FIX[1:])
+                f"(delete {folder}) with ids unique across the shards. {sources.ID_FIX}")
 
 
 def run(cfg: DictConfig) -> dict:
