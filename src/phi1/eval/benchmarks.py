@@ -53,6 +53,9 @@ def _humaneval_problem(row: dict, where: str) -> Problem:
     for key in ("task_id", "prompt", "test", "entry_point", "canonical_solution"):
         if key in row and not isinstance(row[key], str):
             raise BenchmarkError(f"{where}: {key} is {type(row[key]).__name__}, not a string (HumanEval's format)")
+    if not row["prompt"]:  # nothing to condition on: generation and the solution NLL need a first token
+        raise BenchmarkError(f"{where}: prompt is empty; a problem is a prompt the model completes (HumanEval's: the"
+                             " function's signature and docstring)")
     return Problem(row["task_id"], row["prompt"], f"{row['test']}\n\ncheck({row['entry_point']})",
                    row.get("canonical_solution", ""), row["entry_point"])
 
