@@ -347,6 +347,29 @@ def test_a_resolvers_error_is_one_message_without_a_traceback(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "tau: not set; data=codeexercises_pruned reads the set pruned at τ: give tau=0.95" in r.stderr
     assert "InterpolationResolutionError" not in r.stderr
+    # The run folder's log says why it stopped too (it ended at its last progress line; a cluster job's reason lay
+    # in the scheduler's files), as one line, without the traceback the terminal was spared.
+    log = next((tmp_path / "out").glob("*/train.log")).read_text()
+    assert log.splitlines()[-1].endswith("[phi1][ERROR] - stopped: tau: not set; data=codeexercises_pruned reads the "
+                                         "set pruned at τ: give tau=0.95 (or 0.90, 0.85, 0.80), as experiment=pruning"
+                                         " does")
+
+
+def test_a_bugs_traceback_goes_to_the_log_file_and_the_terminal_keeps_its_own(tmp_path):
+    import logging
+
+    from phi1.errors import unwrapped
+
+    handler = logging.FileHandler(tmp_path / "train.log")
+    logging.getLogger().addHandler(handler)
+    try:
+        with pytest.raises(ZeroDivisionError), unwrapped():
+            1 / 0
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    text = (tmp_path / "train.log").read_text()
+    assert text.startswith("stopped: division by zero\nTraceback") and "ZeroDivisionError" in text
 
 
 def test_deepspeed_trainer_builds_its_strategy(tmp_path):

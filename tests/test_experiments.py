@@ -4,6 +4,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from omegaconf import OmegaConf
 from conftest import CONF, ROOT, make_cfg
 from phi1 import runs
 from phi1.config import plan, validate
+from phi1.errors import InputError, unwrapped
 
 SPECS = sorted((ROOT / "sweeps").glob("*.yaml"))
 
@@ -649,6 +651,27 @@ def test_report_names_the_runs_it_leaves_out_unfinished_running_or_stopped(tmp_p
     assert f"1 runs running now, not in the report yet: training (pid {running.pid} on " in log
     assert "1 runs stopped before their end, not in the report: killed. Rerun each with" in log
     assert "1 finished runs" in log
+    # A run that failed says why: its log ends with the error (phi1.errors), where a killed run's log just stops.
+    for name in ("refused", "resumed"):
+        _fake_run(out, name, {**config, "data": {"name": "stdlib_exercises"}}, {}).joinpath("metrics.json").unlink()
+        handler = logging.FileHandler(out / name / "train.log")  # as Hydra's job logging writes it
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        logging.getLogger().addHandler(handler)
+        try:
+            with pytest.raises(InputError), unwrapped():
+                raise InputError("init_from: run:base does not fit model=tiny_wide")
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    with open(out / "resumed" / "train.log", "a") as f:  # a later launch, killed after its first records
+        f.write("[2026-01-01 00:00:00,000][phi1.train][INFO] - plan: 2 steps\n")
+    proc = subprocess.run([sys.executable, "report.py"], cwd=ROOT, env=env, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    assert "1 runs failed, not in the report: refused (init_from: run:base does not fit model=tiny_wide). " \
+           "Each log's last error says what to fix" in log
+    assert "2 runs stopped before their end, not in the report: killed, resumed. Rerun each with" in log
+    for name in ("refused", "resumed"):
+        shutil.rmtree(out / name)
     for i in range(11):  # a long list is cut short
         _fake_run(out, f"failed{i:02d}", {}, {}).joinpath("metrics.json").unlink()
     proc = subprocess.run([sys.executable, "report.py"], cwd=ROOT, env=env, capture_output=True, text=True)

@@ -8,6 +8,7 @@ from the builtin error it stands for, so that callers catching ValueError or Fil
 Bugs keep their tracebacks.
 """
 
+import logging
 from contextlib import contextmanager
 
 from hydra.errors import CompactHydraException
@@ -26,17 +27,37 @@ class MissingInputError(Phi1Error, FileNotFoundError):
     """A file, run or checkpoint that the command needs does not exist (yet)."""
 
 
+# The line a command's log file gets when it stops on an error; report.py finds it in a stopped run's log.
+STOPPED = "stopped: "
+
+
+def _to_log_files(e: Exception) -> None:
+    """Hydra prints an error to the terminal alone: a run folder's log (train.log, evaluate.log) ended at its
+    last progress line, and a cluster job's reason lay in a scheduler file elsewhere. The error goes to the log
+    files (the root logger's file handlers), its traceback too where it is a bug, and not to the terminal,
+    which Hydra's report already gets."""
+    record = logging.LogRecord("phi1", logging.ERROR, __file__, 0, f"{STOPPED}%s", (e,),
+                               None if isinstance(e, Phi1Error) else (type(e), e, e.__traceback__))
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 @contextmanager
 def unwrapped():
     """An error raised while OmegaConf resolves an interpolation (a resolver's, such as `${phi1.tau:${tau}}`
     without tau) reaches Hydra wrapped in OmegaConf's own, and Hydra prints that with a traceback: the entry
-    points re-raise ours bare."""
+    points re-raise ours bare. Every error is also written to the command's log file."""
     try:
         yield
     except InterpolationResolutionError as e:
         cause = e.__cause__ or e.__context__
         while isinstance(cause, InterpolationResolutionError):  # OmegaConf wraps once per level of nesting
             cause = cause.__cause__ or cause.__context__
+        _to_log_files(cause if isinstance(cause, Phi1Error) else e)
         if isinstance(cause, Phi1Error):
             raise cause.with_traceback(None) from None
+        raise
+    except Exception as e:
+        _to_log_files(e)
         raise

@@ -40,7 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from phi1 import environment, lock  # noqa: E402
+from phi1 import environment, errors, lock  # noqa: E402
 from phi1.contamination.decontaminate import PAPER_TABLE3, pass_rates  # noqa: E402
 from phi1.errors import InputError, MissingInputError, Phi1Error  # noqa: E402
 
@@ -125,30 +125,50 @@ class Run:
         return node
 
 
+def _failure(folder: Path) -> str | None:
+    """What stopped a run folder's last launch, when it stopped on an error: the error line its log got
+    (phi1.errors), if no record follows it; None for a run killed (a signal, preemption) or still to start."""
+    logs = sorted(folder.glob("*.log"), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        return None
+    records = [line for line in logs[-1].read_text(errors="replace").splitlines() if line.startswith("[")]
+    last = records[-1] if records else ""
+    if f"[ERROR] - {errors.STOPPED}" not in last:
+        return None
+    reason = last.split(f"[ERROR] - {errors.STOPPED}", 1)[1]
+    return reason if len(reason) <= 160 else reason[:157] + "..."
+
+
 def unfinished_runs(runs_dir: Path) -> tuple[list[str], list[str]]:
     """The run folders left out of the report for want of a metrics.json: those running now (named with their
-    lock's holder, phi1.lock) and those that stopped before their end (killed, preempted, failed). Before, a
-    figure drawn mid-sweep lacked its unfinished cells without a word."""
-    running, stopped = [], []
+    lock's holder, phi1.lock), those that failed (with the error their log ends with) and those that stopped
+    before their end otherwise (killed, preempted). Before, a figure drawn mid-sweep lacked its unfinished cells
+    without a word."""
+    running, stopped, failed = [], [], []
     for config in sorted(Path(runs_dir).glob("*/config.yaml")):
         folder = config.parent
         if (folder / "metrics.json").exists():
             continue
         if who := lock.holder(folder / ".lock"):
             running.append(f"{folder.name} ({who.split(': ', 1)[0]})")
+        elif reason := _failure(folder):
+            failed.append(f"{folder.name} ({reason})")
         else:
             stopped.append(folder.name)
 
-    def listed(names: list[str]) -> str:
-        return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    def listed(names: list[str], sep: str = ", ") -> str:
+        return sep.join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
 
     if running:
         log.info("%d runs running now, not in the report yet: %s", len(running), listed(running))
+    if failed:
+        log.warning("%d runs failed, not in the report: %s. Each log's last error says what to fix; then rerun",
+                    len(failed), listed(failed, "; "))
     if stopped:
         log.warning("%d runs stopped before their end, not in the report: %s. Rerun each with the overrides that "
                     "started it (train.py: its overrides.yaml, and ckpt_path=last; evaluate.py: the same command)",
                     len(stopped), listed(stopped))
-    return running, stopped
+    return running, stopped + failed
 
 
 def local_runs(runs_dir: Path) -> list[Run]:
