@@ -380,6 +380,26 @@ def test_report_averages_a_cells_seeds_and_counts_each_ordering_seed_by_seed(tmp
     assert "Same in every run: python 3.11.9, phi1 commit abc, devices CPU, torch 2.13.0." in md
     assert "- transformers: 5.22.0 (1 run), 5.23.0 (17 runs)" in md
     assert result["environment_differences"] == {"transformers": "5.22.0 (1 run), 5.23.0 (17 runs)"}
+    assert "pass@1 in %, greedy;" in md and "Evaluated alike: nll_context the whole prompt." in md
+
+    # One seed evaluated by sampling, 10 a problem: its pass@1 is not a greedy one, which the caption said of all.
+    for d in out.iterdir():
+        if (d / "config.yaml").exists():
+            config = yaml.safe_load((d / "config.yaml").read_text())
+            sampled = d.name == "mini-tiny-stdlib_filtered-s2"
+            config["evaluation"] = {
+                "allow_code_execution": True, "solution_nll": True, "nll_context": 256,
+                "generation": {"n": 10 if sampled else 1, "temperature": 0.8 if sampled else 0.0, "top_p": 0.95,
+                               "max_new_tokens": 384},
+                "sandbox": {"timeout": 5.0, "memory_mb": 4096}, "benchmarks": {"humaneval": {"stop": ["\ndef"]}}}
+            (d / "config.yaml").write_text(yaml.safe_dump(config))
+    report = _report(tmp_path)
+    md = (report / "mini_fig2_1.md").read_text()
+    assert "pass@1 in %, sampled (generation.temperature > 0) in some runs: see Environment;" in md
+    assert "- evaluation generation.temperature: 0.0 (17 runs), 0.8 (1 run)" in md
+    assert "- evaluation generation.n: 1 (17 runs), 10 (1 run)" in md
+    assert 'Evaluated alike: generation.top_p 0.95, generation.max_new_tokens 384, sandbox.timeout 5.0, ' \
+           'sandbox.memory_mb 4096, benchmarks.humaneval.stop ["\\ndef"], nll_context 256.' in md
 
 
 def _csv_log(run_dir, version: int, text: str):

@@ -121,7 +121,11 @@ def differences(envs: dict[str, list[dict]]) -> dict[str, str]:
     """For runs {name: the environments it was made in}, each setting that is not the same in all of them:
     {"transformers": "5.22.0 (3 runs), 5.23.0 (15 runs)"}. A run without a record counts as "unknown", one
     resumed in another environment as "<old> then <new>", an uninstalled package as "–"."""
-    flat = {name: [flatten(e) for e in history] for name, history in envs.items()}
+    return count_differences({name: [flatten(e) for e in history] for name, history in envs.items()})
+
+
+def count_differences(flat: dict[str, list[dict[str, str]]]) -> dict[str, str]:
+    """differences() for any flat settings: {run name: its settings, oldest first}."""
     keys = sorted({k for history in flat.values() for e in history for k in e})
     found = {}
     for key in keys:

@@ -219,16 +219,54 @@ def wandb_runs(path: str, cache: Path | None = None) -> list[Run]:
     return runs
 
 
+# What an evaluation was made with that moves its numbers (phi1.config's GenerationConfig, SandboxConfig):
+# pass@1 greedy or sampled, completions cut at 384 tokens or fewer, a sample killed at 5 s or 3.
+GENERATION_SETTINGS = ("generation.n", "generation.temperature", "generation.top_p", "generation.max_new_tokens",
+                       "sandbox.timeout", "sandbox.memory_mb")
+
+
+def evaluation_settings(run: Run) -> dict[str, str]:
+    """{"evaluation generation.temperature": "0.0", ...}: a run's evaluation settings that change its pass@k
+    (when it generated: code execution allowed, no samples= file) and its solution NLL (the context)."""
+    prefix = "" if run.get("allow_code_execution") is not None else "evaluation."  # evaluate.py's; train.py's
+    settings = {}
+    if run.get(prefix + "allow_code_execution") and not run.get("samples"):
+        settings.update({key: run.get(prefix + key) for key in GENERATION_SETTINGS})
+        for name, spec in (run.get(prefix + "benchmarks") or {}).items():
+            if isinstance(spec, dict):
+                settings[f"benchmarks.{name}.stop"] = spec.get("stop")
+    if run.get(prefix + "solution_nll", True) and (prefix or run.get("ckpt")):  # samples= alone: no model, no NLL
+        settings["nll_context"] = run.get(prefix + "nll_context") or "the whole prompt"
+    return {f"evaluation {k}": json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in settings.items()}
+
+
+def _pass_at_1(runs: list[Run]) -> str:
+    """How the caption names the pass@1: "greedy" only where every run that generated decoded greedily."""
+    temperatures = {evaluation_settings(r).get("evaluation generation.temperature") for r in runs} - {None}
+    if temperatures <= {"0", "0.0"}:
+        return "pass@1 in %, greedy"
+    return "pass@1 in %, sampled (generation.temperature > 0) in some runs: see Environment"
+
+
 def _environment(runs: list[Run]) -> tuple[list[str], dict]:
-    """The markdown lines saying what the runs behind a figure ran on, and {setting: how it differs}: runs
-    made with other library versions can differ by that alone (phi1.environment)."""
+    """The markdown lines saying what the runs behind a figure ran on and were evaluated with, and {setting: how
+    it differs}: runs made with other library versions, or scored with other generation settings (pass@1
+    sampled beside greedy), can differ by that alone (phi1.environment)."""
     envs = {r.name: r.environments for r in runs}
+    settings = {r.name: evaluation_settings(r) for r in runs}
+    diffs = {**environment.differences(envs),
+             **environment.count_differences({name: [s] for name, s in settings.items()})}
     recorded = [history[-1] for history in envs.values() if history]
-    if not recorded:
-        return ["", "## Environment", "", "Not recorded: the runs predate environment.json."], {}
-    diffs = environment.differences(envs)
-    same = {k: v for k, v in environment.flatten(recorded[0]).items() if k not in diffs and v != "not recorded"}
-    lines = ["", "## Environment", "", "Same in every run: " + ", ".join(f"{k} {v}" for k, v in same.items()) + "."]
+    lines = ["", "## Environment", ""]
+    if recorded:
+        same = {k: v for k, v in environment.flatten(recorded[0]).items() if k not in diffs and v != "not recorded"}
+        lines.append("Same in every run: " + ", ".join(f"{k} {v}" for k, v in same.items()) + ".")
+    else:
+        lines.append("Not recorded: the runs predate environment.json.")
+    alike = {k: v for k, v in next(iter(settings.values()), {}).items() if k not in diffs}
+    if alike:
+        lines += ["", "Evaluated alike: " + ", ".join(f"{k.removeprefix('evaluation ')} {v}"
+                                                      for k, v in alike.items()) + "."]
     if diffs:
         lines += ["", "**Not the same in every run** (numbers can differ for this reason alone):", "",
                   *(f"- {k}: {v}" for k, v in diffs.items())]
@@ -309,6 +347,7 @@ def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
         log.info("Figure 2.1 (%s): no runs; make them with `python train.py +sweep=%s`", experiment, experiment)
         return None
     groups = sorted({(m, b) for m, b, _ in cells}, key=lambda g: (_group_size(cells, g), g[1]))
+    behind = [r for seeds in cells.values() for r in seeds.values()]
     rows, table = [], {}
     for m, b in groups:
         for arm, label in arms.items():
@@ -327,7 +366,7 @@ def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
         "" if experiment == "scaling" else f" ({experiment} reproduction)")
     paper_hours = {g: PAPER_FIG21_GPU_HOURS.get(g) for g in groups} if experiment == "scaling" else {}
     md = [f"# {title}", "",
-          "pass@1 in %, greedy; solution NLL = mean per-token negative log-likelihood of the canonical solutions "
+          f"{_pass_at_1(behind)}; solution NLL = mean per-token negative log-likelihood of the canonical solutions "
           "(lower is better); device-hours = the run's training wall clock × devices, over all its resumes; "
           "passes = how many times the run read its training data (a finetune: its own data), the repetition "
           "the paper's budgets imply (phi-1-base: 51B tokens, ~8 passes over CodeTextbook's ~7B). "
@@ -341,7 +380,7 @@ def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
           "Each comparison pairs the two cells' runs of the same seed (same initialisation and data order) and "
           "counts the seeds where the paper's ordering holds; the difference is the mean ± sd over those seeds.",
           "", *(o["line"] for o in orderings)]
-    env_lines, env_diffs = _environment([r for seeds in cells.values() for r in seeds.values()])
+    env_lines, env_diffs = _environment(behind)
     (out / f"{prefix}fig2_1.md").write_text("\n".join(md + env_lines) + "\n")
     labels = [_group_label(cells, g, paper_hours.get(g)) for g in groups]
     _bars(out / f"{prefix}fig2_1.png", title, groups, labels, arms, table, show_nll=experiment != "scaling")
@@ -769,7 +808,7 @@ def emergence(runs: list[Run], out: Path) -> dict | None:
                     "unconventional_score": None if score is None else 10.0 * score,  # 0-10 -> the paper's 0-100
                     "paper": PAPER_EMERGENCE.get(m), "run": r.where}
     md = ["# Emergence: phi-1-small, phi-1-base, phi-1 (paper §3-4)", "",
-          "pass@1 in %, greedy; unconventional score = mean GPT grade × 10 (the paper's scale). Paper in brackets. "
+          f"{_pass_at_1(list(evals.values()))}; unconventional score = mean GPT grade × 10 (the paper's scale). Paper in brackets. "
           + PARTIAL_NOTE, "",
           "| model | HumanEval | MBPP | unconventional pass@1 | unconventional score | run |", "|---|---|---|---|---|---|"]
     for m, v in table.items():
