@@ -808,7 +808,8 @@ def emergence(runs: list[Run], out: Path) -> dict | None:
                     "unconventional_score": None if score is None else 10.0 * score,  # 0-10 -> the paper's 0-100
                     "paper": PAPER_EMERGENCE.get(m), "run": r.where}
     md = ["# Emergence: phi-1-small, phi-1-base, phi-1 (paper §3-4)", "",
-          f"{_pass_at_1(list(evals.values()))}; unconventional score = mean GPT grade × 10 (the paper's scale). Paper in brackets. "
+          f"{_pass_at_1(list(evals.values()))}; unconventional score = mean GPT grade × 10 (the paper's scale). "
+          "Paper in brackets. "
           + PARTIAL_NOTE, "",
           "| model | HumanEval | MBPP | unconventional pass@1 | unconventional score | run |", "|---|---|---|---|---|---|"]
     for m, v in table.items():
