@@ -299,6 +299,11 @@ def test_sigterm_saves_the_step_in_progress_and_stops(uninterrupted, tmp_path, d
     assert stopped.returncode == 1, stopped.stderr[-2000:]
     checkpoints = tmp_path / "stopped" / "checkpoints"
     assert "stopped by SIGTERM after step 7" in stopped.stderr and "resume with ckpt_path=last" in stopped.stderr
+    # The run folder's log says so too (a preempted job's terminal is a scheduler file elsewhere), once, and not
+    # as an error: report.py counts the run among those to resume, not those that failed.
+    last_record = (tmp_path / "stopped" / "train.log").read_text().splitlines()[-1]
+    assert "[phi1][WARNING] - stopped by SIGTERM after step 7" in last_record, last_record
+    assert (stopped.stdout + stopped.stderr).count("stopped by SIGTERM after step 7") == 1
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step000004.ckpt"]
     assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 7
     assert not (tmp_path / "stopped" / "metrics.json").exists()

@@ -20,7 +20,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 
-from phi1 import atomic
+from phi1 import atomic, errors
 from phi1.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
@@ -183,8 +183,10 @@ class ModelCheckpoint(LightningModelCheckpoint):
         trainer._logger_connector.update_train_step_metrics()
         names = ", ".join(signal.Signals(s).name for s in self._received) or "a signal to another rank"
         self._pass_on_signals()
-        raise SystemExit(f"stopped by {names} after step {trainer.global_step}, saved in {self.dirpath}: "
-                         "resume with ckpt_path=last")
+        message = (f"stopped by {names} after step {trainer.global_step}, saved in {self.dirpath}: resume with "
+                   "ckpt_path=last")
+        errors.to_log_files(logging.WARNING, message)  # the terminal gets it from SystemExit
+        raise SystemExit(message)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore_handlers()

@@ -31,16 +31,20 @@ class MissingInputError(Phi1Error, FileNotFoundError):
 STOPPED = "stopped: "
 
 
-def _to_log_files(e: Exception) -> None:
-    """Hydra prints an error to the terminal alone: a run folder's log (train.log, evaluate.log) ended at its
-    last progress line, and a cluster job's reason lay in a scheduler file elsewhere. The error goes to the log
-    files (the root logger's file handlers), its traceback too where it is a bug, and not to the terminal,
-    which Hydra's report already gets."""
-    record = logging.LogRecord("phi1", logging.ERROR, __file__, 0, f"{STOPPED}%s", (e,),
-                               None if isinstance(e, Phi1Error) else (type(e), e, e.__traceback__))
+def to_log_files(level: int, message: str, exc_info=None) -> None:
+    """A record for the log files alone (the root logger's file handlers: train.log, evaluate.log), not the
+    terminal, for what the terminal already gets another way (Hydra's report of an error, a SystemExit's
+    message): a run folder's log ended at its last progress line, and a cluster job's reason lay in a scheduler
+    file elsewhere."""
+    record = logging.LogRecord("phi1", level, __file__, 0, "%s", (message,), exc_info)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
+
+
+def _to_log_files(e: Exception) -> None:
+    """The error that stops a command, and its traceback where it is a bug."""
+    to_log_files(logging.ERROR, f"{STOPPED}{e}", None if isinstance(e, Phi1Error) else (type(e), e, e.__traceback__))
 
 
 @contextmanager
