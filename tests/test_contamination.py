@@ -5,6 +5,7 @@ import json
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from conftest import CONF
 from openai_server import FakeOpenAI
@@ -190,6 +191,30 @@ def test_a_rerun_reuses_the_scores_unless_what_they_depend_on_changed(planted, m
     run(other)
     run(other)
     assert len(calls) == 1
+
+
+def test_the_embedding_measure_runs_on_a_gpu_where_one_is_visible_unless_told(monkeypatch):
+    """stage.embed.device was "cpu" by default: the paper's CodeGen-350M over 879.5K exercises ran on the CPU of
+    a GPU machine, where stage=embed picks CUDA itself."""
+    import torch
+
+    from phi1.contamination import decontaminate
+    from phi1.quality import embed
+
+    chosen = []
+
+    def load_encoder(name, device, max_tokens, key):
+        chosen.append(device)
+        raise RuntimeError("enough")
+
+    monkeypatch.setattr(embed, "load_encoder", load_encoder)
+    cfg = OmegaConf.create({"model": "m", "device": None, "max_tokens": 16, "batch_size": 2})
+    for visible, device, expected in ((True, None, "cuda"), (False, None, "cpu"), (True, "cpu", "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: visible)
+        cfg.device = device
+        with pytest.raises(RuntimeError, match="enough"):
+            decontaminate._Embedder(cfg, [])
+    assert chosen == ["cuda", "cpu", "cpu"]
 
 
 def test_the_50_unconventional_problems_pass_with_their_solutions_and_fail_without():

@@ -448,7 +448,10 @@ class _Embedder:
         from phi1.quality.embed import embed_texts, load_encoder
 
         self.cfg = cfg
-        self.model, self.tokenizer = load_encoder(cfg.model, cfg.device, cfg.max_tokens, "stage.embed.max_tokens")
+        import torch
+
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.tokenizer = load_encoder(cfg.model, device, cfg.max_tokens, "stage.embed.max_tokens")
         self._embed = embed_texts
         self.problems = self._batch([_problem_code(p) for p in problems])
         self.dir = tempfile.mkdtemp(prefix="phi1-embed-")
