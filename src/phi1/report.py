@@ -28,6 +28,7 @@ import functools
 import itertools
 import json
 import logging
+import os
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -131,7 +132,10 @@ def _failure(folder: Path) -> str | None:
     logs = sorted(folder.glob("*.log"), key=lambda p: p.stat().st_mtime)
     if not logs:
         return None
-    records = [line for line in logs[-1].read_text(errors="replace").splitlines() if line.startswith("[")]
+    with open(logs[-1], "rb") as f:  # its end: a long run's log can be large, and only the last record matters
+        f.seek(max(0, f.seek(0, os.SEEK_END) - (64 << 10)))
+        tail = f.read().decode("utf-8", "replace")
+    records = [line for line in tail.splitlines() if line.startswith("[")]
     last = records[-1] if records else ""
     if f"[ERROR] - {errors.STOPPED}" not in last:
         return None
