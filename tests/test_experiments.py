@@ -692,6 +692,19 @@ def test_report_names_the_runs_it_leaves_out_unfinished_running_or_stopped(tmp_p
     assert "2 runs stopped before their end, not in the report: killed, resumed. Rerun each with" in log
     for name in ("refused", "resumed"):
         shutil.rmtree(out / name)
+    # A finetune cell whose base never finished fails before it writes its config: named from its log and
+    # Hydra's record of the launch. A mistyped command of no figure's experiment is not.
+    for args in (["experiment=mini_exercises", "seed=9"], ["run_name=typo", "seed=-1"]):
+        proc = subprocess.run([sys.executable, "train.py", *args, f"paths.output_dir={out}", "logger=csv"], cwd=ROOT,
+                              env={**env, "PHI1_DATA_DIR": str(tmp_path / "data")}, capture_output=True, text=True)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+    assert not (out / "mini-tiny-stdlib_exercises-s9" / "config.yaml").exists() and (out / "typo").is_dir()
+    proc = subprocess.run([sys.executable, "report.py"], cwd=ROOT, env=env, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    assert "1 runs failed, not in the report: mini-tiny-stdlib_exercises-s9 (init_from=run:mini-tiny-stdlib_filtered-" \
+           "s9: " in log and "typo" not in log
+    shutil.rmtree(out / "mini-tiny-stdlib_exercises-s9")
+    shutil.rmtree(out / "typo")
     for i in range(11):  # a long list is cut short
         _fake_run(out, f"failed{i:02d}", {}, {}).joinpath("metrics.json").unlink()
     proc = subprocess.run([sys.executable, "report.py"], cwd=ROOT, env=env, capture_output=True, text=True)

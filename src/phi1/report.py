@@ -73,6 +73,7 @@ ARMS = {
 # The metric a scaling figure's orderings are judged by, and whether higher is better: pass@1 at the paper's
 # scale; the solution NLL at the mini scale, where pass@1 is 0 for every run.
 PRIMARY = {"scaling": ("pass@1", True), "mini": ("solution_nll", False)}
+FIGURE_EXPERIMENTS = {*ARMS, "emergence", "pruning"}  # the experiment_name of every run a figure or table draws
 # The evaluated run an emergence run points at (ckpt=run:<name>...) -> the paper's model name.
 EMERGENCE_MODELS = {"phi1_small": "phi-1-small", "phi1_base": "phi-1-base", "phi1": "phi-1"}
 # Paper §3's two comparisons: what finetuning on CodeExercises changed (phi-1 against phi-1-base, its weights
@@ -126,6 +127,17 @@ class Run:
         return node
 
 
+def _launched_experiment(folder: Path) -> str | None:
+    """The experiment_name of a run folder's last launch, from Hydra's record of it (.hydra/<time>/config.yaml),
+    which is written before the command checks anything."""
+    launches = sorted(folder.glob(".hydra/*/config.yaml"))
+    try:
+        config = yaml.safe_load(launches[-1].read_text()) if launches else None
+    except yaml.YAMLError:
+        return None
+    return config.get("experiment_name") if isinstance(config, dict) else None
+
+
 def _failure(folder: Path) -> str | None:
     """What stopped a run folder's last launch, when it stopped on an error: the error line its log got
     (phi1.errors), if no record follows it; None for a run killed (a signal, preemption) or still to start."""
@@ -149,15 +161,19 @@ def unfinished_runs(runs_dir: Path) -> tuple[list[str], list[str]]:
     before their end otherwise (killed, preempted). Before, a figure drawn mid-sweep lacked its unfinished cells
     without a word."""
     running, stopped, failed = [], [], []
-    for config in sorted(Path(runs_dir).glob("*/config.yaml")):
-        folder = config.parent
+    # A cell of a figure's sweep that failed before writing its config (a finetune whose base cell never finished)
+    # has only its log and Hydra's record of the launch: named too. Not every mistyped command's folder.
+    folders = {p.parent for p in Path(runs_dir).glob("*/config.yaml")}
+    folders |= {p.parent for name in ("train.log", "evaluate.log") for p in Path(runs_dir).glob(f"*/{name}")
+                if _launched_experiment(p.parent) in FIGURE_EXPERIMENTS}
+    for folder in sorted(folders):
         if (folder / "metrics.json").exists():
             continue
         if who := lock.holder(folder / ".lock"):
             running.append(f"{folder.name} ({who.split(': ', 1)[0]})")
         elif reason := _failure(folder):
             failed.append(f"{folder.name} ({reason})")
-        else:
+        elif (folder / "config.yaml").exists():
             stopped.append(folder.name)
 
     def listed(names: list[str], sep: str = ", ") -> str:
