@@ -445,11 +445,11 @@ class _Embedder:
     """Embeddings of the training items (memory-mapped float16) and of the problems; nearest by L2."""
 
     def __init__(self, cfg, problems):
+        import torch
+
         from phi1.quality.embed import embed_texts, load_encoder
 
         self.cfg = cfg
-        import torch
-
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.tokenizer = load_encoder(cfg.model, device, cfg.max_tokens, "stage.embed.max_tokens")
         self._embed = embed_texts
