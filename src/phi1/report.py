@@ -149,13 +149,13 @@ def _failure(folder: Path) -> str | None:
         tail = f.read().decode("utf-8", "replace")
     records = [line for line in tail.splitlines() if line.startswith("[")]
     last = records[-1] if records else ""
-    if f"[ERROR] - {errors.STOPPED}" not in last:
+    _, marker, reason = last.partition(f"[ERROR] - {errors.STOPPED}")
+    if not marker:
         return None
-    reason = last.split(f"[ERROR] - {errors.STOPPED}", 1)[1]
     return reason if len(reason) <= 160 else reason[:157] + "..."
 
 
-def unfinished_runs(runs_dir: Path) -> tuple[list[str], list[str]]:
+def unfinished_runs(runs_dir: Path) -> None:
     """The run folders left out of the report for want of a metrics.json: those running now (named with their
     lock's holder, phi1.lock), those that failed (with the error their log ends with) and those that stopped
     before their end otherwise (killed, preempted). Before, a figure drawn mid-sweep lacked its unfinished cells
@@ -188,7 +188,6 @@ def unfinished_runs(runs_dir: Path) -> tuple[list[str], list[str]]:
         log.warning("%d runs stopped before their end, not in the report: %s. Rerun each with the overrides that "
                     "started it (train.py: its overrides.yaml, and ckpt_path=last; evaluate.py: the same command)",
                     len(stopped), listed(stopped))
-    return running, stopped + failed
 
 
 def local_runs(runs_dir: Path) -> list[Run]:
