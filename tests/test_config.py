@@ -265,6 +265,8 @@ def test_a_warmup_as_long_as_the_run_is_named(tmp_path, caplog):
     ("trainer.devices=0", "trainer.devices=0: must be >= 1, a non-empty list of ids, or 'auto'"),
     ("trainer.devices=[]", "trainer.devices=[]: must be >= 1"),
     ("trainer.precision=fp8", "trainer.precision: must be one of 32-true, bf16-mixed, 16-mixed, bf16-true,"),
+    # Lightning trained these in bf16, under the name 16-mixed in config.yaml, the report and W&B.
+    ("trainer.precision=16-mixed", "trainer.precision: 16-mixed: the CPU has no fp16 autocast"),
     # A nested folder: `run:exp/a` read as run exp's checkpoint a, and report.py left the run out.
     ("run_name=exp/a", "run_name: 'exp/a' must be one folder's name under paths.output_dir, without a slash"),
     ("run_name=..", "run_name: '..' must be one folder's name"),

@@ -419,6 +419,45 @@ def test_a_resume_with_other_training_settings_is_refused_naming_them(pretrained
     assert "optim.lr: 0.003 in the checkpoint, 0.01 now" in caplog.text
 
 
+def test_a_finished_run_trained_on_says_what_its_new_budget_does_to_the_lr(pretrained, small_cfg, tmp_path, caplog):
+    """A larger budget rebuilds the LR schedule: the 24-step run had decayed to LR 0, and it trains on at
+    (48 - 24) / (48 - 3) of the peak. That is said; and its metrics.json, which said the run had finished (to
+    report.py, to a finetune waiting for it), is set aside until the longer run writes its own."""
+    from phi1.module import lr_lambda
+
+    run = tmp_path / "longer"
+    shutil.copytree(pretrained[0], run)
+    finished = (run / "metrics.json").read_bytes()
+    with caplog.at_level("WARNING", logger="phi1.train"):
+        metrics = train(small_cfg(*FAST, "budget.max_steps=48", "ckpt_path=last", "evaluation.enabled=false",
+                                  run_dir=run))
+    peak, factor = 3e-3, lr_lambda(3, 48, 0.0)
+    assert (f"resuming at step 24 with another budget: 48 steps where the checkpoint's run planned 24. The LR "
+            f"schedule is this budget's (linear decay to step 48), so the next step's LR is {peak * factor(24):.3g}, "
+            "where the checkpoint's schedule gave 0") in caplog.text
+    # The CSV's step s is the LR of the s-th step, which the schedule gives at index s - 1: from the first resumed
+    # step on, this budget's (it ran at the checkpoint's LR, 0).
+    lrs = {step: lr for step, lr in column(read_csv(run), "train/lr").items() if step > 24}
+    assert 25 in lrs and all(lr == pytest.approx(peak * factor(step - 1), rel=1e-6) for step, lr in lrs.items())
+    assert (run / "metrics-step000024.json").read_bytes() == finished
+    assert metrics["steps"] == 48 and json.loads((run / "metrics.json").read_text())["steps"] == 48
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="phi1.train"):  # the same budget again: nothing to say, nothing to do
+        assert train(small_cfg(*FAST, "budget.max_steps=48", "ckpt_path=last", run_dir=run))["steps"] == 48
+    assert "another budget" not in caplog.text
+
+
+def test_a_moved_run_folder_resumes_into_its_own_last_checkpoint(pretrained, small_cfg, tmp_path):
+    """A run folder copied elsewhere (another scratch disk, another cluster; pretrained's, here) and resumed: its
+    checkpoint callback's state names the old folder, and Lightning wrote last-v1.ckpt beside last.ckpt, so the
+    next `ckpt_path=last` resumed from the old step and trained those steps again."""
+    run = tmp_path / "moved"
+    shutil.copytree(pretrained[0], run)
+    train(small_cfg(*FAST, "budget.max_steps=28", "ckpt_path=last", "evaluation.enabled=false", run_dir=run))
+    assert sorted(p.name for p in (run / "checkpoints").glob("last*")) == ["last.ckpt"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 28
+
+
 def test_a_refused_resume_names_the_command_that_started_the_run_and_keeps_every_launch(tmp_path, data_dir):
     """Hydra writes each launch's overrides before train.py checks anything: in one `.hydra/` a refused resume
     replaced those of the launch that started the run, the very overrides it must repeat. Each launch has its own

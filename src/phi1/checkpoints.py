@@ -82,12 +82,17 @@ def _lightning_state_file(folder: Path) -> Path:
     return Path(sorted(get_model_state_files(str(folder / tag)))[0])
 
 
-def read_config(path: str | Path) -> dict | None:
-    """The config a checkpoint of train.py was trained with (LanguageModel's hyper_parameters), read without
-    loading its tensors (memory-mapped: a 1.3B checkpoint with its optimizer is ~17 GB). None if it has none."""
+def read_header(path: str | Path) -> dict:
+    """A checkpoint (a file, or DeepSpeed's folder) read without loading its tensors (memory-mapped: a 1.3B
+    checkpoint with its optimizer is ~17 GB), for its hyper_parameters and global_step."""
     path = Path(path)
-    checkpoint = _load(path if path.is_file() else _lightning_state_file(path), mmap=True)
-    return (checkpoint.get("hyper_parameters") or {}).get("cfg")
+    return _load(path if path.is_file() else _lightning_state_file(path), mmap=True)
+
+
+def read_config(path: str | Path) -> dict | None:
+    """The config a checkpoint of train.py was trained with (LanguageModel's hyper_parameters); None if it has
+    none."""
+    return (read_header(path).get("hyper_parameters") or {}).get("cfg")
 
 
 class CheckpointIO(TorchCheckpointIO):
@@ -131,6 +136,12 @@ class ModelCheckpoint(LightningModelCheckpoint):
     """
 
     def __init__(self, *args, save_on_signals: Sequence[str] = (), **kwargs) -> None:
+        # Lightning names a file that it did not write itself `last-v1.ckpt` rather than replace it; and it takes
+        # last.ckpt for its own only when the run folder is where the checkpoint's callback state says. A run
+        # folder moved elsewhere (another scratch disk) and resumed wrote last-v1.ckpt, so the next resume
+        # started from the old last.ckpt and trained its steps again. train.py refuses a fresh run in a folder
+        # that holds checkpoints, so a file of that name here is this run's, to replace.
+        kwargs.setdefault("enable_version_counter", False)
         super().__init__(*args, **kwargs)
         self.save_on_signals = [_signal_number(name) for name in save_on_signals]
         self._received: list[int] = []

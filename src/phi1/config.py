@@ -705,6 +705,11 @@ def validate(cfg: DictConfig) -> Plan:
         ("trainer.num_nodes", cfg.trainer.num_nodes > 0, "must be > 0"),
         # Lightning checks it only when the Trainer is built: after the data is packed and the model built.
         ("trainer.precision", str(cfg.trainer.precision) in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
+        # Lightning runs fp16 autocast on the CPU as bf16 (a warning among its start-up lines), while config.yaml,
+        # report.py and W&B would say 16-mixed.
+        ("trainer.precision", not (str(cfg.trainer.precision) == "16-mixed" and on_cpu(cfg)),
+         "16-mixed: the CPU has no fp16 autocast, and Lightning would train in bf16-mixed under this name; "
+         "trainer.precision=bf16-mixed says what runs (or trainer=gpu, trainer=deepspeed on CUDA GPUs)"),
         ("speed.compile_mode", cfg.speed.compile_mode in COMPILE_MODES,
          f"must be null (torch.compile's default) or one of torch.compile's modes: {', '.join(COMPILE_MODES[1:])}"),
         ("speed.compile_options", not (cfg.speed.compile_options and cfg.speed.compile_mode),
@@ -754,6 +759,13 @@ def validate(cfg: DictConfig) -> Plan:
                     cfg.optim.lr * p.max_steps / max(cfg.optim.warmup_steps, 1),
                     100 * p.max_steps / max(cfg.optim.warmup_steps, 1))
     return p
+
+
+def on_cpu(cfg: DictConfig) -> bool:
+    """Whether the run trains on the CPU: trainer.accelerator=cpu, or auto without a CUDA GPU."""
+    import torch
+
+    return cfg.trainer.accelerator == "cpu" or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available())
 
 
 GENERATION_BACKENDS = ("auto", "transformers", "vllm")  # auto: vLLM when installed and a GPU is present

@@ -181,6 +181,15 @@ class LanguageModel(L.LightningModule):
     def on_fit_start(self) -> None:
         self._fit_started = time.perf_counter()
 
+    def on_train_start(self) -> None:
+        # A resumed optimizer comes back with the LR its checkpoint's schedule set for the next step, and LambdaLR
+        # recomputes it only after that step: under another budget (train.py says so), the first resumed step ran
+        # at the old schedule's LR (0 for a run that had decayed to its end) and the next at the new one's.
+        for config in self.trainer.lr_scheduler_configs:
+            schedule = config.scheduler
+            for group, factor, base in zip(schedule.optimizer.param_groups, schedule.lr_lambdas, schedule.base_lrs):
+                group["lr"] = base * factor(schedule.last_epoch)
+
     def device_hours(self) -> float:
         """Wall-clock hours of fitting (training, validation and evaluation) × devices, summed over the run's
         segments up to this one's checkpoint: the paper's GPU-hours (Figure 2.1: 135 for phi-1-small on 26B

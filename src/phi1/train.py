@@ -21,13 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 from phi1 import config as phi_config
 from phi1 import environment, lock, memory, runs
 from phi1 import tokenizer as tokenizers
-from phi1.checkpoints import CheckpointIO, is_checkpoint, read_checkpoint, read_config
+from phi1.checkpoints import CheckpointIO, is_checkpoint, read_checkpoint, read_config, read_header
 from phi1.data import pack
 from phi1.data.datamodule import PackedData
 from phi1.errors import InputError, MissingInputError
 from phi1.eval.callback import Evaluation
 from phi1.export import export_hf
-from phi1.module import LanguageModel
+from phi1.module import LanguageModel, lr_lambda
 from phi1.monitoring import DataWait, quiet_library_noise
 
 log = logging.getLogger(__name__)
@@ -120,11 +120,12 @@ def _listed(changed: list[str]) -> str:
     return "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
 
 
-def check_resume(cfg: DictConfig, ckpt_path: str) -> None:
+def check_resume(cfg: DictConfig, ckpt_path: str, max_steps: int) -> None:
     """Refuse to resume a checkpoint with other training settings (RESUME_KEYS) than it was trained with, naming
     each: `python train.py run_name=myrun ckpt_path=last` without the run's first overrides (experiment=...,
-    data=...) would otherwise train on with the defaults."""
-    saved = read_config(ckpt_path)
+    data=...) would otherwise train on with the defaults. A budget may change: say what it does to the LR."""
+    header = read_header(ckpt_path)
+    saved = (header.get("hyper_parameters") or {}).get("cfg")
     if saved is None:  # not written by train.py's LanguageModel
         return
     changed = _differences(saved, OmegaConf.to_container(cfg, resolve=True), RESUME_KEYS)
@@ -143,6 +144,24 @@ def check_resume(cfg: DictConfig, ckpt_path: str) -> None:
     if changed:
         log.warning("resuming %s with other settings than it was trained with (resume_check=false): %s", ckpt_path,
                     _listed(changed))
+    _warn_schedule(saved["optim"], cfg.optim, header["hyper_parameters"].get("max_steps"),
+                   header.get("global_step", 0), max_steps)
+
+
+def _lr(optim, max_steps: int, step: int) -> float:
+    return optim["lr"] * lr_lambda(optim["warmup_steps"], max_steps, optim.get("final_lr_ratio", 0.0))(step)
+
+
+def _warn_schedule(saved_optim: dict, optim, saved_steps: int | None, step: int, max_steps: int) -> None:
+    """The LR schedule (warmup, then linear decay to final_lr_ratio at max_steps) is rebuilt from this command's
+    budget, so a larger one raises the LR of a run that had decayed to its end: a 30-step run at LR 0 resumed
+    for 60 steps goes on at 0.75 × the peak ((60 - 30) / (60 - 20) after 20 warmup steps). Said, with both LRs."""
+    if saved_steps is None or saved_steps == max_steps or step >= max_steps:
+        return
+    before, now = _lr(saved_optim, saved_steps, step), _lr(optim, max_steps, step)
+    log.warning("resuming at step %d with another budget: %d steps where the checkpoint's run planned %d. The LR "
+                "schedule is this budget's (linear decay to step %d), so the next step's LR is %.3g, where the "
+                "checkpoint's schedule gave %.3g", step, max_steps, saved_steps, max_steps, now, before)
 
 
 def check_init_tokenizer(cfg: DictConfig, init_from: str) -> None:
@@ -184,6 +203,18 @@ def _finished(run_dir: Path, max_steps: int) -> dict | None:
     return metrics
 
 
+def _set_aside_metrics(run_dir: Path) -> None:
+    """A finished run trained on with a larger budget is unfinished until it writes its new metrics.json: the old
+    one would tell report.py, and a run waiting for this one (init_from=run:...), that it had finished. Renamed,
+    not removed: its numbers are those of the shorter run."""
+    path = run_dir / "metrics.json"
+    if path.exists():
+        steps = json.loads(path.read_text()).get("steps", 0)
+        kept = path.with_name(f"metrics-step{steps:06d}.json")
+        os.replace(path, kept)
+        log.info("training on past step %d: its metrics.json is now %s", steps, kept.name)
+
+
 def train(cfg: DictConfig) -> dict:
     quiet_library_noise()
     plan = phi_config.validate(cfg)
@@ -216,10 +247,11 @@ def _train(cfg: DictConfig, plan, t0: float, held: contextlib.ExitStack) -> dict
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, callbacks, cfg.run_name)  # before anything is written into run_dir
     if ckpt_path:
         # A finished run's too: `-m seed=1,2 run_name=x ckpt_path=auto` gave the second cell the first's metrics.
-        check_resume(cfg, ckpt_path)
+        check_resume(cfg, ckpt_path, plan.max_steps)
         if finished := _finished(run_dir, plan.max_steps):
             return finished
-    on_cpu = cfg.trainer.accelerator == "cpu" or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available())
+        _set_aside_metrics(run_dir)
+    on_cpu = phi_config.on_cpu(cfg)
     if on_cpu and torch.cuda.is_available():  # trainer=cpu is the default: `train.py model=1.3b` on a GPU node
         log.warning("training on the CPU (trainer.accelerator=%s) while %d CUDA GPU(s) are visible: trainer=gpu "
                     "or trainer=deepspeed_bf16 trains on them", cfg.trainer.accelerator, torch.cuda.device_count())
