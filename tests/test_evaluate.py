@@ -325,6 +325,39 @@ def test_the_solution_nll_within_a_context_predicts_each_token_from_that_many_be
         evaluate(eval_cfg(tmp_path / "w1", f"ckpt={tiny_model_dir}", "nll_context=1"))
 
 
+def test_without_code_execution_a_model_gets_its_solution_nll_alone(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    """The mini reproduction's metric needs no code run, as training's evaluation knew: evaluate.py refused it
+    without allow_code_execution=true, and with it generated 164 completions first (39.5 s of the tiny model's
+    41.7 on 2 cores, against 2 s for the NLL)."""
+    import phi1.eval.generate
+    import phi1.evaluate
+
+    both = evaluate(eval_cfg(tmp_path / "both", f"ckpt={tiny_model_dir}", "benchmarks.humaneval.limit=3",
+                             "generation.max_new_tokens=8"))
+    monkeypatch.setattr(phi1.eval.generate, "generate", lambda *a, **k: pytest.fail("generated"))
+    monkeypatch.setattr(phi1.evaluate, "make_sandbox", lambda *a: pytest.fail("a sandbox"))
+    with caplog.at_level("INFO", logger="phi1.evaluate"):
+        alone = evaluate(eval_cfg(tmp_path / "alone", f"ckpt={tiny_model_dir}", "benchmarks.humaneval.limit=3",
+                                  "allow_code_execution=false"))
+    assert alone == {"eval/humaneval/solution_nll": both["eval/humaneval/solution_nll"], "eval/humaneval/problems": 3}
+    assert "the solution NLL alone: pass@k (completions generated and run in the sandbox) needs" in caplog.text
+    assert json.loads((tmp_path / "alone" / "metrics.json").read_text()) == alone
+    assert not (tmp_path / "alone" / "humaneval" / "samples.jsonl").exists()
+    assert (tmp_path / "alone" / "humaneval" / "solution_nll.jsonl").read_text() == \
+        (tmp_path / "both" / "humaneval" / "solution_nll.jsonl").read_text()
+    # Nothing to score without code execution: a samples file, the NLL turned off, problems without solutions.
+    for extra in (["solution_nll=false"], ["benchmark=jsonl", f"benchmarks.jsonl.path={_unsolved(tmp_path)}"]):
+        with pytest.raises(EvaluationError, match="allow_code_execution=true"):
+            evaluate(eval_cfg(tmp_path / "none", f"ckpt={tiny_model_dir}", "allow_code_execution=false", *extra))
+
+
+def _unsolved(tmp_path: Path) -> Path:
+    path = tmp_path / "unsolved.jsonl"
+    path.write_text(json.dumps({"task_id": "t/0", "prompt": "def f():\n", "test": "def check(f):\n    assert f()\n",
+                                "entry_point": "f"}) + "\n")
+    return path
+
+
 def test_prompts_past_the_models_positions_are_named_and_an_empty_prompt_is_refused(tmp_path, tiny_model_dir, caplog):
     """A 6,006-token prompt on a 2,048-position model generated and scored without a word (rotary embeddings
     extrapolate); an empty prompt stopped in the solution NLL on a shape error."""

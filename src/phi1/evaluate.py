@@ -267,13 +267,18 @@ def evaluate(cfg: DictConfig) -> dict:
         raise EvaluationError("samples=<file> scores one benchmark: choose it with benchmark=<name>")
     if cfg.samples and not Path(cfg.samples).is_file():
         raise MissingInputError(f"samples={cfg.samples}: no such file")
-    if not cfg.allow_code_execution:
+    if not cfg.allow_code_execution and (cfg.samples or not cfg.solution_nll):
         raise EvaluationError(
-            "evaluation executes model-written code; it runs in a sandbox (no network, read-only file system,"
-            " resource limits), and only with allow_code_execution=true"
+            "pass@k executes model-written code; it runs in a sandbox (no network, read-only file system,"
+            " resource limits), and only with allow_code_execution=true (without it, ckpt= computes the solution"
+            " NLL alone)"
         )
     problem_sets = load_benchmarks(cfg.benchmarks)
-    if cfg.llm.kind == "openai" and any(spec.grade for spec in cfg.benchmarks.values()):
+    if not cfg.allow_code_execution and (unsolved := [n for n, ps in problem_sets.items()
+                                                      if not all(p.canonical_solution for p in ps)]):
+        raise EvaluationError(f"benchmark {unsolved[0]}: not every problem has a canonical solution, so without "
+                              "allow_code_execution=true (pass@k) there is nothing to score")
+    if cfg.allow_code_execution and cfg.llm.kind == "openai" and any(spec.grade for spec in cfg.benchmarks.values()):
         # The grader is needed after generation and execution (minutes for phi-1): its model and key, checked
         # before them.
         from phi1.llm import api_key, check as check_llm
@@ -282,7 +287,11 @@ def evaluate(cfg: DictConfig) -> dict:
         api_key(cfg.llm.api_key_env, cfg.llm.base_url)
     # A samples file is read whole before the run folder and the sandbox: a bad line stops the run at once.
     completions = read_samples(cfg.samples, next(iter(problem_sets.values()))) if cfg.samples else None
-    log.warning("allow_code_execution=true: running model-written code in the sandbox")
+    if cfg.allow_code_execution:
+        log.warning("allow_code_execution=true: running model-written code in the sandbox")
+    else:  # as training's evaluation: the NLL needs no code run, and takes seconds where generation takes minutes
+        log.info("the solution NLL alone: pass@k (completions generated and run in the sandbox) needs "
+                 "allow_code_execution=true")
     run_dir = Path(cfg.paths.run_dir)
     with lock.exclusive(run_dir / ".lock", f"run folder {run_dir}", "choose another run_name"):  # phi1.lock
         return _evaluate(cfg, run_dir, problem_sets, completions)
@@ -295,7 +304,7 @@ def _evaluate(cfg: DictConfig, run_dir: Path, problem_sets: dict, completions: d
     env = environment.record(run_dir)  # and what it ran on: the library versions behind its numbers
     ckpt = runs.resolve(cfg.ckpt, cfg.paths.output_dir, cfg.paths.data_dir, what="ckpt")
     # Started before any model is loaded: a sandbox that cannot be set up stops the run before the work.
-    sandbox = make_sandbox(cfg.sandbox)
+    sandbox = make_sandbox(cfg.sandbox) if cfg.allow_code_execution else None
     try:
         if cfg.samples:
             ((name, problems),) = problem_sets.items()
@@ -314,15 +323,17 @@ def _evaluate(cfg: DictConfig, run_dir: Path, problem_sets: dict, completions: d
                 from phi1.eval import generate
 
                 model, tokenizer = generate.load(ckpt)
-            if _backend(cfg.generation.backend) == "transformers":
+            if sandbox is not None and _backend(cfg.generation.backend) == "transformers":
                 log.info("completions are journaled in %s/<benchmark>/generations.jsonl: if this run is killed, "
                          "the same command with run_name=%s resumes it", run_dir, cfg.run_name)
             metrics, tables = evaluate_model(model, tokenizer, cfg.benchmarks, problem_sets, cfg.generation,
                                              sandbox, cfg.ks, run_dir, cfg.solution_nll, ckpt,
                                              nll_context=cfg.nll_context)
     finally:
-        sandbox.close()
-    metrics["sandbox"] = sandbox.description
+        if sandbox is not None:
+            sandbox.close()
+    if sandbox is not None:
+        metrics["sandbox"] = sandbox.description
     # Written before the grading too: a grader that fails (quota, an outage) loses none of the scores above.
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if graded := _grade(cfg, problem_sets, tables, run_dir):
@@ -339,7 +350,7 @@ def _grade(cfg: DictConfig, problem_sets: dict, tables: dict, run_dir: Path) -> 
 
     metrics = {}
     for name, spec in cfg.benchmarks.items():
-        if not spec.grade or name not in tables:
+        if not spec.grade or not tables.get(name):  # no completions: the NLL alone
             continue
         if cfg.llm.kind != "openai":
             log.info("%s: not graded (llm=%s); llm=gpt4 grades as the paper (a short evaluation, then 0-10)",
