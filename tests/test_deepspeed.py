@@ -82,6 +82,29 @@ def test_a_zero2_run_resumes_from_its_checkpoint_folder_into_the_uninterrupted_r
     assert untimed(again) == untimed(whole)
 
 
+def test_a_checkpoint_resumes_only_under_the_layout_that_wrote_it(zero2, deepspeed_on_cpu, small_cfg, tmp_path):
+    """A ZeRO folder resumed without DeepSpeed or on another number of ranks, and a plain file resumed under
+    DeepSpeed, each failed after the model was built and the data packed: IsADirectoryError from torch.load,
+    DeepSpeed's "used a DP world size of 2 but the current world size is 1", a folder without 'latest'. Now
+    each is refused before any work, saying how to resume it and how to start from its weights instead."""
+    from phi1.errors import InputError
+
+    folder = zero2[0] / "checkpoints" / "step000004.ckpt"
+    plain = tmp_path / "plain"
+    train(small_cfg(*PLAIN, "budget.max_steps=4", run_dir=plain))
+    refused = tmp_path / "refused"
+    for overrides, message in [
+        ([f"ckpt_path={folder}"], "is DeepSpeed's folder of ZeRO shards, and this run is not under DeepSpeed"),
+        ([*deepspeed_on_cpu, "trainer.devices=2", f"ckpt_path={folder}"],
+         "holds ZeRO optimizer shards written by 1 rank, and this run has 2 ranks"),
+        ([*deepspeed_on_cpu, f"ckpt_path={plain / 'checkpoints' / 'last.ckpt'}"],
+         "is the checkpoint file of a run without DeepSpeed, and this run is under DeepSpeed"),
+    ]:
+        with pytest.raises(InputError, match=message) as e:
+            train(small_cfg(*PLAIN, *overrides, run_dir=refused))
+        assert "init_from=" in str(e.value) and not refused.exists()
+
+
 def test_zero2_checkpoint_folders_load_wherever_a_checkpoint_is_taken(zero2, small_cfg, tmp_path):
     """init_from, evaluate.py's ckpt and the HF export read DeepSpeed's folder as they read a file: the run's
     final weights, as its own HF export holds them."""

@@ -31,6 +31,12 @@ def is_deepspeed(path: Path) -> bool:
     return (Path(path) / "latest").is_file()
 
 
+def zero_ranks(folder: Path) -> int:
+    """How many ranks wrote a DeepSpeed folder: one optimizer shard each (ZeRO-1/2 partition its state)."""
+    tag = (Path(folder) / "latest").read_text().strip()
+    return len(list((Path(folder) / tag).glob("*zero_pp_rank_*_optim_states.pt")))
+
+
 def is_checkpoint(path: Path) -> bool:
     return Path(path).is_file() or is_deepspeed(path)
 

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from phi1 import config as phi_config
 from phi1 import environment, lock, memory, runs
 from phi1 import tokenizer as tokenizers
-from phi1.checkpoints import CheckpointIO, is_checkpoint, read_checkpoint, read_config, read_header
+from phi1.checkpoints import (CheckpointIO, is_checkpoint, is_deepspeed, read_checkpoint, read_config, read_header,
+                              zero_ranks)
 from phi1.data import pack
 from phi1.data.datamodule import PackedData
 from phi1.errors import InputError, MissingInputError
@@ -118,6 +119,32 @@ def _differences(saved: dict, now: dict, prefixes: tuple[str, ...] = ("",)) -> l
 
 def _listed(changed: list[str]) -> str:
     return "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+
+
+def check_layout(cfg: DictConfig, plan, ckpt_path: str) -> None:
+    """A checkpoint resumes under the strategy that wrote it: DeepSpeed's folder of ZeRO shards on as many ranks
+    as wrote it, Lightning's file without DeepSpeed. Otherwise each failed after the model was built and the data
+    packed (minutes for phi-1): IsADirectoryError from torch.load, a folder without 'latest', or DeepSpeed's "used
+    a DP world size of 8 but the current world size is 4"."""
+    folder, under_deepspeed = is_deepspeed(Path(ckpt_path)), phi_config.deepspeed(cfg)
+    fresh = (f"or init_from={ckpt_path} run_name=<a new name> starts a new run from its weights (a new optimizer "
+             "state, LR schedule and data order)")
+    what = f"ckpt_path={cfg.ckpt_path}: {ckpt_path}"
+    if folder and not under_deepspeed:
+        raise InputError(f"{what} is DeepSpeed's folder of ZeRO shards, and this run is not under DeepSpeed: resume "
+                         f"it under the trainer that wrote it (trainer=deepspeed or deepspeed_bf16); {fresh}")
+    if under_deepspeed and not folder:
+        raise InputError(f"{what} is the checkpoint file of a run without DeepSpeed, and this run is under "
+                         f"DeepSpeed, which resumes its own folders of shards: resume it as it was trained "
+                         f"(trainer=gpu, say); {fresh}")
+    if folder and (ranks := zero_ranks(Path(ckpt_path))) != plan.world_size:
+        raise InputError(f"{what} holds ZeRO optimizer shards written by {_ranks(ranks)}, and this run has "
+                         f"{_ranks(plan.world_size)} (trainer.devices × trainer.num_nodes): DeepSpeed cannot "
+                         f"repartition them. Resume it on {_ranks(ranks)}; {fresh}")
+
+
+def _ranks(n: int) -> str:
+    return f"{n} rank" if n == 1 else f"{n} ranks"
 
 
 def check_resume(cfg: DictConfig, ckpt_path: str, max_steps: int) -> None:
@@ -247,6 +274,7 @@ def _train(cfg: DictConfig, plan, t0: float, held: contextlib.ExitStack) -> dict
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, callbacks, cfg.run_name)  # before anything is written into run_dir
     if ckpt_path:
         # A finished run's too: `-m seed=1,2 run_name=x ckpt_path=auto` gave the second cell the first's metrics.
+        check_layout(cfg, plan, ckpt_path)
         check_resume(cfg, ckpt_path, plan.max_steps)
         if finished := _finished(run_dir, plan.max_steps):
             return finished
