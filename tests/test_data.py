@@ -117,6 +117,16 @@ def test_a_row_without_the_text_field_names_the_fields_it_has(tmp_path, kind):
     source.text_field = "{content}{license}"
     with pytest.raises(SourceError, match=re.escape("no field 'license' (text_field='{content}{license}')")):
         list(documents(source))
+    # A JSON null (a StackOverflow answer's Title): format_map wrote the word "None" into the training text.
+    rows[1]["path"] = None
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    source.text_field = "# {path}\n{content}"
+    second = f"{path}:2" if kind == "jsonl" else f"{path} row 2"
+    with pytest.raises(SourceError, match=re.escape(f"{second}: MissingField: field 'path' is null (text_field=")):
+        list(documents(source))
 
 
 def test_the_command_line_prints_an_input_error_without_a_traceback(tmp_path):

@@ -25,6 +25,8 @@ import io
 import json
 import logging
 import os
+import re
+import string
 import sys
 import sysconfig
 from array import array
@@ -339,6 +341,10 @@ def _text(row: dict, text_field: str) -> str:
                            "source's text_field") from None
     if not isinstance(text, str):
         raise TypeError(f"field {text_field!r} is {type(text).__name__}, not a string")
+    if "{" in text_field and (empty := [name for _, name, _, _ in string.Formatter().parse(text_field)
+                                        if name and row.get(re.split(r"[.[]", name)[0]) is None]):
+        # format_map writes a JSON null as the word "None" into the training text
+        raise MissingField(f"field {empty[0]!r} is null (text_field={text_field!r})")
     return text
 
 
