@@ -384,6 +384,17 @@ def test_prompts_past_the_models_positions_are_named_and_an_empty_prompt_is_refu
         evaluate(eval_cfg(tmp_path / "q", f"ckpt={tiny_model_dir}", "benchmarks.humaneval.limit=3",
                           "generation.max_new_tokens=16", "nll_context=64"))
     assert "positions" not in caplog.text
+    # Training evaluates one model every N steps: said at the first evaluation only.
+    from transformers import AutoModelForCausalLM
+
+    from phi1.evaluate import evaluate_model, load_benchmarks
+
+    model, cfg = AutoModelForCausalLM.from_pretrained(short), eval_cfg(tmp_path / "t", "benchmarks.humaneval.limit=3")
+    with caplog.at_level(logging.WARNING, logger="phi1.evaluate"):
+        for _ in range(3):
+            evaluate_model(model, tok, cfg.benchmarks, load_benchmarks(cfg.benchmarks), cfg.generation, None, [1],
+                           tmp_path / "t")
+    assert caplog.text.count("run past the model's 180 positions") == 1
 
     (tmp_path / "empty.jsonl").write_text(json.dumps({"task_id": "E/0", "prompt": "", "test": "", "entry_point": "f",
                                                       "canonical_solution": "def f():\n    return 1\n"}) + "\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import weakref
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -185,14 +186,19 @@ def _completions(model, tokenizer, spec, problems, generation, out_dir: Path, ck
     return {p.task_id: o for p, o in zip(problems, outs)}
 
 
+_POSITIONS_WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> benchmarks warned about
+
+
 def _warn_past_positions(model, tokenizer, name: str, problems, new_tokens: int, nll: bool,
                          nll_context: int | None) -> None:
     """A prompt (with the tokens to generate, or its canonical solution for the NLL) longer than the model's
     positions runs without an error, rotary embeddings extrapolating to positions it never trained on, and
     what it writes or scores there means little: a custom benchmark's long prompts would pass unnoticed."""
     positions = getattr(model.config, "max_position_embeddings", None)
-    if not positions:
+    warned = _POSITIONS_WARNED.setdefault(model, set())
+    if not positions or name in warned:  # training evaluates one model every N steps: said once
         return
+    warned.add(name)
     lengths = {p.task_id: len(tokenizer(p.prompt).input_ids) for p in problems}
     if new_tokens:
         past = [t for t, n in lengths.items() if n + new_tokens > positions]
