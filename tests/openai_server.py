@@ -9,7 +9,8 @@ A request's faults are written into its last message, so a test says exactly wha
   [empty]        an empty answer
   [malformed]    an answer without the expected grade
   [slow]         the answer comes after 0.2 s
-Otherwise the answer is `reply(messages)`. Usage counts 1 token per 4 characters. Every request that
+Otherwise the answer is `reply(messages)`, cut at the request's max_tokens (finish_reason "length"). Usage
+counts 1 token per 4 characters. Every request that
 reaches the server is recorded in `requests` (the body and the fault outcome), so tests count them.
 
 The Batch API too: uploaded files (`uploads`), batches (`batches`, each with its input lines). A batch is
@@ -187,10 +188,13 @@ class FakeOpenAI:
     @staticmethod
     def _completion(body: dict, text: str) -> dict:
         prompt_tokens = sum(len(m["content"]) for m in body["messages"]) // 4 + 1
+        finish = "stop"
+        if body.get("max_tokens") and len(text) // 4 + 1 > body["max_tokens"]:  # cut there, as the API does
+            text, finish = text[: 4 * body["max_tokens"]], "length"
         completion_tokens = len(text) // 4 + 1
         return {
             "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }

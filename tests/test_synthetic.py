@@ -110,6 +110,9 @@ def test_textbooks_gates_and_dedup_on_planted_answers_and_resume_from_cache(tmp_
         3: "Sure! Here is the section you asked for.\n\n" + passage(topics[3], 3),
         5: passage(topics[4], 4),  # an exact copy of answer 4
         6: passage(topics[4], 4).replace("Notes:", "Remember these notes:"),  # a near copy of answer 4
+        # Longer than llm.max_tokens (512 tokens, 2,048 characters at the server's 4 a token): the API cuts it
+        # ("finish_reason": "length"), mid-sentence, and it passed every other gate.
+        7: passage(topics[7], 7) + "\n" + "In practice, a loop over the values adds each one to the total. " * 20,
     }
     answers = {p: planted.get(i, passage(topics[i], i)) for i, p in enumerate(prompts)}
     with FakeOpenAI(reply=lambda messages: answers[messages[-1]["content"]]) as server:
@@ -117,12 +120,15 @@ def test_textbooks_gates_and_dedup_on_planted_answers_and_resume_from_cache(tmp_
         report = run(cfg)
         assert server.count() == 14
         assert report["removed"] == {"refusal": 1, "too_short": 1, "code_does_not_parse": 1, "boilerplate": 1,
-                                     "exact_duplicate": 1, "near_duplicate": 1}, json.dumps(report["removed"])
-        assert report["kept"] == 8 and report["usage"]["completion_tokens"] > 0
+                                     "exact_duplicate": 1, "near_duplicate": 1, "truncated": 1}, \
+            json.dumps(report["removed"])
+        assert report["kept"] == 7 and report["usage"]["completion_tokens"] > 0
         out = tmp_path / "synthetic" / "textbooks"
         rows = [json.loads(line) for line in open(out / "textbooks-s0.jsonl")]
         rejected = [json.loads(line) for line in open(out / "textbooks-s0.rejected.jsonl")]
-        assert len(rows) == 8 and len(rejected) == 6  # nothing generated is lost
+        assert len(rows) == 7 and len(rejected) == 7  # nothing generated is lost
+        cut = next(r for r in rejected if r["rejected"] == "truncated")
+        assert cut["finish_reason"] == "length" and len(cut["text"]) == 2048 + 1 and "finish_reason" not in rows[0]
         by_id = {i: c for i, c, _ in drawn}
         for row in rows:  # the constraints stored are the ones the server was asked with
             assert row["meta"]["constraints"] == by_id[row["id"]]
@@ -304,9 +310,16 @@ def test_a_killed_generation_resumes_without_paying_twice(tmp_path):
 
 
 def test_textbooks_through_the_batch_api_are_sent_once_and_collected_by_a_rerun(tmp_path):
+    from omegaconf import OmegaConf
+
+    from phi1.config import TextbooksConfig
+
+    first = textbooks.items(OmegaConf.structured(TextbooksConfig(n=6, output="x")))[0][2][-1]["content"]
+
     def reply(messages):
         prompt = messages[-1]["content"]
-        return passage(prompt.split("Topic: ")[1].split("\n")[0], zlib.crc32(prompt.encode()))
+        text = passage(prompt.split("Topic: ")[1].split("\n")[0], zlib.crc32(prompt.encode()))
+        return text + "More notes. " * 200 if prompt == first else text  # cut at llm.max_tokens, as below
 
     batched = ["stage=textbooks", "stage.n=6", "llm.batch=true", "llm.batch_poll_s=0.05"]
     with FakeOpenAI(reply=reply) as server:
@@ -317,7 +330,7 @@ def test_textbooks_through_the_batch_api_are_sent_once_and_collected_by_a_rerun(
         run(prepare_cfg(tmp_path, server, *batched))
         assert len(server.batches) == 1 and server.count() == 6  # one batch, each request answered once
     report = json.loads((tmp_path / "synthetic" / "textbooks" / "textbooks-s0.report.json").read_text())
-    assert report["answered"] == 6 and report["kept"] == 6
+    assert report["answered"] == 6 and report["kept"] == 5 and report["removed"] == {"truncated": 1}
 
 
 def test_budget_stops_generation_and_dry_run_prices_the_papers_size(tmp_path):

@@ -274,7 +274,8 @@ class LLM:
         return json.loads(row[0]) if row else None
 
     def cached_response(self, messages: list[dict], prompt_version: str = "") -> dict | None:
-        """{"text", "prompt_tokens", "completion_tokens"} of an answer already received, else None."""
+        """{"text", "prompt_tokens", "completion_tokens", "finish_reason"} of an answer already received (no
+        finish_reason in those cached before it was kept), else None."""
         return self._cached(self.key(messages, prompt_version))
 
     def _store(self, key: str, response: dict) -> None:
@@ -311,10 +312,11 @@ class LLM:
             try:
                 self.stats.requests += 1
                 response = await client.chat.completions.create(model=self.model, messages=messages, **self.params)
-                usage = response.usage
-                return {"text": response.choices[0].message.content or "",
+                usage, choice = response.usage, response.choices[0]
+                return {"text": choice.message.content or "",
                         "prompt_tokens": usage.prompt_tokens if usage else 0,
-                        "completion_tokens": usage.completion_tokens if usage else 0}
+                        "completion_tokens": usage.completion_tokens if usage else 0,
+                        "finish_reason": choice.finish_reason}
             except openai.RateLimitError as e:
                 error = f"RateLimitError: {e.message}"
                 if getattr(e, "code", None) == "insufficient_quota":
@@ -629,9 +631,11 @@ class LLM:
                     body = response.get("body") or {}
                     if response.get("status_code") == 200 and body.get("choices"):
                         usage = body.get("usage") or {}
-                        answer = {"text": body["choices"][0]["message"].get("content") or "",
+                        choice = body["choices"][0]
+                        answer = {"text": choice["message"].get("content") or "",
                                   "prompt_tokens": usage.get("prompt_tokens", 0),
-                                  "completion_tokens": usage.get("completion_tokens", 0)}
+                                  "completion_tokens": usage.get("completion_tokens", 0),
+                                  "finish_reason": choice.get("finish_reason")}
                         self.stats.prompt_tokens += answer["prompt_tokens"]
                         self.stats.completion_tokens += answer["completion_tokens"]
                         self.stats.dollars += self.cost(answer["prompt_tokens"], answer["completion_tokens"])

@@ -30,8 +30,8 @@ from phi1.config import check, sandbox_checks, synthetic_checks
 from phi1.data.sources import exercises as split_functions, source_lines
 from phi1.eval.benchmarks import Problem
 from phi1.synthetic import gates
-from phi1.synthetic.generate import (Output, answers, distinct, dry_run, first_failure, generate, load_list,
-                                     load_prompt, make_llm, priced)
+from phi1.synthetic.generate import (UNFINISHED, Output, answers, distinct, dry_run, first_failure, generate,
+                                     load_list, load_prompt, make_llm, priced, unfinished)
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ def _run(cfg: DictConfig) -> dict:
     meta = {"model": llm.model, "prompt_version": stage.prompt_version, "lists_version": stage.lists_version}
     duplicates = gates.Duplicates(stage.dedup)
     checks = [
+        unfinished,
         lambda row: gates.refusal(row["answer"]),
         lambda row: row.get("unparsed"),
         lambda row: None if row["entry_point"].startswith(row["meta"]["constraints"]["verb"] + "_")
@@ -175,9 +176,11 @@ def _run(cfg: DictConfig) -> dict:
     usage, counts = Counter(), Counter()
     with Output(out, name) as output, tempfile.TemporaryFile("w+", dir=out) as pending:
         # The cheap gates first, in order (the first of near-duplicates is kept); the survivors wait in `pending`.
-        for item_id, constraints, answer in tqdm(answers(llm, todo, answered, version, usage), total=len(answered),
-                                                 desc="gates", unit="ex"):
+        for item_id, constraints, answer, finish in tqdm(answers(llm, todo, answered, version, usage),
+                                                         total=len(answered), desc="gates", unit="ex"):
             row = _row(item_id, constraints, answer, meta)
+            if finish in UNFINISHED:
+                row["finish_reason"] = finish
             if reason := first_failure(row, checks):
                 output.reject(row, reason)
                 continue

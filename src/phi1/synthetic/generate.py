@@ -129,15 +129,27 @@ def generate(llm: LLM, items: list[tuple[str, dict, list[dict]]], prompt_version
 
 
 def answers(llm: LLM, items, answered: set[str], prompt_version: str,
-            usage: Counter) -> Iterator[tuple[str, dict, str]]:
-    """(id, constraints, answer) of the answered items in their order, read from the cache; adds each answer's
-    prompt and completion tokens to `usage`: what the set cost, whether paid in this run or an earlier one."""
+            usage: Counter) -> Iterator[tuple[str, dict, str, str | None]]:
+    """(id, constraints, answer, finish_reason) of the answered items in their order, read from the cache; adds
+    each answer's prompt and completion tokens to `usage`: what the set cost, whether paid in this run or an
+    earlier one."""
     for item_id, constraints, messages in items:
         if item_id in answered:
             response = llm.cached_response(messages, prompt_version)
             usage["prompt_tokens"] += response["prompt_tokens"]
             usage["completion_tokens"] += response["completion_tokens"]
-            yield item_id, constraints, response["text"]
+            yield item_id, constraints, response["text"], response.get("finish_reason")
+
+
+# The API's reasons for ending an answer before the model did: at llm.max_tokens (gpt35's 1,024 tokens, ~4,100
+# characters, against textbooks of ~3,600 on average), or by its content filter. A textbook cut mid-sentence passed
+# every other gate.
+UNFINISHED = {"length": "truncated", "content_filter": "content_filtered"}
+
+
+def unfinished(row: dict) -> str | None:
+    """The gate of an answer the API cut short (its finish_reason, kept in the row only then)."""
+    return UNFINISHED.get(row.get("finish_reason"))
 
 
 def priced(llm: LLM, usage: Counter) -> dict:

@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from phi1 import lock
 from phi1.config import check, synthetic_checks
 from phi1.synthetic import gates
-from phi1.synthetic.generate import (Output, answers, distinct, dry_run, first_failure, generate, load_list,
-                                     load_prompt, make_llm, priced)
+from phi1.synthetic.generate import (UNFINISHED, Output, answers, distinct, dry_run, first_failure, generate,
+                                     load_list, load_prompt, make_llm, priced, unfinished)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ def _run(cfg: DictConfig) -> dict:
                                                             stage.lists_version)
     duplicates = gates.Duplicates(stage.dedup)
     checks = [
+        unfinished,
         lambda row: gates.refusal(row["text"]),
         lambda row: gates.boilerplate(row["text"]),
         lambda row: gates.length(row["text"], min_chars, max_chars),
@@ -77,11 +78,13 @@ def _run(cfg: DictConfig) -> dict:
     ]
     usage, topics = Counter(), set()
     with Output(out, f"textbooks-s{stage.seed}") as output:
-        for item_id, constraints, text in tqdm(answers(llm, todo, answered, version, usage), total=len(answered),
-                                               desc="gates", unit="doc"):
+        for item_id, constraints, text, finish in tqdm(answers(llm, todo, answered, version, usage),
+                                                       total=len(answered), desc="gates", unit="doc"):
             row = {"id": item_id, "text": text.strip() + "\n", "source": "textbooks",
                    "meta": {"constraints": constraints, "model": llm.model, "prompt_version": prompt_version,
                             "lists_version": lists_version}}
+            if finish in UNFINISHED:
+                row["finish_reason"] = finish
             if reason := first_failure(row, checks):
                 output.reject(row, reason)
             else:
