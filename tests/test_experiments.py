@@ -648,7 +648,7 @@ def test_report_names_a_run_folder_it_cannot_read_and_draws_the_others(tmp_path)
     assert proc.returncode == 0, log
     assert f"{out}/cut/metrics.json: unreadable (JSONDecodeError" in log
     assert f"{out}/edited/config.yaml: unreadable (ParserError" in log
-    assert "2 finished runs" in log
+    assert "2 runs finished" in log
     cells = json.loads((out / "report" / "report.json").read_text())["mini_fig2_1"]["cells"]
     assert cells["tiny/mini/stdlib_filtered"]["solution_nll"] == 5.0
     assert cells["tiny/mini/stdlib_exercises"]["seeds"] == []  # the unreadable run's cell is empty
@@ -668,9 +668,9 @@ def test_report_names_the_runs_it_leaves_out_unfinished_running_or_stopped(tmp_p
     proc = subprocess.run([sys.executable, "report.py"], cwd=ROOT, env=env, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
-    assert f"1 runs running now, not in the report yet: training (pid {running.pid} on " in log
-    assert "1 runs stopped before their end, not in the report: killed. Rerun each with" in log
-    assert "1 finished runs" in log
+    assert f"1 run running now, not in the report yet: training (pid {running.pid} on " in log
+    assert "1 run stopped before the end, not in the report: killed. Rerun each with" in log
+    assert "1 run finished" in log
     # A run that failed says why: its log ends with the error (phi1.errors), where a killed run's log just stops.
     for name in ("refused", "resumed"):
         _fake_run(out, name, {**config, "data": {"name": "stdlib_exercises"}}, {}).joinpath("metrics.json").unlink()
@@ -687,9 +687,9 @@ def test_report_names_the_runs_it_leaves_out_unfinished_running_or_stopped(tmp_p
         f.write("[2026-01-01 00:00:00,000][phi1.train][INFO] - plan: 2 steps\n")
     proc = subprocess.run([sys.executable, "report.py"], cwd=ROOT, env=env, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
-    assert "1 runs failed, not in the report: refused (init_from: run:base does not fit model=tiny_wide). " \
+    assert "1 run failed, not in the report: refused (init_from: run:base does not fit model=tiny_wide). " \
            "Each log's last error says what to fix" in log
-    assert "2 runs stopped before their end, not in the report: killed, resumed. Rerun each with" in log
+    assert "2 runs stopped before the end, not in the report: killed, resumed. Rerun each with" in log
     for name in ("refused", "resumed"):
         shutil.rmtree(out / name)
     # A finetune cell whose base never finished fails before it writes its config: named from its log and
@@ -701,7 +701,7 @@ def test_report_names_the_runs_it_leaves_out_unfinished_running_or_stopped(tmp_p
     assert not (out / "mini-tiny-stdlib_exercises-s9" / "config.yaml").exists() and (out / "typo").is_dir()
     proc = subprocess.run([sys.executable, "report.py"], cwd=ROOT, env=env, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
-    assert "1 runs failed, not in the report: mini-tiny-stdlib_exercises-s9 (init_from=run:mini-tiny-stdlib_filtered-" \
+    assert "1 run failed, not in the report: mini-tiny-stdlib_exercises-s9 (init_from=run:mini-tiny-stdlib_filtered-" \
            "s9: " in log and "typo" not in log
     shutil.rmtree(out / "mini-tiny-stdlib_exercises-s9")
     shutil.rmtree(out / "typo")
@@ -709,7 +709,7 @@ def test_report_names_the_runs_it_leaves_out_unfinished_running_or_stopped(tmp_p
         _fake_run(out, f"failed{i:02d}", {}, {}).joinpath("metrics.json").unlink()
     proc = subprocess.run([sys.executable, "report.py"], cwd=ROOT, env=env, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
-    assert "12 runs stopped before their end, not in the report: failed00, failed01, " in log
+    assert "12 runs stopped before the end, not in the report: failed00, failed01, " in log
     assert "failed09 and 2 more. Rerun each" in log
 
 

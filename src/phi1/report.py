@@ -180,14 +180,18 @@ def unfinished_runs(runs_dir: Path) -> None:
         return sep.join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
 
     if running:
-        log.info("%d runs running now, not in the report yet: %s", len(running), listed(running))
+        log.info("%s running now, not in the report yet: %s", _runs(len(running)), listed(running))
     if failed:
-        log.warning("%d runs failed, not in the report: %s. Each log's last error says what to fix; then rerun",
-                    len(failed), listed(failed, "; "))
+        log.warning("%s failed, not in the report: %s. Each log's last error says what to fix; then rerun",
+                    _runs(len(failed)), listed(failed, "; "))
     if stopped:
-        log.warning("%d runs stopped before their end, not in the report: %s. Rerun each with the overrides that "
+        log.warning("%s stopped before the end, not in the report: %s. Rerun each with the overrides that "
                     "started it (train.py: its overrides.yaml, and ckpt_path=last; evaluate.py: the same command)",
-                    len(stopped), listed(stopped))
+                    _runs(len(stopped)), listed(stopped))
+
+
+def _runs(n: int) -> str:
+    return "1 run" if n == 1 else f"{n} runs"
 
 
 def local_runs(runs_dir: Path) -> list[Run]:
@@ -1105,7 +1109,7 @@ def report(cfg: DictConfig) -> dict:
         runs += [r for r in remote if r.wandb_run.id not in here]
         if skipped := sum(r.wandb_run.id in here for r in remote):
             log.info("%d W&B runs are run folders under %s too: read from their folders", skipped, cfg.runs_dir)
-    log.info("%d finished runs (%s%s)", len(runs), cfg.runs_dir, f", wandb:{cfg.wandb}" if cfg.wandb else "")
+    log.info("%s finished (%s%s)", _runs(len(runs)), cfg.runs_dir, f", wandb:{cfg.wandb}" if cfg.wandb else "")
     result = {"fig2_1": scaling(runs, "scaling", out), "mini_fig2_1": scaling(runs, "mini", out),
               "emergence": emergence(runs, out), "emergence_problems": emergence_problems(runs, out),
               "table3": table3(runs, Path(cfg.decontaminate_dir), out), "evaluations": evaluations(runs, out)}
