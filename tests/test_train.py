@@ -916,7 +916,7 @@ def test_a_benchmark_that_cannot_load_stops_training_before_the_data_is_packed(s
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
-@pytest.mark.parametrize("trainer", ["gpu", "deepspeed_bf16"])
+@pytest.mark.parametrize("trainer", ["gpu", "deepspeed_bf16", "deepspeed"])
 def test_a_gpu_trainer_without_a_gpu_stops_before_any_work(small_cfg, trainer):
     from phi1.config import ConfigError
 

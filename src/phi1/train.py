@@ -244,13 +244,14 @@ def _set_aside_metrics(run_dir: Path) -> None:
 
 def train(cfg: DictConfig) -> dict:
     quiet_library_noise()
-    plan = phi_config.validate(cfg)
     # Here rather than from Lightning's Trainer: that comes after the model is built (~15 s for 1.3B) and the
-    # data packed, and says only "No supported gpu backend found!".
+    # data packed, and says only "No supported gpu backend found!". Before the batch arithmetic too, which
+    # counts trainer=deepspeed's 8 GPUs: on a laptop, the first thing to say is that it has none.
     if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise phi_config.ConfigError(
             f"trainer.accelerator={cfg.trainer.accelerator}: no CUDA GPU is visible to this process"
             f" (torch {torch.__version__}); trainer=cpu trains on the CPU")
+    plan = phi_config.validate(cfg)
     pack.require_sources(cfg)  # packing would find a missing file only after the model and the other sources
     t0 = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
