@@ -169,6 +169,12 @@ def test_empty_and_malformed_answers_are_quarantined_with_the_reason(make_llm, s
     again = make_llm()  # a rerun: the cached answers fail to parse again, and are not written twice
     assert again.map([("ok", ask("fine")), ("e", ask("[empty]")), ("m", ask("[malformed]"))], grade) == out
     assert again.stats.quarantined == 2 and len(open(llm.quarantine_path).readlines()) == 2
+    # An answer cut at max_tokens before its grade: the reason says which setting to raise.
+    cut = make_llm(params={"temperature": 0.0, "max_tokens": 5}, quarantine_path=str(llm.quarantine_path) + ".cut")
+    assert cut.map([("c", ask("fine"))], grade) == {}
+    (row,) = map(json.loads, open(cut.quarantine_path))
+    assert row["answer"] == "A short evaluation. " and row["reason"].endswith(
+        "(the answer was cut at max_tokens=5: raise llm.max_tokens)")
 
 
 def test_budget_stops_before_it_is_exceeded(make_llm, server):

@@ -433,7 +433,10 @@ class LLM:
             try:
                 results[item_id] = parse(response["text"])
             except ParseError as e:
-                self._quarantine(item_id, f"unparseable: {e}", response["text"])
+                # A grade cut off at the end of an answer that reached max_tokens: raising it is the fix.
+                cut = (f" (the answer was cut at max_tokens={self.params.get('max_tokens')}: raise llm.max_tokens)"
+                       if response.get("finish_reason") == "length" else "")
+                self._quarantine(item_id, f"unparseable: {e}{cut}", response["text"])
             bar.update(1)
             elapsed = max(time.perf_counter() - t0, 1e-9)
             s = self.stats
@@ -515,7 +518,10 @@ class LLM:
             try:
                 results[item_id] = parse(response["text"])
             except ParseError as e:
-                self._quarantine(item_id, f"unparseable: {e}", response["text"])
+                # A grade cut off at the end of an answer that reached max_tokens: raising it is the fix.
+                cut = (f" (the answer was cut at max_tokens={self.params.get('max_tokens')}: raise llm.max_tokens)"
+                       if response.get("finish_reason") == "length" else "")
+                self._quarantine(item_id, f"unparseable: {e}{cut}", response["text"])
         if over_budget:
             raise BudgetExceeded(f"{over_budget}: {len(todo) - len(affordable)} of {len(todo)} requests were not"
                                  " sent (the answers received are cached; raise the budget and rerun)")
