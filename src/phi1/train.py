@@ -233,9 +233,10 @@ def _finished(run_dir: Path, max_steps: int) -> dict | None:
 def _set_aside_metrics(run_dir: Path) -> None:
     """A finished run trained on with a larger budget is unfinished until it writes its new metrics.json: the old
     one would tell report.py, and a run waiting for this one (init_from=run:...), that it had finished. Renamed,
-    not removed: its numbers are those of the shorter run."""
+    not removed: its numbers are those of the shorter run. By the job's first process: ranks that srun or torchrun
+    start together would race for the file."""
     path = run_dir / "metrics.json"
-    if path.exists():
+    if lock.first_process() and path.exists():
         steps = json.loads(path.read_text()).get("steps", 0)
         kept = path.with_name(f"metrics-step{steps:06d}.json")
         os.replace(path, kept)
