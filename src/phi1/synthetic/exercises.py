@@ -30,8 +30,8 @@ from phi1.config import check, sandbox_checks, synthetic_checks
 from phi1.data.sources import exercises as split_functions, source_lines
 from phi1.eval.benchmarks import Problem
 from phi1.synthetic import gates
-from phi1.synthetic.generate import (UNFINISHED, Output, answers, distinct, dry_run, first_failure, generate,
-                                     load_list, load_prompt, make_llm, priced, unfinished)
+from phi1.synthetic.generate import (Output, answers, distinct, dry_run, first_failure, generate, load_list,
+                                     load_prompt, make_llm, priced, unfinished)
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def _run(cfg: DictConfig) -> dict:
         for item_id, constraints, answer, finish in tqdm(answers(llm, todo, answered, version, usage),
                                                          total=len(answered), desc="gates", unit="ex"):
             row = _row(item_id, constraints, answer, meta)
-            if finish in UNFINISHED:
+            if finish:
                 row["finish_reason"] = finish
             if reason := first_failure(row, checks):
                 output.reject(row, reason)

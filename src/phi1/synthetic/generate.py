@@ -130,15 +130,16 @@ def generate(llm: LLM, items: list[tuple[str, dict, list[dict]]], prompt_version
 
 def answers(llm: LLM, items, answered: set[str], prompt_version: str,
             usage: Counter) -> Iterator[tuple[str, dict, str, str | None]]:
-    """(id, constraints, answer, finish_reason) of the answered items in their order, read from the cache; adds
-    each answer's prompt and completion tokens to `usage`: what the set cost, whether paid in this run or an
-    earlier one."""
+    """(id, constraints, answer, finish_reason) of the answered items in their order, read from the cache, the
+    finish_reason only where the API cut the answer short (UNFINISHED), else None; adds each answer's prompt and
+    completion tokens to `usage`: what the set cost, whether paid in this run or an earlier one."""
     for item_id, constraints, messages in items:
         if item_id in answered:
             response = llm.cached_response(messages, prompt_version)
             usage["prompt_tokens"] += response["prompt_tokens"]
             usage["completion_tokens"] += response["completion_tokens"]
-            yield item_id, constraints, response["text"], response.get("finish_reason")
+            finish = response.get("finish_reason")
+            yield item_id, constraints, response["text"], finish if finish in UNFINISHED else None
 
 
 # The API's reasons for ending an answer before the model did: at llm.max_tokens (gpt35's 1,024 tokens, ~4,100

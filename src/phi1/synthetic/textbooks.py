@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from phi1 import lock
 from phi1.config import check, synthetic_checks
 from phi1.synthetic import gates
-from phi1.synthetic.generate import (UNFINISHED, Output, answers, distinct, dry_run, first_failure, generate,
-                                     load_list, load_prompt, make_llm, priced, unfinished)
+from phi1.synthetic.generate import (Output, answers, distinct, dry_run, first_failure, generate, load_list,
+                                     load_prompt, make_llm, priced, unfinished)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def _run(cfg: DictConfig) -> dict:
             row = {"id": item_id, "text": text.strip() + "\n", "source": "textbooks",
                    "meta": {"constraints": constraints, "model": llm.model, "prompt_version": prompt_version,
                             "lists_version": lists_version}}
-            if finish in UNFINISHED:
+            if finish:
                 row["finish_reason"] = finish
             if reason := first_failure(row, checks):
                 output.reject(row, reason)
