@@ -447,6 +447,53 @@ def test_a_finished_run_trained_on_says_what_its_new_budget_does_to_the_lr(pretr
     assert "another budget" not in caplog.text
 
 
+def _write_docs(path: Path, first: int, n: int = 120) -> None:
+    """n of the standard library's files from the first-th on, as a jsonl source (what `make filter` writes)."""
+    from phi1.data.sources import stdlib_dir
+
+    files = sorted(stdlib_dir().glob("*.py"))[first:first + n]
+    path.write_text("".join(json.dumps({"id": f.name, "text": f.read_text()}) + "\n" for f in files))
+
+
+def test_a_finished_run_is_not_taken_for_one_on_other_data_or_from_another_base(small_cfg, tmp_path):
+    """`make filter` again with another threshold, then the sweep again (ckpt_path=auto): the runs on the filtered
+    data, and the finetunes started from them, handed back their metrics of the old data as this command's."""
+    from phi1.data.datamodule import DataMismatchError
+    from phi1.errors import InputError
+
+    docs, out = tmp_path / "filtered.jsonl", tmp_path / "outputs"
+    _write_docs(docs, 0)
+    common = [*FAST, f"paths.output_dir={out}", "evaluation.enabled=false", "ckpt_path=auto"]
+    base = [*common, "data=stdlib_filtered", f"data.sources.0.path={docs}", "budget.max_steps=4"]
+    tune = [*common, "data.sources.0.limit=60", "optim=finetune", "optim.warmup_steps=1", "budget.max_steps=2",
+            "phase=finetune", "init_from=run:base"]
+    done = train(small_cfg(*base, run_dir=out / "base"))
+    tuned = train(small_cfg(*tune, run_dir=out / "tune"))
+    # The filter kept the same files again: a new mtime, the same tokens. Both finished runs stand.
+    _write_docs(docs, 0)
+    assert train(small_cfg(*base, run_dir=out / "base")) == done
+    assert train(small_cfg(*tune, run_dir=out / "tune")) == tuned
+    _write_docs(docs, 40)  # other files kept
+    kept = (out / "base" / "metrics.json").read_bytes()
+    with pytest.raises(InputError) as e:
+        train(small_cfg(*base, run_dir=out / "base"))
+    assert f"{out / 'base'} finished training on other data than this command's" in str(e.value)
+    assert f"{done['data/pack']}, and data.sources now pack into " in str(e.value)
+    assert f"started from its weights: {out / 'tune'}" in str(e.value)  # what to move aside with it
+    assert (out / "base" / "metrics.json").read_bytes() == kept
+    assert train(small_cfg(*base, "resume_check=false", run_dir=out / "base")) == done
+    (out / "base" / "metrics.json").unlink()  # as if killed after its last checkpoint: a resume of that
+    with pytest.raises(DataMismatchError, match=r"train_sha256=.*data.sources pack into stdlib_filtered-\w+ now, "
+                                                r"other tokens: their files changed since\). Resume it on the data"):
+        train(small_cfg(*base, run_dir=out / "base"))
+    # The base trained again on the new data: the finetune started from the old one.
+    shutil.move(out / "base", tmp_path / "old_base")
+    train(small_cfg(*base, run_dir=out / "base"))
+    with pytest.raises(InputError, match=rf"{out / 'tune'} finished training from other weights than this "
+                                         rf"command's: init_from=run:base \({out / 'base' / 'hf'}\) has changed"):
+        train(small_cfg(*tune, run_dir=out / "tune"))
+
+
 def test_a_moved_run_folder_resumes_into_its_own_last_checkpoint(pretrained, small_cfg, tmp_path):
     """A run folder copied elsewhere (another scratch disk, another cluster; pretrained's, here) and resumed: its
     checkpoint callback's state names the old folder, and Lightning wrote last-v1.ckpt beside last.ckpt, so the

@@ -79,6 +79,7 @@ class LanguageModel(L.LightningModule):
         self.first_loss: float | None = None
         self.resumed_metrics: dict[str, float] = {}  # what was logged before the checkpoint resumed from
         self.hours_before = 0.0  # device-hours of the segments before the checkpoint resumed from
+        self.started_from: dict | None = None  # init_from's weights, as load_weights found them
         self._fit_started: float | None = None
         speed = self.cfg.get("speed") or {}
         # Compiled bound methods, not compiled modules: the parameters and state_dict keys stay those of
@@ -130,6 +131,10 @@ class LanguageModel(L.LightningModule):
                                         f" ({e})") from e
         self._check_fit(path, state)
         self.model.load_state_dict(state)
+        # Kept in the checkpoints and metrics.json: a finished run is reused (ckpt_path=auto) only while its
+        # init_from names these weights (train.check_finished).
+        self.started_from = {"init_from": self.cfg.get("init_from"), "path": str(path),
+                             "files": runs.weights_identity(str(source))}
         log.info("initialised weights from %s", path)
 
     def _check_fit(self, path: str, state: dict) -> None:
@@ -211,12 +216,14 @@ class LanguageModel(L.LightningModule):
     # after its resume, and one resumed after its final step (which trains nothing) still has its final losses.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         logged = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
-        checkpoint["phi1"] = {"first_loss": self.first_loss, "metrics": logged, "device_hours": self.device_hours()}
+        checkpoint["phi1"] = {"first_loss": self.first_loss, "metrics": logged, "device_hours": self.device_hours(),
+                              "started_from": self.started_from}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("phi1", {})  # absent from checkpoints written before it was kept
         self.first_loss, self.resumed_metrics = state.get("first_loss"), state.get("metrics", {})
         self.hours_before = state.get("device_hours", 0.0)
+        self.started_from = state.get("started_from")
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits

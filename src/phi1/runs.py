@@ -17,6 +17,7 @@ of one grid run in parallel: with `init_wait_min` > 0 a finetune waits for its b
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 import re
@@ -146,6 +147,38 @@ def _run_folder(ref: str, run_dir: Path, what: str) -> str:
                                 f" run finishes): give one of its checkpoints, e.g. {what}={last}")
     log.info("%s=%s: a run folder; its model is %s", what, ref, run_dir / "hf")
     return str(run_dir / "hf")
+
+
+def weights_identity(path: str | None) -> list | None:
+    """What tells the weights at a local path (a checkpoint file, DeepSpeed's folder, an HF folder) from others:
+    each file's name, size and mtime, as sources.fingerprint does for data. A hash of the contents would cost
+    minutes for phi-1-base's 17 GB checkpoint; an export written again with the same weights counts as changed.
+    None for a hub id."""
+    if not path or not Path(path).exists():
+        return None
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    return [[str(p.relative_to(root)) if root.is_dir() else p.name, p.stat().st_size, p.stat().st_mtime_ns]
+            for p in files]
+
+
+def built_on(run_dir: Path, output_dir: str | Path) -> list[Path]:
+    """The finished runs under output_dir that trained on the same packed data as the run in run_dir, and those
+    started from the weights of any of these: what a change to that data leaves stale with it."""
+    def metrics(folder: Path) -> dict:
+        try:
+            return json.loads((folder / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    output_dir, run_dir = Path(output_dir).resolve(), Path(run_dir).resolve()
+    finished = {d: metrics(d) for d in sorted(output_dir.iterdir()) if d.is_dir()} if output_dir.is_dir() else {}
+    pack = metrics(run_dir).get("data/pack")
+    same = [d for d, m in finished.items() if pack and m.get("data/pack") == pack and d != run_dir]
+    roots = tuple(f"{d}{os.sep}" for d in (run_dir, *same))
+    started = [d for d, m in finished.items()
+               if str(Path((m.get("init_from") or {}).get("path") or "-").resolve()).startswith(roots)]
+    return same + [d for d in started if d not in same]
 
 
 def _download_artifact(path: str, root: Path) -> str:

@@ -162,7 +162,12 @@ class PackedData(L.LightningDataModule):
         mine = self.state_dict() | {"consumed_samples": state["consumed_samples"]}
         for key in ("seed", "train_sha256", "global_batch"):
             if state[key] != mine[key]:
+                # The training tokens differ where the sources' files changed since (a filter run again, a corpus
+                # edited): the run's config is the same, its data not.
+                data = (f" (data.sources pack into {self.dir.name} now, other tokens: their files changed since). "
+                        "Resume it on the data it trained on, or start a new run from its weights with "
+                        "init_from=<the checkpoint> run_name=<a new name>") if key == "train_sha256" else ""
                 raise DataMismatchError(
                     f"cannot resume: the checkpoint was trained with {key}={state[key]!r}, this run has {mine[key]!r}"
-                )
+                    + data)
         self._resume_state = state
