@@ -124,6 +124,28 @@ def test_prompt_version_is_part_of_the_cache_key(make_llm, server):
     assert server.count() == 2
 
 
+@pytest.mark.parametrize("batch", [False, True], ids=["requests", "batch"])
+def test_raising_max_tokens_pays_only_for_the_answers_the_cap_cut(make_llm, server, batch):
+    """An answer that ended on its own within max_tokens is the answer under a larger cap too: raising
+    llm.max_tokens to keep the textbooks the cap cut sent every request again, under a key of its own."""
+    server.reply = lambda messages: "x" * int(messages[-1]["content"].split()[-1])  # 1 token per 4 characters
+    items = [(f"d{i}", ask(f"write {40 * i}")) for i in range(1, 9)]  # answers of 11, 21, ..., 81 tokens
+    make = lambda cap: make_llm(params={"temperature": 1.0, "max_tokens": cap}, batch=batch, batch_poll_s=0.05)
+    first = make(50).map(items, len)
+    assert server.count() == 8 and [first[f"d{i}"] for i in range(1, 9)] == [40, 80, 120, 160, 200, 200, 200, 200]
+    assert make(100).estimate([m for _, m in items])["cached"] == 4
+    raised = make(100)
+    assert raised.map(items, len) == {f"d{i}": 40 * i for i in range(1, 9)}
+    assert server.count() == 12 and raised.stats.cached == 4  # the four cut at 50 tokens, sent again
+    again = [r["body"]["messages"][-1]["content"] for r in server.requests[8:]]
+    assert sorted(again) == [f"write {40 * i}" for i in (5, 6, 7, 8)]
+    assert raised.cached_response(items[0][1])["finish_reason"] == "stop"
+    # Lowered: an answer longer than the new cap would have been cut there, so it is asked again.
+    lowered = make(25)
+    assert lowered.map(items[:3], len) == {"d1": 40, "d2": 80, "d3": 100} and server.count() == 13
+    assert make(25).map(items[:3], len) == {"d1": 40, "d2": 80, "d3": 100} and server.count() == 13
+
+
 def test_rate_limits_honour_retry_after_and_are_counted(make_llm, server):
     llm = make_llm()
     t0 = time.perf_counter()

@@ -137,6 +137,12 @@ def test_textbooks_gates_and_dedup_on_planted_answers_and_resume_from_cache(tmp_
         again = run(cfg)  # a rerun asks nothing new and writes the same bytes
         assert server.count() == 14 and again["paid_this_run"]["requests"] == 0
         assert (out / "textbooks-s0.jsonl").read_bytes() == first
+        # llm.max_tokens raised, as the truncated row's reason says: only the answer the cap cut is asked again.
+        raised = run(prepare_cfg(tmp_path, server, "stage=textbooks", "stage.n=14", "llm.max_tokens=1024"))
+        assert server.count() == 15 and raised["paid_this_run"]["requests"] == 1
+        assert raised["kept"] == 8 and "truncated" not in raised["removed"]
+        rows = [json.loads(line) for line in open(out / "textbooks-s0.jsonl")]
+        assert any(row["text"].count("adds each one to the total.") == 20 for row in rows)  # #7, whole
     # the output is a source of data=codetextbook
     from phi1.config import SourceConfig
     from phi1.data.sources import documents

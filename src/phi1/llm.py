@@ -6,7 +6,8 @@ any OpenAI-compatible server), used asynchronously with a bound on requests in f
   (`max_retries=0`), so ours are the only ones and are counted; `insufficient_quota` and authentication
   errors stop the run at once (retrying cannot help);
 - a persistent SQLite cache keyed by model, the full messages, the sampling parameters and the prompt
-  version: a rerun or a resumed run never pays twice for the same request;
+  version: a rerun or a resumed run never pays twice for the same request, and an answer that ended within
+  max_tokens also serves the same request under a larger one;
 - a budget in tokens and dollars, counted from each response's `usage` and checked before each request
   against what is spent plus the worst case of what is in flight, so that it is never exceeded;
 - `estimate()`, a dry run that prices a stage before anything is sent;
@@ -211,6 +212,10 @@ class LLM:
                          " requests INTEGER NOT NULL, reserved_tokens INTEGER NOT NULL, reserved_dollars REAL NOT NULL)")
         self._db.execute("CREATE TABLE IF NOT EXISTS batch_requests (key TEXT PRIMARY KEY, batch TEXT NOT NULL,"
                          " item TEXT NOT NULL)")
+        # Each request sent, under its key without max_tokens (`base`): an answer that ended on its own is the
+        # answer under any larger max_tokens too (_lookup).
+        self._db.execute("CREATE TABLE IF NOT EXISTS capless (key TEXT PRIMARY KEY, base TEXT NOT NULL)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS capless_base ON capless (base)")
         self._reserved_tokens = 0
         self._reserved_dollars = 0.0
         self._quarantined: set[str] | None = None  # the quarantine file's rows, read at its first write
@@ -242,7 +247,8 @@ class LLM:
     def estimate(self, requests: list[list[dict]], output_tokens: int | None = None, prompt_version: str = "") -> dict:
         """Dry run: tokens and dollars for these requests, nothing sent. Cached ones cost nothing; without
         `output_tokens`, every answer is priced at max_tokens (the worst case)."""
-        uncached = [m for m in requests if self._cached(self.key(m, prompt_version)) is None]
+        uncached = [m for m in requests if self._lookup(self.key(m, prompt_version), m, prompt_version, adopt=False)
+                    is None]
         prompt = sum(self._worst_case(m)[0] for m in uncached)
         completion = len(uncached) * (output_tokens if output_tokens is not None else self._worst_case([])[1])
         return {"requests": len(requests), "cached": len(requests) - len(uncached), "prompt_tokens": prompt,
@@ -264,10 +270,28 @@ class LLM:
 
     # -- cache ----------------------------------------------------------------------------------------------
 
-    def key(self, messages: list[dict], prompt_version: str = "") -> str:
-        blob = json.dumps({"model": self.model, "messages": messages, "params": self.params,
+    def key(self, messages: list[dict], prompt_version: str = "", capped: bool = True) -> str:
+        params = self.params if capped else {k: v for k, v in self.params.items() if k != "max_tokens"}
+        blob = json.dumps({"model": self.model, "messages": messages, "params": params,
                            "prompt_version": prompt_version}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _lookup(self, key: str, messages: list[dict], prompt_version: str, adopt: bool = True) -> dict | None:
+        """The cached answer to this request; else one to the same request under another max_tokens that ended
+        on its own (finish_reason "stop") within this one: the tokens a larger cap would have let it write are
+        the ones it wrote. Raising llm.max_tokens to keep the textbooks the cap cut (paper §2.2's ~1B tokens of
+        GPT-3.5) then pays for those alone, not for every answer again. Adopted under this request's key."""
+        if (response := self._cached(key)) is not None:
+            return response
+        cap, base = self.params.get("max_tokens"), self.key(messages, prompt_version, capped=False)
+        for (text,) in self._db.execute("SELECT r.response FROM capless c JOIN responses r ON r.key = c.key"
+                                        " WHERE c.base = ?", (base,)).fetchall():
+            response = json.loads(text)
+            if response.get("finish_reason") == "stop" and (not cap or response["completion_tokens"] <= cap):
+                if adopt:
+                    self._store(key, response, base)
+                return response
+        return None
 
     def _cached(self, key: str) -> dict | None:
         row = self._db.execute("SELECT response FROM responses WHERE key = ?", (key,)).fetchone()
@@ -278,8 +302,9 @@ class LLM:
         finish_reason in those cached before it was kept), else None."""
         return self._cached(self.key(messages, prompt_version))
 
-    def _store(self, key: str, response: dict) -> None:
+    def _store(self, key: str, response: dict, base: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(response)))
+        self._db.execute("INSERT OR REPLACE INTO capless VALUES (?, ?)", (key, base))
         self._db.commit()  # at once: a run killed a moment later has still paid for this one only once
 
     def _quarantine(self, item_id: str, reason: str, text: str | None) -> None:
@@ -411,14 +436,14 @@ class LLM:
             s.prompt_tokens += response["prompt_tokens"]
             s.completion_tokens += response["completion_tokens"]
             s.dollars += self.cost(response["prompt_tokens"], response["completion_tokens"])
-            self._store(key, response)
+            self._store(key, response, self.key(messages, prompt_version, capped=False))
             return response
 
         async def one(item_id: str, messages: list[dict]) -> None:
             key = self.key(messages, prompt_version)
             while key in sending:
                 await sending[key].wait()
-            response = self._cached(key)
+            response = self._lookup(key, messages, prompt_version)
             if response is not None:
                 self.stats.cached += 1
             else:
@@ -487,7 +512,7 @@ class LLM:
         for item_id, messages, key in keyed:
             if key in in_flight:
                 waiting.add(in_flight[key])
-            elif key not in todo and self._cached(key) is None:
+            elif key not in todo and self._lookup(key, messages, prompt_version) is None:
                 todo[key] = (item_id, messages)
         self.stats.cached = sum(1 for *_, key in keyed if key not in todo and key not in in_flight)
         # Reserve each request's worst case against the budget, with the batches still open counted as spent.
@@ -505,7 +530,7 @@ class LLM:
             affordable.append((key, item_id, messages))
         client = self._sync_client()
         try:
-            waiting |= self._send_batches(client, affordable, desc)
+            waiting |= self._send_batches(client, affordable, desc, prompt_version)
             self._wait_for_batches(client, sorted(waiting), desc)
         finally:
             client.close()
@@ -532,7 +557,8 @@ class LLM:
         return openai.OpenAI(api_key=self._api_key(), base_url=self.base_url, max_retries=self.max_retries,
                              timeout=self.timeout)
 
-    def _send_batches(self, client: openai.OpenAI, requests: list[tuple[str, str, list[dict]]], desc: str) -> set[str]:
+    def _send_batches(self, client: openai.OpenAI, requests: list[tuple[str, str, list[dict]]], desc: str,
+                      prompt_version: str = "") -> set[str]:
         """Upload `requests` (key, item id, messages) as batch input files within the Batch API's limits and start
         a batch for each; each batch is recorded as soon as it exists."""
         sent, lines, size = set(), [], 0
@@ -557,6 +583,9 @@ class LLM:
                     sum(self.cost(p, c) for p, c in worst)))
                 self._db.executemany("INSERT OR REPLACE INTO batch_requests VALUES (?, ?, ?)",
                                      [(key, batch.id, item_id) for _, key, item_id, _ in lines])
+                self._db.executemany("INSERT OR REPLACE INTO capless VALUES (?, ?)",
+                                     [(key, self.key(messages, prompt_version, capped=False))
+                                      for _, key, _, messages in lines])
             self.stats.requests += len(lines)
             log.info("%s: batch %s sent (%d requests)", desc, batch.id, len(lines))
             sent.add(batch.id)
