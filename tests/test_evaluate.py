@@ -136,6 +136,10 @@ def test_an_evaluate_run_logs_its_samples_and_nll_terms_as_wandb_tables(tmp_path
 
     assert logged("samples_table") == [{k: r[k] for k in ("task_id", "completion", "passed", "result")} for r in rows]
     assert logged("solution_nll_table") == terms
+    # The solution NLL alone (no code run, no completions): its table, and no empty samples table beside it.
+    from phi1.evaluate import wandb_tables
+
+    assert list(wandb_tables({"humaneval": []}, tmp_path / "run")) == ["eval/humaneval/solution_nll_table"]
 
 
 def test_samples_file_errors_name_the_line(tmp_path):

@@ -395,7 +395,8 @@ def wandb_tables(tables: dict[str, list[dict]], out_dir: Path) -> dict[str, tupl
     (Table 3, emergence, the bootstrap intervals of pass@1 and of the NLL)."""
     result = {}
     for name, rows in tables.items():
-        result[f"eval/{name}/samples_table"] = (SAMPLE_COLUMNS, [[r[c] for c in SAMPLE_COLUMNS] for r in rows])
+        if rows:  # none where the solution NLL alone was computed: an empty table on the W&B page says nothing
+            result[f"eval/{name}/samples_table"] = (SAMPLE_COLUMNS, [[r[c] for c in SAMPLE_COLUMNS] for r in rows])
         path = out_dir / name / "solution_nll.jsonl"
         if path.exists():
             terms = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
