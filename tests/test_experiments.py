@@ -402,6 +402,25 @@ def test_report_averages_a_cells_seeds_and_counts_each_ordering_seed_by_seed(tmp
            'sandbox.memory_mb 4096, benchmarks.humaneval.stop ["\\ndef"], nll_context 256.' in md
 
 
+def test_report_names_a_cell_whose_seeds_trained_on_other_data(tmp_path):
+    """`make filter` again with another threshold, then `+sweep=mini seed=1,2` alone: seeds 1 and 2 trained on
+    the new filtered file, seed 1234 on the old one, and the cell's mean mixed them without a word."""
+    out = tmp_path / "outputs"
+    for seed, pack in ((1234, "stdlib_filtered-13d7fa6b08d7"), (1, "stdlib_filtered-bc01954de51e"),
+                       (2, "stdlib_filtered-bc01954de51e")):
+        _fake_run(out, f"mini-tiny-stdlib_filtered-s{seed}",
+                  {"experiment_name": "mini", "model": {"name": "tiny"}, "budget": {"name": "mini"},
+                   "data": {"name": "stdlib_filtered"}, "seed": seed, "phase": "pretrain"},
+                  {"eval/humaneval/solution_nll": 5.6, "params": 2e6, "tokens": 245_760, "data/pack": pack,
+                   "data/train_sha256": pack[-4:]})
+    report = _report(tmp_path)
+    md = (report / "mini_fig2_1.md").read_text()
+    mixed = ("training data of tiny/mini/stdlib_filtered: stdlib_filtered-bc01954de51e (seeds 1, 2), "
+             "stdlib_filtered-13d7fa6b08d7 (seed 1234)")
+    assert f"- {mixed}" in md
+    assert "its seeds trained on other tokens" in (report / "report.log").read_text()
+
+
 def _csv_log(run_dir, version: int, text: str):
     d = run_dir / "csv" / f"version_{version}"
     d.mkdir(parents=True)

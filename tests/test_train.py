@@ -681,7 +681,8 @@ def test_an_evaluation_logs_its_per_problem_terms_to_wandb(small_cfg, tmp_path):
                                            "solution_nll.jsonl").read_text().splitlines()]
     assert logged["columns"] == ["task_id", "nats", "tokens"] and len(terms) == 4  # the test config's problems
     assert [dict(zip(logged["columns"], row)) for row in logged["data"]] == terms
-    assert len(list(tables.glob("samples_table_*.table.json"))) == 1
+    # No code run (evaluation.allow_code_execution=false): no completions, and no empty samples table.
+    assert not list(tables.glob("samples_table_*.table.json"))
 
 
 def test_a_resumed_run_continues_its_online_wandb_run(small_cfg, tmp_path, monkeypatch):

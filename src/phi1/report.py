@@ -271,13 +271,14 @@ def _pass_at_1(runs: list[Run]) -> str:
     return "pass@1 in %, sampled (generation.temperature > 0) in some runs: see Environment"
 
 
-def _environment(runs: list[Run]) -> tuple[list[str], dict]:
+def _environment(runs: list[Run], data: dict | None = None) -> tuple[list[str], dict]:
     """The markdown lines saying what the runs behind a figure ran on and were evaluated with, and {setting: how
     it differs}: runs made with other library versions, or scored with other generation settings (pass@1
-    sampled beside greedy), can differ by that alone (phi1.environment)."""
+    sampled beside greedy), can differ by that alone (phi1.environment); `data`: cells whose seeds trained on
+    other tokens (_mixed_data)."""
     envs = {r.name: r.environments for r in runs}
     settings = {r.name: evaluation_settings(r) for r in runs}
-    diffs = {**environment.differences(envs),
+    diffs = {**(data or {}), **environment.differences(envs),
              **environment.count_differences({name: [s] for name, s in settings.items()})}
     recorded = [history[-1] for history in envs.values() if history]
     lines = ["", "## Environment", ""]
@@ -294,6 +295,27 @@ def _environment(runs: list[Run]) -> tuple[list[str], dict]:
         lines += ["", "**Not the same in every run** (numbers can differ for this reason alone):", "",
                   *(f"- {k}: {v}" for k, v in diffs.items())]
     return lines, diffs
+
+
+def _mixed_data(cells: dict) -> dict[str, str]:
+    """{"training data of <cell>": the packs its seeds trained on} for each cell whose seeds trained on other
+    tokens (metrics.json's data/train_sha256): the filter run again with another threshold, and only new seeds
+    trained on its output, averages the old data's runs with the new ones in one cell."""
+    mixed = {}
+    for (model, budget, data), seeds in cells.items():
+        packs: dict[tuple, list] = {}
+        for seed, run in _by_seed(seeds).items():
+            if sha := run.metrics.get("data/train_sha256"):
+                packs.setdefault((run.metrics.get("data/pack"), sha), []).append(str(seed))
+        if len(packs) > 1:
+            mixed[f"training data of {model}/{budget}/{data}"] = ", ".join(
+                f"{pack} (seed{'s' if len(which) > 1 else ''} {', '.join(which)})"
+                for (pack, _), which in packs.items())
+    for cell, packs in mixed.items():
+        _warn_once(f"{cell}: its seeds trained on other tokens, {packs} (the sources' files changed between their "
+                   "runs), and its mean mixes them: train the seeds of the old data again (their folders moved "
+                   "aside, the sweep retrains them)")
+    return mixed
 
 
 def _pct(v):
@@ -403,7 +425,7 @@ def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
           "Each comparison pairs the two cells' runs of the same seed (same initialisation and data order) and "
           "counts the seeds where the paper's ordering holds; the difference is the mean ± sd over those seeds.",
           "", *(o["line"] for o in orderings)]
-    env_lines, env_diffs = _environment(behind)
+    env_lines, env_diffs = _environment(behind, _mixed_data(cells))
     (out / f"{prefix}fig2_1.md").write_text("\n".join(md + env_lines) + "\n")
     labels = [_group_label(cells, g, paper_hours.get(g)) for g in groups]
     _bars(out / f"{prefix}fig2_1.png", title, groups, labels, arms, table, show_nll=experiment != "scaling")
