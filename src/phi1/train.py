@@ -225,7 +225,9 @@ def _finished(cfg: DictConfig, run_dir: Path, max_steps: int) -> dict | None:
     metrics = json.loads(path.read_text()) if path.exists() else {}
     if metrics.get("steps", -1) < max_steps:
         return None
-    if cfg.resume_check:
+    # By the job's first process: where the sources' files were rewritten, the check packs them, and the ranks
+    # of a multi-GPU job would each pack the whole data at once. The others have nothing to do either way.
+    if cfg.resume_check and lock.first_process():
         check_finished(cfg, run_dir, metrics)
     log.info("%s: this run finished its %d steps (metrics.json); nothing to do. A larger budget trains on; "
              "python evaluate.py ckpt=%s evaluates it again", run_dir, max_steps, run_dir / "hf")
