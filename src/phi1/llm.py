@@ -278,9 +278,10 @@ class LLM:
 
     def _lookup(self, key: str, messages: list[dict], prompt_version: str, adopt: bool = True) -> dict | None:
         """The cached answer to this request; else one to the same request under another max_tokens that ended
-        on its own (finish_reason "stop") within this one: the tokens a larger cap would have let it write are
-        the ones it wrote. Raising llm.max_tokens to keep the textbooks the cap cut (paper §2.2's ~1B tokens of
-        GPT-3.5) then pays for those alone, not for every answer again. Adopted under this request's key."""
+        on its own (finish_reason "stop") within this one: a cap only cuts an answer, so one that ended before
+        it is an answer to the request under any larger cap. Raising llm.max_tokens to keep the textbooks the
+        cap cut (paper §2.2's ~1B tokens of GPT-3.5) then pays for those alone, not for every answer again.
+        Adopted under this request's key."""
         if (response := self._cached(key)) is not None:
             return response
         cap, base = self.params.get("max_tokens"), self.key(messages, prompt_version, capped=False)
