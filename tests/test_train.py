@@ -481,6 +481,12 @@ def test_a_finished_run_is_not_taken_for_one_on_other_data_or_from_another_base(
     assert f"{done['data/pack']}, and data.sources now pack into " in str(e.value)
     assert f"started from its weights: {out / 'tune'}" in str(e.value)  # what to move aside with it
     assert (out / "base" / "metrics.json").read_bytes() == kept
+    # A run from before metrics.json kept its data: the tokens' sha256 in its checkpoint tells the same.
+    (out / "base" / "metrics.json").write_text(json.dumps({k: v for k, v in done.items() if not k.startswith("data/")}))
+    with pytest.raises(InputError, match=rf"other data than this command's: it trained on tokens of sha256 "
+                                         rf"{done['data/train_sha256'][:12]}\.\.\., and data.sources now pack into"):
+        train(small_cfg(*base, run_dir=out / "base"))
+    (out / "base" / "metrics.json").write_bytes(kept)
     assert train(small_cfg(*base, "resume_check=false", run_dir=out / "base")) == done
     (out / "base" / "metrics.json").unlink()  # as if killed after its last checkpoint: a resume of that
     with pytest.raises(DataMismatchError, match=r"train_sha256=.*data.sources pack into stdlib_filtered-\w+ now, "
@@ -491,6 +497,15 @@ def test_a_finished_run_is_not_taken_for_one_on_other_data_or_from_another_base(
     train(small_cfg(*base, run_dir=out / "base"))
     with pytest.raises(InputError, match=rf"{out / 'tune'} finished training from other weights than this "
                                          rf"command's: init_from=run:base \({out / 'base' / 'hf'}\) has changed"):
+        train(small_cfg(*tune, run_dir=out / "tune"))
+    # A finetune from before metrics.json named its base: a base newer than the run's start (its overrides.yaml,
+    # which `python train.py` writes as a run starts) tells the same.
+    metrics = json.loads((out / "tune" / "metrics.json").read_text())
+    (out / "tune" / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "init_from"}))
+    (out / "tune" / "overrides.yaml").write_text("- phase=finetune\n")
+    started_at = (tmp_path / "old_base" / "hf" / "config.json").stat().st_mtime_ns  # before the base trained again
+    os.utime(out / "tune" / "overrides.yaml", ns=(started_at, started_at))
+    with pytest.raises(InputError, match=r"has changed since the run started from it \(files newer than its overrides"):
         train(small_cfg(*tune, run_dir=out / "tune"))
 
 

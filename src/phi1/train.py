@@ -218,7 +218,7 @@ def check_init_tokenizer(cfg: DictConfig, init_from: str) -> None:
                          "Use the base run's tokenizer (the same tokenizer=... as its command).")
 
 
-def _finished(cfg: DictConfig, run_dir: Path, max_steps: int) -> dict | None:
+def _finished(cfg: DictConfig, run_dir: Path, max_steps: int, ckpt_path: str) -> dict | None:
     """The metrics of a run that completed these steps (train.py writes metrics.json last, after the final
     evaluation and the export): resuming it has nothing to do, and Lightning would skip its final evaluation."""
     path = run_dir / "metrics.json"
@@ -228,52 +228,62 @@ def _finished(cfg: DictConfig, run_dir: Path, max_steps: int) -> dict | None:
     # By the job's first process: where the sources' files were rewritten, the check packs them, and the ranks
     # of a multi-GPU job would each pack the whole data at once. The others have nothing to do either way.
     if cfg.resume_check and lock.first_process():
-        check_finished(cfg, run_dir, metrics)
+        check_finished(cfg, run_dir, metrics, ckpt_path)
     log.info("%s: this run finished its %d steps (metrics.json); nothing to do. A larger budget trains on; "
              "python evaluate.py ckpt=%s evaluates it again", run_dir, max_steps, run_dir / "hf")
     return metrics
 
 
-def check_finished(cfg: DictConfig, run_dir: Path, metrics: dict) -> None:
+def check_finished(cfg: DictConfig, run_dir: Path, metrics: dict, ckpt_path: str) -> None:
     """A finished run is this command's only if it trained on the data this command's sources pack into, and
     from the weights its init_from names now. Its config may match while neither does: `make filter` again
     with another threshold rewrites the filtered file that data=stdlib_filtered reads, and a finetune's base
-    (init_from=run:...) may have been trained again since. Runs from before metrics.json kept these pass."""
+    (init_from=run:...) may have been trained again since. A run from before metrics.json kept these has its
+    tokens' sha256 in its checkpoint (the data module's state), and no record of its base."""
     what = f"ckpt_path={cfg.ckpt_path}: {run_dir} finished training"
     aside = ("Its metrics are the old {}: move the folder aside (or give another run_name) to train this run "
              "again{}; resume_check=false takes its metrics as they are.")
     packed, tokenizer_dir = metrics.get("data/pack"), tokenizers.location(cfg)
-    if packed and (tokenizer_dir / "tokenizer.json").is_file():  # else nothing to pack with but a new tokenizer
+    trained = metrics.get("data/train_sha256") or (read_header(ckpt_path).get("PackedData") or {}).get("train_sha256")
+    if trained and (tokenizer_dir / "tokenizer.json").is_file():  # else nothing to pack with but a new tokenizer
         directory = pack.location(cfg, tokenizer_dir)
         if directory.name != packed:
             # The pack's name follows its sources' file names, sizes and mtimes: written again, they may hold the
-            # same documents. Packed (as training would) and compared by their tokens.
+            # same documents. Packed (as training would) unless it is, and compared by the tokens.
             directory = pack.pack(cfg, tokenizer_dir)
             sha = json.loads((directory / "manifest.json").read_text())["splits"]["train"]["sha256"]
-            if sha != metrics.get("data/train_sha256"):
+            if sha != trained:
                 stale = runs.built_on(run_dir, cfg.paths.output_dir)
+                old = packed or f"tokens of sha256 {trained[:12]}..."
                 raise InputError(
-                    f"{what} on other data than this command's: it trained on {packed}, and data.sources now "
+                    f"{what} on other data than this command's: it trained on {old}, and data.sources now "
                     f"pack into {directory.name}, other tokens (the sources' files were written again since). "
                     + aside.format("data's", f", and with it the runs on that data or started from its weights: "
                                            f"{', '.join(map(str, stale))}" if stale else ""))
     started = metrics.get("init_from")
-    if not started:
+    began = run_dir / runs.STARTED_BY  # written as the run started: what a run from before the record is checked by
+    if not cfg.init_from and not started or not started and not began.is_file():
         return
     try:
         path = runs.resolve(cfg.init_from, cfg.paths.output_dir, cfg.paths.data_dir) if cfg.init_from else None
     except MissingInputError as e:
         log.warning("%s: its base cannot be checked (%s); its metrics stand", run_dir, e)
         return
-    # By the files' names, sizes and times, not the path: a run folder moved with its base (`cp -a`, rsync -a)
-    # started from the same weights. A hub id has no files here: its name is all there is.
     now = runs.weights_identity(path)
-    if now != started["files"] or (now is None and cfg.init_from != started["init_from"]):
+    if started:
+        # By the files' names, sizes and times, not the path: a run folder moved with its base (`cp -a`, rsync -a)
+        # started from the same weights. A hub id has no files here: its name is all there is.
+        changed = now != started["files"] or (now is None and cfg.init_from != started["init_from"])
         since = ("has changed since the run started from it" if path == started["path"] else
-                 f"is not what the run started from ({started['path']})")
+                 f"is not what the run started from ({started['path']})") + \
+            " (its files' names, sizes or times differ: trained or exported again)"
+    else:
+        changed = any(mtime > began.stat().st_mtime_ns for *_, mtime in now or [])
+        since = (f"has changed since the run started from it (files newer than its {began.name}: trained or "
+                 "exported again)")
+    if changed:
         raise InputError(f"{what} from other weights than this command's: init_from={cfg.init_from} ({path}) {since}"
-                         " (its files' names, sizes or times differ: trained or exported again). "
-                         + aside.format("weights'", ""))
+                         ". " + aside.format("weights'", ""))
 
 
 def _set_aside_metrics(run_dir: Path) -> None:
@@ -324,7 +334,7 @@ def _train(cfg: DictConfig, plan, t0: float, held: contextlib.ExitStack) -> dict
         # A finished run's too: `-m seed=1,2 run_name=x ckpt_path=auto` gave the second cell the first's metrics.
         check_layout(cfg, plan, ckpt_path)
         check_resume(cfg, ckpt_path, plan.max_steps)
-        if finished := _finished(cfg, run_dir, plan.max_steps):
+        if finished := _finished(cfg, run_dir, plan.max_steps, ckpt_path):
             return finished
         _set_aside_metrics(run_dir)
     on_cpu = phi_config.on_cpu(cfg)
