@@ -132,7 +132,7 @@ class LanguageModel(L.LightningModule):
         self._check_fit(path, state)
         self.model.load_state_dict(state)
         # Kept in the checkpoints and metrics.json: a finished run is reused (ckpt_path=auto) only while its
-        # init_from names these weights (train.check_finished).
+        # init_from names these weights (train._check_finished_base).
         self.started_from = {"init_from": self.cfg.get("init_from"), "path": str(path),
                              "files": runs.weights_identity(str(source))}
         log.info("initialised weights from %s", path)

@@ -158,7 +158,7 @@ def weights_identity(path: str | None) -> list | None:
         return None
     root = Path(path)
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    return [[str(p.relative_to(root)) if root.is_dir() else p.name, p.stat().st_size, p.stat().st_mtime_ns]
+    return [[str(p.relative_to(root)) if root.is_dir() else p.name, (st := p.stat()).st_size, st.st_mtime_ns]
             for p in files]
 
 
@@ -176,8 +176,8 @@ def built_on(run_dir: Path, output_dir: str | Path) -> list[Path]:
     pack = metrics(run_dir).get("data/pack")
     same = [d for d, m in finished.items() if pack and m.get("data/pack") == pack and d != run_dir]
     roots = tuple(f"{d}{os.sep}" for d in (run_dir, *same))
-    started = [d for d, m in finished.items()
-               if str(Path((m.get("init_from") or {}).get("path") or "-").resolve()).startswith(roots)]
+    bases = {d: (m.get("init_from") or {}).get("path") for d, m in finished.items()}
+    started = [d for d, base in bases.items() if base and str(Path(base).resolve()).startswith(roots)]
     return same + [d for d in started if d not in same]
 
 

@@ -228,41 +228,50 @@ def _finished(cfg: DictConfig, run_dir: Path, max_steps: int, ckpt_path: str) ->
     # By the job's first process: where the sources' files were rewritten, the check packs them, and the ranks
     # of a multi-GPU job would each pack the whole data at once. The others have nothing to do either way.
     if cfg.resume_check and lock.first_process():
-        check_finished(cfg, run_dir, metrics, ckpt_path)
+        what = f"ckpt_path={cfg.ckpt_path}: {run_dir} finished training"
+        _check_finished_data(cfg, run_dir, metrics, ckpt_path, what)
+        _check_finished_base(cfg, run_dir, metrics, what)
     log.info("%s: this run finished its %d steps (metrics.json); nothing to do. A larger budget trains on; "
              "python evaluate.py ckpt=%s evaluates it again", run_dir, max_steps, run_dir / "hf")
     return metrics
 
 
-def check_finished(cfg: DictConfig, run_dir: Path, metrics: dict, ckpt_path: str) -> None:
-    """A finished run is this command's only if it trained on the data this command's sources pack into, and
-    from the weights its init_from names now. Its config may match while neither does: `make filter` again
-    with another threshold rewrites the filtered file that data=stdlib_filtered reads, and a finetune's base
-    (init_from=run:...) may have been trained again since. A run from before metrics.json kept these has its
-    tokens' sha256 in its checkpoint (the data module's state), and no record of its base."""
-    what = f"ckpt_path={cfg.ckpt_path}: {run_dir} finished training"
-    aside = ("Its metrics are the old {}: move the folder aside (or give another run_name) to train this run "
-             "again{}; resume_check=false takes its metrics as they are.")
+# A finished run is this command's only if it trained on the data this command's sources pack into, and from the
+# weights its init_from names now. Its config may match while neither does: `make filter` again with another
+# threshold rewrites the filtered file that data=stdlib_filtered reads, and a finetune's base (init_from=run:...)
+# may have been trained again since. Refused with this advice:
+ASIDE = ("Its metrics are the old {}: move the folder aside (or give another run_name) to train this run again{}; "
+         "resume_check=false takes its metrics as they are.")
+
+
+def _check_finished_data(cfg: DictConfig, run_dir: Path, metrics: dict, ckpt_path: str, what: str) -> None:
+    """The tokens it trained on (metrics.json's record; for a run from before it, its checkpoint's data module
+    state) against those this command's sources pack into."""
     packed, tokenizer_dir = metrics.get("data/pack"), tokenizers.location(cfg)
     trained = metrics.get("data/train_sha256") or (read_header(ckpt_path).get("PackedData") or {}).get("train_sha256")
-    if trained and (tokenizer_dir / "tokenizer.json").is_file():  # else nothing to pack with but a new tokenizer
-        directory = pack.location(cfg, tokenizer_dir)
-        if directory.name != packed:
-            # The pack's name follows its sources' file names, sizes and mtimes: written again, they may hold the
-            # same documents. Packed (as training would) unless it is, and compared by the tokens.
-            directory = pack.pack(cfg, tokenizer_dir)
-            sha = json.loads((directory / "manifest.json").read_text())["splits"]["train"]["sha256"]
-            if sha != trained:
-                stale = runs.built_on(run_dir, cfg.paths.output_dir)
-                old = packed or f"tokens of sha256 {trained[:12]}..."
-                raise InputError(
-                    f"{what} on other data than this command's: it trained on {old}, and data.sources now "
-                    f"pack into {directory.name}, other tokens (the sources' files were written again since). "
-                    + aside.format("data's", f", and with it the runs on that data or started from its weights: "
-                                           f"{', '.join(map(str, stale))}" if stale else ""))
+    if not trained or not (tokenizer_dir / "tokenizer.json").is_file():  # nothing to pack with but a new tokenizer
+        return
+    if pack.location(cfg, tokenizer_dir).name == packed:
+        return
+    # The pack's name follows its sources' file names, sizes and mtimes: written again, they may hold the same
+    # documents. Packed (as training would) unless it is, and compared by the tokens.
+    directory = pack.pack(cfg, tokenizer_dir)
+    if json.loads((directory / "manifest.json").read_text())["splits"]["train"]["sha256"] == trained:
+        return
+    stale = runs.built_on(run_dir, cfg.paths.output_dir)
+    old = packed or f"tokens of sha256 {trained[:12]}..."
+    raise InputError(f"{what} on other data than this command's: it trained on {old}, and data.sources now pack into "
+                     f"{directory.name}, other tokens (the sources' files were written again since). "
+                     + ASIDE.format("data's", f", and with it the runs on that data or started from its weights: "
+                                              f"{', '.join(map(str, stale))}" if stale else ""))
+
+
+def _check_finished_base(cfg: DictConfig, run_dir: Path, metrics: dict, what: str) -> None:
+    """The weights its init_from names now against those it started from (metrics.json's record; for a run from
+    before it, whether they are newer than the run's start, its overrides.yaml)."""
     started = metrics.get("init_from")
-    began = run_dir / runs.STARTED_BY  # written as the run started: what a run from before the record is checked by
-    if not cfg.init_from and not started or not started and not began.is_file():
+    began = run_dir / runs.STARTED_BY
+    if not started and not (cfg.init_from and began.is_file()):
         return
     try:
         path = runs.resolve(cfg.init_from, cfg.paths.output_dir, cfg.paths.data_dir) if cfg.init_from else None
@@ -283,7 +292,7 @@ def check_finished(cfg: DictConfig, run_dir: Path, metrics: dict, ckpt_path: str
                  "exported again)")
     if changed:
         raise InputError(f"{what} from other weights than this command's: init_from={cfg.init_from} ({path}) {since}"
-                         ". " + aside.format("weights'", ""))
+                         ". " + ASIDE.format("weights'", ""))
 
 
 def _set_aside_metrics(run_dir: Path) -> None:
