@@ -3,10 +3,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-# Before anything imports transformers/datasets: a hub lookup would otherwise hang ~50 s before failing.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
+# Before anything imports transformers/datasets: a hub lookup would otherwise hang ~50 s before failing. Set, not
+# defaulted: the suite must not depend on the caller's shell. A researcher's exported WANDB_MODE=disabled (or
+# online, or a WANDB_RUN_ID, WANDB_PROJECT) made the tests that read their offline runs' folders find none, and
+# would upload test runs to their account; every W&B run of the suite is offline, under the test's tmp_path.
+for _var in [v for v in os.environ if v.startswith("WANDB_")]:
+    del os.environ[_var]
+os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"})
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402

@@ -684,6 +684,16 @@ def test_runs_in_one_process_log_to_their_own_wandb_runs(small_cfg, tmp_path):
     assert all((folder / f"run-{i}.wandb").stat().st_size > 0 for folder, i in zip((first, second), ids))
 
 
+def test_the_suites_wandb_runs_are_offline_whatever_the_shell_exports(tmp_path):
+    """`make test` from a researcher's shell with WANDB_MODE=disabled (or online) and a WANDB_RUN_ID exported: the
+    suite's runs are still offline and each its own (tests/conftest.py), so the test above finds its two runs."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "WANDB_RUN_ID": "shared"}
+    test = f"{Path(__file__).name}::test_runs_in_one_process_log_to_their_own_wandb_runs"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path}",
+                           test], cwd=ROOT / "tests", env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+
+
 def test_an_evaluation_logs_its_per_problem_terms_to_wandb(small_cfg, tmp_path):
     """What report.py reads of a W&B run problem by problem: each evaluation's samples table and its solution NLL
     terms, row for row those of the run folder's solution_nll.jsonl."""
