@@ -326,6 +326,45 @@ def test_another_scikit_learn_classifier_can_stand_in_for_the_forest_and_the_fil
                 "stage.estimator={_target_: sklearn.linear_model.NoSuchModel}"))
 
 
+def test_a_classify_killed_mid_dump_or_into_a_folder_in_use_keeps_the_classifier_before(tmp_path, holder,
+                                                                                        monkeypatch):
+    """The filter stage reads classifier.joblib: a fit killed while writing it left half a pickle in place of the
+    model before, and two fits into one folder wrote each other's model beside their own metrics."""
+    import joblib
+
+    from phi1 import lock
+
+    folder, annotations, _, _ = _fake_inputs(tmp_path)
+    out = tmp_path / "clf"
+    common = ["stage=classify", f"stage.annotations={annotations}", f"stage.embeddings={folder}",
+              f"stage.output={out}"]
+    run(cfg(tmp_path, *common, "stage.n_estimators=5"))
+    before = (out / "classifier.joblib").read_bytes()
+    dump = joblib.dump
+
+    def killed(model, path):
+        dump(model, path)
+        Path(path).write_bytes(Path(path).read_bytes()[:100])  # half written when the signal came
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(joblib, "dump", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg(tmp_path, *common, "stage.n_estimators=7"))
+    assert (out / "classifier.joblib").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["classifier.joblib", "curves.png", "environment.json",
+                                                     "metrics.json"]  # no temporary left
+    monkeypatch.setattr(joblib, "dump", dump)
+    other = holder(tmp_path / ".clf.lock")
+    with pytest.raises(lock.InUse, match=rf"stage=classify output {out} is in use by another process: "
+                                         rf"pid {other.pid} "):
+        run(cfg(tmp_path, *common, "stage.n_estimators=7"))
+    assert (out / "classifier.joblib").read_bytes() == before
+    other.kill()
+    other.wait()
+    assert run(cfg(tmp_path, *common, "stage.n_estimators=7"))["estimator"] == "RandomForestClassifier"
+    assert len(joblib.load(out / "classifier.joblib").estimators_) == 7
+
+
 def test_the_forest_grown_a_few_trees_at_a_time_is_the_forest_of_one_fit(tmp_path):
     """classify grows its forest in steps of a few trees (a progress bar over minutes of fitting at the paper's
     scale); the probabilities must be those of one fit of all the trees, to the bit."""

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import joblib
 import numpy as np
 from omegaconf import DictConfig
 
-from phi1 import environment
+from phi1 import atomic, environment, lock
 from phi1.config import check
 from phi1.errors import InputError, MissingInputError
 from phi1.quality import embed
@@ -24,9 +25,6 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict:
-    from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
-    from sklearn.model_selection import train_test_split
-
     stage = cfg.stage
     check([("stage.test_fraction", 0 < stage.test_fraction < 1, "must be in (0, 1): the held-out share"),
            ("stage.n_estimators", stage.n_estimators > 0, "must be > 0 (trees in the forest)"),
@@ -64,6 +62,15 @@ def run(cfg: DictConfig) -> dict:
         raise InputError(f"{stage.annotations}: {len(y)} labelled documents with an embedding ({high} high, "
                          f"{len(y) - high} low) are too few to hold out stage.test_fraction={stage.test_fraction} "
                          "with both labels on each side; annotate more (stage.n of stage=annotate)")
+    # Locked (phi1.lock): two fits into one folder wrote each other's model beside their own metrics.
+    with lock.stage_output(out, "classify"):
+        return _fit(stage, x, y, out, annotations)
+
+
+def _fit(stage, x: np.ndarray, y: np.ndarray, out: Path, annotations: Path) -> dict:
+    from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
+    from sklearn.model_selection import train_test_split
+
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=stage.test_fraction, stratify=y,
                                                         random_state=stage.seed)
     if stage.estimator is None:
@@ -84,7 +91,16 @@ def run(cfg: DictConfig) -> dict:
         "majority_baseline_accuracy": float(max(y_test.mean(), 1 - y_test.mean())),
         "accuracy": float(((proba >= 0.5) == y_test).mean()),
     }
-    joblib.dump(model, out / "classifier.joblib")
+    # Written beside and renamed into place (phi1.atomic): a fit killed mid-dump left a truncated classifier that
+    # the filter stage could not unpickle, in place of the one before.
+    final = out / "classifier.joblib"
+    atomic.remove_stale(final, hidden=True)
+    tmp = atomic.temporary(final, hidden=True)
+    try:
+        joblib.dump(model, tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     environment.record(out)
     _plot(y_test, proba, metrics, out / "curves.png",
