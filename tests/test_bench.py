@@ -15,7 +15,7 @@ TINY = ["tokenizer.corpus.limit=150", "data.sources.0.limit=250", "data.seq_len=
 def test_train_speed_measures_train_py_against_the_plain_loop_round_after_round(tmp_path, data_dir):
     out = tmp_path / "speed.json"
     subprocess.run([sys.executable, "bench/train_speed.py", "--steps", "6", "--warmup", "1", "--rounds", "2",
-                    "--json", str(out), *TINY, f"paths.data_dir={data_dir}"],
+                    "--json", str(out), *TINY, f"paths.data_dir={data_dir}", f"paths.run_dir={tmp_path}/run"],
                    cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True, capture_output=True, timeout=600)
     (result,) = json.loads(out.read_text())["results"]
     assert len(result["runs"]["harness"]) == len(result["runs"]["plain"]) == 2
