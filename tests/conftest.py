@@ -8,8 +8,9 @@ from pathlib import Path
 # online, or a WANDB_RUN_ID, WANDB_PROJECT) made the tests that read their offline runs' folders find none, and
 # would upload test runs to their account; every W&B run of the suite is offline, under the test's tmp_path.
 # A researcher's PHI1_ROOT / PHI1_DATA_DIR (conf/paths) would send the tests that leave paths at their defaults into
-# their real outputs and data: each test names its own folders, or gets the defaults under the clone.
-for _var in [v for v in os.environ if v.startswith(("WANDB_", "PHI1_"))]:
+# their real outputs and data: each test names its own folders, or gets the defaults under the clone. And no test
+# may reach a paid API with the caller's OPENAI_API_KEY (or OPENAI_BASE_URL): each names its fake server.
+for _var in [v for v in os.environ if v.startswith(("WANDB_", "PHI1_", "OPENAI_"))]:
     del os.environ[_var]
 os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"})
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
