@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +53,15 @@ def remove_stale(final: Path, hidden: bool = False) -> int:
         log.warning("removed %s (%.1f MB), left by a run that was killed (pid %s)", path, size / 1e6, pid)
         freed += size
     return freed
+
+
+def write(final: Path, save: Callable[[Path], object], hidden: bool = True) -> None:
+    """`save(tmp)` writes the file, which is then renamed to `final`: readers see the old file or the new one,
+    never half of one. A temporary left by a writer killed hard on this host is removed first."""
+    remove_stale(final, hidden=hidden)
+    tmp = temporary(final, hidden=hidden)
+    try:
+        save(tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -8,7 +8,6 @@ written to a temporary name and renamed (`CheckpointIO`), a folder gets its `lat
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import signal
 import threading
@@ -113,13 +112,8 @@ class CheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic.remove_stale(path, hidden=True)  # a save killed hard (its `finally` never ran)
-        tmp = atomic.temporary(path, hidden=True)  # hidden, and not *.ckpt: no glob takes it for a checkpoint
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        # Hidden, and not *.ckpt: no glob takes the temporary for a checkpoint.
+        atomic.write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 class ModelCheckpoint(LightningModelCheckpoint):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import joblib
@@ -93,14 +92,7 @@ def _fit(stage, x: np.ndarray, y: np.ndarray, out: Path, annotations: Path) -> d
     }
     # Written beside and renamed into place (phi1.atomic): a fit killed mid-dump left a truncated classifier that
     # the filter stage could not unpickle, in place of the one before.
-    final = out / "classifier.joblib"
-    atomic.remove_stale(final, hidden=True)
-    tmp = atomic.temporary(final, hidden=True)
-    try:
-        joblib.dump(model, tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic.write(out / "classifier.joblib", lambda tmp: joblib.dump(model, tmp))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     environment.record(out)
     _plot(y_test, proba, metrics, out / "curves.png",
