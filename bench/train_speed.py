@@ -162,9 +162,11 @@ def plain(cfg, warmup: int) -> float:
     return steps_per_sec(times, warmup)
 
 
-def common_overrides(run_dir: Path, timer: str = "__main__.StepTimes") -> list[str]:
-    """What every measurement shares: training steps alone, timed by StepTimes, in a scratch run folder. No
-    checkpoints: a 1.3B one under DeepSpeed is ~20 GB, written after the timing but still waited for."""
+def common_overrides(run_dir: Path | str = "${paths.output_dir}/bench_train_speed",
+                     timer: str = "__main__.StepTimes") -> list[str]:
+    """What every measurement shares: training steps alone, timed by StepTimes, in a scratch run folder (by
+    default beside the runs: under PHI1_ROOT where that is set, not the clone). No checkpoints: a 1.3B one under
+    DeepSpeed is ~20 GB, written after the timing but still waited for."""
     return ["budget.tokens=null", "logger=csv", "val_batches=0", "evaluation.enabled=false", "export_hf=false",
             "callbacks.checkpoint.save_last=false", f"+callbacks.timer._target_={timer}", f"paths.run_dir={run_dir}"]
 
@@ -223,7 +225,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args, overrides = parser.parse_known_args()
     register_configs()
-    common = common_overrides(ROOT / "outputs" / "bench_train_speed")
+    common = common_overrides()
     env = environment()
     print(json.dumps(env))
     results = []

@@ -37,6 +37,16 @@ def test_train_speed_deepspeed_variants_run_round_after_round(deepspeed_on_cpu, 
         assert len(result["runs"]["harness"]) == 2 and result["tokens_per_s"] > 0
 
 
+def test_train_speeds_scratch_run_lies_beside_the_runs_not_in_the_clone():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import train_speed
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    cfg = train_speed.compose_cfg(train_speed.common_overrides() + ["paths.output_dir=/cluster/phi1/outputs"])
+    assert cfg.paths.run_dir == "/cluster/phi1/outputs/bench_train_speed"
+
+
 def test_train_speed_rows_put_the_memory_estimate_beside_the_peak():
     # Each GPU row checks phi1.memory's estimate anew: phi-1 compiled at 8 × 2048 peaked at 57.2 GiB on an H100.
     sys.path.insert(0, str(ROOT / "bench"))

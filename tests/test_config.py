@@ -357,6 +357,21 @@ def test_a_resolvers_error_is_one_message_without_a_traceback(tmp_path):
                                          " does")
 
 
+@pytest.mark.parametrize("command,log,bad", [("train.py", "train.log", "optim.lr=-1 logger=csv"),
+                                              ("evaluate.py", "evaluate.log", "samples=nowhere.jsonl")])
+def test_a_run_folder_given_as_paths_run_dir_holds_hydras_log_and_config_too(tmp_path, command, log, bad):
+    """Hydra's job folder followed run_name alone: with paths.run_dir given, the log and .hydra/ went to
+    outputs/<run_name>, apart from the run's files."""
+    r = subprocess.run([sys.executable, command, *bad.split(), f"paths.output_dir={tmp_path}/out",
+                        f"paths.run_dir={tmp_path}/mine", "run_name=x", f"paths.data_dir={tmp_path}/data"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "[phi1][ERROR] - stopped: " in (tmp_path / "mine" / log).read_text()
+    (launch,) = (tmp_path / "mine" / ".hydra").iterdir()
+    assert f"paths.run_dir={tmp_path}/mine" in (launch / "overrides.yaml").read_text()
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_bugs_traceback_goes_to_the_log_file_and_the_terminal_keeps_its_own(tmp_path):
     import logging
 

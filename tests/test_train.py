@@ -455,7 +455,7 @@ def _write_docs(path: Path, first: int, n: int = 120) -> None:
     path.write_text("".join(json.dumps({"id": f.name, "text": f.read_text()}) + "\n" for f in files))
 
 
-def test_a_finished_run_is_not_taken_for_one_on_other_data_or_from_another_base(small_cfg, tmp_path):
+def test_a_finished_run_is_not_taken_for_one_on_other_data_or_from_another_base(small_cfg, tmp_path, monkeypatch):
     """`make filter` again with another threshold, then the sweep again (ckpt_path=auto): the runs on the filtered
     data, and the finetunes started from them, handed back their metrics of the old data as this command's."""
     from phi1.data.datamodule import DataMismatchError
@@ -488,10 +488,26 @@ def test_a_finished_run_is_not_taken_for_one_on_other_data_or_from_another_base(
         train(small_cfg(*base, run_dir=out / "base"))
     (out / "base" / "metrics.json").write_bytes(kept)
     assert train(small_cfg(*base, "resume_check=false", run_dir=out / "base")) == done
-    (out / "base" / "metrics.json").unlink()  # as if killed after its last checkpoint: a resume of that
-    with pytest.raises(DataMismatchError, match=r"train_sha256=.*data.sources pack into stdlib_filtered-\w+ now, "
-                                                r"other tokens: their files changed since\). Resume it on the data"):
-        train(small_cfg(*base, run_dir=out / "base"))
+    # Trained on with a larger budget, and as if killed after its last checkpoint: refused before the model is
+    # built (it was refused at the fit's restore, minutes in for phi-1), and the finished run keeps its metrics.json
+    # (it was set aside first, and the run read as unfinished). resume_check=false does not train on other tokens.
+    with monkeypatch.context() as m:
+        m.setattr("phi1.train.LanguageModel", lambda *a, **k: pytest.fail("the model was built"))
+        for extra in (["budget.max_steps=6"], ["budget.max_steps=6", "resume_check=false"]):
+            with pytest.raises(DataMismatchError, match=r"train_sha256=.*data.sources pack into stdlib_filtered-\w+ "
+                                                        r"now, other tokens: their files changed since\). Resume it"):
+                train(small_cfg(*base, *extra, run_dir=out / "base"))
+            assert (out / "base" / "metrics.json").read_bytes() == kept
+        (out / "base" / "metrics.json").unlink()
+        with pytest.raises(DataMismatchError, match="train_sha256="):
+            train(small_cfg(*base, run_dir=out / "base"))
+        # Sources written again: their pack is not on disk. One process packs it to compare; the ranks of a
+        # multi-GPU job leave that to the fit (packing before the Trainer would hold the others at their rendezvous).
+        _write_docs(docs, 80)
+        with pytest.raises(pytest.fail.Exception, match="the model was built"):
+            train(small_cfg(*base, "trainer.devices=2", run_dir=out / "base"))
+        with pytest.raises(DataMismatchError, match="train_sha256="):
+            train(small_cfg(*base, run_dir=out / "base"))
     # The base trained again on the new data: the finetune started from the old one.
     shutil.move(out / "base", tmp_path / "old_base")
     train(small_cfg(*base, run_dir=out / "base"))

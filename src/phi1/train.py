@@ -24,7 +24,7 @@ from phi1 import tokenizer as tokenizers
 from phi1.checkpoints import (CheckpointIO, is_checkpoint, is_deepspeed, read_checkpoint, read_config, read_header,
                               zero_ranks)
 from phi1.data import pack
-from phi1.data.datamodule import PackedData
+from phi1.data.datamodule import PackedData, check_resumable
 from phi1.errors import InputError, MissingInputError
 from phi1.eval.callback import Evaluation
 from phi1.export import export_hf
@@ -295,6 +295,27 @@ def _check_finished_base(cfg: DictConfig, run_dir: Path, metrics: dict, what: st
                          ". " + ASIDE.format("weights'", ""))
 
 
+def _check_resume_data(cfg: DictConfig, ckpt_path: str, world_size: int) -> None:
+    """The data the checkpoint trained on (its data module's state: seed, global batch, the training tokens' sha256)
+    against this command's pack. The fit's restore checks the same, but only after the model is built (under
+    DeepSpeed, set up and its ZeRO shards loaded), with the run's W&B run resumed; and a finished run trained on
+    with a larger budget had its metrics.json set aside by then, so that it read as unfinished to report.py and to
+    init_from=run:... Where the pack is not on disk (its sources' files were written since), one process packs it
+    as training would (the fit then reuses it); the ranks of a multi-GPU job leave that to the fit: packing here,
+    before the Trainer, would hold the others at their rendezvous, which times out, where the fit's prepare_data
+    packs behind a barrier that waits."""
+    state = read_header(ckpt_path).get(PackedData.__qualname__)
+    if not state:  # not written by train.py
+        return
+    tokenizer_dir = tokenizers.location(cfg)
+    directory = pack.location(cfg, tokenizer_dir) if (tokenizer_dir / "tokenizer.json").is_file() else None
+    if directory is None or not (directory / "manifest.json").is_file():
+        if world_size > 1:
+            return
+        directory = pack.pack(cfg, tokenizers.ensure(cfg))
+    check_resumable(state, cfg, json.loads((directory / "manifest.json").read_text()), directory.name)
+
+
 def _set_aside_metrics(run_dir: Path) -> None:
     """A finished run trained on with a larger budget is unfinished until it writes its new metrics.json: the old
     one would tell report.py, and a run waiting for this one (init_from=run:...), that it had finished. Renamed,
@@ -345,6 +366,7 @@ def _train(cfg: DictConfig, plan, t0: float, held: contextlib.ExitStack) -> dict
         check_resume(cfg, ckpt_path, plan.max_steps)
         if finished := _finished(cfg, run_dir, plan.max_steps, ckpt_path):
             return finished
+        _check_resume_data(cfg, ckpt_path, plan.world_size)
         _set_aside_metrics(run_dir)
     on_cpu = phi_config.on_cpu(cfg)
     if on_cpu and torch.cuda.is_available():  # trainer=cpu is the default: `train.py model=1.3b` on a GPU node

@@ -159,15 +159,21 @@ class PackedData(L.LightningDataModule):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict() | {"consumed_samples": state["consumed_samples"]}
-        for key in ("seed", "train_sha256", "global_batch"):
-            if state[key] != mine[key]:
-                # The training tokens differ where the sources' files changed since (a filter run again, a corpus
-                # edited): the run's config is the same, its data not.
-                data = (f" (data.sources pack into {self.dir.name} now, other tokens: their files changed since). "
-                        "Resume it on the data it trained on, or start a new run from its weights with "
-                        "init_from=<the checkpoint> run_name=<a new name>") if key == "train_sha256" else ""
-                raise DataMismatchError(
-                    f"cannot resume: the checkpoint was trained with {key}={state[key]!r}, this run has {mine[key]!r}"
-                    + data)
+        check_resumable(state, self.cfg, self.manifest, self.dir.name)
         self._resume_state = state
+
+
+def check_resumable(state: dict, cfg: DictConfig, manifest: dict, packed: str) -> None:
+    """A checkpoint's data state (PackedData.state_dict) against this run's: the data order is drawn from the seed
+    and the global batch, over the training tokens of the pack named `packed` (its manifest)."""
+    mine = {"seed": cfg.seed, "train_sha256": manifest["splits"]["train"]["sha256"],
+            "global_batch": cfg.batch.global_size}
+    for key, value in mine.items():
+        if state[key] != value:
+            # The training tokens differ where the sources' files changed since (a filter run again, a corpus
+            # edited): the run's config is the same, its data not.
+            data = (f" (data.sources pack into {packed} now, other tokens: their files changed since). "
+                    "Resume it on the data it trained on, or start a new run from its weights with "
+                    "init_from=<the checkpoint> run_name=<a new name>") if key == "train_sha256" else ""
+            raise DataMismatchError(
+                f"cannot resume: the checkpoint was trained with {key}={state[key]!r}, this run has {value!r}" + data)
