@@ -447,6 +447,39 @@ def test_a_finished_run_trained_on_says_what_its_new_budget_does_to_the_lr(pretr
     assert "another budget" not in caplog.text
 
 
+def test_a_metrics_write_cut_short_leaves_none_and_the_resume_writes_it(small_cfg, tmp_path, monkeypatch):
+    """metrics.json marks a finished run. Written in place, a full disk left half of one: a finetune waiting for
+    the run started on it, report.py left the run out, and each resume failed with a JSONDecodeError traceback."""
+    import errno
+
+    from phi1.errors import InputError
+
+    run, real = tmp_path / "run", Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        if "metrics.json" not in self.name:
+            return real(self, text, *args, **kwargs)
+        real(self, text[: len(text) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    common = [*FAST, "budget.max_steps=4", "evaluation.enabled=false"]
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_text", full_disk)
+        with pytest.raises(OSError, match="No space left on device"):
+            train(small_cfg(*common, run_dir=run))
+    assert (run / "hf" / "config.json").is_file() and not [p.name for p in run.glob("*metrics.json*")]
+    assert not list(run.glob(".metrics.json*"))
+    metrics = train(small_cfg(*common, "ckpt_path=last", run_dir=run))
+    assert metrics["steps"] == 4 and json.loads((run / "metrics.json").read_text()) == metrics
+    # One cut short before the write was atomic: named, with what to do, and kept.
+    (run / "metrics.json").write_text('{"steps": 4, "train/lo')
+    with pytest.raises(InputError, match=rf"ckpt_path=last: {run / 'metrics.json'} is not JSON \(.*\): its write "
+                                         "was cut short. Remove it and resume again"):
+        train(small_cfg(*common, "ckpt_path=last", run_dir=run))
+    (run / "metrics.json").unlink()
+    assert train(small_cfg(*common, "ckpt_path=last", run_dir=run))["steps"] == 4
+
+
 def _write_docs(path: Path, first: int, n: int = 120) -> None:
     """n of the standard library's files from the first-th on, as a jsonl source (what `make filter` writes)."""
     from phi1.data.sources import stdlib_dir

@@ -8,6 +8,7 @@ later run on the same host removes a leftover only when its process is gone.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -65,3 +66,10 @@ def write(final: Path, save: Callable[[Path], object], hidden: bool = True) -> N
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json(final: Path, value) -> None:
+    """`value` as indented JSON, renamed into place: a metrics.json is a run's mark of completion (runs waiting
+    for it start on it, a resume takes it for a finished run), so a write cut short (a full disk, a kill) must
+    leave none rather than half of one."""
+    write(Path(final), lambda tmp: tmp.write_text(json.dumps(value, indent=2) + "\n"))

@@ -17,7 +17,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from phi1 import environment, lock, runs
+from phi1 import atomic, environment, lock, runs
 from phi1.config import check, evaluation_checks, run_name_checks
 from phi1.errors import InputError, MissingInputError
 from phi1.eval import benchmarks as bench
@@ -341,10 +341,10 @@ def _evaluate(cfg: DictConfig, run_dir: Path, problem_sets: dict, completions: d
     if sandbox is not None:
         metrics["sandbox"] = sandbox.description
     # Written before the grading too: a grader that fails (quota, an outage) loses none of the scores above.
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic.write_json(run_dir / "metrics.json", metrics)
     if graded := _grade(cfg, problem_sets, tables, run_dir):
         metrics.update(graded)
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic.write_json(run_dir / "metrics.json", metrics)
     _log_wandb(cfg, metrics, tables, env)
     return metrics
 

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from phi1 import config as phi_config
-from phi1 import environment, lock, memory, runs
+from phi1 import atomic, environment, lock, memory, runs
 from phi1 import tokenizer as tokenizers
 from phi1.checkpoints import (CheckpointIO, is_checkpoint, is_deepspeed, read_checkpoint, read_config, read_header,
                               zero_ranks)
@@ -222,7 +222,11 @@ def _finished(cfg: DictConfig, run_dir: Path, max_steps: int, ckpt_path: str) ->
     """The metrics of a run that completed these steps (train.py writes metrics.json last, after the final
     evaluation and the export): resuming it has nothing to do, and Lightning would skip its final evaluation."""
     path = run_dir / "metrics.json"
-    metrics = json.loads(path.read_text()) if path.exists() else {}
+    try:
+        metrics = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError as e:  # written in place before phi1.atomic, and cut short (a full disk, a kill)
+        raise InputError(f"ckpt_path={cfg.ckpt_path}: {path} is not JSON ({e}): its write was cut short. Remove it "
+                         "and resume again: the run goes on from its last checkpoint and writes it anew") from e
     if metrics.get("steps", -1) < max_steps:
         return None
     # By the job's first process: where the sources' files were rewritten, the check packs them, and the ranks
@@ -473,7 +477,7 @@ def _train(cfg: DictConfig, plan, t0: float, held: contextlib.ExitStack) -> dict
                 module.load_state_dict(read_checkpoint(evaluation.best_path)["state_dict"])
             export_hf(module, data.tokenizer_dir, run_dir / "hf")
         # Written last: its presence says the run finished (runs that depend on this one wait for it).
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic.write_json(run_dir / "metrics.json", metrics)
         log.info("done: %s; metrics.json, checkpoints and HF export in %s",
                  ", ".join(f"{k}={metrics[k]:.4g}" for k in ("train/loss_first", "train/loss", "val/loss")
                            if metrics.get(k) is not None), run_dir)
