@@ -120,6 +120,36 @@ def _export(run: Path, tmp_path: Path) -> Path:
     return out
 
 
+def test_a_checkpoint_carries_its_tokenizer_to_any_folder_and_machine(pretrained, tmp_path, monkeypatch):
+    """A run's paths.data_dir is ./data by default, relative to the folder it trained in: evaluate.py and the
+    export of its checkpoint from another folder, or on another machine, looked for the tokenizer there and failed
+    in transformers ("Repo id must be in the form 'repo_name'"). The checkpoint keeps the tokenizer's files."""
+    from transformers import AutoTokenizer
+
+    from phi1.errors import MissingInputError
+    from phi1.eval.generate import load
+    from phi1.export import export_checkpoint
+
+    run, _ = pretrained
+    copy = tmp_path / "elsewhere" / "run"  # the checkpoints alone, copied: no data/ where the run says, no hf/
+    shutil.copytree(run / "checkpoints", copy / "checkpoints")
+    ckpt = copy / "checkpoints" / "last.ckpt"
+    monkeypatch.setattr("phi1.tokenizer.location", lambda cfg: tmp_path / "nowhere")
+    _, tokenizer = load(str(ckpt), device="cpu")
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(run / "hf").get_vocab()
+    exported = export_checkpoint(ckpt, tmp_path / "hf")
+    assert (exported / "tokenizer.json").read_bytes() == (run / "hf" / "tokenizer.json").read_bytes()
+    # A checkpoint from before it kept them: the folder the run's data_dir names, else the run's own export.
+    old = torch.load(ckpt, map_location="cpu", weights_only=False)
+    del old["phi1"]["tokenizer"]
+    torch.save(old, ckpt)
+    with pytest.raises(MissingInputError, match=rf"{ckpt}: its tokenizer is in none of {tmp_path / 'nowhere'}, "
+                                                rf"{copy / 'hf'} \(the run's paths.data_dir is"):
+        load(str(ckpt), device="cpu")
+    shutil.copytree(run / "hf", copy / "hf")
+    assert load(str(ckpt), device="cpu")[1].get_vocab() == tokenizer.get_vocab()
+
+
 def test_export_writes_over_an_earlier_export_and_nothing_else(pretrained, tmp_path, capsys):
     """The export replaces its folder whole: given the run folder (`python -m phi1.export <run>/checkpoints/
     last.ckpt <run>`), it deleted the checkpoints, logs and metrics, and left the export in their place."""

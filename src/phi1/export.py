@@ -67,10 +67,8 @@ def export_checkpoint(ckpt: Path, out: Path | None = None) -> Path:
     out = Path(out or ckpt.parent.parent / f"hf-{ckpt.stem}")
     replaceable(out)  # before the checkpoint is read (1.3B: ~20 s)
     module = LanguageModel.from_checkpoint(ckpt)
-    tokenizer_dir = tokenizers.location(module.cfg)
-    if not (tokenizer_dir / "tokenizer.json").exists():
-        raise MissingInputError(f"{ckpt}: its tokenizer is not at {tokenizer_dir} (paths.data_dir of the run)")
-    return export_hf(module, tokenizer_dir, out)
+    with tokenizers.of_checkpoint(module, ckpt) as tokenizer_dir:
+        return export_hf(module, tokenizer_dir, out)
 
 
 def main(argv: list[str] | None = None) -> None:

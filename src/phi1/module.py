@@ -106,6 +106,7 @@ class LanguageModel(L.LightningModule):
         checkpoint = read_checkpoint(path)
         module = cls(**checkpoint["hyper_parameters"])
         module.load_state_dict(checkpoint["state_dict"])
+        module.tokenizer_files = (checkpoint.get("phi1") or {}).get("tokenizer")  # phi1.tokenizer.of_checkpoint
         return module
 
     def load_weights(self, path: str) -> None:
@@ -214,10 +215,16 @@ class LanguageModel(L.LightningModule):
 
     # The losses logged so far travel in the checkpoint: a resumed run reports the run's first loss, not the first
     # after its resume, and one resumed after its final step (which trains nothing) still has its final losses.
+    # So does the tokenizer's folder (a 51,200-token BPE's is 3.7 MB, beside phi-1's 17 GB): the checkpoint
+    # is read by evaluate.py and phi1.export from any folder and machine, where the run's paths.data_dir (./data,
+    # relative to where it trained, by default) is not.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         logged = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
+        folder = getattr(self.trainer.datamodule, "tokenizer_dir", None)
         checkpoint["phi1"] = {"first_loss": self.first_loss, "metrics": logged, "device_hours": self.device_hours(),
-                              "started_from": self.started_from}
+                              "started_from": self.started_from,
+                              "tokenizer": {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())
+                                            if p.is_file()} if folder else None}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("phi1", {})  # absent from checkpoints written before it was kept

@@ -1,25 +1,28 @@
 """Tokenizers: the paper's (codegen-350M-mono, from the hub) or a byte-level BPE trained here, offline.
 
-Either way the tokenizer is saved once under `<data_dir>/tokenizers/` and loaded from there, so packed data,
-checkpoints and HF exports all point at one local copy. Its identity (`fingerprint`) is the sha256 of its
-`tokenizer.json`: packed data records it, and training refuses data packed with another tokenizer.
+Either way the tokenizer is saved once under `<data_dir>/tokenizers/` and loaded from there by packing and
+training; checkpoints and HF exports carry a copy of its files (`of_checkpoint`). Its identity (`fingerprint`) is
+the sha256 of its `tokenizer.json`: packed data records it, and training refuses data packed with another
+tokenizer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from omegaconf import DictConfig
 
 from phi1 import atomic
 from phi1.data import sources
-from phi1.errors import Phi1Error
+from phi1.errors import MissingInputError, Phi1Error
 
 if TYPE_CHECKING:
     import tokenizers
@@ -68,6 +71,33 @@ def ensure(cfg: DictConfig) -> Path:
     except OSError:  # another process finished first; theirs is identical
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+@contextlib.contextmanager
+def of_checkpoint(module, ckpt: Path) -> Iterator[Path]:
+    """The folder of the tokenizer a train.py checkpoint (LanguageModel.from_checkpoint's module) trained with,
+    while the block runs: the copy the checkpoint keeps; for a checkpoint from before it kept one, the folder the
+    run's paths.data_dir names, else the run's HF export. The run's data_dir is ./data by default, relative to where
+    it trained: `python ~/phi1/evaluate.py ckpt=...` from another folder looked for it there and failed in
+    transformers with "Repo id must be in the form 'repo_name'"."""
+    if files := getattr(module, "tokenizer_files", None):
+        with tempfile.TemporaryDirectory(prefix="phi1-tokenizer-") as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(data)
+            yield Path(tmp)
+        return
+    ckpt = Path(ckpt).absolute()
+    places = [location(module.cfg)]
+    if ckpt.parent.name == "checkpoints":  # <run>/checkpoints/<name>.ckpt (a file, or DeepSpeed's folder)
+        places.append(ckpt.parent.parent / "hf")
+    for place in places:
+        if (place / "tokenizer.json").is_file():
+            yield place
+            return
+    raise MissingInputError(
+        f"{ckpt}: its tokenizer is in none of {', '.join(map(str, places))} (the run's paths.data_dir is "
+        f"{module.cfg.paths.data_dir!r}, relative to the folder it trained in where not absolute): run this command "
+        "from that folder, or export the run there (python -m phi1.export) and use the export")
 
 
 def load(directory: Path, cfg: DictConfig) -> PreTrainedTokenizerFast:

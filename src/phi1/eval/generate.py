@@ -43,8 +43,9 @@ def load(ckpt: str, device: str | None = None):
         from phi1.module import LanguageModel
 
         module = LanguageModel.from_checkpoint(path)
-        model, tokenizer = module.model, AutoTokenizer.from_pretrained(str(tokenizers.location(module.cfg)))
-        model = model.to(dtype)
+        with tokenizers.of_checkpoint(module, path) as folder:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        model = module.model.to(dtype)
     elif runs.is_path(str(ckpt)) and not path.exists():
         raise MissingInputError(f"ckpt={ckpt}: no such file or folder")
     else:  # an HF folder or a hub id
