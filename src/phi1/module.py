@@ -80,6 +80,7 @@ class LanguageModel(L.LightningModule):
         self.resumed_metrics: dict[str, float] = {}  # what was logged before the checkpoint resumed from
         self.hours_before = 0.0  # device-hours of the segments before the checkpoint resumed from
         self.started_from: dict | None = None  # init_from's weights, as load_weights found them
+        self.tokenizer_files: dict[str, bytes] | None = None  # a checkpoint's copy (from_checkpoint), by file name
         self._fit_started: float | None = None
         speed = self.cfg.get("speed") or {}
         # Compiled bound methods, not compiled modules: the parameters and state_dict keys stay those of
@@ -106,7 +107,7 @@ class LanguageModel(L.LightningModule):
         checkpoint = read_checkpoint(path)
         module = cls(**checkpoint["hyper_parameters"])
         module.load_state_dict(checkpoint["state_dict"])
-        module.tokenizer_files = (checkpoint.get("phi1") or {}).get("tokenizer")  # phi1.tokenizer.of_checkpoint
+        module.tokenizer_files = (checkpoint.get("phi1") or {}).get("tokenizer")  # for tokenizer.of_checkpoint
         return module
 
     def load_weights(self, path: str) -> None:

@@ -80,7 +80,7 @@ def of_checkpoint(module, ckpt: Path) -> Iterator[Path]:
     run's paths.data_dir names, else the run's HF export. The run's data_dir is ./data by default, relative to where
     it trained: `python ~/phi1/evaluate.py ckpt=...` from another folder looked for it there and failed in
     transformers with "Repo id must be in the form 'repo_name'"."""
-    if files := getattr(module, "tokenizer_files", None):
+    if files := module.tokenizer_files:
         with tempfile.TemporaryDirectory(prefix="phi1-tokenizer-") as tmp:
             for name, data in files.items():
                 (Path(tmp) / name).write_bytes(data)
