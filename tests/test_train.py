@@ -150,6 +150,32 @@ def test_a_checkpoint_carries_its_tokenizer_to_any_folder_and_machine(pretrained
     assert load(str(ckpt), device="cpu")[1].get_vocab() == tokenizer.get_vocab()
 
 
+def test_vllms_export_of_a_checkpoint_is_removed_once_it_has_generated(pretrained, tmp_path, monkeypatch):
+    """vLLM reads HF folders, so a checkpoint is exported for it into a temporary folder, which was left behind:
+    5.7 GB of fp32 weights for phi-1, per evaluation. vLLM itself stands in here (it needs a CUDA GPU)."""
+    import tempfile
+    import types
+
+    from phi1.eval.generate import generate_vllm
+
+    read = []
+
+    class LLM:
+        def __init__(self, model, dtype):
+            read.append(Path(model))
+            assert (Path(model) / "config.json").is_file() and (Path(model) / "tokenizer.json").is_file()
+
+        def generate(self, prompts, params):
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text="    return 1\ndef g")])] * len(prompts)
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **k: k))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    completions = generate_vllm(str(pretrained[0] / "checkpoints" / "last.ckpt"), ["def f():\n"], n=1,
+                                temperature=0.0, top_p=0.95, max_new_tokens=8, stop=["\ndef"])
+    assert completions == [["    return 1"]] and read[0].is_relative_to(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_writes_over_an_earlier_export_and_nothing_else(pretrained, tmp_path, capsys):
     """The export replaces its folder whole: given the run folder (`python -m phi1.export <run>/checkpoints/
     last.ckpt <run>`), it deleted the checkpoints, logs and metrics, and left the export in their place."""

@@ -194,14 +194,18 @@ def generate_vllm(ckpt: str, prompts: list[str], *, n: int, temperature: float, 
 
     from vllm import LLM, SamplingParams
 
-    if is_checkpoint(Path(ckpt)):  # vLLM reads HF folders: export train.py's checkpoint (file or folder) first
-        from phi1.export import export_checkpoint
+    # vLLM reads HF folders: train.py's checkpoint (file or folder) is exported first, into a folder removed when
+    # the completions are in (it was left behind: phi-1's fp32 weights are 5.7 GB, in the temporary folder, per
+    # evaluation).
+    with tempfile.TemporaryDirectory(prefix="phi1-vllm-") as tmp:
+        if is_checkpoint(Path(ckpt)):
+            from phi1.export import export_checkpoint
 
-        ckpt = str(export_checkpoint(Path(ckpt), Path(tempfile.mkdtemp()) / "hf"))
-    llm = LLM(model=ckpt, dtype="bfloat16")
-    params = SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                            max_tokens=max_new_tokens, stop=stop, seed=seed)
-    return [[truncate(o.text, stop) for o in r.outputs] for r in llm.generate(prompts, params)]
+            ckpt = str(export_checkpoint(Path(ckpt), Path(tmp) / "hf"))
+        llm = LLM(model=ckpt, dtype="bfloat16")
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                                max_tokens=max_new_tokens, stop=stop, seed=seed)
+        return [[truncate(o.text, stop) for o in r.outputs] for r in llm.generate(prompts, params)]
 
 
 def solution_nll(model, tokenizer, problems) -> float:
