@@ -217,6 +217,33 @@ def test_the_embedding_measure_runs_on_a_gpu_where_one_is_visible_unless_told(mo
         assert chosen.pop() == expected
 
 
+def test_a_scoring_stopped_midway_leaves_no_embeddings_behind(tmp_path, monkeypatch):
+    """The training items' embeddings lie in a temporary folder (1.8 GB for CodeExercises with the paper's
+    CodeGen-350M), which a scoring stopped by an error (a malformed line an hour in) or Ctrl-C left behind."""
+    import tempfile
+
+    import numpy as np
+
+    from phi1.data.sources import SourceError
+    from phi1.quality import embed
+
+    monkeypatch.setattr(embed, "load_encoder", lambda *a: (None, None))
+    monkeypatch.setattr(embed, "embed_texts", lambda model, tok, texts, n: np.ones((len(texts), 8), np.float32))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    train = tmp_path / "exercises.jsonl"
+    rows = [json.dumps({"id": f"e{i}", "text": f"def f{i}(x):\n    return x + {i}\n"}) for i in range(4500)]
+    # Past the first read (two chunks of 2000 with one worker): those are scored and embedded before it.
+    train.write_text("\n".join([*rows, "{not json"]) + "\n")
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("prepare", overrides=[
+            f"paths.data_dir={tmp_path}", "stage=decontaminate", "stage.train.name=exercises", "stage.train.kind=jsonl",
+            f"stage.train.path={train}", "stage.train.on_error=stop", "stage.workers=1"])
+    with pytest.raises(SourceError, match=rf"{train}:4501"):
+        run(cfg)
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
 def test_the_50_unconventional_problems_pass_with_their_solutions_and_fail_without():
     from phi1.eval.sandbox import Sandbox
 

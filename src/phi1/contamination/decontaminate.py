@@ -169,38 +169,43 @@ def _score(stage, problems) -> dict:
     worker_cfg = {"num_perm": stage.num_perm, "lsh_threshold": stage.lsh_threshold, "ngram": stage.ngram}
     workers = stage.workers or os.cpu_count() or 1
     embedder = _Embedder(stage.embed, problems) if stage.embed.enabled else None
-    from tqdm.auto import tqdm
+    # Its embeddings lie in a temporary folder, removed whatever stops the scoring (a malformed line an hour in,
+    # Ctrl-C): CodeExercises' 879.5K items × 1024 float16 values from CodeGen-350M (the paper's) are 1.8 GB.
+    try:
+        from tqdm.auto import tqdm
 
-    bar = tqdm(desc="decontaminate", unit=" items", dynamic_ncols=True)
-    with ProcessPoolExecutor(workers, initializer=_init_worker,
-                             initargs=(problem_labels, problem_grams, worker_cfg)) as pool:
-        while chunks := [c for c in (list(islice(docs, CHUNK)) for _ in range(workers * 2)) if c]:
-            results = pool.map(_score_chunk, [[text for _, text in c] for c in chunks])
-            for chunk, scored in zip(chunks, results):
-                if embedder:
-                    embedder.add([text for _, text in chunk], len(best_tau))
-                for (doc_id, text), (pairs, shared) in zip(chunk, scored):
-                    i = len(best_tau)
-                    best_tau.append(max((t for _, t in pairs), default=0.0))
-                    for j, tau in pairs:
-                        heapq.heappush(top_tau[j], (tau, i))
-                        if len(top_tau[j]) > k:
-                            heapq.heappop(top_tau[j])
-                    for j, count in shared:
-                        ngram_matches[j].append((i, count))
-                    if pairs or shared:
-                        keep_text[i] = (doc_id, text)
-                bar.update(len(chunk))
-    bar.close()
-    if not best_tau:
-        raise sources.SourceError(f"stage.train ({stage.train.name}) yielded no items")
-    nearest_l2 = embedder.nearest(k) if embedder else None
-    if embedder:
-        for j, pairs in enumerate(nearest_l2):
-            for i, _ in pairs:
-                keep_text.setdefault(i, None)
-        _fill_texts(stage.train, keep_text)
-        shutil.rmtree(embedder.dir, ignore_errors=True)
+        bar = tqdm(desc="decontaminate", unit=" items", dynamic_ncols=True)
+        with ProcessPoolExecutor(workers, initializer=_init_worker,
+                                 initargs=(problem_labels, problem_grams, worker_cfg)) as pool:
+            while chunks := [c for c in (list(islice(docs, CHUNK)) for _ in range(workers * 2)) if c]:
+                results = pool.map(_score_chunk, [[text for _, text in c] for c in chunks])
+                for chunk, scored in zip(chunks, results):
+                    if embedder:
+                        embedder.add([text for _, text in chunk], len(best_tau))
+                    for (doc_id, text), (pairs, shared) in zip(chunk, scored):
+                        i = len(best_tau)
+                        best_tau.append(max((t for _, t in pairs), default=0.0))
+                        for j, tau in pairs:
+                            heapq.heappush(top_tau[j], (tau, i))
+                            if len(top_tau[j]) > k:
+                                heapq.heappop(top_tau[j])
+                        for j, count in shared:
+                            ngram_matches[j].append((i, count))
+                        if pairs or shared:
+                            keep_text[i] = (doc_id, text)
+                    bar.update(len(chunk))
+        bar.close()
+        if not best_tau:
+            raise sources.SourceError(f"stage.train ({stage.train.name}) yielded no items")
+        nearest_l2 = embedder.nearest(k) if embedder else None
+        if embedder:
+            for j, pairs in enumerate(nearest_l2):
+                for i, _ in pairs:
+                    keep_text.setdefault(i, None)
+            _fill_texts(stage.train, keep_text)
+    finally:
+        if embedder:
+            shutil.rmtree(embedder.dir, ignore_errors=True)
     return {"best": best_tau, "top_tau": top_tau, "ngram_matches": ngram_matches, "keep_text": keep_text,
             "nearest_l2": nearest_l2, "elapsed_s": time.perf_counter() - t0, "workers": workers}
 
