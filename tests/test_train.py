@@ -578,7 +578,7 @@ def test_a_finished_run_is_not_taken_for_one_on_other_data_or_from_another_base(
     (out / "base" / "metrics.json").write_bytes(kept)
     assert train(small_cfg(*base, "resume_check=false", run_dir=out / "base")) == done
     # Trained on with a larger budget, and as if killed after its last checkpoint: refused before the model is
-    # built (it was refused at the fit's restore, minutes in for phi-1), and the finished run keeps its metrics.json
+    # built (it was refused at the fit's restore, after the model), and the finished run keeps its metrics.json
     # (it was set aside first, and the run read as unfinished). resume_check=false does not train on other tokens.
     with monkeypatch.context() as m:
         m.setattr("phi1.train.LanguageModel", lambda *a, **k: pytest.fail("the model was built"))

@@ -151,24 +151,25 @@ class PackedData(L.LightningDataModule):
         )
 
     def state_dict(self) -> dict:
-        return {
-            "seed": self.cfg.seed,
-            "train_sha256": self.manifest["splits"]["train"]["sha256"],
-            "global_batch": self.cfg.batch.global_size,
-            "consumed_samples": self.trainer.global_step * self.cfg.batch.global_size,
-        }
+        return {**data_order(self.cfg, self.manifest),
+                "consumed_samples": self.trainer.global_step * self.cfg.batch.global_size}
 
     def load_state_dict(self, state: dict) -> None:
         check_resumable(state, self.cfg, self.manifest, self.dir.name)
         self._resume_state = state
 
 
-def check_resumable(state: dict, cfg: DictConfig, manifest: dict, packed: str) -> None:
-    """A checkpoint's data state (PackedData.state_dict) against this run's: the data order is drawn from the seed
-    and the global batch, over the training tokens of the pack named `packed` (its manifest)."""
-    mine = {"seed": cfg.seed, "train_sha256": manifest["splits"]["train"]["sha256"],
+def data_order(cfg: DictConfig, manifest: dict) -> dict:
+    """What the order of the training windows is drawn from: the seed and the global batch, over the training
+    tokens of the pack whose manifest this is."""
+    return {"seed": cfg.seed, "train_sha256": manifest["splits"]["train"]["sha256"],
             "global_batch": cfg.batch.global_size}
-    for key, value in mine.items():
+
+
+def check_resumable(state: dict, cfg: DictConfig, manifest: dict, packed: str) -> None:
+    """A checkpoint's data state (PackedData.state_dict) against this run's data order, over the pack named
+    `packed` (its manifest)."""
+    for key, value in data_order(cfg, manifest).items():
         if state[key] != value:
             # The training tokens differ where the sources' files changed since (a filter run again, a corpus
             # edited): the run's config is the same, its data not.
