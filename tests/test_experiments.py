@@ -1,6 +1,7 @@
 """Sweeps, chaining, the Slurm allocation, dashboards and report.py (issue: experiments)."""
 
 import itertools
+import csv
 import json
 import logging
 import os
@@ -730,6 +731,32 @@ def test_report_names_the_runs_it_leaves_out_unfinished_running_or_stopped(tmp_p
     log = proc.stdout + proc.stderr
     assert "12 runs stopped before the end, not in the report: failed00, failed01, " in log
     assert "failed09 and 2 more. Rerun each" in log
+
+
+def test_report_lists_every_finished_run_of_any_experiment_in_one_table(tmp_path):
+    # A user's own experiment (no figure draws it) and an evaluation of it: both rows, their numbers in place.
+    out = tmp_path / "outputs"
+    _fake_run(out, "mine-350m", {"experiment_name": "mine", "phase": "pretrain", "model": {"name": "phi-1-small"},
+                                 "data": {"name": "stack"}},
+              {"tokens": 2.6e10, "data/epochs": 1.5, "device_hours": 135.2, "train/loss": 1.2345, "val/loss": 1.3,
+               "eval/humaneval/solution_nll": 0.8123, "eval/humaneval/problems": 164})
+    _fake_run(out, "mine-eval", {"experiment_name": "eval", "allow_code_execution": True,
+                                 "ckpt": "run:mine-350m"},
+              {"eval/humaneval/pass@1": 0.25, "eval/humaneval/problems": 164, "eval/mbpp/pass@1": 0.5,
+               "eval/mbpp/problems": 20})
+    report = _report(tmp_path)
+    md = (report / "runs.md").read_text()
+    assert "| run | experiment | phase | model (or ckpt) | data | tokens | epochs | device-hours | train/loss | " \
+           "val/loss | humaneval pass@1 (%) | humaneval solution NLL | mbpp pass@1 (%) |" in md
+    assert "| eval | evaluate | run:mine-350m |  | – | – | – | – | – | 25.0 | – | 50.0 (of 20 problems) |" in md
+    assert "| mine-350m | mine | pretrain | phi-1-small | stack | 26B | 1.50 | 135 | 1.234 | 1.300 | – | 0.812 | – |" \
+        in md
+    assert md.index("| mine-eval |") < md.index("| mine-350m |")  # by experiment: eval before mine
+    assert "fewer problems than the paper's" in md
+    rows = {r["run"]: r for r in csv.DictReader((report / "runs.csv").open())}
+    assert rows["mine-350m"]["eval/humaneval/solution_nll"] == "0.8123"
+    assert rows["mine-eval"]["eval/mbpp/problems"] == "20" and rows["mine-eval"]["where"] == str(out / "mine-eval")
+    assert json.loads((report / "report.json").read_text())["runs"]["rows"][1]["tokens"] == 2.6e10
 
 
 def test_report_names_only_what_it_drew_and_refuses_a_missing_runs_dir(tmp_path):

@@ -16,6 +16,8 @@ train.py and evaluate.py) and, with `wandb=<entity>/<project>`, the runs logged 
   table3.{png,md}     Table 3: pass@1 on similar / non-similar HumanEval problems per τ (experiment pruning)
   evaluations.{png,md}  every run evaluated more than once while training (a finetune at each checkpoint,
                       paper §2.3): pass@1 and solution NLL per evaluation, the checkpoint it kept marked
+  runs.{md,csv}       every finished run, of any experiment (a user's own too), one row each: what it trained
+                      or evaluated, its losses, each benchmark's pass@1, solution NLL and score
   report.json         every number above with the runs it came from
   wandb/<run id>/     the tables of W&B runs (samples, per-problem NLLs) a per-problem number needed, downloaded once
 Each table names the run behind each number; a section without runs says which command makes them.
@@ -1107,6 +1109,60 @@ def evaluations(runs: list[Run], out: Path) -> dict | None:
     return result
 
 
+# The columns of runs.md per benchmark, in this order (evaluate.py's metric names: eval/<benchmark>/<metric>),
+# with the digits each is shown to.
+RUN_METRICS = {"pass@1": ("pass@1 (%)", 1), "solution_nll": ("solution NLL", 3), "score": ("score (0-10)", 1)}
+
+
+def runs_table(runs: list[Run], out: Path) -> dict | None:
+    """Every finished run, one row each (runs.md, runs.csv): a user's own experiments beside the paper's, which
+    the figures above leave out (they draw the runs of their experiments alone). What each run trained (model,
+    data, tokens, epochs, device-hours) or evaluated (its ckpt or samples file), its losses, and each benchmark's
+    numbers, those scored on fewer problems than the paper's marked. runs.csv holds the same rows unrounded."""
+    if not runs:
+        return None
+    benches = sorted({k.split("/")[1] for r in runs for k in r.metrics if k.count("/") == 2 and k.startswith("eval/")})
+    columns = [(b, m) for b in benches for m in RUN_METRICS if any(f"eval/{b}/{m}" in r.metrics for r in runs)]
+    rows = []
+    for r in sorted(runs, key=lambda r: (str(r.get("experiment_name", "")), r.name)):
+        evaluation = r.get("allow_code_execution") is not None  # evaluate.py's config has it at the top
+        m = r.metrics
+        row = {"run": r.name, "experiment": r.get("experiment_name", ""),
+               "phase": "evaluate" if evaluation else r.get("phase", ""),
+               "model": (r.get("ckpt") or r.get("samples") or "") if evaluation else r.get("model.name", ""),
+               "data": "" if evaluation else r.get("data.name", ""),
+               **{k: m.get(k) for k in ("tokens", "data/epochs", "device_hours", "train/loss", "val/loss")}}
+        for b, metric in columns:
+            row[f"eval/{b}/{metric}"] = m.get(f"eval/{b}/{metric}")
+            row[f"eval/{b}/problems"] = m.get(f"eval/{b}/problems")
+        rows.append({**row, "where": r.where})
+    with open(out / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def cell(row, b, metric):
+        v = row[f"eval/{b}/{metric}"]
+        text = _fmt(_pct(v) if metric == "pass@1" else v, RUN_METRICS[metric][1])
+        return text + (_of(row[f"eval/{b}/problems"], b) if v is not None else "")
+
+    heads = ["run", "experiment", "phase", "model (or ckpt)", "data", "tokens", "epochs", "device-hours",
+             "train/loss", "val/loss", *(f"{b} {RUN_METRICS[metric][0]}" for b, metric in columns)]
+    md = ["# Runs", "", f"Every finished run the report read ({_runs(len(rows))}), by experiment; runs.csv holds "
+          "the same rows unrounded, with where each run is.", "",
+          "| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
+    for row in rows:
+        md.append("| " + " | ".join([
+            row["run"], str(row["experiment"]), str(row["phase"]), str(row["model"]), str(row["data"]),
+            _human(row["tokens"]) if row["tokens"] is not None else "–", _fmt(row["data/epochs"], 2),
+            _hours(row["device_hours"]), _fmt(row["train/loss"], 3), _fmt(row["val/loss"], 3),
+            *(cell(row, b, metric) for b, metric in columns)]) + " |")
+    if any(_of(row[f"eval/{b}/problems"], b) for row in rows for b, _ in columns):
+        md += ["", PARTIAL_NOTE]
+    (out / "runs.md").write_text("\n".join(md) + "\n")
+    return {"columns": list(rows[0]), "rows": rows}
+
+
 def _figures(out: Path) -> dict[str, int]:
     """The figures and tables in out, with their modification times (ns)."""
     return {p.name: p.stat().st_mtime_ns for p in sorted(out.iterdir()) if p.suffix in (".png", ".md")}
@@ -1134,7 +1190,8 @@ def report(cfg: DictConfig) -> dict:
     log.info("%s finished (%s%s)", _runs(len(runs)), cfg.runs_dir, f", wandb:{cfg.wandb}" if cfg.wandb else "")
     result = {"fig2_1": scaling(runs, "scaling", out), "mini_fig2_1": scaling(runs, "mini", out),
               "emergence": emergence(runs, out), "emergence_problems": emergence_problems(runs, out),
-              "table3": table3(runs, Path(cfg.decontaminate_dir), out), "evaluations": evaluations(runs, out)}
+              "table3": table3(runs, Path(cfg.decontaminate_dir), out), "evaluations": evaluations(runs, out),
+              "runs": runs_table(runs, out)}
     (out / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     # Named by whether this call wrote them: a figure left from an earlier report whose runs are gone (or not
     # under this runs_dir) is not passed off as this one's. Earlier files are kept, not deleted.
