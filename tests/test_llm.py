@@ -75,6 +75,23 @@ def test_the_cache_uses_wal_on_a_local_disk_and_the_rollback_journal_where_sever
     assert server.count() == 1  # cached there as here
 
 
+def test_an_answer_waits_for_another_processs_long_write_to_the_cache(make_llm, server, tmp_path):
+    """Another stage writing into the shared cache for longer than sqlite3's default wait of 5 s (a full batch's
+    ~50,000 answers in one transaction): the answer received meanwhile is stored once the write ends, not lost
+    to "database is locked"."""
+    llm = make_llm()
+    other = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time; db = sqlite3.connect(sys.argv[1]); db.execute('BEGIN IMMEDIATE');"
+        " db.execute(\"INSERT INTO responses VALUES ('other', '{}')\"); print('locked', flush=True);"
+        " time.sleep(6); db.commit()"), str(tmp_path / "cache.sqlite")], stdout=subprocess.PIPE, text=True)
+    assert other.stdout.readline().strip() == "locked"
+    t0 = time.monotonic()
+    assert llm.map([("a", ask("snippet a"))], grade) == {"a": 7}
+    assert time.monotonic() - t0 > 4  # it waited for the other write
+    assert other.wait(timeout=30) == 0
+    assert make_llm().map([("a", ask("snippet a"))], grade) == {"a": 7} and server.count() == 1  # stored
+
+
 def test_the_same_request_in_flight_twice_is_sent_once(make_llm, server):
     # Two documents of the same text (an annotation sample, a corpus with copies): the second waits for the
     # first's answer instead of paying for its own.
