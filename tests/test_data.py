@@ -262,6 +262,20 @@ def test_a_validation_split_of_few_documents_is_named_at_setup(small_cfg, caplog
             assert "data.val_fraction=0.01 sets the share held out" in caplog.text
 
 
+def test_a_validation_split_shorter_than_one_window_says_what_to_raise(small_cfg):
+    """A small finetuning set (238 exercises, 0.2% held out: one of 81 tokens) cannot fill one validation
+    window: the error says which two settings fix it."""
+    directory = _pack(small_cfg())
+    manifest = json.loads((directory / "manifest.json").read_text())
+    held_out, tokens = manifest["sources"][0]["val"]["documents"], manifest["splits"]["val"]["tokens"]
+    cfg = small_cfg(f"data.seq_len={tokens}")
+    _pack(cfg)
+    with pytest.raises(DataMismatchError, match=rf"the val split has {tokens} tokens, less than one window of "
+                       rf"data.seq_len \+ 1 = {tokens + 1}: raise data.val_fraction \(now 0.05: {held_out} documents"
+                       r" held out; a new pack\), or lower data.seq_len"):
+        PackedData(cfg, plan(cfg)).setup("fit")
+
+
 def test_sampler_resumes_where_it_stopped_and_shards_ranks():
     whole = list(StepSampler(n=50, seed=7, global_batch=8, max_steps=20, rank=0, world=1))
     assert len(whole) == 160

@@ -108,13 +108,15 @@ class PackedData(L.LightningDataModule):
         seq_len = self.cfg.data.seq_len
         self.train_set = TokenWindows(self.dir / "train.bin", self.manifest["dtype"], seq_len)
         self.val_set = TokenWindows(self.dir / "val.bin", self.manifest["dtype"], seq_len)
+        val_documents = sum(source.get("val", {}).get("documents", 0) for source in self.manifest.get("sources", []))
         for name, split in (("train", self.train_set), ("val", self.val_set)):
             if len(split) == 0:
+                fix = (f"raise data.val_fraction (now {self.cfg.data.val_fraction:g}: {val_documents} documents held"
+                       " out; a new pack)" if name == "val" else "add documents to data.sources")
                 raise DataMismatchError(
                     f"{self.dir}: the {name} split has {len(split.tokens)} tokens, less than one window of"
-                    f" data.seq_len + 1 = {seq_len + 1}"
+                    f" data.seq_len + 1 = {seq_len + 1}: {fix}, or lower data.seq_len"
                 )
-        val_documents = sum(source.get("val", {}).get("documents", 0) for source in self.manifest.get("sources", []))
         if val_documents < MIN_VAL_DOCUMENTS:
             log.warning("data: the validation split of %s holds %d documents (%s tokens, %d windows): val/loss is "
                         "their loss, a noisy estimate that can sit far from the training loss. "
