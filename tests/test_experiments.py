@@ -740,6 +740,8 @@ def test_report_lists_every_finished_run_of_any_experiment_in_one_table(tmp_path
                                  "data": {"name": "stack"}},
               {"tokens": 2.6e10, "data/epochs": 1.5, "device_hours": 135.2, "train/loss": 1.2345, "val/loss": 1.3,
                "eval/humaneval/solution_nll": 0.8123, "eval/humaneval/problems": 164})
+    _fake_run(out, "mine-ft", {"experiment_name": "mine", "phase": "finetune", "init_from": "run:mine-350m",
+                               "model": {"name": "phi-1-small"}, "data": {"name": "codeexercises"}}, {"tokens": 1e9})
     _fake_run(out, "mine-eval", {"experiment_name": "eval", "allow_code_execution": True,
                                  "ckpt": "run:mine-350m"},
               {"eval/humaneval/pass@1": 0.25, "eval/humaneval/problems": 164, "eval/mbpp/pass@1": 0.5,
@@ -751,12 +753,14 @@ def test_report_lists_every_finished_run_of_any_experiment_in_one_table(tmp_path
     assert "| eval | evaluate | run:mine-350m |  | – | – | – | – | – | 25.0 | – | 50.0 (of 20 problems) |" in md
     assert "| mine-350m | mine | pretrain | phi-1-small | stack | 26B | 1.50 | 135 | 1.234 | 1.300 | – | 0.812 | – |" \
         in md
-    assert md.index("| mine-eval |") < md.index("| mine-350m |")  # by experiment: eval before mine
+    assert "| mine-ft | mine | finetune from run:mine-350m | phi-1-small | codeexercises | 1B |" in md
+    assert md.index("| mine-eval |") < md.index("| mine-350m |") < md.index("| mine-ft |")  # by experiment, name
     assert "fewer problems than the paper's" in md
     rows = {r["run"]: r for r in csv.DictReader((report / "runs.csv").open())}
     assert rows["mine-350m"]["eval/humaneval/solution_nll"] == "0.8123"
     assert rows["mine-eval"]["eval/mbpp/problems"] == "20" and rows["mine-eval"]["where"] == str(out / "mine-eval")
     assert json.loads((report / "report.json").read_text())["runs"]["rows"][1]["tokens"] == 2.6e10
+    assert rows["mine-ft"]["init_from"] == "run:mine-350m"
 
 
 def test_report_names_only_what_it_drew_and_refuses_a_missing_runs_dir(tmp_path):
@@ -767,7 +771,7 @@ def test_report_names_only_what_it_drew_and_refuses_a_missing_runs_dir(tmp_path)
     proc = subprocess.run([sys.executable, "report.py"], cwd=ROOT, env=env, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
-    assert "nothing (no finished runs of a known experiment)" in log
+    assert "nothing (no finished runs)" in log
     assert "left from an earlier report, not remade (no runs for them now): mini_fig2_1.md" in log
     assert (out / "mini_fig2_1.md").read_text().startswith("an earlier report's")  # kept, not deleted
 

@@ -1128,7 +1128,7 @@ def runs_table(runs: list[Run], out: Path) -> dict | None:
         evaluation = r.get("allow_code_execution") is not None  # evaluate.py's config has it at the top
         m = r.metrics
         row = {"run": r.name, "experiment": r.get("experiment_name", ""),
-               "phase": "evaluate" if evaluation else r.get("phase", ""),
+               "phase": "evaluate" if evaluation else r.get("phase", ""), "init_from": r.get("init_from") or "",
                "model": (r.get("ckpt") or r.get("samples") or "") if evaluation else r.get("model.name", ""),
                "data": "" if evaluation else r.get("data.name", ""),
                **{k: m.get(k) for k in ("tokens", "data/epochs", "device_hours", "train/loss", "val/loss")}}
@@ -1153,7 +1153,8 @@ def runs_table(runs: list[Run], out: Path) -> dict | None:
           "| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
     for row in rows:
         md.append("| " + " | ".join([
-            row["run"], str(row["experiment"]), str(row["phase"]), str(row["model"]), str(row["data"]),
+            row["run"], str(row["experiment"]), " from ".join(str(v) for v in (row["phase"], row["init_from"]) if v),
+            str(row["model"]), str(row["data"]),
             _human(row["tokens"]) if row["tokens"] is not None else "–", _fmt(row["data/epochs"], 2),
             _hours(row["device_hours"]), _fmt(row["train/loss"], 3), _fmt(row["val/loss"], 3),
             *(cell(row, b, metric) for b, metric in columns)]) + " |")
@@ -1164,8 +1165,8 @@ def runs_table(runs: list[Run], out: Path) -> dict | None:
 
 
 def _figures(out: Path) -> dict[str, int]:
-    """The figures and tables in out, with their modification times (ns)."""
-    return {p.name: p.stat().st_mtime_ns for p in sorted(out.iterdir()) if p.suffix in (".png", ".md")}
+    """The figures and tables in out (runs.csv too), with their modification times (ns)."""
+    return {p.name: p.stat().st_mtime_ns for p in sorted(out.iterdir()) if p.suffix in (".png", ".md", ".csv")}
 
 
 def report(cfg: DictConfig) -> dict:
@@ -1197,7 +1198,7 @@ def report(cfg: DictConfig) -> dict:
     # under this runs_dir) is not passed off as this one's. Earlier files are kept, not deleted.
     after = _figures(out)
     made = [name for name in after if after[name] != before.get(name)]
-    log.info("report in %s: %s", out, ", ".join(made) or "nothing (no finished runs of a known experiment)")
+    log.info("report in %s: %s", out, ", ".join(made) or "nothing (no finished runs)")
     if stale := [name for name in after if after[name] == before.get(name)]:
         log.info("left from an earlier report, not remade (no runs for them now): %s", ", ".join(stale))
     return result
