@@ -457,6 +457,47 @@ def test_filter_keeps_the_educational_documents_and_shards_partition_them(tmp_pa
     assert {i.split(":", 1)[1] for i, _ in documents(source)} == kept | {i.replace("docs:", "more:") for i in kept}
 
 
+def test_the_filter_shows_what_it_kept_and_dropped_at_either_end_and_at_the_cut(tmp_path):
+    import joblib
+
+    folder, annotations, src, _ = _fake_inputs(tmp_path)
+    run(cfg(tmp_path, "stage=classify", f"stage.annotations={annotations}", f"stage.embeddings={folder}",
+            f"stage.output={tmp_path}/clf", "stage.n_estimators=50"))
+    scores = joblib.load(tmp_path / "clf" / "classifier.joblib").predict_proba(
+        np.load(folder / "embeddings.npy").astype(np.float32))[:, 1]
+    top = int(np.argmax(scores))
+    src.write_text("".join(  # the texts: 60 lines each; the top-scored one opens a code fence of its own
+        json.dumps({"id": f"doc{i}", "text": ("```\n" if i == top else "")
+                    + "".join(f"line {k} of document {i}\n" for k in range(60))}) + "\n" for i in range(400)))
+    summary = run(cfg(tmp_path, "stage=filter", f"stage.source={{name: docs, kind: jsonl, path: '{src}'}}",
+                      f"stage.embeddings={folder}", f"stage.classifier={tmp_path}/clf", f"stage.output={tmp_path}/f"))
+    kept = [i for i in range(400) if scores[i] >= 0.5]
+    dropped = [i for i in range(400) if scores[i] < 0.5]
+    assert len(kept) == summary["kept"] and len(dropped) >= 5
+    expected = {  # each group's 5, in the order shown; ties by corpus order
+        "Highest scores (kept)": sorted(kept, key=lambda i: (-scores[i], i))[:5],
+        "Just above the cut (kept)": sorted(kept, key=lambda i: (scores[i], i))[:5],
+        "Just below the cut (dropped)": sorted(dropped, key=lambda i: (-scores[i], i))[:5],
+        "Lowest scores (dropped)": sorted(dropped, key=lambda i: (scores[i], i))[:5]}
+    md = Path(summary["output"] + ".examples.md").read_text()
+    assert md.startswith("# What the filter kept and dropped: docs, shard 0 of 1: kept "
+                         f"{len(kept)} of 400 documents scoring >= 0.500")
+    shown, group = {}, None
+    for line in md.splitlines():
+        if line.startswith("## "):
+            group = line[3:]
+            shown[group] = []
+        elif line.startswith("### "):
+            doc_id, score = line[4:].rsplit(": ", 1)
+            i = int(doc_id.removeprefix("docs:doc"))
+            assert float(score) == pytest.approx(scores[i], abs=5e-4)
+            shown[group].append(i)
+    assert shown == expected
+    assert "line 39 of document" in md and "line 40 of document" not in md  # the first 40 lines of each
+    # The top document opens a fence of its own: it is shown inside a longer one.
+    assert f"### docs:doc{top}: {scores[top]:.3f}\n\n````python\n```\nline 0 of document {top}\n" in md
+
+
 def test_embedded_filter_end_to_end(tmp_path):
     # stdlib -> heuristic labels -> MiniLM embeddings -> random forest -> filtered stdlib, offline.
     src = "{name: stdlib, kind: stdlib, on_error: skip, limit: 240}"

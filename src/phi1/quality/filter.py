@@ -1,9 +1,10 @@
 """The filter stage (paper §2.1): the classifier scores every document of the corpus; those above a
 threshold (or the top fraction) are kept, written as documents JSONL ({"id", "text", "source", "meta":
 {"score"}}, DESIGN §5) that data configs read as a source (CodeTextbook's filtered half), with a histogram of
-the scores. `shard=k num_shards=n` writes the documents of the source's k-th slice (phi1.data.sources' shards,
-as embed's), for clusters (without `shard`, every shard here): each shard streams only its slice of the corpus
-and writes its own file, and the files together are the source (`filtered/filtered-<source name>-*.jsonl`).
+the scores and, beside each file, excerpts of what it kept and dropped (`<file>.examples.md`).
+`shard=k num_shards=n` writes the documents of the source's k-th slice (phi1.data.sources' shards, as embed's),
+for clusters (without `shard`, every shard here): each shard streams only its slice of the corpus and writes its
+own file, and the files together are the source (`filtered/filtered-<source name>-*.jsonl`).
 
 When embed ran with the same num_shards (the cluster's case), slice k's embeddings are shard k's folder, in
 the order the slice streams: a shard job reads that folder's ids alone and, with a threshold, scores its rows
@@ -13,8 +14,10 @@ extrapolated from 65,536 rows; minutes on a node); streaming the corpus is what 
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +33,11 @@ from phi1.errors import InputError, MissingInputError
 from phi1.quality import embed
 
 log = logging.getLogger(__name__)
+
+# Documents shown per group in a shard's examples file (the highest scores, either side of the cut, the lowest),
+# each cut to its first lines: what the classifier keeps and drops, read the way paper §2.1 shows it.
+EXAMPLES = 5
+EXAMPLE_LINES, EXAMPLE_CHARS = 40, 4000
 
 
 def run(cfg: DictConfig) -> dict:
@@ -124,6 +132,7 @@ def _write_shard(stage, shard: int, num_shards: int, locate, scores, keep, cut: 
 def _write_shard_unlocked(stage, shard: int, num_shards: int, locate, scores, keep, cut: float, out: Path,
                           name: str) -> dict:
     kept = in_shard = 0
+    shown = _Examples()
     with open(out / f"{name}.tmp", "w") as f:
         docs = sources.documents(stage.source, shard=shard, num_shards=num_shards)
         for doc_id, text in tqdm(docs, desc=f"filter: shard {shard} of {num_shards}", unit="doc", dynamic_ncols=True,
@@ -134,12 +143,15 @@ def _write_shard_unlocked(stage, shard: int, num_shards: int, locate, scores, ke
                                  "embed the same source first (a hub source streamed without id_field numbers its "
                                  "rows per shard: use embed's num_shards)")
             in_shard += 1
+            shown.add(float(scores[i]), bool(keep[i]), in_shard, doc_id, text)
             if not keep[i]:
                 continue
             f.write(json.dumps({"id": doc_id, "text": text, "source": stage.source.name,
                                 "meta": {"score": round(float(scores[i]), 4)}}) + "\n")
             kept += 1
     (out / f"{name}.tmp").rename(out / name)  # complete or absent: a killed shard is simply redone
+    shown.write(out / f"{name}.examples.md", f"{stage.source.name}, shard {shard} of {num_shards}: kept {kept:,} of "
+                f"{in_shard:,} documents scoring >= {cut:.3f}")
     summary = {"documents": in_shard, "kept": kept, "kept_share": kept / max(in_shard, 1), "cut": cut,
                "scored": len(scores), "output": str(out / name), "environment": environment.current()}
     (out / f"{name}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -165,3 +177,39 @@ def _histogram(scores: np.ndarray, cut: float, kept: float, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+class _Examples:
+    """The documents of a shard with the highest and lowest scores, and those either side of the cut, kept as the
+    shard streams (a few dozen excerpts, whatever the corpus's size), ties broken by corpus order."""
+
+    def __init__(self):
+        # group -> a heap of (key, -order, score, id, excerpt); sorted by key, largest first, when written
+        self.groups = {"highest scores (kept)": [], "just above the cut (kept)": [],
+                       "just below the cut (dropped)": [], "lowest scores (dropped)": []}
+
+    def add(self, score: float, kept: bool, order: int, doc_id: str, text: str) -> None:
+        # Each group keeps the EXAMPLES largest by its key, the smallest of them at its heap's root.
+        keys = ((("highest scores (kept)", score), ("just above the cut (kept)", -score)) if kept else
+                (("just below the cut (dropped)", score), ("lowest scores (dropped)", -score)))
+        excerpt = None  # cut once, for the first group that takes the document
+        for group, key in keys:
+            heap = self.groups[group]
+            if len(heap) < EXAMPLES or (key, -order) > heap[0][:2]:  # ties: the earlier document
+                excerpt = excerpt or "\n".join(text.splitlines()[:EXAMPLE_LINES])[:EXAMPLE_CHARS]
+                item = (key, -order, score, doc_id, excerpt)
+                (heapq.heappush if len(heap) < EXAMPLES else heapq.heapreplace)(heap, item)
+
+    def write(self, path: Path, headline: str) -> None:
+        md = [f"# What the filter kept and dropped: {headline}", "",
+              "The score is the classifier's probability of \"high educational value\" (paper §2.1; the forest's: "
+              f"the share of its trees voting so). Up to {EXAMPLES} documents per group, each its first "
+              f"{EXAMPLE_LINES} lines.", ""]
+        for group, heap in self.groups.items():
+            if not heap:
+                continue
+            md += [f"## {group[0].upper()}{group[1:]}", ""]
+            for *_, score, doc_id, excerpt in sorted(heap, reverse=True):
+                fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", excerpt)), default=0))
+                md += [f"### {doc_id}: {score:.3f}", "", f"{fence}python", excerpt, fence, ""]
+        path.write_text("\n".join(md))
