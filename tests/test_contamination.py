@@ -1,6 +1,7 @@
 """Contamination study (paper §5) and the unconventional problems with their LLM grader (paper §4)."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -293,6 +294,14 @@ def test_llm_grader_against_the_loopback_server_reports_ungradable_answers(tmp_p
     assert result["ungradable"] == ["Unconventional/0"]
     assert "Grade: N/10" in prompt and "verbal evaluation" in prompt
     assert json.loads((tmp_path / "quarantine.jsonl").read_text().splitlines()[0])["id"] == "Unconventional/0"
+    # A problem whose own text holds a template field is shown as written, the completion once, in its place.
+    odd = dataclasses.replace(problems[1], prompt='def show(solution):\n    """Print f"{solution}"."""\n')
+    with FakeOpenAI(reply=reply) as server:
+        llm = LLM(model="grader", base_url=server.base_url, cache_path=str(tmp_path / "cache.sqlite"),
+                  quarantine_path=str(tmp_path / "quarantine.jsonl"))
+        grade(llm, [odd], {odd.task_id: ["    print(solution)\n"]})
+        prompt = server.requests[0]["body"]["messages"][0]["content"]
+    assert '"""Print f"{solution}"."""' in prompt and prompt.count("print(solution)") == 1
 
 
 def test_evaluate_scores_and_grades_the_unconventional_benchmark(tmp_path):

@@ -13,6 +13,7 @@ from phi1.errors import MissingInputError
 from phi1.llm import LLM, last_grade
 
 PROMPTS = Path(__file__).parent / "prompts"
+_FIELD = re.compile(r"\{(problem|solution)\}")
 _GRADE = re.compile(r"grade\s*[:=]?\s*\**\s*(\d{1,2})(?:\.\d+)?\s*(?:/|out of)\s*10", re.IGNORECASE)
 
 
@@ -36,7 +37,10 @@ def grade(llm: LLM, problems, completions: dict[str, list[str]], version: str = 
     items = []
     for p in problems:
         if completions.get(p.task_id):
-            content = text.replace("{problem}", p.prompt.rstrip()).replace("{solution}", completions[p.task_id][0])
+            # One pass over the template: a second replace would also rewrite a "{solution}" the problem's own text
+            # holds (an f-string, say), putting the completion inside the problem.
+            fields = {"problem": p.prompt.rstrip(), "solution": completions[p.task_id][0]}
+            content = _FIELD.sub(lambda m: fields[m.group(1)], text)
             items.append((p.task_id, [{"role": "user", "content": content}]))
     grades = llm.map(items, parse_grade, prompt_version=f"unconventional_grade.{version}", desc="grade")
     ungradable = [task_id for task_id, _ in items if task_id not in grades]
