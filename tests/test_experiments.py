@@ -736,12 +736,17 @@ def test_report_names_the_runs_it_leaves_out_unfinished_running_or_stopped(tmp_p
 def test_report_lists_every_finished_run_of_any_experiment_in_one_table(tmp_path):
     # A user's own experiment (no figure draws it) and an evaluation of it: both rows, their numbers in place.
     out = tmp_path / "outputs"
-    _fake_run(out, "mine-350m", {"experiment_name": "mine", "phase": "pretrain", "model": {"name": "phi-1-small"},
-                                 "data": {"name": "stack"}},
-              {"tokens": 2.6e10, "data/epochs": 1.5, "device_hours": 135.2, "train/loss": 1.2345, "val/loss": 1.3,
-               "eval/humaneval/solution_nll": 0.8123, "eval/humaneval/problems": 164})
-    _fake_run(out, "mine-ft", {"experiment_name": "mine", "phase": "finetune", "init_from": "run:mine-350m",
-                               "model": {"name": "phi-1-small"}, "data": {"name": "codeexercises"}}, {"tokens": 1e9})
+    batch = {"batch": {"global_size": 1000}}  # × data.seq_len 1000: 1M tokens a step
+    base = _fake_run(out, "mine-350m", {"experiment_name": "mine", "phase": "pretrain", **batch,
+                                        "model": {"name": "phi-1-small"}, "data": {"name": "stack", "seq_len": 1000}},
+                     {"tokens": 2.6e10, "data/epochs": 1.5, "device_hours": 135.2, "train/loss": 1.2345,
+                      "val/loss": 1.3, "eval/humaneval/solution_nll": 0.8123, "eval/humaneval/problems": 164})
+    finetune = _fake_run(out, "mine-ft", {"experiment_name": "mine", "phase": "finetune", "init_from": "run:mine-350m",
+                                          **batch, "model": {"name": "phi-1-small"},
+                                          "data": {"name": "codeexercises", "seq_len": 1000}}, {"tokens": 1e9})
+    header = "epoch,step,train/loss,val/loss\n"
+    _csv_log(base, 0, header + "".join(f"0,{s},{8 - 0.2 * s},\n" for s in range(10)) + "0,9,,6.5\n")
+    _csv_log(finetune, 0, header + "".join(f"0,{s},{5 - 0.1 * s},\n" for s in range(5)))
     _fake_run(out, "mine-eval", {"experiment_name": "eval", "allow_code_execution": True,
                                  "ckpt": "run:mine-350m"},
               {"eval/humaneval/pass@1": 0.25, "eval/humaneval/problems": 164, "eval/mbpp/pass@1": 0.5,
@@ -761,6 +766,11 @@ def test_report_lists_every_finished_run_of_any_experiment_in_one_table(tmp_path
     assert rows["mine-eval"]["eval/mbpp/problems"] == "20" and rows["mine-eval"]["where"] == str(out / "mine-eval")
     assert json.loads((report / "report.json").read_text())["runs"]["rows"][1]["tokens"] == 2.6e10
     assert rows["mine-ft"]["init_from"] == "run:mine-350m"
+    # Their losses, one panel for experiment "mine": the finetune's line continues from its base's tokens.
+    curves = json.loads((report / "report.json").read_text())["runs_curves"]
+    assert curves["runs"]["mine-ft"]["start_tokens"] == 2.6e10 and curves["runs"]["mine-350m"]["start_tokens"] == 0
+    assert set(curves["runs"]) == {"mine-350m", "mine-ft"}  # the evaluation logged no loss
+    assert (report / "runs_curves.png").stat().st_size > 10_000
 
 
 def test_report_names_only_what_it_drew_and_refuses_a_missing_runs_dir(tmp_path):

@@ -18,6 +18,7 @@ train.py and evaluate.py) and, with `wandb=<entity>/<project>`, the runs logged 
                       paper §2.3): pass@1 and solution NLL per evaluation, the checkpoint it kept marked
   runs.{md,csv}       every finished run, of any experiment (a user's own too), one row each: what it trained
                       or evaluated, its losses, each benchmark's pass@1, solution NLL and score
+  runs_curves.png     the loss curves of the runs of other experiments than the paper's, one panel each
   report.json         every number above with the runs it came from
   wandb/<run id>/     the tables of W&B runs (samples, per-problem NLLs) a per-problem number needed, downloaded once
 Each table names the run behind each number; a section without runs says which command makes them.
@@ -1164,6 +1165,54 @@ def runs_table(runs: list[Run], out: Path) -> dict | None:
     return {"columns": list(rows[0]), "rows": rows}
 
 
+def runs_curves(runs: list[Run], out: Path, per_row: int = 3) -> dict | None:
+    """runs_curves.png: the loss curves of the runs no figure draws (experiments other than the paper's), one panel
+    per experiment, one colour per run: training loss (solid) and validation loss (dashed, dots) against the
+    tokens seen since pretraining began (a finetune continues its base's count). None when none logged a loss."""
+    by_name = {r.name: r for r in runs}
+    experiments: dict[str, list[tuple[Run, dict, int, int]]] = {}
+    for r in sorted(runs, key=lambda r: r.name):
+        experiment = str(r.get("experiment_name", ""))
+        if experiment in FIGURE_EXPERIMENTS or not (per_step := _tokens_per_step(r)):
+            continue
+        logged = r.losses()
+        if any(logged.values()):
+            experiments.setdefault(experiment, []).append((r, logged, per_step, _start_tokens(r, by_name)))
+    if not experiments:
+        return None
+    rows = -(-len(experiments) // per_row)
+    cols = min(per_row, len(experiments))
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols + 0.4, 4.0 * rows), squeeze=False)
+    drawn = {}
+    for ax, (experiment, drawn_runs) in zip(axes.flat, sorted(experiments.items())):
+        for i, (r, logged, per_step, start) in enumerate(drawn_runs):
+            color = plt.cm.tab10(i % 10)
+            # A loss logged at step s was that of the (s+1)-th optimizer step: (s+1) batches seen.
+            label = r.name  # on the first line drawn: a short run may have logged a validation loss alone
+            for key, style in (("train/loss", {"lw": 1.2}), ("val/loss", {"ls": "--", "marker": "o", "ms": 3})):
+                if points := logged[key]:
+                    ax.plot([start + (s + 1) * per_step for s, _ in points], [v for _, v in points], color=color,
+                            alpha=0.85, label=label, **style)
+                    label = None
+            drawn[r.name] = {"experiment": experiment, "start_tokens": start, "run": r.where}
+        ax.set_title(f"{experiment} ({_runs(len(drawn_runs))})", fontsize=9)
+        ax.set_xlabel("tokens seen since pretraining began")
+        ax.xaxis.set_major_formatter(lambda x, _: _human(x) if x > 0 else "0")
+        ax.grid(alpha=0.3)
+        if len(drawn_runs) <= 12:  # beyond, the legend would cover the curves
+            ax.legend(fontsize=6, loc="upper right")
+    for ax in list(axes.flat)[len(experiments):]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("loss (nats per token)")
+    fig.suptitle("Runs of other experiments than the paper's:\ntraining loss (solid) and validation loss (dashed),"
+                 " each run on its own data", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "runs_curves.png", dpi=120)
+    plt.close(fig)
+    return {"figure": "runs_curves.png", "runs": drawn}
+
+
 def _figures(out: Path) -> dict[str, int]:
     """The figures and tables in out (runs.csv too), with their modification times (ns)."""
     return {p.name: p.stat().st_mtime_ns for p in sorted(out.iterdir()) if p.suffix in (".png", ".md", ".csv")}
@@ -1192,7 +1241,7 @@ def report(cfg: DictConfig) -> dict:
     result = {"fig2_1": scaling(runs, "scaling", out), "mini_fig2_1": scaling(runs, "mini", out),
               "emergence": emergence(runs, out), "emergence_problems": emergence_problems(runs, out),
               "table3": table3(runs, Path(cfg.decontaminate_dir), out), "evaluations": evaluations(runs, out),
-              "runs": runs_table(runs, out)}
+              "runs": runs_table(runs, out), "runs_curves": runs_curves(runs, out)}
     (out / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     # Named by whether this call wrote them: a figure left from an earlier report whose runs are gone (or not
     # under this runs_dir) is not passed off as this one's. Earlier files are kept, not deleted.
