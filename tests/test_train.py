@@ -97,6 +97,17 @@ def test_pretraining_loss_falls_and_writes_its_outputs(pretrained):
         assert column(rows, key) == {24: pytest.approx(metrics[key])}, key
 
 
+def test_the_final_step_is_validated_when_the_budget_is_no_multiple_of_eval_every_steps(small_cfg, tmp_path):
+    # 10 steps, validated every 6: at step 6 and at the end. Before, the end's val/loss was step 6's.
+    metrics = train(small_cfg(*FAST, "budget.max_steps=10", "eval_every_steps=6", "val_batches=2",
+                              "evaluation.enabled=false", "export_hf=false"))
+    rows = read_csv(tmp_path / "run")
+    val, trained = column(rows, "val/loss"), column(rows, "train/loss")
+    assert len(val) == 2 and max(val) == max(trained) == 9  # logged at the step's index: 5 and 9
+    assert metrics["val/loss"] == pytest.approx(val[9]) and val[9] != pytest.approx(val[5])
+    assert metrics["steps"] == 10 and (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
 def test_hf_export_gives_the_checkpoints_logits(pretrained, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -263,6 +263,15 @@ class LanguageModel(L.LightningModule):
         self._micro += 1
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Validation at the final step too. Lightning validates every val_check_interval batches alone, and a
+        # budget is rarely a multiple of eval_every_steps (26B tokens: 12,397 steps of 1024 × 2048, validated
+        # last at 12,000; the embedded default's 100 steps at 80): the run's val/loss, in metrics.json and the
+        # report, was that of weights hundreds of steps older than the ones it reports. Lightning validates when
+        # a run is told to stop (its early-stopping path), which at the final step changes nothing else.
+        if 0 < self.trainer.max_steps <= self.global_step:
+            self.trainer.should_stop = True
+
     def on_before_optimizer_step(self, optimizer) -> None:
         # Once per optimizer step (one host sync), before the weights change and before any checkpoint of
         # this step is written: a non-finite loss stops here and the last checkpoint stays a good one.
