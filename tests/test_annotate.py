@@ -69,6 +69,15 @@ def test_heuristic_annotation_of_the_stdlib_is_seeded_and_resumable(tmp_path):
     assert set(rows[0]) == {"id", "label", "score", "rationale", "judge", "prompt_version"}
     assert all(r["label"] == ("high" if r["score"] >= 6 else "low") for r in rows)
     assert summary["labels"].get("high", 0) > 0 and summary["labels"].get("low", 0) > 0
+    # The judgement read against the code: per score, high to low, its first two documents and their rationale.
+    md = (tmp_path / "annotations" / "stdlib-heuristic.examples.md").read_text()
+    scores = sorted({r["score"] for r in rows}, reverse=True)
+    headings = [line for line in md.splitlines() if line.startswith("## Score ")]
+    assert headings == [f"## Score {s} ({sum(r['score'] == s for r in rows)} documents)" for s in scores]
+    shown = [r for s in scores for r in [r for r in rows if r["score"] == s][:2]]
+    assert [line[4:] for line in md.splitlines() if line.startswith("### stdlib:")] == [  # (code has ### lines)
+        f"{r['id']}: {r['label']}" for r in shown]
+    assert all(f"> {' '.join(r['rationale'].split())}" in md for r in shown)
     again = run(cfg)  # same seed: same sample, already annotated: nothing new
     assert again["new"] == 0 and len(out.read_text().splitlines()) == 40
     other = run(prepare_cfg(tmp_path / "b", "stage.n=40", "stage.seed=4"))

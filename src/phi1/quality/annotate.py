@@ -1,13 +1,15 @@
 """The annotate stage (paper §2.1): a seeded sample of N documents from a source, each judged for
 educational value, written as JSONL rows {"id", "label", "score", "rationale", "judge", "prompt_version"}
-(DESIGN §5). Rerunning skips the rows already written, and the LLM client's cache means that a run killed
-mid-way pays for nothing twice."""
+(DESIGN §5), with a readable `<output>.examples.md` (documents per score, with the judge's rationale).
+Rerunning skips the rows already written, and the LLM client's cache means that a run killed mid-way pays for
+nothing twice."""
 
 from __future__ import annotations
 
 import json
 import logging
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -155,5 +157,31 @@ def _run(cfg: DictConfig) -> dict:
         "llm": llm.summary() if llm else None,
     }
     out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _examples(out.with_suffix(".examples.md"), rows, dict(docs), stage.label_threshold)
     log.info("annotate: %s", summary)
     return summary
+
+
+# Documents shown per score in the examples file, each cut to its first lines (the judge saw max_chars of it).
+EXAMPLES_PER_SCORE, EXAMPLE_LINES = 2, 30
+
+
+def _examples(path: Path, rows: list[dict], texts: dict[str, str], threshold: int) -> None:
+    """<output>.examples.md: for each score from 10 down to 0, the first documents (in the sample's order) the
+    judge gave it, with its rationale: the judgement read against the code, as paper §2.1 shows it."""
+    counts, by_score = Counter(r["score"] for r in rows), {}
+    for r in rows:
+        if r["id"] in texts:  # rows of an earlier, larger sample have no text here
+            by_score.setdefault(r["score"], []).append(r)
+    md = [f"# Educational value as judged: {path.name.removesuffix('.examples.md')}", "",
+          f"{len(rows):,} documents judged; label \"high\" at a score of {threshold} or more. Up to "
+          f"{EXAMPLES_PER_SCORE} documents per score, each its first {EXAMPLE_LINES} lines, with the judge's "
+          "rationale.", ""]
+    for score in sorted(by_score, reverse=True):
+        md += [f"## Score {score} ({counts[score]:,} documents)", ""]
+        for r in by_score[score][:EXAMPLES_PER_SCORE]:
+            code = "\n".join(texts[r["id"]].splitlines()[:EXAMPLE_LINES])
+            fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", code)), default=0))
+            md += [f"### {r['id']}: {r['label']}", "", f"> {' '.join(str(r.get('rationale') or '').split())}", "",
+                   f"{fence}python", code, fence, ""]
+    path.write_text("\n".join(md))
