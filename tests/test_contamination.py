@@ -20,7 +20,12 @@ RENAMED_0 = '''from typing import List
 
 
 def close_pair_exists(values: List[float], limit: float) -> bool:
-    """Tell whether some two of the values are nearer to each other than the limit."""
+    """Tell whether some two of the values are nearer to each other than the limit.
+
+    ```
+    close_pair_exists([1.0, 1.5], 1.0)  # a fence of its own, as a generated exercise may hold
+    ```
+    """
     for a, first in enumerate(values):
         for b, second in enumerate(values):
             if a != b:
@@ -107,7 +112,9 @@ def test_planted_copies_are_found_by_each_measure(planted):
     others = [a for r in neighbours.values() for a in r["ast"] if a["id"] not in planted_ids]
     assert all(a["tau"] < 0.95 for a in others)
     assert "HumanEval/0" in (out / "similar-tau0.95.txt").read_text().split()
-    assert (out / "report.md").read_text().count("τ = 1.000") >= 1
+    report = (out / "report.md").read_text()
+    assert report.count("τ = 1.000") >= 1
+    assert "````python\nfrom typing import List\n\n\ndef close_pair_exists(" in report  # shown inside a longer fence
 
 
 def test_pruning_counts_and_subsets(planted):

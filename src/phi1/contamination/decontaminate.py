@@ -50,6 +50,7 @@ from phi1.contamination import measures
 from phi1.data import sources
 from phi1.errors import InputError, MissingInputError
 from phi1.eval import benchmarks
+from phi1.markdown import code_block
 
 log = logging.getLogger(__name__)
 
@@ -439,8 +440,7 @@ def _report(path: Path, problems, rows, keep_text, top_tau, stage, summary) -> N
     for tau, j in closest:
         i = max(top_tau[j])[1]
         lines += [f"## {problems[j].task_id}: τ = {tau:.3f} with {keep_text[i][0]}", "",
-                  "```python", _problem_code(problems[j]).rstrip(), "```", "", "```python",
-                  keep_text[i][1].rstrip(), "```", ""]
+                  *code_block(_problem_code(problems[j]).rstrip()), "", *code_block(keep_text[i][1].rstrip()), ""]
         if rows[j]["ngram13"]:
             lines += [f"Shared docstring 13-grams: {rows[j]['ngram13'][:3]}", ""]
     path.write_text("\n".join(lines) + "\n")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from phi1.config import check
 from phi1.data import sources
 from phi1.errors import InputError
 from phi1.llm import LLM
+from phi1.markdown import code_block
 from phi1.quality.judges import HeuristicJudge, LLMJudge, label
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,6 @@ def _examples(path: Path, rows: list[dict], texts: dict[str, str], threshold: in
         md += [f"## Score {score} ({counts[score]:,} documents)", ""]
         for r in by_score[score][:EXAMPLES_PER_SCORE]:
             code = "\n".join(texts[r["id"]].splitlines()[:EXAMPLE_LINES])
-            fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", code)), default=0))
             md += [f"### {r['id']}: {r['label']}", "", f"> {' '.join(str(r.get('rationale') or '').split())}", "",
-                   f"{fence}python", code, fence, ""]
+                   *code_block(code), ""]
     path.write_text("\n".join(md))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import heapq
 import json
 import logging
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from phi1 import environment, lock
 from phi1.config import ConfigError, check
 from phi1.data import sources
 from phi1.errors import InputError, MissingInputError
+from phi1.markdown import code_block
 from phi1.quality import embed
 
 log = logging.getLogger(__name__)
@@ -210,6 +210,5 @@ class _Examples:
                 continue
             md += [f"## {group[0].upper()}{group[1:]}", ""]
             for *_, score, doc_id, excerpt in sorted(heap, reverse=True):
-                fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", excerpt)), default=0))
-                md += [f"### {doc_id}: {score:.3f}", "", f"{fence}python", excerpt, fence, ""]
+                md += [f"### {doc_id}: {score:.3f}", "", *code_block(excerpt), ""]
         path.write_text("\n".join(md))
