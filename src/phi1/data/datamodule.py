@@ -111,8 +111,9 @@ class PackedData(L.LightningDataModule):
         val_documents = sum(source.get("val", {}).get("documents", 0) for source in self.manifest.get("sources", []))
         for name, split in (("train", self.train_set), ("val", self.val_set)):
             if len(split) == 0:
-                fix = (f"raise data.val_fraction (now {self.cfg.data.val_fraction:g}: {val_documents} documents held"
-                       " out; a new pack)" if name == "val" else "add documents to data.sources")
+                held = f"{val_documents} document{'' if val_documents == 1 else 's'} held out"
+                fix = (f"raise data.val_fraction (now {self.cfg.data.val_fraction:g}: {held}; a new pack)"
+                       if name == "val" else "add documents to data.sources")
                 raise DataMismatchError(
                     f"{self.dir}: the {name} split has {len(split.tokens)} tokens, less than one window of"
                     f" data.seq_len + 1 = {seq_len + 1}: {fix}, or lower data.seq_len"
