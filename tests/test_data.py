@@ -272,8 +272,8 @@ def test_a_validation_split_shorter_than_one_window_says_what_to_raise(small_cfg
     _pack(cfg)
     plural = "" if held_out == 1 else "s"
     with pytest.raises(DataMismatchError, match=rf"the val split has {tokens} tokens, less than one window of "
-                       rf"data.seq_len \+ 1 = {tokens + 1}: raise data.val_fraction \(now 0.05: {held_out} document{plural}"
-                       r" held out; a new pack\), or lower data.seq_len"):
+                       rf"data.seq_len \+ 1 = {tokens + 1}: raise data.val_fraction \(now 0.05: {held_out} "
+                       rf"document{plural} held out; a new pack\), or lower data.seq_len"):
         PackedData(cfg, plan(cfg)).setup("fit")
 
 
