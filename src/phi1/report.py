@@ -782,6 +782,17 @@ def _tokens(run: Run) -> int:
     return int(run.metrics.get("tokens") or (run.metrics.get("trainer/global_step") or 0) * _tokens_per_step(run))
 
 
+def _plot_losses(ax, logged: dict, start: int, per_step: int, color, label: str | None = None) -> None:
+    """One run's training loss (solid) and validation loss (dashed, dots) against the tokens seen, from `start`.
+    `label` goes on the first line drawn: a short run may have logged a validation loss alone."""
+    # A loss logged at step s was that of the (s+1)-th optimizer step: (s+1) batches seen.
+    for key, style in (("train/loss", {"lw": 1.2}), ("val/loss", {"ls": "--", "marker": "o", "ms": 3})):
+        if points := logged[key]:
+            ax.plot([start + (s + 1) * per_step for s, _ in points], [v for _, v in points], color=color,
+                    alpha=0.8, label=label, **style)
+            label = None
+
+
 def _curves(path: Path, experiment: str, groups, labels, arms: dict, cells: dict, runs: list[Run]) -> dict | None:
     """Figure 2.1's runs as loss curves, one panel per (model, tokens) group, one colour per training data,
     one line per seed: the training loss (solid) and the validation loss (dashed, dots). Each run's loss is on
@@ -798,12 +809,7 @@ def _curves(path: Path, experiment: str, groups, labels, arms: dict, cells: dict
                 if not any(logged.values()):
                     continue
                 start = _start_tokens(r, by_name)
-                # A loss logged at step s was that of the (s+1)-th optimizer step: (s+1) batches seen.
-                for key, style in (("train/loss", {"lw": 1.2}), ("val/loss", {"ls": "--", "marker": "o", "ms": 3})):
-                    points = logged[key]
-                    if points:
-                        ax.plot([start + (s + 1) * per_step for s, _ in points], [v for _, v in points],
-                                color=COLORS[i % 3], alpha=0.8, **style)
+                _plot_losses(ax, logged, start, per_step, COLORS[i % 3])
                 drawn[r.name] = {"start_tokens": start, "train_points": len(logged["train/loss"]),
                                  "val_points": len(logged["val/loss"]), "run": r.where}
         ax.set_title(label.replace("\n", ", "), fontsize=8)
@@ -1187,14 +1193,7 @@ def runs_curves(runs: list[Run], out: Path, per_row: int = 3) -> dict | None:
     drawn = {}
     for ax, (experiment, drawn_runs) in zip(axes.flat, sorted(experiments.items())):
         for i, (r, logged, per_step, start) in enumerate(drawn_runs):
-            color = plt.cm.tab10(i % 10)
-            # A loss logged at step s was that of the (s+1)-th optimizer step: (s+1) batches seen.
-            label = r.name  # on the first line drawn: a short run may have logged a validation loss alone
-            for key, style in (("train/loss", {"lw": 1.2}), ("val/loss", {"ls": "--", "marker": "o", "ms": 3})):
-                if points := logged[key]:
-                    ax.plot([start + (s + 1) * per_step for s, _ in points], [v for _, v in points], color=color,
-                            alpha=0.85, label=label, **style)
-                    label = None
+            _plot_losses(ax, logged, start, per_step, plt.cm.tab10(i % 10), label=r.name)
             drawn[r.name] = {"experiment": experiment, "start_tokens": start, "run": r.where}
         ax.set_title(f"{experiment} ({_runs(len(drawn_runs))})", fontsize=9)
         ax.set_xlabel("tokens seen since pretraining began")
