@@ -181,7 +181,7 @@ def test_run_reference_waits_for_its_base_then_resolves(tmp_path):
         runs.resolve("run:mini-tiny-stdlib_filtred", out, tmp_path)
 
 
-def test_a_run_folder_given_as_a_path_stands_for_its_export(tmp_path):
+def test_a_run_folder_given_as_a_path_stands_for_its_export(tmp_path, monkeypatch):
     """evaluate.py ckpt=outputs/<run>: the folder was read as an HF folder and refused for having no tokenizer."""
     run = tmp_path / "outputs" / "base"
     (run / "checkpoints").mkdir(parents=True)
@@ -194,6 +194,15 @@ def test_a_run_folder_given_as_a_path_stands_for_its_export(tmp_path):
     (run / "metrics.json").write_text("{}")
     assert runs.resolve(str(run), tmp_path / "outputs", tmp_path, what="ckpt") == str(run / "hf")
     assert runs.resolve(str(run / "hf"), tmp_path / "outputs", tmp_path) == str(run / "hf")  # the export itself
+    # The README's ckpt=outputs/<run>, given where PHI1_ROOT puts outputs/ elsewhere: it named nothing in the
+    # working directory and was looked up as the hub id "outputs/base".
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(FileNotFoundError, match=rf"ckpt=outputs/base: no such file or folder in {elsewhere}, .*"
+                                                rf"has it: ckpt={run} or ckpt=run:base$"):
+        runs.resolve("outputs/base", tmp_path / "outputs", tmp_path, what="ckpt")
+    assert runs.resolve("microsoft/phi-1", tmp_path / "outputs", tmp_path) == "microsoft/phi-1"
 
 
 def test_dashboards_build_one_view_per_figure():

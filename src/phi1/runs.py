@@ -112,6 +112,7 @@ def resolve(ref: str | None, output_dir: str | Path, data_dir: str | Path, wait_
         return _download_artifact(ref.removeprefix("wandb:"), Path(data_dir) / "artifacts")
     if not ref.startswith("run:"):
         path = Path(ref).expanduser()
+        _check_not_under_root(ref, path, Path(output_dir), what)
         if is_path(ref) and not path.exists():
             raise MissingInputError(f"{what}={ref}: no such file or folder")
         if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():  # a train.py run's folder
@@ -136,6 +137,20 @@ def resolve(ref: str | None, output_dir: str | Path, data_dir: str | Path, wait_
         raise MissingInputError(f"{what}={ref}: the run finished but {target} does not exist (export_hf=false?)")
     log.info("%s=%s -> %s", what, ref, target)
     return str(target)
+
+
+def _check_not_under_root(ref: str, path: Path, output_dir: Path, what: str) -> None:
+    """A relative path is read from the directory the command runs in. `ckpt=outputs/<run>` given where PHI1_ROOT
+    (or paths.output_dir) puts the outputs elsewhere named nothing here, and was then looked up as a hub id
+    "outputs/<run>": an error about the hub, with nothing to say the run is one folder away."""
+    if path.is_absolute() or path.exists() or ref.startswith("~"):
+        return
+    there = (output_dir.parent / path).resolve()
+    if not there.exists():
+        return
+    run = f" or {what}=run:{there.name}" if there.parent == output_dir.resolve() else ""
+    raise MissingInputError(f"{what}={ref}: no such file or folder in {Path.cwd()}, the directory relative paths"
+                            f" are read from; the outputs' root has it: {what}={there}{run}")
 
 
 def _run_folder(ref: str, run_dir: Path, what: str) -> str:
