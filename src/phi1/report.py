@@ -64,9 +64,11 @@ PAPER_EMERGENCE = {"phi-1-small": (45.0, None, 45.0), "phi-1-base": (29.0, None,
 PAPER_TABLE2 = {"CodeGen-Mono-350M": (19, 13), "CodeGen-Mono-16.1B": (38, 29), "Replit": (37, 22),
                 "StarCoder": (51, 34), "phi-1-base": (37, 29), "phi-1-small": (45, 45), "phi-1": (52, 51)}
 
-# The paper's numbers are over every problem: HumanEval's 164, MBPP's 500 of its test split (ids 11-510). Ours
-# over fewer (benchmarks.<b>.limit, a samples file without some) are marked where they stand beside them.
-PAPER_PROBLEMS = {"humaneval": 164, "mbpp": 500}
+# The paper's numbers are over every problem: HumanEval's 164, MBPP's 500 of its test split (ids 11-510), the 50
+# unconventional problems of Table 2 (ours are 50 of the same kind, unconventional.jsonl). Ours over fewer
+# (benchmarks.<b>.limit, a samples file without some, answers the grader could not grade) are marked where they
+# stand beside them.
+PAPER_PROBLEMS = {"humaneval": 164, "mbpp": 500, "unconventional": 50}
 
 # Bars of a scaling figure, in the paper's order, by the data a run trained on last.
 ARMS = {
@@ -336,8 +338,13 @@ def _of(problems: int | None, bench: str) -> str:
     return f" (of {problems} problems)" if problems is not None and full and problems < full else ""
 
 
+def _score_of(row: dict) -> str:
+    """The mark of an unconventional score over fewer graded answers than the paper's 50."""
+    return _of(row["unconventional_graded"], "unconventional") if row["unconventional_score"] is not None else ""
+
+
 PARTIAL_NOTE = ("A number marked (of n problems) was scored on fewer problems than the paper's (HumanEval 164, "
-                "MBPP 500): not comparable with the paper's.")
+                "MBPP 500, unconventional 50): not comparable with the paper's.")
 
 
 def _one_each(runs: list[Run], key, what: str) -> dict:
@@ -860,7 +867,9 @@ def emergence(runs: list[Run], out: Path) -> dict | None:
                     "mbpp": _pct(r.metrics.get("eval/mbpp/pass@1")),
                     "mbpp_problems": r.metrics.get("eval/mbpp/problems"),
                     "unconventional_pass@1": _pct(r.metrics.get("eval/unconventional/pass@1")),
+                    "unconventional_problems": r.metrics.get("eval/unconventional/problems"),
                     "unconventional_score": None if score is None else 10.0 * score,  # 0-10 -> the paper's 0-100
+                    "unconventional_graded": r.metrics.get("eval/unconventional/graded"),
                     "paper": PAPER_EMERGENCE.get(m), "run": r.where}
     md = ["# Emergence: phi-1-small, phi-1-base, phi-1 (paper §3-4)", "",
           f"{_pass_at_1(list(evals.values()))}; unconventional score = mean GPT grade × 10 (the paper's scale). "
@@ -871,16 +880,19 @@ def emergence(runs: list[Run], out: Path) -> dict | None:
         p = v["paper"] or (None, None, None)
         md.append(f"| {m} | {_fmt(v['humaneval'])}{_of(v['humaneval_problems'], 'humaneval')} ({_fmt(p[0])}) | "
                   f"{_fmt(v['mbpp'])}{_of(v['mbpp_problems'], 'mbpp')} ({_fmt(p[1])}) | "
-                  f"{_fmt(v['unconventional_pass@1'])} | {_fmt(v['unconventional_score'])} ({_fmt(p[2])}) | "
+                  f"{_fmt(v['unconventional_pass@1'])}{_of(v['unconventional_problems'], 'unconventional')} | "
+                  f"{_fmt(v['unconventional_score'])}{_score_of(v)} ({_fmt(p[2])}) | "
                   f"{evals[m].name} |")
     (out / "emergence.md").write_text("\n".join(md + _environment(list(evals.values()))[0]) + "\n")
 
     t2 = ["# Table 2: understanding of 50 unconventional problems (GPT-4 score) and HumanEval, in %", "",
           "| model | score | HumanEval | source |", "|---|---|---|---|"]
     t2 += [f"| {m} | {s} | {h} | paper |" for m, (s, h) in PAPER_TABLE2.items()]
-    t2 += [f"| {m} (ours) | {_fmt(v['unconventional_score'])} | "
+    t2 += [f"| {m} (ours) | {_fmt(v['unconventional_score'])}{_score_of(v)} | "
            f"{_fmt(v['humaneval'])}{_of(v['humaneval_problems'], 'humaneval')} | {evals[m].name} |"
            for m, v in table.items()]
+    if any(_score_of(v) or _of(v["humaneval_problems"], "humaneval") for v in table.values()):
+        t2 += ["", PARTIAL_NOTE]
     (out / "table2.md").write_text("\n".join(t2) + "\n")
     _table2_png(out / "table2.png", table)
 
