@@ -316,6 +316,16 @@ class LLM:
         self._db.execute("INSERT OR REPLACE INTO capless VALUES (?, ?)", (key, base))
         self._db.commit()  # at once: a run killed a moment later has still paid for this one only once
 
+    def _parse(self, item_id: str, response: dict, parse: Callable[[str], Any], results: dict) -> None:
+        """results[item_id] = the parsed answer, or the answer quarantined with why it did not parse."""
+        try:
+            results[item_id] = parse(response["text"])
+        except ParseError as e:
+            # A grade cut off at the end of an answer that reached max_tokens: raising it is the fix.
+            cut = (f" (the answer was cut at max_tokens={self.params.get('max_tokens')}: raise llm.max_tokens)"
+                   if response.get("finish_reason") == "length" else "")
+            self._quarantine(item_id, f"unparseable: {e}{cut}", response["text"])
+
     def _quarantine(self, item_id: str, reason: str, text: str | None) -> None:
         self.stats.quarantined += 1
         row = json.dumps({"id": item_id, "reason": reason, "answer": text, "model": self.model})
@@ -464,13 +474,7 @@ class LLM:
                 if response is None:
                     return
             answered.append(item_id)
-            try:
-                results[item_id] = parse(response["text"])
-            except ParseError as e:
-                # A grade cut off at the end of an answer that reached max_tokens: raising it is the fix.
-                cut = (f" (the answer was cut at max_tokens={self.params.get('max_tokens')}: raise llm.max_tokens)"
-                       if response.get("finish_reason") == "length" else "")
-                self._quarantine(item_id, f"unparseable: {e}{cut}", response["text"])
+            self._parse(item_id, response, parse, results)
             bar.update(1)
             elapsed = max(time.perf_counter() - t0, 1e-9)
             s = self.stats
@@ -549,13 +553,7 @@ class LLM:
             response = self._cached(key)
             if response is None:  # failed in its batch: quarantined when the batch was collected
                 continue
-            try:
-                results[item_id] = parse(response["text"])
-            except ParseError as e:
-                # A grade cut off at the end of an answer that reached max_tokens: raising it is the fix.
-                cut = (f" (the answer was cut at max_tokens={self.params.get('max_tokens')}: raise llm.max_tokens)"
-                       if response.get("finish_reason") == "length" else "")
-                self._quarantine(item_id, f"unparseable: {e}{cut}", response["text"])
+            self._parse(item_id, response, parse, results)
         if over_budget:
             raise BudgetExceeded(f"{over_budget}: {len(todo) - len(affordable)} of {len(todo)} requests were not"
                                  " sent (the answers received are cached; raise the budget and rerun)")
