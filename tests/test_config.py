@@ -312,6 +312,8 @@ def test_help_leads_with_what_the_command_does_and_its_examples(script):
     assert "powered by Hydra" not in head and f"python {script}.py " in head, head
     if script == "prepare":
         assert "stage: annotate, classify, decontaminate, embed, exercises, filter, pack," in out
+    # The report composes no group of conf/: they listed train.py's trainer, model, ... as if it did.
+    assert ("trainer: cpu" in out) == (script != "report")
 
 
 @pytest.mark.parametrize("script", ["train", "evaluate", "prepare", "report"])
