@@ -78,7 +78,7 @@ def test_every_grid_point_composes_and_its_chain_is_consistent(path, tmp_path):
             assert cfg.run_name.startswith(cfg.experiment_name)
         names.append(cfg.run_name)
     assert len(set(names)) == len(names), f"two cells share a run dir: {names}"
-    expected = {"scaling": 12, "emergence": 3, "pruning": 4, "mini": 6}[path.stem]
+    expected = {"scaling": 12, "emergence": 3, "pruning": 4, "mini": 6, "filter": 2}[path.stem]
     assert len(names) == expected
 
 
@@ -97,6 +97,22 @@ def test_scaling_cells_cover_figure_2_1(tmp_path):
     assert cfg.logger.wandb.group == "scaling"
     assert OmegaConf.to_container(cfg.logger.wandb.tags, resolve=True) == ["phi-1-small", "codeexercises", "76b",
                                                                               "finetune"]
+
+
+def test_filter_cells_are_the_papers_two_runs_of_section_2_1(tmp_path):
+    """§2.1: phi-1-small on the unfiltered Stack+ for 96K steps (~200B tokens), on the filtered one for 36K."""
+    spec = yaml.safe_load((ROOT / "sweeps" / "filter.yaml").read_text())
+    cells = {}
+    for cell in grid(spec["parameters"]):
+        cfg = compose_cell(spec, "filter", cell, tmp_path)
+        cells[cfg.data.name] = (cfg, plan(cfg))
+    cfg, p = cells["stack"]
+    assert (cfg.model.name, p.max_steps, cfg.optim.lr, cfg.batch.global_size) == ("phi-1-small", 96_000, 1e-3, 1024)
+    assert cfg.run_name == "filter-phi-1-small-200b-stack-s1234" and cfg.logger.wandb.group == "filter"
+    cfg, p = cells["stack_filtered"]
+    assert (cfg.model.name, p.max_steps, cfg.phase) == ("phi-1-small", 36_000, "pretrain")
+    # The filter stage's Stack+ files, not `make filter`'s stdlib ones beside them.
+    assert [s.path for s in cfg.data.sources] == [f"{tmp_path}/filtered/filtered-stack*.jsonl"]
 
 
 def test_emergence_names_the_runs_of_the_paper_experiments(tmp_path):
@@ -209,9 +225,9 @@ def test_dashboards_build_one_view_per_figure():
     from phi1.dashboards import views
 
     built = views("someone", "phi1")
-    assert [v.name for v in built] == ["Figure 2.1: scaling", "Mini reproduction", "Emergence and Table 2",
-                                       "Table 3: pruning"]
-    for view, group in zip(built, ("scaling", "mini", "emergence", "pruning")):
+    assert [v.name for v in built] == ["Figure 2.1: scaling", "Mini reproduction", "§2.1: the quality filter",
+                                       "Emergence and Table 2", "Table 3: pruning"]
+    for view, group in zip(built, ("scaling", "mini", "filter", "emergence", "pruning")):
         model = json.dumps(view._to_model().model_dump(by_alias=True))  # what save() would upload
         assert f'"name": "group"}}, "op": "=", "value": "{group}"' in model
         # The runs of a cell are one group whatever their seed: the seeds are averaged, never told apart.
@@ -227,7 +243,7 @@ def test_dashboards_build_one_view_per_figure():
                            "train/lr", "perf/tokens_per_sec", "perf/mfu"}  # DESIGN §6 names only
     out = subprocess.run([sys.executable, "-m", "phi1.dashboards", "--entity", "x", "--dry-run"],
                          capture_output=True, text=True, check=True).stdout
-    assert out.count("panels") == 4
+    assert out.count("panels") == 5
 
 
 def test_saving_the_dashboards_without_a_wandb_key_says_what_to_do(tmp_path):
@@ -326,6 +342,35 @@ def test_report_draws_every_figure_and_table_from_run_dirs(tmp_path):
     assert "phi-1-small (ours) | 40.0 (of 47 problems) | 30.0 |" in table2 and "unconventional 50)" in table2
     assert "| 0.90 | similar | 4 (93) | 75.0 (63.4) | 25.0 (51.6) | 48.4 | phi1, pruning-phi-1-tau0.90 |" in \
         (report / "table3.md").read_text()
+
+
+def test_report_draws_section_2_1_the_filter_against_the_unfiltered_stack_on_more_tokens(tmp_path):
+    """§2.1's claim crosses budgets: filtered on 76B tokens (36K steps) beats unfiltered on 200B (96K steps)."""
+    out = tmp_path / "outputs"
+    for budget, tokens in (("76b", 75497472000), ("200b", 201326592000)):
+        for data, p1 in (("stack", 0.10 if budget == "200b" else 0.08), ("stack_filtered", 0.16)):
+            if (budget, data) == ("200b", "stack_filtered"):
+                continue  # the paper's two runs and the unfiltered one at the filtered one's budget
+            _fake_run(out, f"filter-phi-1-small-{budget}-{data}-s1234",
+                      {"experiment_name": "filter", "model": {"name": "phi-1-small"}, "seed": 1234,
+                       "budget": {"name": budget, "tokens": tokens}, "data": {"name": data}, "phase": "pretrain"},
+                      {"eval/humaneval/pass@1": p1, "eval/humaneval/problems": 164, "params": 3.5e8})
+    report = _report(tmp_path)
+    md = (report / "filter.md").read_text()
+    assert md.startswith("# Paper §2.1: HumanEval on The Stack+, unfiltered and filtered")
+    rows = [line for line in md.splitlines() if line.startswith("| phi-1-small")]
+    # 76b before 200b (by tokens; by name 200b sorts first), the paper's numbers in their cells
+    assert [r.split(" | ")[1:4] + [r.split(" | ")[7]] for r in rows] == [
+        ["76b", "The Stack+ (unfiltered)", "8.0", "–"], ["76b", "The Stack+, filtered", "16.0", "17.68"],
+        ["200b", "The Stack+ (unfiltered)", "10.0", "12.19"], ["200b", "The Stack+, filtered", "–", "–"]]
+    assert "- phi-1-small, 76b tokens: The Stack+, filtered beats The Stack+ (unfiltered): in 1 of 1 seed " \
+           "(pass@1 +8.0)" in md
+    assert "- phi-1-small: The Stack+, filtered on 76b tokens beats The Stack+ (unfiltered) on 200b: in 1 of 1 " \
+           "seed (pass@1 +6.0)" in md
+    assert (report / "filter.png").stat().st_size > 10_000
+    result = json.loads((report / "report.json").read_text())
+    assert result["filter"]["cells"]["phi-1-small/200b/stack"]["paper_pass@1"] == 12.19
+    assert result["fig2_1"] is None  # the filter's runs are not Figure 2.1's
 
 
 def test_report_names_two_runs_of_one_cell_and_seed(tmp_path):

@@ -1,5 +1,5 @@
 """W&B dashboards as code (wandb-workspaces): one saved workspace view per figure of the paper, each showing
-the runs of one W&B group (= experiment_name: scaling, emergence, pruning, mini) with the metric names of
+the runs of one W&B group (= experiment_name: scaling, mini, filter, emergence, pruning) with the metric names of
 DESIGN §6. Runs are grouped by the config keys that make a cell of the figure (model, data, token budget,
 phase, and τ for Table 3) and by nothing else, so the seeds of a cell (run names ending -s<seed>) are one
 group: its bar is their mean, its line their mean with the min-max band.
@@ -66,6 +66,9 @@ def views(entity: str, project: str) -> list[ws.Workspace]:
              [ws.Section(name="Figure 2.1", is_open=True, panels=fig21), _training_section()]),
         view("Mini reproduction", "mini",
              [ws.Section(name="Figure 2.1 in miniature", is_open=True, panels=fig21), _training_section()]),
+        view("§2.1: the quality filter", "filter",
+             [ws.Section(name="phi-1-small on The Stack+, unfiltered and filtered", is_open=True, panels=fig21),
+              _training_section()]),
         view("Emergence and Table 2", "emergence", [ws.Section(
             name="phi-1-small vs phi-1-base vs phi-1", is_open=True, panels=[
                 _bars("HumanEval pass@1", "eval/humaneval/pass@1"),

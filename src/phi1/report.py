@@ -58,6 +58,9 @@ PAPER_FIG21 = {("phi-1", "76b", "codetextbook"): 29.0, ("phi-1", "76b", "codeexe
 # The compute the figure gives its groups (DESIGN §3, §2.3): 135 GPU-hours for 350M on 26B tokens, 1090 for
 # 1.3B on 76B (the Stack+ run; phi-1-base's 51B tokens took 770).
 PAPER_FIG21_GPU_HOURS = {("phi-1-small", "26b"): 135, ("phi-1", "76b"): 1090}
+# Paper §2.1, the filter on its own: phi-1-small on the unfiltered Stack+ "saturates at 12.19% even after training
+# for 96K steps (~200B tokens)"; on the filtered subset it reaches 17.68% after 36K steps (76B tokens).
+PAPER_FILTER = {("phi-1-small", "200b", "stack"): 12.19, ("phi-1-small", "76b", "stack_filtered"): 17.68}
 # (HumanEval, MBPP, unconventional score on 0-100) per model, paper §1, §3, Table 2.
 PAPER_EMERGENCE = {"phi-1-small": (45.0, None, 45.0), "phi-1-base": (29.0, None, 37.0), "phi-1": (50.6, 55.5, 52.0)}
 # Table 2: model -> (GPT-4 score on the 50 unconventional problems, HumanEval), both in %.
@@ -75,10 +78,24 @@ ARMS = {
     "scaling": {"stack": "The Stack+", "codetextbook": "CodeTextbook", "codeexercises": "CodeTextbook → CodeExercises"},
     "mini": {"stdlib": "stdlib (unfiltered)", "stdlib_filtered": "filtered stdlib",
              "stdlib_exercises": "filtered → stdlib exercises"},
+    "filter": {"stack": "The Stack+ (unfiltered)", "stack_filtered": "The Stack+, filtered"},
+}
+# Each scaling figure's title, the stem of its files (<stem>.md, <stem>.png, <stem>_curves.png), the paper's
+# numbers beside its cells and where they come from.
+FIGURES = {
+    "scaling": ("Figure 2.1: HumanEval by model, tokens seen and training data", "fig2_1", PAPER_FIG21,
+                "the values its text gives (DESIGN §3)"),
+    "mini": ("Figure 2.1: HumanEval by model, tokens seen and training data (mini reproduction)", "mini_fig2_1",
+             {}, "none at this scale"),
+    "filter": ("Paper §2.1: HumanEval on The Stack+, unfiltered and filtered by the quality classifier", "filter",
+               PAPER_FILTER, "§2.1's text, phi-1-small unfiltered after 96K steps (200b, where it saturates) and "
+               "filtered after 36K (76b)"),
 }
 # The metric a scaling figure's orderings are judged by, and whether higher is better: pass@1 at the paper's
 # scale; the solution NLL at the mini scale, where pass@1 is 0 for every run.
-PRIMARY = {"scaling": ("pass@1", True), "mini": ("solution_nll", False)}
+PRIMARY = {"scaling": ("pass@1", True), "mini": ("solution_nll", False), "filter": ("pass@1", True)}
+# Figures whose claim crosses budgets: §2.1's filtered run on 76B tokens beats the unfiltered one on 200B.
+ACROSS_BUDGETS = {"filter"}
 FIGURE_EXPERIMENTS = {*ARMS, "emergence", "pruning"}  # the experiment_name of every run a figure or table draws
 # The evaluated run an emergence run points at (ckpt=run:<name>...) -> the paper's model name.
 EMERGENCE_MODELS = {"phi1_small": "phi-1-small", "phi1_base": "phi-1-base", "phi1": "phi-1"}
@@ -332,6 +349,11 @@ def _fmt(v, digits=1):
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+def _paper(v) -> str:
+    """A number of the paper's as it gives it: 12.19, 29, 50.6."""
+    return "–" if v is None else f"{v:g}"
+
+
 def _of(problems: int | None, bench: str) -> str:
     """The mark ' (of 20 problems)' after a number scored on fewer problems than the paper's (PAPER_PROBLEMS)."""
     full = PAPER_PROBLEMS.get(bench)
@@ -398,28 +420,28 @@ def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
                      f"{experiment} (model, tokens, data, seed)")
     for (*key, seed), r in ours.items():
         cells.setdefault(tuple(key), {})[seed] = r
-    prefix = "" if experiment == "scaling" else f"{experiment}_"
+    title, stem, paper, source = FIGURES[experiment]
     if not cells:
-        log.info("Figure 2.1 (%s): no runs; make them with `python train.py +sweep=%s`", experiment, experiment)
+        log.info("%s (%s): no runs; make them with `python train.py +sweep=%s`", title.split(":")[0], experiment,
+                 experiment)
         return None
-    groups = sorted({(m, b) for m, b, _ in cells}, key=lambda g: (_group_size(cells, g), g[1]))
+    groups = sorted({(m, b) for m, b, _ in cells}, key=lambda g: (_group_size(cells, g), _budget(cells, g), g[1]))
     behind = [r for seeds in cells.values() for r in seeds.values()]
     rows, table = [], {}
     for m, b in groups:
         for arm, label in arms.items():
             seeds = cells.get((m, b, arm), {})
             cell = _cell(seeds)
-            cell["paper_pass@1"] = PAPER_FIG21.get((m, b, arm)) if experiment == "scaling" else None
+            cell["paper_pass@1"] = paper.get((m, b, arm))
             table[f"{m}/{b}/{arm}"] = cell
             rows.append(f"| {m} | {b} | {label} | {_fmt_sd(cell, 'pass@1', 1)}{_of(cell['problems'], 'humaneval')} "
                         f"| {_fmt_sd(cell, 'solution_nll', 3)} "
-                        f"| {_hours(cell['device_hours'])} | {_fmt(cell['passes'], 2)} | {_fmt(cell['paper_pass@1'])} "
+                        f"| {_hours(cell['device_hours'])} | {_fmt(cell['passes'], 2)} "
+                        f"| {_paper(cell['paper_pass@1'])} "
                         f"| {len(seeds) or '–'} | "
                         f"{', '.join(r.name for r in _by_seed(seeds).values()) or '–'} |")
     metric, higher = PRIMARY[experiment]
-    orderings = _orderings(cells, groups, arms, metric, higher)
-    title = "Figure 2.1: HumanEval by model, tokens seen and training data" + (
-        "" if experiment == "scaling" else f" ({experiment} reproduction)")
+    orderings = _orderings(cells, groups, arms, metric, higher, experiment in ACROSS_BUDGETS)
     paper_hours = {g: PAPER_FIG21_GPU_HOURS.get(g) for g in groups} if experiment == "scaling" else {}
     md = [f"# {title}", "",
           f"{_pass_at_1(behind)}; solution NLL = mean per-token negative log-likelihood of the canonical solutions "
@@ -427,7 +449,7 @@ def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
           "passes = how many times the run read its training data (a finetune: its own data), the repetition "
           "the paper's budgets imply (phi-1-base: 51B tokens, ~8 passes over CodeTextbook's ~7B). "
           "A cell run with several seeds: their mean ± sample standard deviation. "
-          "Paper: the values its text gives (DESIGN §3)"
+          f"Paper: {source}"
           + "".join(f"; {m} on {b} tokens took {h:,} GPU-hours" for (m, b), h in paper_hours.items() if h) + ". "
           + PARTIAL_NOTE, "",
           "| model | tokens | data | pass@1 | solution NLL | device-hours | passes | paper pass@1 | seeds | runs |",
@@ -437,10 +459,10 @@ def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
           "counts the seeds where the paper's ordering holds; the difference is the mean ± sd over those seeds.",
           "", *(o["line"] for o in orderings)]
     env_lines, env_diffs = _environment(behind, _mixed_data(cells))
-    (out / f"{prefix}fig2_1.md").write_text("\n".join(md + env_lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(md + env_lines) + "\n")
     labels = [_group_label(cells, g, paper_hours.get(g)) for g in groups]
-    _bars(out / f"{prefix}fig2_1.png", title, groups, labels, arms, table, show_nll=experiment != "scaling")
-    curves = _curves(out / f"{prefix}fig2_1_curves.png", experiment, groups, labels, arms, cells, runs)
+    _bars(out / f"{stem}.png", title, groups, labels, arms, table, show_nll=experiment == "mini")
+    curves = _curves(out / f"{stem}_curves.png", experiment, groups, labels, arms, cells, runs)
     return {"cells": table, "orderings": orderings, "environment_differences": env_diffs, "curves": curves}
 
 
@@ -482,19 +504,26 @@ def _fmt_sd(cell: dict, key: str, digits: int) -> str:
     return _fmt(cell[key], digits) + ("" if sd is None else f" ± {sd:.{digits}f}")
 
 
-def _orderings(cells: dict, groups: list, arms: dict, metric: str, higher: bool) -> list[dict]:
+def _orderings(cells: dict, groups: list, arms: dict, metric: str, higher: bool,
+               across_budgets: bool = False) -> list[dict]:
     """The paper's orderings (Figure 2.1), each counted over the seeds both cells ran: within a group each
     bar beats the one before it (filtered beats unfiltered data, finetuning on exercises beats the filtered
-    pretraining), and at the same budget and data the larger model beats the smaller."""
+    pretraining), and at the same budget and data the larger model beats the smaller. `across_budgets`: each
+    bar also beats the one before it on a larger budget of the same model (§2.1: filtered on 76B tokens beats
+    unfiltered on 200B; groups are sorted by tokens)."""
     pairs = []
+    names = list(arms)
     for m, b in groups:
-        names = list(arms)
         for worse, better in zip(names, names[1:]):
             pairs.append(((m, b, worse), (m, b, better), f"{m}, {b} tokens: {arms[better]} beats {arms[worse]}"))
-    for (m1, b1), (m2, b2) in itertools.combinations(groups, 2):  # groups are sorted small model first
+    for (m1, b1), (m2, b2) in itertools.combinations(groups, 2):  # sorted small model first, then fewer tokens
         if b1 == b2 and m1 != m2:
             pairs += [((m1, b1, arm), (m2, b2, arm), f"{b1} tokens, {label}: {m2} beats {m1}")
                       for arm, label in arms.items()]
+        if across_budgets and m1 == m2:
+            pairs += [((m1, b2, worse), (m1, b1, better),
+                       f"{m1}: {arms[better]} on {b1} tokens beats {arms[worse]} on {b2}")
+                      for worse, better in zip(names, names[1:])]
     result = []
     for worse, better, claim in pairs:
         a, c = cells.get(worse, {}), cells.get(better, {})
@@ -583,6 +612,12 @@ def _group_label(cells, group, paper_hours: float | None = None) -> str:
             + (f"{_human(tokens)} tokens" if tokens else f"{group[1]} tokens")
             + (f"\n{_hours(hours)} device-h" if hours is not None else "")
             + (f" (paper {paper_hours:,})" if paper_hours else ""))
+
+
+def _budget(cells, group) -> int:
+    """A group's tokens budget (budget.tokens of its runs' configs): 76b before 200b, which their names sort
+    after."""
+    return max((r.get("budget.tokens") or 0 for r in _group_runs(cells, group)), default=0)
 
 
 def _group_size(cells, group) -> float:
@@ -831,7 +866,8 @@ def _curves(path: Path, experiment: str, groups, labels, arms: dict, cells: dict
     handles += [plt.Line2D([], [], color="gray", label="train"),
                 plt.Line2D([], [], color="gray", ls="--", marker="o", ms=3, label="validation")]
     axes[0][-1].legend(handles=handles, fontsize=7, loc="upper right")
-    fig.suptitle(f"Figure 2.1's runs ({experiment}): loss against tokens seen, each run on its own data "
+    figure = FIGURES[experiment][0].split(":")[0]
+    fig.suptitle(f"{figure}'s runs ({experiment}): loss against tokens seen, each run on its own data "
                  "(levels of two colours are not comparable; one line per seed)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -1251,6 +1287,7 @@ def report(cfg: DictConfig) -> dict:
             log.info("%d W&B runs are run folders under %s too: read from their folders", skipped, cfg.runs_dir)
     log.info("%s finished (%s%s)", _runs(len(runs)), cfg.runs_dir, f", wandb:{cfg.wandb}" if cfg.wandb else "")
     result = {"fig2_1": scaling(runs, "scaling", out), "mini_fig2_1": scaling(runs, "mini", out),
+              "filter": scaling(runs, "filter", out),
               "emergence": emergence(runs, out), "emergence_problems": emergence_problems(runs, out),
               "table3": table3(runs, Path(cfg.decontaminate_dir), out), "evaluations": evaluations(runs, out),
               "runs": runs_table(runs, out), "runs_curves": runs_curves(runs, out)}
