@@ -347,14 +347,21 @@ def test_report_draws_every_figure_and_table_from_run_dirs(tmp_path):
 def test_report_draws_section_2_1_the_filter_against_the_unfiltered_stack_on_more_tokens(tmp_path):
     """§2.1's claim crosses budgets: filtered on 76B tokens (36K steps) beats unfiltered on 200B (96K steps)."""
     out = tmp_path / "outputs"
-    for budget, tokens in (("76b", 75497472000), ("200b", 201326592000)):
-        for data, p1 in (("stack", 0.10 if budget == "200b" else 0.08), ("stack_filtered", 0.16)):
-            if (budget, data) == ("200b", "stack_filtered"):
-                continue  # the paper's two runs and the unfiltered one at the filtered one's budget
-            _fake_run(out, f"filter-phi-1-small-{budget}-{data}-s1234",
-                      {"experiment_name": "filter", "model": {"name": "phi-1-small"}, "seed": 1234,
-                       "budget": {"name": budget, "tokens": tokens}, "data": {"name": data}, "phase": "pretrain"},
-                      {"eval/humaneval/pass@1": p1, "eval/humaneval/problems": 164, "params": 3.5e8})
+
+    def run(experiment, model, budget, data, p1):
+        tokens = {"76b": 75497472000, "200b": 201326592000}[budget]
+        _fake_run(out, f"{experiment}-{model}-{budget}-{data}-s1234",
+                  {"experiment_name": experiment, "model": {"name": model}, "seed": 1234, "phase": "pretrain",
+                   "budget": {"name": budget, "tokens": tokens}, "data": {"name": data}},
+                  {"eval/humaneval/pass@1": p1, "eval/humaneval/problems": 164, "params": 3.5e8})
+
+    run("filter", "phi-1-small", "200b", "stack", 0.10)  # the paper's two runs
+    run("filter", "phi-1-small", "76b", "stack_filtered", 0.16)
+    # Figure 2.1's The Stack+ cell of the same model is the unfiltered arm at 76b (the same recipe): drawn, not
+    # trained again. Its other cells are not: another arm, a model the filter did not train.
+    run("scaling", "phi-1-small", "76b", "stack", 0.08)
+    run("scaling", "phi-1-small", "76b", "codetextbook", 0.2)
+    run("scaling", "phi-1", "76b", "stack", 0.12)
     report = _report(tmp_path)
     md = (report / "filter.md").read_text()
     assert md.startswith("# Paper §2.1: HumanEval on The Stack+, unfiltered and filtered")
@@ -368,9 +375,10 @@ def test_report_draws_section_2_1_the_filter_against_the_unfiltered_stack_on_mor
     assert "- phi-1-small: The Stack+, filtered on 76b tokens beats The Stack+ (unfiltered) on 200b: in 1 of 1 " \
            "seed (pass@1 +6.0)" in md
     assert (report / "filter.png").stat().st_size > 10_000
+    assert rows[0].endswith("| 1 | scaling-phi-1-small-76b-stack-s1234 |") and len(rows) == 4
     result = json.loads((report / "report.json").read_text())
     assert result["filter"]["cells"]["phi-1-small/200b/stack"]["paper_pass@1"] == 12.19
-    assert result["fig2_1"] is None  # the filter's runs are not Figure 2.1's
+    assert not any("filter" in run for cell in result["fig2_1"]["cells"].values() for run in cell["runs"])
 
 
 def test_report_names_two_runs_of_one_cell_and_seed(tmp_path):

@@ -96,6 +96,9 @@ FIGURES = {
 PRIMARY = {"scaling": ("pass@1", True), "mini": ("solution_nll", False), "filter": ("pass@1", True)}
 # Figures whose claim crosses budgets: §2.1's filtered run on 76B tokens beats the unfiltered one on 200B.
 ACROSS_BUDGETS = {"filter"}
+# A figure that also draws another's runs of the same recipe: filter_stack is scaling_stack at another budget,
+# so Figure 2.1's The Stack+ cells (26b, 76b) are §2.1's unfiltered arm at those budgets, not trained again.
+BORROWS = {"filter": "scaling"}
 FIGURE_EXPERIMENTS = {*ARMS, "emergence", "pruning"}  # the experiment_name of every run a figure or table draws
 # The evaluated run an emergence run points at (ckpt=run:<name>...) -> the paper's model name.
 EMERGENCE_MODELS = {"phi1_small": "phi-1-small", "phi1_base": "phi-1-base", "phi1": "phi-1"}
@@ -415,9 +418,17 @@ def _samples(run: Run, bench: str, file: str = "samples.jsonl") -> Path | None:
 def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
     arms = ARMS[experiment]
     cells: dict[tuple, dict] = {}  # (model, budget, data) -> {seed: run}
-    ours = _one_each(runs, lambda r: (r.get("model.name"), r.get("budget.name"), r.get("data.name"), r.get("seed"))
-                     if r.get("experiment_name") == experiment and r.get("data.name") in arms else None,
-                     f"{experiment} (model, tokens, data, seed)")
+    def key(r: Run, of: str) -> tuple | None:
+        if r.get("experiment_name") == of and r.get("data.name") in arms:
+            return r.get("model.name"), r.get("budget.name"), r.get("data.name"), r.get("seed")
+        return None
+
+    ours = _one_each(runs, lambda r: key(r, experiment), f"{experiment} (model, tokens, data, seed)")
+    if lender := BORROWS.get(experiment):  # its cells of the models run here, where this figure has none
+        models = {k[0] for k in ours}
+        for k, r in _one_each(runs, lambda r: key(r, lender), f"{lender} (model, tokens, data, seed)").items():
+            if k[0] in models:
+                ours.setdefault(k, r)
     for (*key, seed), r in ours.items():
         cells.setdefault(tuple(key), {})[seed] = r
     title, stem, paper, source = FIGURES[experiment]
