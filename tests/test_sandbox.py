@@ -103,11 +103,12 @@ HOSTILE = {
     "disk fill": "i = 0\nwhile True:\n    open(f'fill{{i}}', 'wb').write(b'x' * (4 << 20))\n    i += 1",
     "write outside the sandbox": "open('{canary}', 'w').write('overwritten')",
     "delete outside the sandbox": "import os\nos.remove('{canary}')",
+    # The secret in two pieces: a failing sample's traceback shows its line, which must not count as a leak.
     "read OPENAI_API_KEY": "import os\nprint(os.environ.get('OPENAI_API_KEY'))\n"
-                           "assert os.environ.get('OPENAI_API_KEY') == '" + SECRET + "'",
+                           "assert os.environ.get('OPENAI_API_KEY') == '" + SECRET[:8] + "' + '" + SECRET[8:] + "'",
     "read WANDB_API_KEY from /proc": "import glob\nfound = ''.join(open(p, errors='ignore').read() "
                                      "for p in glob.glob('/proc/*/environ') if __import__('os').access(p, 4))\n"
-                                     "print(found)\nassert '" + SECRET + "' in found",
+                                     "print(found)\nassert '" + SECRET[:8] + "' + '" + SECRET[8:] + "' in found",
     "network connection": "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).close()",
     "sys.exit(0) before the asserts": "import sys\nsys.exit(0)",
     "os._exit(0) before the asserts": "import os\nos._exit(0)",
@@ -156,6 +157,9 @@ def test_honest_programs_pass_and_fail_as_they_should(sandbox):
     assert sandbox.run("def f(x):\n    return x * 2\nassert f(2) == 4\n")["status"] == "passed"
     wrong = sandbox.run("def f(x):\n    return x * 3\nassert f(2) == 4, 'f(2) != 4'\n")
     assert wrong["status"] == "failed" and "f(2) != 4" in wrong["output"]
+    # The traceback shows the failing line of the program, and begins there, not in the worker.
+    assert 'File "<sample>", line 3, in <module>\n    assert f(2) == 4' in wrong["output"], wrong["output"]
+    assert "_child" not in wrong["output"]
     assert sandbox.run("import math, re, collections, heapq, itertools\nassert math.gcd(12, 18) == 6\n")["status"] == "passed"
     assert sandbox.run("while True:\n    pass\n")["status"] == "timeout"
 

@@ -17,6 +17,7 @@ sample started outlives it.
 """
 
 import json
+import linecache
 import os
 import resource
 import secrets
@@ -71,13 +72,17 @@ def _child(program, workdir, token, write_fd):
     sys.stdin = open(0, closefd=False)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
+    # The program's lines for the traceback, which otherwise names "<sample>", line 97 and shows no code; and the
+    # traceback starts at the program, not at this function's frame (of no use to a reader of samples.jsonl).
+    linecache.cache["<sample>"] = (len(program), None, program.splitlines(True), "<sample>")
     try:
         exec(compile(program, "<sample>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
         os.write(write_fd, token)
     except BaseException:
         import traceback
 
-        traceback.print_exc()
+        kind, error, tb = sys.exc_info()
+        traceback.print_exception(kind, error, tb.tb_next)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
