@@ -73,33 +73,44 @@ PAPER_TABLE2 = {"CodeGen-Mono-350M": (19, 13), "CodeGen-Mono-16.1B": (38, 29), "
 # stand beside them.
 PAPER_PROBLEMS = {"humaneval": 164, "mbpp": 500, "unconventional": 50}
 
-# Bars of a scaling figure, in the paper's order, by the data a run trained on last.
-ARMS = {
-    "scaling": {"stack": "The Stack+", "codetextbook": "CodeTextbook", "codeexercises": "CodeTextbook → CodeExercises"},
-    "mini": {"stdlib": "stdlib (unfiltered)", "stdlib_filtered": "filtered stdlib",
-             "stdlib_exercises": "filtered → stdlib exercises"},
-    "filter": {"stack": "The Stack+ (unfiltered)", "stack_filtered": "The Stack+, filtered"},
+
+@dataclass(frozen=True)
+class ScalingFigure:
+    """A figure of one model/tokens/data grid, drawn by scaling(): its files are <stem>.md, <stem>.png and
+    <stem>_curves.png."""
+
+    title: str
+    stem: str
+    arms: dict  # its bars, in the paper's order, by the data a run trained on last
+    paper: dict  # (model, budget, data) -> the paper's pass@1
+    source: str  # where those numbers come from
+    # The metric its orderings are judged by, and whether higher is better: pass@1 at the paper's scale; the
+    # solution NLL at the mini scale, where pass@1 is 0 for every run.
+    metric: tuple[str, bool] = ("pass@1", True)
+    across_budgets: bool = False  # its claim crosses budgets (§2.1: filtered on 76B tokens beats unfiltered on 200B)
+    borrows: str | None = None  # another figure's experiment whose runs of the same recipe it draws too
+
+
+SCALING_FIGURES = {
+    "scaling": ScalingFigure(
+        "Figure 2.1: HumanEval by model, tokens seen and training data", "fig2_1",
+        {"stack": "The Stack+", "codetextbook": "CodeTextbook", "codeexercises": "CodeTextbook → CodeExercises"},
+        PAPER_FIG21, "the values its text gives (DESIGN §3)"),
+    "mini": ScalingFigure(
+        "Figure 2.1: HumanEval by model, tokens seen and training data (mini reproduction)", "mini_fig2_1",
+        {"stdlib": "stdlib (unfiltered)", "stdlib_filtered": "filtered stdlib",
+         "stdlib_exercises": "filtered → stdlib exercises"},
+        {}, "none at this scale", metric=("solution_nll", False)),
+    # filter_stack is scaling_stack at another budget, so Figure 2.1's The Stack+ cells (26b, 76b) are §2.1's
+    # unfiltered arm at those budgets, drawn rather than trained again.
+    "filter": ScalingFigure(
+        "Paper §2.1: HumanEval on The Stack+, unfiltered and filtered by the quality classifier", "filter",
+        {"stack": "The Stack+ (unfiltered)", "stack_filtered": "The Stack+, filtered"},
+        PAPER_FILTER, "§2.1's text, phi-1-small unfiltered after 96K steps (200b, where it saturates) and "
+        "filtered after 36K (76b)", across_budgets=True, borrows="scaling"),
 }
-# Each scaling figure's title, the stem of its files (<stem>.md, <stem>.png, <stem>_curves.png), the paper's
-# numbers beside its cells and where they come from.
-FIGURES = {
-    "scaling": ("Figure 2.1: HumanEval by model, tokens seen and training data", "fig2_1", PAPER_FIG21,
-                "the values its text gives (DESIGN §3)"),
-    "mini": ("Figure 2.1: HumanEval by model, tokens seen and training data (mini reproduction)", "mini_fig2_1",
-             {}, "none at this scale"),
-    "filter": ("Paper §2.1: HumanEval on The Stack+, unfiltered and filtered by the quality classifier", "filter",
-               PAPER_FILTER, "§2.1's text, phi-1-small unfiltered after 96K steps (200b, where it saturates) and "
-               "filtered after 36K (76b)"),
-}
-# The metric a scaling figure's orderings are judged by, and whether higher is better: pass@1 at the paper's
-# scale; the solution NLL at the mini scale, where pass@1 is 0 for every run.
-PRIMARY = {"scaling": ("pass@1", True), "mini": ("solution_nll", False), "filter": ("pass@1", True)}
-# Figures whose claim crosses budgets: §2.1's filtered run on 76B tokens beats the unfiltered one on 200B.
-ACROSS_BUDGETS = {"filter"}
-# A figure that also draws another's runs of the same recipe: filter_stack is scaling_stack at another budget,
-# so Figure 2.1's The Stack+ cells (26b, 76b) are §2.1's unfiltered arm at those budgets, not trained again.
-BORROWS = {"filter": "scaling"}
-FIGURE_EXPERIMENTS = {*ARMS, "emergence", "pruning"}  # the experiment_name of every run a figure or table draws
+# The experiment_name of every run a figure or table draws.
+FIGURE_EXPERIMENTS = {*SCALING_FIGURES, "emergence", "pruning"}
 # The evaluated run an emergence run points at (ckpt=run:<name>...) -> the paper's model name.
 EMERGENCE_MODELS = {"phi1_small": "phi-1-small", "phi1_base": "phi-1-base", "phi1": "phi-1"}
 # Paper §3's two comparisons: what finetuning on CodeExercises changed (phi-1 against phi-1-base, its weights
@@ -416,22 +427,24 @@ def _samples(run: Run, bench: str, file: str = "samples.jsonl") -> Path | None:
 # ------------------------------------------------------------------------------------------------ Figure 2.1
 
 def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
-    arms = ARMS[experiment]
-    cells: dict[tuple, dict] = {}  # (model, budget, data) -> {seed: run}
-    def key(r: Run, of: str) -> tuple | None:
+    figure = SCALING_FIGURES[experiment]
+    arms = figure.arms
+
+    def cell_of(r: Run, of: str) -> tuple | None:
         if r.get("experiment_name") == of and r.get("data.name") in arms:
             return r.get("model.name"), r.get("budget.name"), r.get("data.name"), r.get("seed")
         return None
 
-    ours = _one_each(runs, lambda r: key(r, experiment), f"{experiment} (model, tokens, data, seed)")
-    if lender := BORROWS.get(experiment):  # its cells of the models run here, where this figure has none
+    ours = _one_each(runs, lambda r: cell_of(r, experiment), f"{experiment} (model, tokens, data, seed)")
+    if lender := figure.borrows:  # its cells of the models run here, where this figure has none
         models = {k[0] for k in ours}
-        for k, r in _one_each(runs, lambda r: key(r, lender), f"{lender} (model, tokens, data, seed)").items():
+        for k, r in _one_each(runs, lambda r: cell_of(r, lender), f"{lender} (model, tokens, data, seed)").items():
             if k[0] in models:
                 ours.setdefault(k, r)
+    cells: dict[tuple, dict] = {}  # (model, budget, data) -> {seed: run}
     for (*key, seed), r in ours.items():
         cells.setdefault(tuple(key), {})[seed] = r
-    title, stem, paper, source = FIGURES[experiment]
+    title, stem, paper = figure.title, figure.stem, figure.paper
     if not cells:
         log.info("%s (%s): no runs; make them with `python train.py +sweep=%s`", title.split(":")[0], experiment,
                  experiment)
@@ -451,8 +464,8 @@ def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
                         f"| {_paper(cell['paper_pass@1'])} "
                         f"| {len(seeds) or '–'} | "
                         f"{', '.join(r.name for r in _by_seed(seeds).values()) or '–'} |")
-    metric, higher = PRIMARY[experiment]
-    orderings = _orderings(cells, groups, arms, metric, higher, experiment in ACROSS_BUDGETS)
+    metric, higher = figure.metric
+    orderings = _orderings(cells, groups, arms, metric, higher, figure.across_budgets)
     paper_hours = {g: PAPER_FIG21_GPU_HOURS.get(g) for g in groups} if experiment == "scaling" else {}
     md = [f"# {title}", "",
           f"{_pass_at_1(behind)}; solution NLL = mean per-token negative log-likelihood of the canonical solutions "
@@ -460,7 +473,7 @@ def scaling(runs: list[Run], experiment: str, out: Path) -> dict | None:
           "passes = how many times the run read its training data (a finetune: its own data), the repetition "
           "the paper's budgets imply (phi-1-base: 51B tokens, ~8 passes over CodeTextbook's ~7B). "
           "A cell run with several seeds: their mean ± sample standard deviation. "
-          f"Paper: {source}"
+          f"Paper: {figure.source}"
           + "".join(f"; {m} on {b} tokens took {h:,} GPU-hours" for (m, b), h in paper_hours.items() if h) + ". "
           + PARTIAL_NOTE, "",
           "| model | tokens | data | pass@1 | solution NLL | device-hours | passes | paper pass@1 | seeds | runs |",
@@ -877,7 +890,7 @@ def _curves(path: Path, experiment: str, groups, labels, arms: dict, cells: dict
     handles += [plt.Line2D([], [], color="gray", label="train"),
                 plt.Line2D([], [], color="gray", ls="--", marker="o", ms=3, label="validation")]
     axes[0][-1].legend(handles=handles, fontsize=7, loc="upper right")
-    figure = FIGURES[experiment][0].split(":")[0]
+    figure = SCALING_FIGURES[experiment].title.split(":")[0]
     fig.suptitle(f"{figure}'s runs ({experiment}): loss against tokens seen, each run on its own data "
                  "(levels of two colours are not comparable; one line per seed)", fontsize=9)
     fig.tight_layout()
