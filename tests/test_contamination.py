@@ -236,7 +236,7 @@ def test_a_scoring_stopped_midway_leaves_no_embeddings_behind(tmp_path, monkeypa
     from phi1.quality import embed
 
     monkeypatch.setattr(embed, "load_encoder", lambda *a: (None, None))
-    monkeypatch.setattr(embed, "embed_texts", lambda model, tok, texts, n: np.ones((len(texts), 8), np.float32))
+    monkeypatch.setattr(embed, "embed_texts", lambda model, tok, texts, n, batch: np.ones((len(texts), 8), np.float32))
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     train = tmp_path / "exercises.jsonl"

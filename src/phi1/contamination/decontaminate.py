@@ -463,9 +463,8 @@ class _Embedder:
         self.parts: list[np.ndarray] = []
 
     def _batch(self, texts: list[str]) -> np.ndarray:
-        out = [self._embed(self.model, self.tokenizer, texts[i : i + self.cfg.batch_size], self.cfg.max_tokens)
-               for i in range(0, len(texts), self.cfg.batch_size)]
-        return np.concatenate(out).astype(np.float16)
+        rows = self._embed(self.model, self.tokenizer, texts, self.cfg.max_tokens, self.cfg.batch_size)
+        return rows.astype(np.float16)
 
     def add(self, texts: list[str], start: int) -> None:
         path = Path(self.dir) / f"{start:012d}.npy"

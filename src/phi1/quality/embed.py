@@ -66,13 +66,29 @@ def load_encoder(name: str, device: str, max_tokens: int, key: str):
     return model.to(device).eval(), tokenizer
 
 
+# The embed stage sorts this many batches' documents by length at a time (a killed run redoes at most these).
+SORT_BATCHES = 16
+
+
 @torch.inference_mode()
-def embed_texts(model, tokenizer, texts: list[str], max_tokens: int) -> np.ndarray:
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_tokens).to(model.device)
-    hidden = model(**enc).last_hidden_state.float()
-    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+def embed_texts(model, tokenizer, texts: list[str], max_tokens: int, batch_size: int, done=None) -> np.ndarray:
+    """The unit-length embeddings of `texts` (float32, in their order), `batch_size` at a time in order of their
+    token counts, so that each batch pads to about its own length. In the given order a batch pads to its
+    longest document: of the stdlib's 1,758 files cut at 2048 tokens (the paper's setting), batches of 32 computed
+    33% padding; sorted 16 batches at a time, 5% (BENCHMARKS.md). `done(n)` is called after each batch of n."""
+    enc = tokenizer(texts, truncation=True, max_length=max_tokens)
+    order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]))
+    out = np.empty((len(texts), model.config.hidden_size), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = tokenizer.pad({k: [enc[k][i] for i in rows] for k in enc}, return_tensors="pt").to(model.device)
+        hidden = model(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+        if done:
+            done(len(rows))
+    return out
 
 
 def shard_dir(folder: Path, shard: int, num_shards: int) -> Path:
@@ -256,11 +272,11 @@ def _embed_unlocked(stage, out: Path, shard: int, num_shards: int) -> dict:
         array = np.lib.format.open_memmap(array_path, mode="r+")
         log.info("embed: resuming at document %d of %d", done, len(ids))
     def write(start: int, texts: list[str]) -> None:
-        array[start : start + len(texts)] = embed_texts(model, tokenizer, texts, stage.max_tokens)
+        array[start : start + len(texts)] = embed_texts(model, tokenizer, texts, stage.max_tokens, stage.batch_size,
+                                                        bar.update)
         array.flush()
         progress_path.write_text(json.dumps({"model": stage.model, "max_tokens": stage.max_tokens,
                                              "done": start + len(texts), "source": fingerprint}))
-        bar.update(len(texts))
 
     with tqdm(total=len(ids), initial=done, desc="embed", unit="doc", dynamic_ncols=True) as bar:
         batch, start = [], done
@@ -273,7 +289,7 @@ def _embed_unlocked(stage, out: Path, shard: int, num_shards: int) -> dict:
             if i < done:
                 continue
             batch.append(text)
-            if len(batch) == stage.batch_size:
+            if len(batch) == stage.batch_size * SORT_BATCHES:
                 write(start, batch)
                 batch, start = [], i + 1
         if batch:
