@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -345,6 +346,7 @@ def test_without_code_execution_a_model_gets_its_solution_nll_alone(tmp_path, ti
                                   "allow_code_execution=false"))
     assert alone == {"eval/humaneval/solution_nll": both["eval/humaneval/solution_nll"], "eval/humaneval/problems": 3}
     assert "the solution NLL alone: pass@k (completions generated and run in the sandbox) needs" in caplog.text
+    assert re.search(rf"model {tiny_model_dir}: [\d,]+ parameters on cpu \(float32\)", caplog.text)
     assert json.loads((tmp_path / "alone" / "metrics.json").read_text()) == alone
     assert not (tmp_path / "alone" / "humaneval" / "samples.jsonl").exists()
     assert (tmp_path / "alone" / "humaneval" / "solution_nll.jsonl").read_text() == \

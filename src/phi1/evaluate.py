@@ -329,6 +329,9 @@ def _evaluate(cfg: DictConfig, run_dir: Path, problem_sets: dict, completions: d
                 from phi1.eval import generate
 
                 model, tokenizer = generate.load(ckpt)
+                # Named, device included: a job that sees no GPU (CUDA_VISIBLE_DEVICES empty) ran on the CPU unsaid.
+                log.info("model %s: %s parameters on %s (%s)", ckpt, f"{model.num_parameters():,}", model.device,
+                         str(model.dtype).removeprefix("torch."))
             if sandbox is not None and _backend(cfg.generation.backend) == "transformers":
                 log.info("completions are journaled in %s/<benchmark>/generations.jsonl: if this run is killed, "
                          "the same command with run_name=%s resumes it", run_dir, cfg.run_name)

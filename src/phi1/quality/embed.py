@@ -261,6 +261,10 @@ def _embed_unlocked(stage, out: Path, shard: int, num_shards: int) -> dict:
         return {"documents": len(ids), "dim": int(np.load(out / "embeddings.npy", mmap_mode="r").shape[1]),
                 "output": str(out)}
     model, tokenizer = encoder or load_encoder(stage.model, device, stage.max_tokens, "stage.max_tokens")
+    # The device named: a job that sees no GPU (CUDA_VISIBLE_DEVICES empty, as submitit's local launcher sets it
+    # without gpus_per_node) embeds on the CPU, and said nothing of it.
+    log.info("embed: %s on %s (%s), %d of %d documents to embed", stage.model, device,
+             str(next(model.parameters()).dtype).removeprefix("torch."), len(ids) - done, len(ids))
     # The embeddings' last bits depend on the library versions (phi1.environment), and the forest's votes on them.
     environment.record(out)
     dim = model.config.hidden_size
