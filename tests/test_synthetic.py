@@ -3,6 +3,7 @@ as drawn, gates and dedup on planted bad answers, doctest execution, resume afte
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,6 +130,16 @@ def test_textbooks_gates_and_dedup_on_planted_answers_and_resume_from_cache(tmp_
         assert len(rows) == 7 and len(rejected) == 7  # nothing generated is lost
         cut = next(r for r in rejected if r["rejected"] == "truncated")
         assert cut["finish_reason"] == "length" and len(cut["text"]) == 2048 + 1 and "finish_reason" not in rows[0]
+        # To read before training on them: the first 3 kept, then each reason's first, with what was drawn.
+        shown = (out / "textbooks-s0.examples.md").read_text()
+        assert shown.startswith("# textbooks-s0: 7 kept, 7 removed\n")
+        assert re.findall(r"^##+ (?:Kept.*|Removed.*|textbook-.*)$", shown, re.M) == [
+            "## Kept (7)", *(f"### {row['id']}" for row in rows[:3]),
+            *(line for r in rejected for line in (f"## Removed: {r['rejected']} (1)", f"### {r['id']}"))]
+        c = rows[0]["meta"]["constraints"]
+        assert f"*topic: {c['topic']}; audience: {c['audience']}; style: {c['style']}; concepts: " \
+               f"{', '.join(c['concepts'])}*\n\n````markdown\n{rows[0]['text']}" in shown  # its own fences inside
+        assert "I'm sorry, but I can't help" in shown
         by_id = {i: c for i, c, _ in drawn}
         for row in rows:  # the constraints stored are the ones the server was asked with
             assert row["meta"]["constraints"] == by_id[row["id"]]
@@ -218,6 +229,10 @@ def test_exercises_are_parsed_executed_in_the_sandbox_and_humaneval_shaped(tmp_p
                                       "verdicts_reused": 0}
         assert report["kept"] == 6
         path = tmp_path / "synthetic" / "exercises" / "exercises-s0.jsonl"
+        shown = path.with_suffix(".examples.md").read_text()  # failing examples shown with what they printed
+        failing = shown[shown.index("## Removed: examples_fail (2)"):].split("\n## ")[0]
+        assert failing.count("\n### exercises/") == 2 and "Output:" in failing and "Expected:" in failing
+        assert "\n````python\nHere it is:\n```python\n" in shown  # an answer's own fence does not end the block
         first = path.read_bytes()
         # A rerun runs no doctest again (one of them times out: 2 s each), and writes the same set; a larger n
         # executes only the new exercises; another timeout executes them all again.

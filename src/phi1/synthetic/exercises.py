@@ -35,14 +35,18 @@ from phi1.synthetic.generate import (Output, answers, distinct, dry_run, first_f
 
 log = logging.getLogger(__name__)
 
-# HumanEval's `check(candidate)` for an exercise: run the doctest examples of the completed function.
+# HumanEval's `check(candidate)` for an exercise: run the doctest examples of the completed function. A failure
+# says which example and what it gave (doctest's report, its first 1,000 characters): "2 of 2 failed" alone left
+# a rejected exercise's reader to guess whether the example or the code was wrong.
 DOCTEST_CHECK = '''def check(candidate):
     import doctest
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    report = []
     for test in doctest.DocTestFinder(recurse=False).find(candidate, candidate.__name__, globs=dict(globals())):
-        runner.run(test, out=lambda _: None)
+        runner.run(test, out=report.append)
     assert runner.tries > 0, "no doctest examples"
-    assert runner.failures == 0, f"{runner.failures} of {runner.tries} doctest examples failed"
+    assert runner.failures == 0, \\
+        f"{runner.failures} of {runner.tries} doctest examples failed\\n" + "".join(report)[:1000]
 '''
 
 
@@ -174,7 +178,7 @@ def _run(cfg: DictConfig) -> dict:
     # sandbox settings.
     earlier = _earlier_verdicts(out, name, sandbox_cfg) if execute else {}
     usage, counts = Counter(), Counter()
-    with Output(out, name) as output, tempfile.TemporaryFile("w+", dir=out) as pending:
+    with Output(out, name, language="python") as output, tempfile.TemporaryFile("w+", dir=out) as pending:
         # The cheap gates first, in order (the first of near-duplicates is kept); the survivors wait in `pending`.
         for item_id, constraints, answer, finish in tqdm(answers(llm, todo, answered, version, usage),
                                                          total=len(answered), desc="gates", unit="ex"):

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from phi1 import atomic
 from phi1.errors import InputError
 from phi1.llm import LLM, ParseError
+from phi1.markdown import code_block
 
 log = logging.getLogger(__name__)
 
@@ -166,14 +167,21 @@ def first_failure(row: dict, gates) -> str | None:
     return None
 
 
+# Documents shown in <name>.examples.md: the first kept, the first removed for each reason, each cut to its
+# first lines (what was paid for, read before it is trained on).
+EXAMPLES_KEPT, EXAMPLES_PER_REASON, EXAMPLE_LINES = 3, 2, 40
+
+
 class Output:
     """<name>.jsonl (kept) and <name>.rejected.jsonl (with reasons: nothing generated is lost), written row by
-    row under temporary names and renamed into place, with <name>.report.json, by `finish`. A stage that stops
-    midway removes its temporary files and leaves the last complete set as it was."""
+    row under temporary names and renamed into place, with <name>.report.json and <name>.examples.md (the first
+    documents kept and removed for each reason, to read), by `finish`. A stage that stops midway removes its
+    temporary files and leaves the last complete set as it was. `language`: how the documents' text is shown."""
 
-    def __init__(self, out: Path, name: str):
+    def __init__(self, out: Path, name: str, language: str = "markdown"):
         out.mkdir(parents=True, exist_ok=True)
-        self.out, self.name = out, name
+        self.out, self.name, self.language = out, name, language
+        self.shown: dict[str, list[dict]] = {}  # "kept" or a reason -> its first rows
         self.final = {kind: out / f"{name}{kind}.jsonl" for kind in ("", ".rejected")}
         for path in self.final.values():  # a run killed hard leaves its files behind: GBs at the paper's scale
             atomic.remove_stale(path, hidden=True)
@@ -186,17 +194,41 @@ class Output:
         self.files[""].write(json.dumps(row) + "\n")
         self.kept += 1
         self.kept_chars += len(row["text"])
+        if self.kept <= EXAMPLES_KEPT:
+            self.shown.setdefault("kept", []).append(row)
 
     def reject(self, row: dict, reason: str, **extra) -> None:
         self.files[".rejected"].write(json.dumps({**row, "rejected": reason, **extra}) + "\n")
         self.reasons[reason] += 1
+        if self.reasons[reason] <= EXAMPLES_PER_REASON:
+            self.shown.setdefault(reason, []).append({**row, **extra})
 
     def finish(self, report: dict) -> dict:
         for kind, f in self.files.items():
             f.close()
             self.tmp[kind].rename(self.final[kind])
         (self.out / f"{self.name}.report.json").write_text(json.dumps(report, indent=2) + "\n")
+        self._examples()
         return report
+
+    def _examples(self) -> None:
+        md = [f"# {self.name}: {self.kept:,} kept, {sum(self.reasons.values()):,} removed", "",
+              f"The first {EXAMPLES_KEPT} documents kept and the first {EXAMPLES_PER_REASON} removed for each reason "
+              f"(the first gate each failed), each its first {EXAMPLE_LINES} lines; all of them are in "
+              f"{self.name}.jsonl and {self.name}.rejected.jsonl.", ""]
+        for group in ["kept", *sorted(self.reasons, key=lambda r: -self.reasons[r])]:
+            count = self.kept if group == "kept" else self.reasons[group]
+            md += [f"## {'Kept' if group == 'kept' else f'Removed: {group}'} ({count:,})", ""]
+            for row in self.shown.get(group, []):
+                constraints = row.get("meta", {}).get("constraints", {})
+                drawn = "; ".join(f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}"
+                                  for k, v in constraints.items())
+                text = row.get("answer") or row.get("text", "")  # a removed exercise: the answer as it came
+                md += [f"### {row.get('id') or row.get('task_id')}", "", *([f"*{drawn}*", ""] if drawn else []),
+                       *code_block("\n".join(text.splitlines()[:EXAMPLE_LINES]), self.language), ""]
+                if row.get("output"):  # what its examples printed when run
+                    md += ["Output:", "", *code_block(row["output"].rstrip(), "text"), ""]
+        (self.out / f"{self.name}.examples.md").write_text("\n".join(md))
 
     def __enter__(self) -> Output:
         return self

@@ -4,7 +4,8 @@ topic, a target audience, a style and a few concept words (TinyStories-style). T
 
 Output in `stage.output/`: `textbooks-s<seed>.jsonl` rows {"id", "text", "source", "meta": {"constraints",
 "model", "prompt_version", "lists_version"}} (DESIGN §5 documents; `data=codetextbook` reads them), the rejected
-ones with their reason, and a report: counts kept and removed per gate, tokens, dollars.
+ones with their reason, a report (counts kept and removed per gate, tokens, dollars) and examples.md (the first
+documents kept and removed per gate, to read).
 """
 
 from __future__ import annotations
