@@ -61,6 +61,25 @@ def test_documents_are_batched_by_length_and_their_rows_come_back_in_their_order
         assert np.allclose(row, alone[text], atol=1e-5)
 
 
+def test_documents_of_no_tokens_get_a_zero_row_even_a_whole_batch_of_them():
+    """CodeGen's tokenizer (the paper's encoder) adds no token of its own, so an empty file has none; sorted by
+    length, such files fill whole batches, which the model cannot run (a tensor of 0 positions)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PhiConfig, PhiModel, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(["def f(x):\n    return x\n"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    assert tokenizer("")["input_ids"] == []
+    torch.manual_seed(0)
+    model = PhiModel(PhiConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)).eval()
+    got = embed_texts(model, tokenizer, ["", "def f(x):\n    return x\n", ""], 256, batch_size=2)
+    assert (got[[0, 2]] == 0).all() and np.isclose(np.linalg.norm(got[1]), 1, atol=1e-5)
+
+
 def test_embed_refuses_more_tokens_than_the_model_has_positions_before_writing(tmp_path):
     """MiniLM has 512 positions: max_tokens=1024 failed at the first long file with a tensor size mismatch,
     after the shorter ones were embedded."""

@@ -81,11 +81,17 @@ def embed_texts(model, tokenizer, texts: list[str], max_tokens: int, batch_size:
     out = np.empty((len(texts), model.config.hidden_size), dtype=np.float32)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        batch = tokenizer.pad({k: [enc[k][i] for i in rows] for k in enc}, return_tensors="pt").to(model.device)
-        hidden = model(**batch).last_hidden_state.float()
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+        if not any(enc["input_ids"][i] for i in rows):
+            # Empty files under a tokenizer that adds no token of its own (CodeGen's): sorted first, enough of them
+            # fill a batch of 0 positions, which the model cannot run. No token to pool: a zero row, as such a
+            # file gets in a batch with others.
+            out[rows] = 0
+        else:
+            batch = tokenizer.pad({k: [enc[k][i] for i in rows] for k in enc}, return_tensors="pt").to(model.device)
+            hidden = model(**batch).last_hidden_state.float()
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
         if done:
             done(len(rows))
     return out
