@@ -4,6 +4,8 @@
 #   bash bench/gpu_suite.sh tests          # pytest -m cuda: GPU/ZeRO-2 losses vs CPU, DeepSpeed resume, fused CE
 #   bash bench/gpu_suite.sh eval           # bench/eval_speed.py: random 1.3B, greedy HumanEval, batch 16 and 64
 #   bash bench/gpu_suite.sh attention      # bench/attention_speed.py: SDPA's backends alone, dropout 0.1 and 0
+#   bash bench/gpu_suite.sh embed          # bench/embed_speed.py: a random 350M encoder at 2048 tokens, batches
+#                                          # in source order against sorted by length (the embed stage)
 #   bash bench/gpu_suite.sh train 1.3b base,compile,fused_ce,best [micro [args]]  # bench/train_speed.py --gpu
 #   bash bench/gpu_suite.sh profile 1.3b [micro [variant]]  # debug=profile: a trace of steps 6-8 (gzipped)
 #                                 # and the top kernels (its tokens/s include the profiler: not for BENCHMARKS.md)
@@ -51,6 +53,10 @@ train)
     model="${2:?model}" variants="${3:-base}" micro="${4:-0}" tag="${tag:-$2}"
     "$py" bench/train_speed.py --gpu --models "$model" --variants "$variants" --micro "$micro" "${@:5}" \
         --json "$out/train_speed_${tag}.json" 2>&1 | tee "$out/train_speed_${tag}.log" | grep -v "it/s]"
+    ;;
+embed)
+    "$py" bench/embed_speed.py --random 350m --max-tokens 2048 --batch-size 32 --json "$out/embed_speed.json" 2>&1 \
+        | tee "$out/embed_speed.log" | grep -v "it/s]"
     ;;
 attention)
     "$py" bench/attention_speed.py --micro 8 --json "$out/attention.json" 2>&1 | tee "$out/attention.log"

@@ -110,3 +110,16 @@ def test_the_cpu_scale_benchmarks_run_small():
     out = subprocess.run([sys.executable, "bench/synthetic_scale.py", "--n", "300"], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=True).stdout
     assert json.loads(out)["answers"] == 300
+
+
+def test_embed_speed_runs_both_batchings_on_the_same_rows(tmp_path):
+    """bench/embed_speed.py (gpu_suite.sh embed): source order against length-sorted batches, the second never
+    more padded, the rows the same documents' (a mix-up of rows would differ by ~1, not float noise)."""
+    out = tmp_path / "embed.json"
+    subprocess.run([sys.executable, "bench/embed_speed.py", "--limit", "150", "--batch-size", "4", "--max-tokens",
+                    "128", "--json", str(out)], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True,
+                   capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["documents"] == 150 and result["max_row_difference"] < 1e-3
+    assert result["by_length"]["padding"] < result["source_order"]["padding"]
+    assert result["source_order"]["docs_per_s"] > 0 and result["by_length"]["docs_per_s"] > 0
