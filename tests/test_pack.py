@@ -452,6 +452,14 @@ def test_empty_sources_and_bad_parquet_are_clear_errors(small_cfg, tmp_path):
     # Nothing is left behind: not the shard's build folder, nor the shards' folder it was the only one in.
     packed = pack.location(cfg, tokenizers.ensure(cfg))
     assert [p.name for p in packed.parent.iterdir() if p.name.startswith(packed.name)] == []
+    # A small corpus (a user's repository) can give the default 1% no validation document: the message counts
+    # them and names a share that holds some out.
+    rng = random.Random(0)
+    rows = _jsonl(tmp_path / "mine.jsonl", [{"id": f"m{i}", "text": _function(rng, i)} for i in range(8)])
+    with pytest.raises(SourceError, match=r"^data 'stdlib' \(sources: mine\): none of its 8 documents fell in the "
+                                          r"validation split at data.val_fraction=0.01 .* \(data.val_fraction=0.25 "
+                                          r"holds out ~2\) or add documents$"):
+        _pack(small_cfg(f"data.sources=[{{name: mine, kind: jsonl, path: '{rows}'}}]", "data.val_fraction=0.01"))
 
 
 def test_training_refuses_a_pack_with_a_larger_vocabulary_than_the_model(small_cfg):

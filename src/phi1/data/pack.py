@@ -35,6 +35,7 @@ import ctypes
 import hashlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -417,8 +418,15 @@ def _merge_into(tmp: Path, cfg: DictConfig, tokenizer, tokenizer_dir: Path, dtyp
                     "epochs": target / have, "train_tokens_in_mix": target,
                 })
     if (tmp / "val.bin").stat().st_size == 0 and cfg.data.val_fraction > 0:
+        # A hash of each id picks ~val_fraction of the documents: a small corpus (a user's repository of a hundred
+        # files at the default 0.01) can get none. The count and the fraction that holds out ~2 say how far off.
+        documents = sum(kept["train"]["documents"] for _, _, kept, *_ in per_source)
+        names = ", ".join(source.name for source, *_ in per_source)
+        enough = min(0.5, math.ceil(200 / max(documents, 1)) / 100)  # the least whole percent expected to give 2
         raise sources.SourceError(
-            f"data {cfg.data.name!r}: the validation split is empty; raise data.val_fraction or add documents"
+            f"data {cfg.data.name!r} (sources: {names}): none of its {documents:,} documents fell in the validation "
+            f"split at data.val_fraction={cfg.data.val_fraction:g} (a hash of each id picks that share); raise it "
+            f"(data.val_fraction={enough:g} holds out ~{enough * documents:.0f}) or add documents"
         )
     manifest = {
         "format": FORMAT,
