@@ -22,6 +22,7 @@ from phi1.config import check, evaluation_checks, run_name_checks
 from phi1.errors import InputError, MissingInputError
 from phi1.eval import benchmarks as bench
 from phi1.eval.sandbox import Limits, Sandbox
+from phi1.markdown import code_block
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +145,6 @@ SHOWN = 5
 def _samples_md(path: Path, name: str, problems, rows: list[dict]) -> None:
     """samples.md: the first problems whose first sample passed and failed, each as the program the model
     completed (prompt and completion) and a failure's output, to read rather than samples.jsonl's escaped code."""
-    from phi1.markdown import code_block
-
     first: dict[str, dict] = {}
     for r in rows:
         first.setdefault(r["task_id"], r)
